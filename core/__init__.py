@@ -1,0 +1,46 @@
+"""gemma-local core: Gemma chat models behind an OpenAI ChatCompletion-style API.
+
+Importing ``core`` imports no torch, transformers or mlx; those load with the
+first model.
+"""
+
+from .base import BaseGemmaChatCompletion
+from .errors import (
+    ContextWindowExceededError,
+    GatedModelError,
+    GemmaLocalError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    OfflineError,
+    OutOfMemoryError,
+    UnsupportedPlatformError,
+)
+from .factory import create_gemma_client, create_gemma_transformers_client, resolve_backend
+from .messages import normalize_messages
+from .mlx_backend import GemmaMLXChatCompletion
+from .params import SamplingParams
+from .stream import Delta, Prompt
+from .transformers_backend import GemmaTransformersChatCompletion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseGemmaChatCompletion",
+    "ContextWindowExceededError",
+    "Delta",
+    "GatedModelError",
+    "GemmaLocalError",
+    "GemmaMLXChatCompletion",
+    "GemmaTransformersChatCompletion",
+    "MissingDependencyError",
+    "ModelNotFoundError",
+    "OfflineError",
+    "OutOfMemoryError",
+    "Prompt",
+    "SamplingParams",
+    "UnsupportedPlatformError",
+    "create_gemma_client",
+    "create_gemma_transformers_client",
+    "normalize_messages",
+    "resolve_backend",
+]

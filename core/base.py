@@ -1,0 +1,655 @@
+"""``BaseGemmaChatCompletion``: the OpenAI ChatCompletion-style engine over one backend.
+
+Data flow, in one place for every backend::
+
+    messages ──normalize_messages──▶ turns ──chat template──▶ Prompt(text, ids)
+        ──backend._generate(prompts, params, sink) on the model's own thread──▶
+    TokenSink ──Delta records──▶ create() / create(stream=True) / create_batch() / acreate()
+
+A backend implements ``_load_model_and_tokenizer()`` and either the token
+primitive ``_generate(prompts, params, sink)`` (the built-in backends) or, as in
+the original design, ``_generate_response(prompt_str, temperature, max_tokens,
+top_p, **kwargs)`` returning the whole text (then streaming yields one chunk).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ContextWindowExceededError, translate_load_error
+from .messages import normalize_messages
+from .params import SamplingParams
+from .stream import Delta, Prompt, TokenSink
+from .worker import Emit, ModelWorker, astream_job, stream_job
+
+logger = logging.getLogger("gemma_local")
+
+Messages = Sequence[Mapping[str, Any]]
+
+#: Packaged copies of the real Gemma chat templates, used when a checkpoint ships none.
+FALLBACK_TEMPLATES = {
+    "gemma3": "gemma3_chat_template.jinja",
+    "gemma3_text": "gemma3_chat_template.jinja",
+    "gemma2": "gemma2_chat_template.jinja",
+    "gemma": "gemma2_chat_template.jinja",
+}
+END_OF_TURN = "<end_of_turn>"
+
+
+def packaged_chat_template(model_type: str | None) -> str:
+    name = FALLBACK_TEMPLATES.get(model_type or "", "gemma3_chat_template.jinja")
+    return resources.files("core").joinpath("chat_templates", name).read_text(encoding="utf-8")
+
+
+def read_model_config(model_name: str) -> dict[str, Any] | None:
+    """``config.json`` of a local folder or of a hub model already in the local cache.
+
+    Never downloads (metadata must stay instant and work offline) and never
+    loads weights.
+    """
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(model_name, "config.json")
+    except Exception:  # not a valid repo id
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def context_window_from_config(config: Mapping[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    text = config.get("text_config") or {}
+    value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    return int(value) if value else None
+
+
+class BaseGemmaChatCompletion:
+    """An OpenAI ChatCompletion-style client over one local Gemma model.
+
+    Cheap to construct: weights load on first use or on :meth:`load`. One
+    client can be shared by many threads and event loops; requests run one at
+    a time on the client's own model thread (use :meth:`create_batch` to run
+    several prompts together).
+
+    Subclasses implement :meth:`_load_model_and_tokenizer` (setting
+    ``self.model`` and ``self.tokenizer``) and either :meth:`_generate`
+    (stream tokens into a sink) or :meth:`_generate_response` (return text).
+    """
+
+    implementation: ClassVar[str] = "custom"
+
+    def __init__(self, model_name: str) -> None:
+        if not isinstance(model_name, str) or not model_name.strip():
+            raise ValueError(f"model_name must be a hub id or a local folder, got {model_name!r}")
+        self.model_name = model_name
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._loaded = False
+        self._system_role = True
+        self._eos_ids: frozenset[int] = frozenset()
+        self._context_window: int | None = None
+        self._worker = ModelWorker(f"gemma-local:{type(self).__name__}")
+
+    # ------------------------------------------------------------------ hooks
+
+    def _load_model_and_tokenizer(self) -> None:
+        """Load ``self.model`` and ``self.tokenizer`` (runs on the model thread)."""
+        raise NotImplementedError
+
+    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
+        """Push sampled tokens for every prompt into ``sink`` (runs on the model thread).
+
+        The default serves subclasses of the original design through
+        :meth:`_generate_response`, one whole text per prompt.
+        """
+        if type(self)._generate_response is BaseGemmaChatCompletion._generate_response:
+            raise TypeError(
+                f"{type(self).__name__} must implement _generate (a token stream) "
+                "or _generate_response (a whole text)"
+            )
+        for index, prompt in enumerate(prompts):
+            if sink.done:
+                return
+            text = self._generate_response(
+                prompt.text,
+                params.temperature,
+                sink.rows[index].max_tokens,
+                params.top_p,
+                top_k=params.top_k,
+                seed=params.seed,
+            )
+            count = len(self._encode(text, special=False))
+            reason = "length" if count >= sink.rows[index].max_tokens else "stop"
+            sink.push_text(index, text, count, reason)
+
+    def _generate_response(
+        self, prompt_str: str, temperature: float, max_tokens: int, top_p: float, **kwargs: Any
+    ) -> str:
+        """The whole reply to a rendered prompt (the original design's hook).
+
+        Built-in backends derive it from their token stream.
+        """
+        params = SamplingParams.build(
+            temperature=temperature, max_tokens=max_tokens, top_p=top_p, **kwargs
+        )
+        prompt = Prompt(prompt_str, tuple(self._encode(prompt_str)))
+        chunks: list[str] = []
+        sink = TokenSink(
+            [prompt],
+            params,
+            self._decode,
+            self._eos_ids,
+            lambda d: chunks.append(d.text),
+            _NEVER_CANCELLED,
+        )
+        self._generate([prompt], params, sink)
+        sink.close()
+        return "".join(chunks)
+
+    def _set_seed(self, seed: int) -> None:
+        """Seed the backend's sampler (runs on the model thread)."""
+
+    def _eos_token_ids(self) -> set[int]:
+        """End-of-turn ids from the model's generation config (backends add theirs)."""
+        return set()
+
+    def _release(self) -> None:
+        """Drop backend state on :meth:`close` (runs on the model thread)."""
+
+    def _clear_accelerator_cache(self) -> None:
+        """Free cached accelerator memory (runs on the model thread)."""
+
+    def _describe(self) -> dict[str, Any]:
+        """Backend facts for :meth:`get_model_info`; must not load weights."""
+        return {}
+
+    # --------------------------------------------------------------- lifecycle
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> BaseGemmaChatCompletion:
+        """Load the model now (otherwise the first request does). Returns ``self``."""
+        if not self._loaded:
+            self._worker.call(self._load_on_worker)
+        return self
+
+    def _load_on_worker(self) -> None:
+        if self._loaded:
+            return
+        started = time.perf_counter()
+        try:
+            self._load_model_and_tokenizer()
+            self._after_load()
+        except BaseException as exc:
+            self.model = self.tokenizer = None
+            gc.collect()
+            better = translate_load_error(exc, self.model_name)
+            if better is not None:
+                raise better from exc
+            raise
+        self._loaded = True
+        logger.info("loaded %s in %.1fs", self.model_name, time.perf_counter() - started)
+
+    def _after_load(self) -> None:
+        tok = self.tokenizer
+        if tok is None or not callable(getattr(tok, "encode", None)):
+            raise TypeError(
+                f"{type(self).__name__}._load_model_and_tokenizer must set self.tokenizer "
+                "(a tokenizer with encode/decode; token counts come from it)"
+            )
+        if hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
+            logger.warning(
+                "%s ships no chat template; using the packaged Gemma one", self.model_name
+            )
+            tok.chat_template = packaged_chat_template(self._model_type())
+        try:
+            self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            self._system_role = True
+        except Exception:
+            self._system_role = False
+        eos = set(self._eos_token_ids())
+        if getattr(tok, "eos_token_id", None) is not None:
+            eos.add(int(tok.eos_token_id))
+        end_of_turn = (
+            tok.convert_tokens_to_ids(END_OF_TURN)
+            if hasattr(tok, "convert_tokens_to_ids")
+            else None
+        )
+        if isinstance(end_of_turn, int) and end_of_turn != getattr(tok, "unk_token_id", None):
+            eos.add(end_of_turn)
+        self._eos_ids = frozenset(eos)
+        self._context_window = self._context_window or context_window_from_config(
+            read_model_config(self.model_name)
+        )
+
+    def _model_type(self) -> str | None:
+        config = getattr(self.model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type is None:
+            model_type = (read_model_config(self.model_name) or {}).get("model_type")
+        return model_type
+
+    def close(self) -> None:
+        """Release the model and stop the model thread. The client can be used again later."""
+        if self._worker.alive:
+            self._worker.call(self._unload_on_worker)
+        self._worker.close()
+
+    def _unload_on_worker(self) -> None:
+        self._release()
+        self.model = self.tokenizer = None
+        self._loaded = False
+        gc.collect()
+        self._clear_accelerator_cache()
+
+    def __enter__(self) -> BaseGemmaChatCompletion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def clear_cache(self) -> None:
+        """Free cached accelerator memory (CUDA / MLX); harmless on CPU."""
+        if self._worker.alive:
+            self._worker.call(self._clear_on_worker)
+
+    def _clear_on_worker(self) -> None:
+        gc.collect()
+        self._clear_accelerator_cache()
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What is known about the model; never loads weights."""
+        info: dict[str, Any] = {
+            "model_name": self.model_name,
+            "implementation": self.implementation,
+            "loaded": self._loaded,
+            "quantization": None,
+            "device": None,
+            "dtype": None,
+            "parameters": None,
+            "context_window": self._context_window
+            or context_window_from_config(read_model_config(self.model_name)),
+        }
+        info.update(self._describe())
+        return info
+
+    # ------------------------------------------------------------- formatting
+
+    def _render(self, turns: list[dict[str, str]]) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) and hasattr(tok, "apply_chat_template"):
+            return str(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(packaged_chat_template(self._model_type()))
+        bos = getattr(tok, "bos_token", None) or "<bos>"
+        return template.render(messages=turns, bos_token=bos, add_generation_prompt=True)
+
+    def _encode(self, text: str, *, special: bool | None = None) -> list[int]:
+        """Token ids of ``text``; a prompt that already starts with ``<bos>`` gets no second one."""
+        tok = self.tokenizer
+        if special is None:
+            bos = getattr(tok, "bos_token", None)
+            special = not (bos and text.startswith(bos))
+        return list(tok.encode(text, add_special_tokens=special))
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def format_prompt(self, messages: Messages) -> Prompt:
+        """The exact prompt (text and ids) the model reads for ``messages``; loads the model."""
+        normalize_messages(messages)
+        self.load()
+        return self._worker.call(lambda: self._prompt(messages))
+
+    def _prompt(self, messages: Messages) -> Prompt:
+        turns = normalize_messages(messages, system_role=self._system_role)
+        text = self._render(turns)
+        ids = tuple(self._encode(text))
+        window = self._context_window
+        if window is not None and len(ids) >= window:
+            raise ContextWindowExceededError(
+                f"the prompt is {len(ids)} tokens but {self.model_name} has a context window of "
+                f"{window} tokens; shorten the conversation"
+            )
+        return Prompt(text, ids)
+
+    # ------------------------------------------------------------- generation
+
+    def _job(self, conversations: Sequence[Messages], params: SamplingParams) -> Any:
+        """The worker-side body of one request: format, generate, emit deltas."""
+
+        def body(emit: Emit, cancel: Any) -> None:
+            if params.logit_bias:
+                vocab = len(self.tokenizer)
+                bad = [t for t, _ in params.logit_bias if t >= vocab]
+                if bad:
+                    raise ValueError(
+                        f"logit_bias token ids {bad} are outside the vocabulary (0..{vocab - 1})"
+                    )
+            prompts = [self._prompt(c) for c in conversations for _ in range(params.n)]
+            sink = TokenSink(
+                prompts, params, self._decode, self._eos_ids, emit, cancel, self._context_window
+            )
+            if params.seed is not None:
+                self._set_seed(params.seed)
+            self._generate(prompts, params, sink)
+            sink.close()
+
+        return body
+
+    def _check(
+        self,
+        conversations: Sequence[Messages],
+        model: str | None,
+        options: dict[str, Any],
+    ) -> SamplingParams:
+        if model is not None and model != self.model_name:
+            raise ValueError(
+                f"this client serves {self.model_name!r}, not {model!r}; "
+                "create a client for that model instead"
+            )
+        params = SamplingParams.build(**options)
+        for conversation in conversations:
+            normalize_messages(conversation)
+        return params
+
+    def stream_deltas(
+        self, conversations: Sequence[Messages], params: SamplingParams
+    ) -> Iterator[Delta]:
+        """The raw :class:`Delta` stream of a request (what adapters build on)."""
+        self.load()
+        return stream_job(self._worker, self._job(conversations, params))
+
+    async def astream_deltas(
+        self, conversations: Sequence[Messages], params: SamplingParams
+    ) -> AsyncIterator[Delta]:
+        """Async :meth:`stream_deltas`; loading and generation never block the event loop."""
+        if not self._loaded:
+            import asyncio
+
+            await asyncio.wrap_future(self._worker.submit(self._load_on_worker))
+        async for delta in astream_job(self._worker, self._job(conversations, params)):
+            yield delta
+
+    def create(
+        self,
+        messages: Messages,
+        temperature: float = 0.7,
+        max_tokens: int = 2048,
+        top_p: float = 1.0,
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Generate a reply in OpenAI ``chat.completion`` format.
+
+        ``stream=True`` returns an iterator of ``chat.completion.chunk`` dicts
+        instead (role first, ``finish_reason`` on each choice's last chunk, and
+        a final chunk with ``usage``). Other options: ``top_k``, ``stop``,
+        ``seed``, ``repetition_penalty``, ``logit_bias``, ``n``.
+        """
+        stream = bool(kwargs.pop("stream", False))
+        options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+        params = self._check([messages], model, options)
+        deltas = self.stream_deltas([messages], params)
+        if stream:
+            return _chunks(deltas, self.model_name, params.n)
+        return _Completion(self.model_name, 1, params.n).collect(deltas)[0]
+
+    def create_batch(
+        self,
+        conversations: Sequence[Messages],
+        temperature: float = 0.7,
+        max_tokens: int = 2048,
+        top_p: float = 1.0,
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """One ``chat.completion`` per conversation, generated together as one batch."""
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+        params = self._check(conversations, model, options)
+        collector = _Completion(self.model_name, len(conversations), params.n)
+        return collector.collect(self.stream_deltas(conversations, params))
+
+    async def acreate(
+        self,
+        messages: Messages,
+        temperature: float = 0.7,
+        max_tokens: int = 2048,
+        top_p: float = 1.0,
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Async :meth:`create`; with ``stream=True`` returns an async iterator of chunks."""
+        stream = bool(kwargs.pop("stream", False))
+        options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+        params = self._check([messages], model, options)
+        deltas = self.astream_deltas([messages], params)
+        if stream:
+            return _achunks(deltas, self.model_name, params.n)
+        return (await _Completion(self.model_name, 1, params.n).acollect(deltas))[0]
+
+    async def acreate_batch(
+        self,
+        conversations: Sequence[Messages],
+        temperature: float = 0.7,
+        max_tokens: int = 2048,
+        top_p: float = 1.0,
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Async :meth:`create_batch`."""
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+        params = self._check(conversations, model, options)
+        collector = _Completion(self.model_name, len(conversations), params.n)
+        return await collector.acollect(self.astream_deltas(conversations, params))
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._loaded else "not loaded"
+        return f"{type(self).__name__}(model_name={self.model_name!r}, {state})"
+
+
+class _NeverCancelled:
+    def is_set(self) -> bool:
+        return False
+
+
+_NEVER_CANCELLED: Any = _NeverCancelled()
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class _Completion:
+    """Folds deltas of ``conversations x n`` rows into ``chat.completion`` dicts."""
+
+    def __init__(self, model: str, conversations: int, n: int) -> None:
+        self.model = model
+        self.n = n
+        self.rows = conversations * n
+        self.texts: list[list[str]] = [[] for _ in range(self.rows)]
+        self.last: list[Delta | None] = [None] * self.rows
+
+    def add(self, delta: Delta) -> None:
+        self.texts[delta.index].append(delta.text)
+        if delta.finish_reason is not None:
+            self.last[delta.index] = delta
+
+    def collect(self, deltas: Iterable[Delta]) -> list[dict[str, Any]]:
+        for delta in deltas:
+            self.add(delta)
+        return self.result()
+
+    async def acollect(self, deltas: AsyncIterator[Delta]) -> list[dict[str, Any]]:
+        async for delta in deltas:
+            self.add(delta)
+        return self.result()
+
+    def result(self) -> list[dict[str, Any]]:
+        created = int(time.time())
+        out = []
+        for start in range(0, self.rows, self.n):
+            choices = []
+            prompt_tokens = completion_tokens = 0
+            for row in range(start, start + self.n):
+                last = self.last[row]
+                if last is None:  # pragma: no cover - the sink always finishes rows
+                    raise RuntimeError("generation ended without a finish reason")
+                prompt_tokens = last.prompt_tokens
+                completion_tokens += last.completion_tokens
+                choices.append(
+                    {
+                        "index": row - start,
+                        "message": {"role": "assistant", "content": "".join(self.texts[row])},
+                        "logprobs": None,
+                        "finish_reason": last.finish_reason,
+                    }
+                )
+            out.append(
+                {
+                    "id": new_completion_id(),
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.model,
+                    "choices": choices,
+                    "usage": usage_dict(prompt_tokens, completion_tokens),
+                }
+            )
+        return out
+
+
+class _ChunkBuilder:
+    """Turns deltas of one request into ``chat.completion.chunk`` dicts."""
+
+    def __init__(self, model: str, n: int) -> None:
+        self.id = new_completion_id()
+        self.created = int(time.time())
+        self.model = model
+        self.n = n
+        self.started = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def on_delta(self, delta: Delta) -> list[dict[str, Any]]:
+        out = []
+        if not self.started:
+            self.started = True
+            out += [
+                self.chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+                for i in range(self.n)
+            ]
+        if delta.text:
+            out.append(
+                self.chunk(
+                    [
+                        {
+                            "index": delta.index,
+                            "delta": {"content": delta.text},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
+        if delta.finish_reason is not None:
+            self.prompt_tokens = delta.prompt_tokens
+            self.completion_tokens += delta.completion_tokens
+            out.append(
+                self.chunk(
+                    [
+                        {
+                            "index": delta.index,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": delta.finish_reason,
+                        }
+                    ]
+                )
+            )
+        return out
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self.chunk([], usage=usage_dict(self.prompt_tokens, self.completion_tokens))
+
+
+def _chunks(deltas: Iterator[Delta], model: str, n: int) -> Iterator[dict[str, Any]]:
+    builder = _ChunkBuilder(model, n)
+    try:
+        for delta in deltas:
+            yield from builder.on_delta(delta)
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
+    yield builder.usage_chunk()
+
+
+async def _achunks(
+    deltas: AsyncIterator[Delta], model: str, n: int
+) -> AsyncIterator[dict[str, Any]]:
+    builder = _ChunkBuilder(model, n)
+    try:
+        async for delta in deltas:
+            for chunk in builder.on_delta(delta):
+                yield chunk
+    finally:
+        aclose = getattr(deltas, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield builder.usage_chunk()

@@ -1,0 +1,190 @@
+"""Apple MLX backend through mlx-lm (Metal on Apple Silicon, ``mlx[cpu]`` on Linux).
+
+MLX streams are thread-local, so loading and every generation run on the
+client's one model thread (see :mod:`core.worker`). The token primitive loops
+over ``mlx_lm.generate.generate_step`` (what ``mlx_lm.stream_generate`` is
+built on) with ``make_sampler`` / ``make_logits_processors`` and pushes each
+token into the sink; stop strings, end ids and counts are the sink's work,
+since mlx-lm has no stop strings.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import BaseGemmaChatCompletion, read_model_config
+from .errors import MissingDependencyError, UnsupportedPlatformError, require
+from .params import SamplingParams
+from .stream import Prompt, TokenSink
+
+
+def _import_mlx() -> Any:
+    if sys.platform == "darwin" and platform.machine() != "arm64":
+        raise UnsupportedPlatformError(
+            "MLX needs Apple Silicon; on an Intel Mac use the transformers backend"
+        )
+    require("mlx", "mlx_lm", feature="The MLX backend")
+    try:
+        import mlx.core as mx
+    except (ImportError, OSError) as exc:  # plain `mlx` on Linux ships no libmlx.so
+        raise MissingDependencyError(
+            f"MLX is installed but cannot load ({exc}). On Linux MLX runs on the CPU build: "
+            'pip install "gemma-local[mlx]" (which installs mlx[cpu])'
+        ) from exc
+    return mx
+
+
+def quantization_from_config(config: dict[str, Any] | None) -> str | None:
+    q = (config or {}).get("quantization") or (config or {}).get("quantization_config")
+    if not isinstance(q, dict) or "bits" not in q:
+        return None
+    return f"mlx {q['bits']}-bit (group size {q.get('group_size', 64)})"
+
+
+class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
+    """Gemma through Apple MLX (mlx-lm).
+
+    Args:
+        model_name: an MLX checkpoint on the hub (e.g. the default 4-bit DWQ
+            Gemma 3 12B), a Hugging Face checkpoint (converted on load) or a
+            local folder, e.g. one written by ``mlx_lm.convert``.
+        trust_remote_code: passed to the tokenizer loader; Gemma needs none.
+        adapter_path: optional LoRA adapters to apply.
+        max_kv_size: cap the KV cache (rotating cache) for long generations.
+        prefill_step_size: prompt tokens processed per step.
+    """
+
+    implementation = "mlx"
+
+    def __init__(
+        self,
+        model_name: str = "mlx-community/gemma-3-12b-it-4bit-DWQ",
+        *,
+        trust_remote_code: bool = False,
+        adapter_path: str | None = None,
+        max_kv_size: int | None = None,
+        prefill_step_size: int = 2048,
+    ) -> None:
+        super().__init__(model_name)
+        if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
+            raise ValueError(f"max_kv_size must be a positive integer or None, got {max_kv_size!r}")
+        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+            raise ValueError(
+                f"prefill_step_size must be a positive integer, got {prefill_step_size!r}"
+            )
+        self.trust_remote_code = trust_remote_code
+        self.adapter_path = adapter_path
+        self.max_kv_size = max_kv_size
+        self.prefill_step_size = prefill_step_size
+        self._wrapper: Any = None
+        self._config: dict[str, Any] | None = None
+
+    def _load_model_and_tokenizer(self) -> None:
+        _import_mlx()
+        from mlx_lm import load
+
+        model, wrapper, config = load(
+            self.model_name,
+            tokenizer_config={"trust_remote_code": self.trust_remote_code},
+            adapter_path=self.adapter_path,
+            return_config=True,
+            trust_remote_code=self.trust_remote_code,
+        )
+        self.model = model
+        self._wrapper = wrapper
+        self.tokenizer = wrapper._tokenizer
+        self._config = config
+        text = config.get("text_config") or {}
+        self._context_window = text.get("max_position_embeddings") or config.get(
+            "max_position_embeddings"
+        )
+
+    def _eos_token_ids(self) -> set[int]:
+        return {int(t) for t in getattr(self._wrapper, "eos_token_ids", ()) or ()}
+
+    def _set_seed(self, seed: int) -> None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+
+    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, wired_limit
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        sampler = make_sampler(
+            temp=params.temperature,
+            top_p=params.top_p if params.top_p < 1.0 else 0.0,
+            top_k=params.top_k,
+        )
+        processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
+            repetition_penalty=params.repetition_penalty,
+        )
+        with wired_limit(self.model):
+            for index, prompt in enumerate(prompts):
+                steps = generate_step(
+                    mx.array(prompt.ids),
+                    self.model,
+                    max_tokens=sink.rows[index].max_tokens,
+                    sampler=sampler,
+                    logits_processors=processors,
+                    max_kv_size=self.max_kv_size,
+                    prefill_step_size=self.prefill_step_size,
+                )
+                for token, _ in steps:
+                    sink.push_row(index, token)
+                    if sink.finished()[index]:
+                        break
+                steps.close()
+                if sink.cancelled:
+                    return
+
+    def _release(self) -> None:
+        self._wrapper = None
+        self._config = None
+        self._context_window = None
+
+    def _clear_accelerator_cache(self) -> None:
+        if "mlx.core" in sys.modules:
+            import mlx.core as mx
+
+            mx.clear_cache()
+
+    def _describe(self) -> dict[str, Any]:
+        config = self._config or read_model_config(self.model_name) or {}
+        info: dict[str, Any] = {
+            "quantization": quantization_from_config(config),
+            "model_type": config.get("model_type"),
+        }
+        if self.model is None:
+            return info
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        params = dict(tree_flatten(self.model.parameters()))
+        bits = (config.get("quantization") or {}).get("bits")
+        total = 0
+        for name, value in params.items():
+            stem = name.rsplit(".", 1)[0]
+            quantized = bool(bits) and f"{stem}.scales" in params
+            if quantized and name.endswith((".scales", ".biases")):
+                continue  # quantisation metadata, not parameters
+            packed = quantized and name.endswith(".weight")
+            total += value.size * 32 // bits if packed else value.size
+        dtypes = {
+            str(v.dtype).replace("mlx.core.", "") for k, v in params.items() if k.endswith("weight")
+        }
+        info.update(
+            parameters=int(total),
+            dtype=",".join(sorted(dtypes)),
+            device=str(mx.default_device()),
+            architecture=type(self.model).__name__,
+        )
+        if Path(self.model_name).is_dir():
+            info["path"] = str(Path(self.model_name).resolve())
+        return info

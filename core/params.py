@@ -1,0 +1,175 @@
+"""Sampling options: one validated, immutable record built at the API boundary.
+
+Every entry point (``create``, the LangChain and LlamaIndex adapters, the CLI)
+builds a :class:`SamplingParams` through :func:`SamplingParams.build`, so bounds
+are checked once, before any model is loaded, with a message that names the
+option, the bad value and what is allowed. ``None`` always means "the default";
+values are never merged with truthiness (``temperature=0`` is greedy, not
+"unset").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+MAX_STOP_SEQUENCES = 16
+MAX_N = 16
+
+#: Options ``create()`` accepts besides the sampling ones (OpenAI names that
+#: have no effect locally are accepted and ignored, like the OpenAI server does
+#: with ``user``).
+IGNORED_OPENAI_OPTIONS = frozenset({"user", "timeout", "metadata", "store", "stream_options"})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if not _is_number(value) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    below = value <= lo if lo_open else value < lo
+    if below or value > hi:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(value).__name__}")
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"stop allows at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"each stop sequence must be a non-empty string, got {item!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+        out.append((token, _number(f"logit_bias[{key!r}]", bias, -100.0, 100.0)))
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated options of one generation request.
+
+    Attributes:
+        temperature: 0 means greedy decoding; otherwise in (0, 2].
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        max_tokens: upper bound on generated tokens (>= 1). Clipped to what is
+            left of the context window after the prompt.
+        stop: strings that end generation; the stop text is not returned.
+        seed: makes sampling reproducible: same seed, same prompt, same output.
+        repetition_penalty: > 0; 1.0 (or ``None``) disables it.
+        logit_bias: (token id, bias in [-100, 100]) pairs added to the logits.
+        n: number of choices to generate for one prompt.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 2048
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        temperature: Any = None,
+        top_p: Any = None,
+        top_k: Any = None,
+        max_tokens: Any = None,
+        stop: Any = None,
+        seed: Any = None,
+        repetition_penalty: Any = None,
+        logit_bias: Any = None,
+        n: Any = None,
+        defaults: SamplingParams | None = None,
+        **unknown: Any,
+    ) -> SamplingParams:
+        """Validate options; ``None`` keeps the value from ``defaults``."""
+        base = defaults or cls()
+        for name in list(unknown):
+            if name in IGNORED_OPENAI_OPTIONS:
+                unknown.pop(name)
+        if unknown:
+            allowed = ", ".join(sorted(ACCEPTED_OPTIONS))
+            raise TypeError(f"unexpected option(s) {sorted(unknown)}; allowed options: {allowed}")
+        changes: dict[str, Any] = {}
+        if temperature is not None:
+            changes["temperature"] = _number("temperature", temperature, 0.0, 2.0)
+        if top_p is not None:
+            changes["top_p"] = _number("top_p", top_p, 0.0, 1.0, lo_open=True)
+        if top_k is not None:
+            changes["top_k"] = _integer("top_k", top_k, 0)
+        if max_tokens is not None:
+            changes["max_tokens"] = _integer("max_tokens", max_tokens, 1)
+        if stop is not None:
+            changes["stop"] = _stop(stop)
+        if seed is not None:
+            changes["seed"] = _integer("seed", seed, 0, 2**63 - 1)
+        if repetition_penalty is not None:
+            rp = _number("repetition_penalty", repetition_penalty, 0.0, 10.0, lo_open=True)
+            changes["repetition_penalty"] = None if rp == 1.0 else rp
+        if logit_bias is not None:
+            changes["logit_bias"] = _logit_bias(logit_bias)
+        if n is not None:
+            changes["n"] = _integer("n", n, 1, MAX_N)
+        return replace(base, **changes)
+
+    def with_max_tokens(self, max_tokens: int) -> SamplingParams:
+        return replace(self, max_tokens=max_tokens)
+
+
+ACCEPTED_OPTIONS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+        "stop",
+        "seed",
+        "repetition_penalty",
+        "logit_bias",
+        "n",
+    }
+    | IGNORED_OPENAI_OPTIONS
+)

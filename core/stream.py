@@ -1,0 +1,249 @@
+"""The token stream every backend feeds, and everything derived from it once.
+
+A backend's only job is to push sampled token ids into a :class:`TokenSink`
+(one id per active row per step, on the thread that owns the model). The sink
+turns them into :class:`Delta` records, in one place for every backend:
+
+* incremental detokenisation that is exact for multi-byte characters
+  (:class:`IncrementalDetokenizer`),
+* end-of-turn handling on *every* end id of the model (``<eos>`` and
+  ``<end_of_turn>`` for Gemma), ``max_tokens`` and stop strings
+  (:class:`StopMatcher`; the stop text is trimmed, even across tokens),
+* truthful ``finish_reason`` (``"stop"`` / ``"length"``) and token counts.
+
+``create()``, ``create(stream=True)``, batching and the LangChain / LlamaIndex
+adapters all consume these deltas; nothing else detokenises or counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .params import SamplingParams
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered chat prompt and its token ids (exactly what the model reads)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one choice's output.
+
+    ``text`` may be empty on the last delta of a row, which always carries
+    ``finish_reason`` and the row's final token counts.
+    """
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class IncrementalDetokenizer:
+    """Streams text from token ids without splitting multi-byte characters.
+
+    Decodes a short window of recent ids and emits only the new suffix once
+    it no longer ends in an incomplete character (the approach of
+    transformers' ``TextStreamer`` and vLLM), so the concatenated output equals
+    ``decode(all_ids)``.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        seen = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(seen) and not final:
+            return ""
+        if text.endswith(REPLACEMENT_CHAR) and not final:
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(seen) :]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return ``(text safe to emit, stopped)``."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:k]):
+                    keep = k
+                    break
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class _Row:
+    """One choice being generated: counts, text and the reason it ended."""
+
+    def __init__(
+        self,
+        index: int,
+        prompt_tokens: int,
+        max_tokens: int,
+        params: SamplingParams,
+        decode: Callable[[list[int]], str],
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.index = index
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.eos_ids = eos_ids
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.detok = IncrementalDetokenizer(decode)
+        self.stops = StopMatcher(params.stop)
+
+    def delta(self, text: str) -> Delta | None:
+        if not text and self.finish_reason is None:
+            return None
+        return Delta(
+            self.index, text, self.finish_reason, self.prompt_tokens, self.completion_tokens
+        )
+
+    def push_token(self, token: int) -> Delta | None:
+        self.completion_tokens += 1
+        if token in self.eos_ids:
+            return self.finish("stop")
+        text, stopped = self.stops.feed(self.detok.add(token))
+        if stopped:
+            self.finish_reason = "stop"
+            return self.delta(text)
+        if self.completion_tokens >= self.max_tokens:
+            return self.finish("length", text)
+        return self.delta(text)
+
+    def push_text(self, text: str, completion_tokens: int, finish_reason: str) -> Delta | None:
+        self.completion_tokens = completion_tokens
+        emitted, stopped = self.stops.feed(text)
+        if stopped:
+            self.finish_reason = "stop"
+            return self.delta(emitted)
+        return self.finish(finish_reason, emitted)
+
+    def finish(self, reason: str, text: str = "") -> Delta | None:
+        tail, _ = self.stops.feed(self.detok.flush())
+        self.finish_reason = reason
+        return self.delta(text + tail + self.stops.flush())
+
+
+class TokenSink:
+    """What a backend pushes sampled tokens into, on the model's own thread.
+
+    ``emit`` receives each :class:`Delta` as soon as it is known. ``done``
+    turns true once every row has finished or the consumer went away
+    (``cancel``); backends check it every step (transformers through a
+    ``StoppingCriteria``, MLX in its loop) so no token is generated for nobody.
+    Each row's ``max_tokens`` is clipped to what the context window leaves.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        decode: Callable[[list[int]], str],
+        eos_ids: frozenset[int],
+        emit: Callable[[Delta], None],
+        cancel: threading.Event,
+        context_window: int | None = None,
+    ) -> None:
+        def room(prompt: Prompt) -> int:
+            if context_window is None:
+                return params.max_tokens
+            return max(1, min(params.max_tokens, context_window - len(prompt.ids)))
+
+        self.rows = [
+            _Row(i, len(p.ids), room(p), params, decode, eos_ids) for i, p in enumerate(prompts)
+        ]
+        self._emit = emit
+        self._cancel = cancel
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens any row may still take (``max_tokens`` clipped to the context)."""
+        return max(r.max_tokens for r in self.rows)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._cancel.is_set() or all(r.finish_reason is not None for r in self.rows)
+
+    def finished(self) -> list[bool]:
+        """Per row: nothing more is wanted from it."""
+        cancelled = self._cancel.is_set()
+        return [cancelled or r.finish_reason is not None for r in self.rows]
+
+    def push(self, tokens: Sequence[int]) -> None:
+        """One new token for every row (finished rows' tokens are ignored)."""
+        for row, token in zip(self.rows, tokens):
+            if row.finish_reason is None:
+                self._send(row.push_token(int(token)))
+
+    def push_row(self, index: int, token: int) -> None:
+        row = self.rows[index]
+        if row.finish_reason is None:
+            self._send(row.push_token(int(token)))
+
+    def push_text(
+        self, index: int, text: str, completion_tokens: int, finish_reason: str = "stop"
+    ) -> None:
+        """For backends that produce whole texts (subclasses of the original design)."""
+        row = self.rows[index]
+        if row.finish_reason is None:
+            self._send(row.push_text(text, completion_tokens, finish_reason))
+
+    def close(self) -> None:
+        """The backend returned: rows still open ran out of tokens."""
+        if self._cancel.is_set():
+            return
+        for row in self.rows:
+            if row.finish_reason is None:
+                self._send(row.finish("length"))
+
+    def _send(self, delta: Delta | None) -> None:
+        if delta is not None:
+            self._emit(delta)

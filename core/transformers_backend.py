@@ -1,0 +1,272 @@
+"""Hugging Face transformers backend (CPU, CUDA, MPS; bf16 by default; bitsandbytes 4/8-bit).
+
+The token primitive drives ``model.generate`` on the client's model thread. A
+``StoppingCriteria`` is the bridge: every step it hands the newest token of
+each row to the :class:`~core.stream.TokenSink` and tells ``generate`` which
+rows are finished (end ids, stop strings, per-row ``max_tokens``, or a reader
+that went away), so no helper thread and no streamer are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import BaseGemmaChatCompletion, read_model_config
+from .errors import UnsupportedPlatformError, require
+from .params import SamplingParams
+from .stream import Prompt, TokenSink
+
+logger = logging.getLogger("gemma_local")
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX), where bf16 decodes faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
+    """Gemma through Hugging Face transformers.
+
+    Args:
+        model_name: hub id (``google/gemma-3-12b-it``) or a local folder.
+        use_4bit_quantization: load with bitsandbytes NF4 + double quantisation
+            (about a quarter of the bf16 memory). Needs ``gemma-local[quantization]``.
+        device_map: where weights go: ``"auto"`` (GPU if any, else CPU),
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or an accelerate map.
+        trust_remote_code: run code from the model's repository. Gemma needs
+            none; leave it ``False`` unless you trust the repository.
+        torch_dtype: ``"auto"`` (default) picks bfloat16 on GPUs that support
+            it and on CPUs with AVX512-BF16/AMX, float32 elsewhere. Avoid
+            float16: Gemma's activations overflow it.
+        use_8bit_quantization: bitsandbytes LLM.int8 instead of NF4.
+        bnb_4bit_compute_dtype: compute dtype of the 4-bit layers (default bfloat16).
+        attn_implementation: e.g. ``"sdpa"`` or ``"eager"`` (default: transformers').
+        revision, token, local_files_only: passed to ``from_pretrained``.
+    """
+
+    implementation = "transformers"
+
+    def __init__(
+        self,
+        model_name: str = "google/gemma-3-12b-it",
+        use_4bit_quantization: bool = False,
+        device_map: str | Mapping[str, Any] | None = "auto",
+        trust_remote_code: bool = False,
+        *,
+        torch_dtype: str = "auto",
+        use_8bit_quantization: bool = False,
+        bnb_4bit_compute_dtype: str = "bfloat16",
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__(model_name)
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {DTYPES}, got {torch_dtype!r}")
+        if bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"bnb_4bit_compute_dtype must be one of {COMPUTE_DTYPES}, got {bnb_4bit_compute_dtype!r}"
+            )
+        if use_4bit_quantization and use_8bit_quantization:
+            raise ValueError(
+                "choose one of use_4bit_quantization and use_8bit_quantization, not both"
+            )
+        if device_map is not None and not isinstance(device_map, (str, Mapping)):
+            raise ValueError(
+                "device_map must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps', a dict or None, "
+                f"got {device_map!r}"
+            )
+        if (use_4bit_quantization or use_8bit_quantization) and sys.platform == "darwin":
+            raise UnsupportedPlatformError(
+                "bitsandbytes quantisation does not run on macOS; use the MLX backend with a "
+                "4-bit MLX checkpoint (e.g. mlx-community/gemma-3-12b-it-4bit-DWQ) instead"
+            )
+        if torch_dtype == "float16" or bnb_4bit_compute_dtype == "float16":
+            logger.warning(
+                "float16 overflows Gemma's activations (empty or NaN output); prefer bfloat16"
+            )
+        self.use_4bit_quantization = use_4bit_quantization
+        self.use_8bit_quantization = use_8bit_quantization
+        self.device_map = device_map
+        self.trust_remote_code = trust_remote_code
+        self.torch_dtype = torch_dtype
+        self.bnb_4bit_compute_dtype = bnb_4bit_compute_dtype
+        self.attn_implementation = attn_implementation
+        self.hub_kwargs: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "revision": revision,
+                "token": token,
+                "local_files_only": local_files_only,
+            }.items()
+            if v is not None
+        }
+
+    # ----------------------------------------------------------------- loading
+
+    def _resolve_dtype(self) -> Any:
+        import torch
+
+        if self.torch_dtype != "auto":
+            return getattr(torch, self.torch_dtype)
+        target = str(self.device_map) if isinstance(self.device_map, str) else "auto"
+        if target.startswith("cuda") or (target == "auto" and torch.cuda.is_available()):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if target == "mps" or (target == "auto" and torch.backends.mps.is_available()):
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+    def _quantization_config(self, dtype: Any) -> Any:
+        if not (self.use_4bit_quantization or self.use_8bit_quantization):
+            return None
+        require("bitsandbytes", feature="bitsandbytes quantisation")
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.use_8bit_quantization:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, self.bnb_4bit_compute_dtype),
+        )
+
+    def _load_model_and_tokenizer(self) -> None:
+        require("torch", "transformers", feature="The transformers backend")
+        if self.device_map == "auto":
+            require("accelerate", feature="device_map='auto'")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = self._resolve_dtype()
+        quantization = self._quantization_config(dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.model_name, trust_remote_code=self.trust_remote_code, **self.hub_kwargs
+        )
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_name, **kwargs, **self.hub_kwargs
+        )
+        self.model.eval()
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._context_window = getattr(text_config, "max_position_embeddings", None)
+
+    def _eos_token_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+    # -------------------------------------------------------------- generation
+
+    def _set_seed(self, seed: int) -> None:
+        from transformers import set_seed
+
+        set_seed(seed)
+
+    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class FeedSink(StoppingCriteria):
+            """Hands each step's tokens to the sink; reports the rows it has finished."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                sink.push(input_ids[:, -1].tolist())
+                return torch.tensor(sink.finished(), dtype=torch.bool, device=input_ids.device)
+
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        width = max(len(p.ids) for p in prompts)
+        device = self.model.device
+        input_ids = torch.tensor(
+            [[pad] * (width - len(p.ids)) + list(p.ids) for p in prompts], device=device
+        )
+        attention_mask = torch.tensor(
+            [[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=device
+        )
+        options: dict[str, Any] = {
+            "max_new_tokens": sink.max_new_tokens,
+            "eos_token_id": sorted(self._eos_ids),
+            "pad_token_id": pad,
+            "repetition_penalty": params.repetition_penalty or 1.0,
+            "stopping_criteria": StoppingCriteriaList([FeedSink()]),
+        }
+        if params.greedy:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+            )
+        if params.logit_bias:
+            options["sequence_bias"] = {(t,): b for t, b in params.logit_bias}
+        with torch.inference_mode():
+            self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+
+    # ----------------------------------------------------------------- extras
+
+    def _release(self) -> None:
+        self._context_window = None
+
+    def _clear_accelerator_cache(self) -> None:
+        if "torch" not in sys.modules:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+
+    def _describe(self) -> dict[str, Any]:
+        if self.use_4bit_quantization:
+            quantization = (
+                f"bitsandbytes nf4 4-bit (double quant, {self.bnb_4bit_compute_dtype} compute)"
+            )
+        elif self.use_8bit_quantization:
+            quantization = "bitsandbytes int8"
+        else:
+            quantization = None
+        info: dict[str, Any] = {
+            "quantization": quantization,
+            "trust_remote_code": self.trust_remote_code,
+            "device_map": self.device_map,
+        }
+        model = self.model
+        if model is None:
+            config = read_model_config(self.model_name) or {}
+            info["model_type"] = config.get("model_type")
+            if self.torch_dtype != "auto":
+                info["dtype"] = self.torch_dtype
+            return info
+        info["model_type"] = model.config.model_type
+        info["dtype"] = str(model.dtype).replace("torch.", "")
+        device_map = getattr(model, "hf_device_map", None)
+        info["device"] = (
+            sorted({str(d) for d in device_map.values()}) if device_map else str(model.device)
+        )
+        info["parameters"] = int(model.num_parameters())
+        info["architecture"] = type(model).__name__
+        return info
