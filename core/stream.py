@@ -219,7 +219,7 @@ class TokenSink:
 
     def push(self, tokens: Sequence[int]) -> None:
         """One new token for every row (finished rows' tokens are ignored)."""
-        for row, token in zip(self.rows, tokens):
+        for row, token in zip(self.rows, tokens, strict=True):
             if row.finish_reason is None:
                 self._send(row.push_token(int(token)))
 
