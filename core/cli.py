@@ -1,0 +1,242 @@
+"""The ``gemma-local`` command: ``chat``, ``info`` and ``demo``.
+
+gemma-local chat "Why is the sky blue?"            # one prompt, streamed
+gemma-local chat                                   # interactive loop (/reset, /exit)
+gemma-local chat --backend mlx --model mlx-community/gemma-3-1b-it-4bit "Hi"
+gemma-local info --model google/gemma-3-1b-it
+gemma-local demo                                   # offline, on a tiny model it builds
+gemma-local demo --model google/gemma-3-1b-it      # the same on a real model
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import BaseGemmaChatCompletion
+from .errors import GemmaLocalError
+from .factory import BACKENDS, create_gemma_client
+from .params import SamplingParams
+
+DEMO_PROMPTS = [
+    [{"role": "user", "content": "Write a haiku about running models locally."}],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is a context window?"},
+    ],
+]
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto")
+    parser.add_argument("--model", default=None, help="hub id or local folder")
+    parser.add_argument("--4bit", dest="four_bit", action="store_true", help="bitsandbytes NF4")
+    parser.add_argument("--device-map", default=None, help="transformers device_map")
+    parser.add_argument("--dtype", default=None, help="transformers torch_dtype")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 512")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="repeatable")
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.four_bit:
+        options["use_4bit_quantization"] = True
+    if args.device_map is not None:
+        options["device_map"] = args.device_map
+    if args.dtype is not None:
+        options["torch_dtype"] = args.dtype
+    return options
+
+
+def _client(args: argparse.Namespace) -> BaseGemmaChatCompletion:
+    return create_gemma_client(args.backend, args.model, **_client_options(args))
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams.build(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens if args.max_tokens is not None else 512,
+        stop=args.stop,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _options(params: SamplingParams) -> dict[str, Any]:
+    return {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "max_tokens": params.max_tokens,
+        "stop": list(params.stop) or None,
+        "seed": params.seed,
+        "repetition_penalty": params.repetition_penalty,
+    }
+
+
+def _stream_reply(
+    client: BaseGemmaChatCompletion, messages: list[dict[str, Any]], params: SamplingParams
+) -> tuple[str, dict[str, int]]:
+    text: list[str] = []
+    usage: dict[str, int] = {}
+    for chunk in client.create(messages, stream=True, **_options(params)):
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            piece = choice["delta"].get("content") or ""
+            text.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(text), usage
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    client = _client(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        _stream_reply(client, [*system, {"role": "user", "content": " ".join(args.prompt)}], params)
+        return 0
+    history: list[dict[str, Any]] = []
+    print(
+        f"Chatting with {client.model_name} ({client.implementation}). /reset clears, /exit quits."
+    )
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("gemma> ")
+        try:
+            reply, _ = _stream_reply(client, [*system, *history], params)
+        except (ValueError, GemmaLocalError) as exc:
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.load:
+        client.load()
+    print(json.dumps(client.get_model_info(), indent=2, default=str))
+    return 0
+
+
+def tiny_demo_model() -> Path:
+    """Build (once) the tiny random-weight Gemma 3 checkpoint the offline demo runs on."""
+    from .tiny import build_tiny_checkpoint
+
+    cache = Path(os.environ.get("GEMMA_LOCAL_CACHE", Path.home() / ".cache" / "gemma-local"))
+    path = cache / "tiny-gemma3-demo"
+    if not (path / "tokenizer_config.json").exists():
+        print(f"building a tiny random-weight Gemma 3 checkpoint in {path} ...")
+        build_tiny_checkpoint(path, "gemma3_text", dtype="float32")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    tiny = args.model is None
+    model = str(tiny_demo_model()) if tiny else args.model
+    if tiny:
+        print(
+            "Offline demo on a tiny RANDOM-WEIGHT Gemma 3 (its words are gibberish; the "
+            "formatting, streaming, stop handling and token counts are real).\n"
+            "Run `gemma-local demo --model google/gemma-3-1b-it` for a real model.\n"
+        )
+    backends = [args.backend] if args.backend != "auto" else ["transformers"]
+    if args.backend == "auto" and importlib.util.find_spec("mlx_lm") is not None:
+        backends.append("mlx")
+    params = SamplingParams.build(temperature=0.0, max_tokens=args.max_tokens)
+    results: dict[str, list[str]] = {}
+    for backend in backends:
+        options = _client_options(args) if backend == "transformers" else {}
+        if backend == "transformers" and tiny:
+            options.setdefault("torch_dtype", "float32")  # as MLX: identical greedy tokens
+        with create_gemma_client(backend, model, **options) as client:
+            started = time.perf_counter()
+            client.load()
+            print(f"== {backend}: loaded {model} in {time.perf_counter() - started:.1f}s")
+            for messages in DEMO_PROMPTS:
+                print(f"-- {messages[-1]['content']}")
+                started = time.perf_counter()
+                reply, usage = _stream_reply(client, messages, params)
+                elapsed = time.perf_counter() - started
+                print(
+                    f"   [{usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+                    f"completion tokens, {usage['completion_tokens'] / elapsed:.0f} tok/s]"
+                )
+                results.setdefault(messages[-1]["content"], []).append(reply)
+            batch = client.create_batch(DEMO_PROMPTS, **_options(params))
+            print(
+                f"-- create_batch of {len(batch)} conversations: finish reasons",
+                [c["choices"][0]["finish_reason"] for c in batch],
+            )
+            print("-- model info:", json.dumps(client.get_model_info(), default=str))
+    if len(backends) > 1:
+        same = all(len(set(replies)) == 1 for replies in results.values())
+        print(f"\ntransformers and MLX greedy outputs identical: {same}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-local", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat with a model (one prompt, or interactive)")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", default=None, help="system instructions")
+    chat.add_argument("prompt", nargs="*", help="omit for an interactive loop")
+    chat.set_defaults(func=cmd_chat)
+    info = sub.add_parser("info", help="what is known about a model")
+    _add_model_options(info)
+    info.add_argument("--load", action="store_true", help="load the weights first")
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="offline demo on a tiny model (or --model NAME)")
+    _add_model_options(demo)
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, GemmaLocalError) as exc:
+        print(f"gemma-local: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
