@@ -125,24 +125,62 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repetition_penalty,
         )
+        if len(prompts) > 1:
+            self._generate_batch(prompts, sampler, processors, sink)
+            return
         with wired_limit(self.model):
-            for index, prompt in enumerate(prompts):
-                steps = generate_step(
-                    mx.array(prompt.ids),
-                    self.model,
-                    max_tokens=sink.rows[index].max_tokens,
-                    sampler=sampler,
-                    logits_processors=processors,
-                    max_kv_size=self.max_kv_size,
-                    prefill_step_size=self.prefill_step_size,
-                )
+            steps = generate_step(
+                mx.array(prompts[0].ids),
+                self.model,
+                max_tokens=sink.rows[0].max_tokens,
+                sampler=sampler,
+                logits_processors=processors,
+                max_kv_size=self.max_kv_size,
+                prefill_step_size=self.prefill_step_size,
+            )
+            try:
                 for token, _ in steps:
-                    sink.push_row(index, token)
-                    if sink.finished()[index]:
+                    sink.push_row(0, token)
+                    if sink.done:
                         break
+            finally:
                 steps.close()
-                if sink.cancelled:
-                    return
+
+    def _generate_batch(
+        self, prompts: Sequence[Prompt], sampler: Any, processors: Any, sink: TokenSink
+    ) -> None:
+        """Several prompts in one batch with mlx-lm's ``BatchGenerator``."""
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self._eos_ids)],
+            sampler=sampler,
+            logits_processors=processors,
+            completion_batch_size=len(prompts),
+            prefill_batch_size=len(prompts),
+            prefill_step_size=self.prefill_step_size,
+            max_kv_size=self.max_kv_size,
+        )
+        try:
+            uids = generator.insert(
+                [list(p.ids) for p in prompts], [row.max_tokens for row in sink.rows]
+            )
+            row_of = {uid: i for i, uid in enumerate(uids)}
+            while not sink.done and (responses := generator.next_generated()):
+                finished = []
+                for response in responses:
+                    index = row_of[response.uid]
+                    sink.push_row(index, response.token)
+                    if (
+                        sink.rows[index].finish_reason is not None
+                        and response.finish_reason is None
+                    ):
+                        finished.append(response.uid)  # a stop string: free its slot
+                if finished:
+                    generator.remove(finished)
+        finally:
+            generator.close()
 
     def _release(self) -> None:
         self._wrapper = None
