@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import ContextWindowExceededError, translate_load_error
+from .errors import ContextWindowExceededError, translate_load_error, translate_oom
 from .messages import normalize_messages
 from .params import SamplingParams
 from .stream import Delta, Prompt, TokenSink
@@ -355,7 +355,13 @@ class BaseGemmaChatCompletion:
             )
             if params.seed is not None:
                 self._set_seed(params.seed)
-            self._generate(prompts, params, sink)
+            try:
+                self._generate(prompts, params, sink)
+            except Exception as exc:
+                oom = translate_oom(exc, self.model_name)
+                if oom is not None:
+                    raise oom from exc
+                raise
             sink.close()
 
         return body

@@ -106,10 +106,18 @@ def translate_load_error(exc: BaseException, model_name: str) -> BaseException |
                 "reached. Connect once to download it, or pass the path of a local folder "
                 "holding the model (config.json, weights, tokenizer)."
             )
-        if "OutOfMemoryError" in names or "out of memory" in text.lower():
+    return translate_oom(exc, model_name)
+
+
+def translate_oom(exc: BaseException, model_name: str) -> OutOfMemoryError | None:
+    """An :class:`OutOfMemoryError` with advice if ``exc`` is an out-of-memory error."""
+    for err in _chain(exc):
+        text = str(err)
+        if "OutOfMemoryError" in _names(err) or "out of memory" in text.lower():
+            first = text.splitlines()[0] if text else type(err).__name__
             return OutOfMemoryError(
-                f"{model_name} does not fit in memory ({text.splitlines()[0] if text else ''}). "
-                "Try use_4bit_quantization=True (transformers) or a 4-bit MLX checkpoint, "
-                "a smaller Gemma, or a shorter prompt / max_tokens."
+                f"{model_name} ran out of memory ({first}). Try use_4bit_quantization=True "
+                "(transformers) or a 4-bit MLX checkpoint, a smaller Gemma, or a shorter "
+                "prompt / max_tokens / batch."
             )
     return None
