@@ -14,7 +14,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -96,7 +96,7 @@ def _run_emitting(
         emit(_DONE)
 
 
-def stream_job(worker: ModelWorker, body: Callable[[Emit, threading.Event], None]) -> Iterator[Any]:
+def stream_job(worker: ModelWorker, body: Callable[[Emit, threading.Event], None]) -> Generator[Any, None, None]:
     """Run ``body(emit, cancel)`` on the worker and yield what it emits.
 
     Leaving the loop early (``break``, an exception, garbage collection) sets
@@ -122,7 +122,7 @@ def stream_job(worker: ModelWorker, body: Callable[[Emit, threading.Event], None
 
 async def astream_job(
     worker: ModelWorker, body: Callable[[Emit, threading.Event], None]
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """The async twin of :func:`stream_job`: the event loop never blocks.
 
     The worker hands items to the loop with ``call_soon_threadsafe``; a reader
