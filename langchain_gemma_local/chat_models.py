@@ -1,0 +1,1014 @@
+"""LangChain chat model over a local Gemma (``core`` client, transformers or MLX).
+
+Data flow in and out, all on the core token stream::
+
+    list[BaseMessage] ──convert_messages_to_dicts──▶ OpenAI-style dicts
+        (core.normalize_messages validates them before anything loads)
+    fields + per-call kwargs ──SamplingParams.build──▶ frozen, validated params
+    client.stream_deltas([conversation], params)     (sync, on the model thread)
+    client.astream_deltas([conversation], params)    (async, never blocks the loop)
+        ──Delta──▶ ChatGenerationChunk ──▶ _stream / _astream
+        ──merged──▶ ChatResult ──▶ _generate / _agenerate
+
+``batch()`` / ``abatch()`` start ONE batched generation over every input
+(``stream_deltas(conversations, params)``) and then run LangChain's ordinary
+``invoke`` / ``ainvoke`` per input, each of which reads its own row of that
+generation instead of starting one. So every input keeps its own callbacks,
+tags, run id, ``on_llm_new_token`` events and error handling, while the model
+does a single batched pass.
+
+Nothing here formats prompts, tokenizes or counts tokens: the core client does,
+once, for every adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing, closing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list, get_executor_for_config
+from pydantic import ConfigDict, Field, SecretStr, model_validator
+from typing_extensions import Self
+
+from core import BaseGemmaChatCompletion, Delta, SamplingParams, normalize_messages
+from core.factory import DEFAULT_MODELS, create_gemma_client, resolve_backend
+
+# --------------------------------------------------------------- messages
+
+#: ``ChatMessage.role`` values Gemma understands, and the OpenAI role each maps to.
+CHAT_MESSAGE_ROLES: Mapping[str, str] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "model": "assistant",
+}
+_IMAGE_BLOCKS = frozenset({"image", "image_url", "input_image"})
+
+
+def _convert_content(content: str | list[Any], kind: str) -> str | list[dict[str, str]]:
+    """A message's content as a string or a new list of OpenAI text parts."""
+    if isinstance(content, str):
+        return content
+    parts: list[dict[str, str]] = []
+    for i, block in enumerate(content):
+        if isinstance(block, str):
+            parts.append({"type": "text", "text": block})
+            continue
+        block_type = block.get("type") if isinstance(block, Mapping) else None
+        if block_type == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif block_type in _IMAGE_BLOCKS:
+            raise TypeError(
+                f"{kind} content block {i} is an image ({block_type!r}); ChatGemmaLocal "
+                "does not accept images yet, only text"
+            )
+        else:
+            found = repr(block_type) if block_type is not None else type(block).__name__
+            raise TypeError(
+                f"{kind} content block {i} has type {found}; ChatGemmaLocal accepts only "
+                "strings and {'type': 'text', 'text': ...} blocks"
+            )
+    return parts
+
+
+def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
+    """One LangChain message as an OpenAI-style ``{"role", "content"}`` dict.
+
+    ``SystemMessage`` → system, ``HumanMessage`` → user, ``AIMessage`` →
+    assistant, ``ChatMessage`` by its role (see :data:`CHAT_MESSAGE_ROLES`).
+    Content stays a string, or becomes a new list of text parts. ``name`` is
+    dropped (Gemma's chat template has no speaker names). The message is never
+    modified.
+
+    Raises:
+        TypeError: for any other message class (``ToolMessage``,
+            ``FunctionMessage``, ...) and for non-text content blocks (images).
+        ValueError: for a ``ChatMessage`` role Gemma does not know, and for an
+            ``AIMessage`` carrying tool calls (tool calling is not supported yet).
+    """
+    kind = type(message).__name__
+    if isinstance(message, ChatMessage):
+        role = CHAT_MESSAGE_ROLES.get(message.role)
+        if role is None:
+            raise ValueError(
+                f"ChatMessage has role {message.role!r}; ChatGemmaLocal knows the roles "
+                f"{', '.join(sorted(CHAT_MESSAGE_ROLES))}"
+            )
+    elif isinstance(message, SystemMessage):
+        role = "system"
+    elif isinstance(message, HumanMessage):
+        role = "user"
+    elif isinstance(message, AIMessage):
+        role = "assistant"
+        if message.tool_calls or message.invalid_tool_calls:
+            raise ValueError(
+                f"{kind} carries tool calls; ChatGemmaLocal does not support tool calling yet"
+            )
+    else:
+        raise TypeError(
+            f"ChatGemmaLocal cannot send a {kind} to Gemma; supported messages are "
+            "SystemMessage, HumanMessage, AIMessage and ChatMessage with a known role"
+        )
+    return {"role": role, "content": _convert_content(message.content, kind)}
+
+
+def convert_messages_to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """A conversation as a new list of OpenAI-style dicts (see :func:`convert_message_to_dict`)."""
+    return [convert_message_to_dict(m) for m in messages]
+
+
+# ------------------------------------------------------------ core clients
+
+#: Clients made by ChatGemmaLocal itself, by (backend, model, load options).
+_SHARED_CLIENTS: weakref.WeakValueDictionary[tuple[str, str, str], BaseGemmaChatCompletion] = (
+    weakref.WeakValueDictionary()
+)
+_SHARED_LOCK = threading.Lock()
+
+
+def _client_key(backend: str, model: str, options: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (backend, model, repr(sorted(options.items())))
+
+
+def _shared_client(
+    backend: str, model: str | None, options: dict[str, Any]
+) -> BaseGemmaChatCompletion:
+    """The core client for these settings, shared by every ChatGemmaLocal built with them.
+
+    Creating a client loads nothing; sharing makes sure that two models built
+    with the same settings (or one rebuilt by ``configurable_fields``) never
+    load two copies of the same weights.
+    """
+    name = model if model is not None else DEFAULT_MODELS[backend]
+    key = _client_key(backend, name, options)
+    with _SHARED_LOCK:
+        client = _SHARED_CLIENTS.get(key)
+        if client is None:
+            client = create_gemma_client(backend, name, **options)
+            _SHARED_CLIENTS[key] = client
+        return client
+
+
+def _shared_key(client: BaseGemmaChatCompletion) -> tuple[str, str, str] | None:
+    """The settings of a client ChatGemmaLocal made, ``None`` for a caller's own client."""
+    with _SHARED_LOCK:
+        return next((k for k, c in _SHARED_CLIENTS.items() if c is client), None)
+
+
+# ------------------------------------------------------------ deltas → LangChain
+
+
+def _usage(delta: Delta) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=delta.prompt_tokens,
+        output_tokens=delta.completion_tokens,
+        total_tokens=delta.prompt_tokens + delta.completion_tokens,
+    )
+
+
+def _timeout_error(timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"generation took longer than timeout={timeout}s and was stopped; raise the "
+        "timeout, lower max_tokens, or pass timeout=None"
+    )
+
+
+def _until_deadline(deltas: Iterator[Delta], timeout: float | None, cold: bool) -> Iterator[Delta]:
+    """Pass deltas through; stop the generation once ``timeout`` seconds have passed.
+
+    ``cold``: the model was not loaded when the call began, so the clock starts
+    at the first delta (loading does not count).
+    """
+    deadline = None if timeout is None or cold else time.monotonic() + timeout
+    with closing(deltas):  # type: ignore[type-var]
+        for delta in deltas:
+            if timeout is not None:
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                elif delta.finish_reason is None and time.monotonic() > deadline:
+                    raise _timeout_error(timeout)
+            yield delta
+
+
+async def _auntil_deadline(
+    deltas: AsyncIterator[Delta], timeout: float | None, cold: bool
+) -> AsyncIterator[Delta]:
+    """Async :func:`_until_deadline`."""
+    deadline = None if timeout is None or cold else time.monotonic() + timeout
+    async with aclosing(deltas):  # type: ignore[type-var]
+        async for delta in deltas:
+            if timeout is not None:
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                elif delta.finish_reason is None and time.monotonic() > deadline:
+                    raise _timeout_error(timeout)
+            yield delta
+
+
+class _BatchRows:
+    """One batched generation, read row by row by the calls it serves.
+
+    Whichever reader finds its row empty pulls the next delta from the shared
+    stream (under a lock) and files it under its row, so readers never wait
+    for each other and need no extra thread. The stream starts on the first
+    read: loading errors then reach every row's own call.
+    """
+
+    def __init__(self, start: Callable[[], Iterator[Delta]], rows: int) -> None:
+        self._start = start
+        self._deltas: Iterator[Delta] | None = None
+        self._buffers: list[deque[Delta]] = [deque() for _ in range(rows)]
+        self._lock = threading.Lock()
+        self._ended = False
+        self._error: BaseException | None = None
+
+    def row(self, index: int) -> Iterator[Delta]:
+        while True:
+            with self._lock:
+                delta = self._next(index)
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def _next(self, index: int) -> Delta:
+        buffer = self._buffers[index]
+        while not buffer:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise RuntimeError("the batched generation ended before this row finished")
+            try:
+                if self._deltas is None:
+                    self._deltas = self._start()
+                delta = next(self._deltas)
+            except StopIteration:
+                self._ended = True
+                continue
+            except BaseException as exc:
+                self._error = exc
+                raise
+            self._buffers[delta.index].append(delta)
+        return buffer.popleft()
+
+    def close(self) -> None:
+        """Stop the generation if rows are still running and wait for it (core joins it)."""
+        close = getattr(self._deltas, "close", None)
+        if close is not None:
+            close()
+
+
+class _AsyncBatchRows:
+    """:class:`_BatchRows` for ``abatch``, over ``client.astream_deltas``."""
+
+    def __init__(self, start: Callable[[], AsyncIterator[Delta]], rows: int) -> None:
+        self._start = start
+        self._deltas: AsyncIterator[Delta] | None = None
+        self._buffers: list[deque[Delta]] = [deque() for _ in range(rows)]
+        self._lock = asyncio.Lock()
+        self._ended = False
+        self._error: BaseException | None = None
+
+    async def row(self, index: int) -> AsyncIterator[Delta]:
+        while True:
+            async with self._lock:
+                delta = await self._next(index)
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    async def _next(self, index: int) -> Delta:
+        buffer = self._buffers[index]
+        while not buffer:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise RuntimeError("the batched generation ended before this row finished")
+            try:
+                if self._deltas is None:
+                    self._deltas = self._start()
+                delta = await anext(self._deltas)
+            except StopAsyncIteration:
+                self._ended = True
+                continue
+            except asyncio.CancelledError:
+                self._error = RuntimeError("the batched generation was cancelled")
+                raise
+            except BaseException as exc:
+                self._error = exc
+                raise
+            self._buffers[delta.index].append(delta)
+        return buffer.popleft()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._deltas, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass
+class _Claim:
+    """Row ``index`` of a running batch, reserved for the call that asks for exactly it."""
+
+    model: ChatGemmaLocal
+    conversation: list[dict[str, Any]]
+    params: SamplingParams
+    rows: _BatchRows | _AsyncBatchRows
+    index: int
+    taken: bool = False
+
+    def take(self, model: ChatGemmaLocal, conversation: Any, params: SamplingParams) -> bool:
+        if self.taken or model is not self.model:
+            return False
+        if conversation != self.conversation or params != self.params:
+            return False  # not the request this row was generated for: generate afresh
+        self.taken = True
+        return True
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """The inputs of one ``batch()`` group that join the batched generation."""
+
+    conversations: list[list[dict[str, Any]]]
+    params: SamplingParams
+    slots: list[int | None]  # per input: its row, or None to run (and fail) on its own
+
+    def claims(
+        self, model: ChatGemmaLocal, rows: _BatchRows | _AsyncBatchRows
+    ) -> list[_Claim | None]:
+        return [
+            None
+            if slot is None
+            else _Claim(model, self.conversations[slot], self.params, rows, slot)
+            for slot in self.slots
+        ]
+
+
+_CLAIM: contextvars.ContextVar[_Claim | None] = contextvars.ContextVar(
+    "gemma_local_batch_claim", default=None
+)
+
+#: Per-call options ``invoke`` / ``stream`` / ``bind`` accept besides ``stop``.
+CALL_OPTIONS = frozenset(
+    {
+        "temperature",
+        "max_tokens",
+        "top_p",
+        "top_k",
+        "seed",
+        "repetition_penalty",
+        "logit_bias",
+        "timeout",
+        "model",
+    }
+)
+_SAMPLING_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "repetition_penalty")
+_LOAD_FIELDS = frozenset({"use_4bit_quantization", "device_map", "client_kwargs"})
+
+
+class ChatGemmaLocal(BaseChatModel):
+    """Google's Gemma chat models running locally (Hugging Face transformers or Apple MLX).
+
+    A drop-in LangChain chat model: use it in any chain, agent graph or
+    runnable like a hosted one. Generation runs on this machine through the
+    ``core`` client of gemma-local; nothing is sent anywhere.
+
+    Setup:
+        Install gemma-local with the LangChain extra and one backend:
+
+        ```bash
+        pip install "gemma-local[langchain,transformers]"  # CPU / CUDA / MPS
+        pip install "gemma-local[langchain,mlx]"           # Apple Silicon
+        pip install "gemma-local[langchain,quantization]"  # + bitsandbytes 4-bit
+        ```
+
+        Gemma checkpoints on the Hugging Face hub are gated: accept the licence
+        on the model page, then `hf auth login` (or set `HF_TOKEN`). A local
+        folder needs neither.
+
+    Key init args — sampling (`None` = the backend default):
+        temperature: float | None
+            0 is greedy decoding; otherwise in (0, 2]. Default 0.7.
+        max_tokens: int | None
+            Most tokens to generate (>= 1). Default 2048.
+        top_p: float | None
+            Nucleus sampling mass in (0, 1]. Default 1.0 (off).
+        top_k: int | None
+            Keep the k most likely tokens; 0 is off. Default 0.
+        stop: list[str] | None
+            Strings that end the reply (not included in it).
+        seed: int | None
+            Makes sampling reproducible.
+        repetition_penalty: float | None
+            > 0; 1.0 is off.
+
+    Key init args — the model:
+        model: str | None
+            Hub id (`"google/gemma-3-12b-it"`) or local folder. Default: the
+            backend's default model.
+        backend: "auto" | "transformers" | "mlx"
+            `"auto"` picks MLX on Apple Silicon (when mlx-lm is installed),
+            transformers elsewhere.
+        use_4bit_quantization: bool
+            transformers only: bitsandbytes NF4 (about a quarter of the memory).
+        device_map: str | dict | None
+            transformers only: `"auto"`, `"cpu"`, `"cuda:0"`, `"mps"`, ...
+        client_kwargs: dict | None
+            Other backend options, e.g. `{"torch_dtype": "bfloat16"}` or
+            `{"max_kv_size": 4096}` (MLX).
+        client: core client | None
+            An existing `core` client to share one loaded model with LlamaIndex
+            or direct core use.
+        timeout: float | None
+            Seconds one generation may take once the model is loaded.
+
+    Instantiate:
+        ```python
+        from langchain_gemma_local import ChatGemmaLocal
+
+        model = ChatGemmaLocal(
+            model="google/gemma-3-12b-it",  # or a local folder
+            temperature=0.2,
+            max_tokens=512,
+            # backend="auto", use_4bit_quantization=False, seed=None, ...
+        )
+        ```
+
+        Constructing loads nothing: the weights load on the first call (or
+        `model.client.load()`). Models built with the same model, backend and
+        load options share one loaded copy of the weights.
+
+    Invoke:
+        ```python
+        messages = [
+            ("system", "You are a helpful translator. Translate the user sentence to French."),
+            ("human", "I love programming."),
+        ]
+        model.invoke(messages)
+        ```
+
+        ```python
+        AIMessage(
+            content="J'adore la programmation.",
+            response_metadata={"model_name": "google/gemma-3-12b-it", "finish_reason": "stop", ...},
+            usage_metadata={"input_tokens": 29, "output_tokens": 8, "total_tokens": 37},
+        )
+        ```
+
+        Per-call options override the fields: `model.invoke(messages,
+        temperature=0, max_tokens=64, stop=["\\n"])`, or bind them once:
+        `model.bind(temperature=0)`.
+
+    Stream:
+        ```python
+        for chunk in model.stream(messages):
+            print(chunk.text, end="", flush=True)
+        ```
+
+        The last chunk carries `usage_metadata`, `finish_reason` and
+        `model_name`; adding the chunks up gives the whole message.
+
+    Async:
+        ```python
+        await model.ainvoke(messages)
+
+        async for chunk in model.astream(messages):
+            print(chunk.text, end="", flush=True)
+
+        async for event in model.astream_events(messages, version="v2"):
+            ...
+        ```
+
+        Async calls never block the event loop: generation runs on the model's
+        own thread (MLX stays on it) and chunks are handed to the loop.
+
+    Batch:
+        ```python
+        model.batch(["Tell me a joke", "Tell me a fact"])
+        await model.abatch(["Tell me a joke", "Tell me a fact"])
+        ```
+
+        Unlike LangChain's default (a thread pool over `invoke`), the inputs
+        are generated together as ONE batch on the model, with the same
+        replies as one-by-one calls under greedy decoding (`temperature=0`).
+        Each input keeps its own callbacks and run. `max_concurrency` in the
+        config caps the batch size. With a LangChain cache configured, inputs
+        run one by one so that cache hits cost nothing.
+
+    Share one loaded model:
+        ```python
+        from core import create_gemma_client
+
+        client = create_gemma_client(model_name="google/gemma-3-12b-it")
+        model = ChatGemmaLocal(client=client)  # LangChain
+        client.create([{"role": "user", "content": "Hi"}])  # direct core use, same weights
+        ```
+
+    Token usage:
+        ```python
+        model.invoke(messages).usage_metadata
+        # {"input_tokens": 29, "output_tokens": 8, "total_tokens": 37}
+        ```
+
+        Exact counts from the model's own tokenizer (prompt tokens include
+        the chat template).
+
+    Response metadata:
+        `model_name`, `finish_reason` (`"stop"` at the end of the turn or a
+        stop string, `"length"` at `max_tokens`) and `model_provider`.
+
+    Not supported yet: tool calling, structured output, images (an image
+    block raises `TypeError`).
+    """
+
+    # -------- the model
+
+    model: str | None = None
+    """Hub id (e.g. ``"google/gemma-3-12b-it"``) or a local folder.
+
+    Default ``None``: the backend's default (``google/gemma-3-12b-it`` on
+    transformers, ``mlx-community/gemma-3-12b-it-4bit-DWQ`` on MLX), or the
+    model of ``client``. Always the resolved name after construction.
+    """
+
+    backend: Literal["auto", "transformers", "mlx"] = "auto"
+    """Backend to run on. Default ``"auto"``: MLX on Apple Silicon when mlx-lm is
+    installed, transformers otherwise."""
+
+    client: BaseGemmaChatCompletion | None = Field(default=None, exclude=True)
+    """The core client that generates. Default ``None``: one is made for ``model``
+    and ``backend`` (shared with every ChatGemmaLocal built with the same
+    settings). Pass an existing client to share one loaded model with
+    LlamaIndex or direct core use. Never loaded at construction."""
+
+    use_4bit_quantization: bool = False
+    """transformers only: load with bitsandbytes NF4 4-bit quantisation (needs
+    ``gemma-local[quantization]`` and a CUDA GPU). Default ``False``."""
+
+    device_map: str | dict[str, Any] | None = None
+    """transformers only: where the weights go (``"auto"``, ``"cpu"``, ``"cuda:0"``,
+    ``"mps"`` or an accelerate device map). Default ``None``: the backend's
+    default, ``"auto"``."""
+
+    client_kwargs: dict[str, Any] | None = None
+    """Other keyword arguments for the backend client, e.g.
+    ``{"torch_dtype": "bfloat16", "attn_implementation": "sdpa"}`` (transformers) or
+    ``{"max_kv_size": 4096}`` (MLX). Default ``None``: none."""
+
+    # -------- sampling
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature in [0, 2]; 0 is greedy decoding. Default ``None``: 0.7."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens to generate (>= 1); clipped to what the context window leaves.
+    Default ``None``: 2048."""
+
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling probability mass in (0, 1]. Default ``None``: 1.0 (off)."""
+
+    top_k: int | None = Field(default=None, ge=0)
+    """Sample from the k most likely tokens; 0 is off. Default ``None``: 0 (off)."""
+
+    stop: list[str] | None = None
+    """Strings that end generation (the stop string is not returned); at most 16.
+    Per-call ``stop`` replaces them. Default ``None``: none."""
+
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    """Seed that makes sampling reproducible. Default ``None``: not seeded."""
+
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    """Penalty on tokens already present, > 0; 1.0 is off. Default ``None``: off."""
+
+    # -------- behaviour
+
+    streaming: bool = False
+    """Whether ``invoke`` streams internally, so callbacks get ``on_llm_new_token``
+    for every piece of text. Default ``False`` (``stream()`` always streams)."""
+
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one generation may run once the model is loaded; past it the
+    generation is stopped and ``TimeoutError`` raised (checked as text arrives).
+    Default ``None``: no limit."""
+
+    max_retries: int | None = Field(default=None, ge=0)
+    """Accepted so code written for hosted chat models runs unchanged. A local
+    generation has no transient failures, so nothing is retried; use
+    ``.with_retry()`` to retry anyway. Default ``None``."""
+
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """Accepted (and unused) so code written for hosted chat models runs
+    unchanged: a local model needs no key. Default ``None``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ------------------------------------------------------------ validation
+
+    @model_validator(mode="after")
+    def _resolve_client(self) -> Self:
+        """Resolve ``client`` and ``model`` (cheap: nothing loads) and check the options."""
+        load_options: dict[str, Any] = dict(self.client_kwargs or {})
+        if self.use_4bit_quantization:
+            load_options["use_4bit_quantization"] = True
+        if self.device_map is not None:
+            load_options["device_map"] = self.device_map
+        explicit = self.model_fields_set
+        client = self.client
+        key = _shared_key(client) if client is not None else None
+        if client is not None and key is not None:
+            # one of our shared clients (e.g. passed on by configurable_fields): keep it
+            # unless the settings given now ask for another model or another load
+            backend, model, options = key
+            if (
+                ("model" in explicit and self.model not in (None, model))
+                or ("backend" in explicit and self.backend not in ("auto", backend))
+                or (explicit & _LOAD_FIELDS and repr(sorted(load_options.items())) != options)
+            ):
+                client = None
+        if client is None:
+            backend = resolve_backend(self.backend)
+            if backend == "mlx" and (self.use_4bit_quantization or self.device_map is not None):
+                raise ValueError(
+                    "use_4bit_quantization and device_map apply to the transformers backend; "
+                    "on MLX use a 4-bit MLX checkpoint such as "
+                    "mlx-community/gemma-3-12b-it-4bit-DWQ"
+                )
+            client = _shared_client(backend, self.model, load_options)
+        elif key is None:
+            # the caller's own client decides the model and how it loads
+            if self.model is not None and self.model != client.model_name:
+                raise ValueError(
+                    f"model={self.model!r} but the client serves {client.model_name!r}; "
+                    "leave model unset when passing client="
+                )
+            if self.backend not in ("auto", client.implementation):
+                raise ValueError(
+                    f"backend={self.backend!r} but the client is a {client.implementation} "
+                    "client; leave backend unset when passing client="
+                )
+            if load_options:
+                raise ValueError(
+                    f"{', '.join(sorted(load_options))} configure loading, which the client "
+                    "passed as client= already decides; set them on that client instead"
+                )
+        self.client = client
+        self.model = client.model_name
+        self._sampling_params(None, {})  # bad stop strings fail here, not at the first call
+        return self
+
+    # ------------------------------------------------------------ requests
+
+    def _core(self) -> BaseGemmaChatCompletion:
+        client = self.client
+        if client is None:  # pragma: no cover - the validator always sets it
+            raise RuntimeError("ChatGemmaLocal has no client")
+        return client
+
+    def _sampling_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> SamplingParams:
+        """Fields, overridden by per-call options that are not ``None``."""
+        options: dict[str, Any] = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
+        options["stop"] = self.stop if stop is None else stop
+        for name in (*_SAMPLING_FIELDS, "logit_bias"):
+            if kwargs.get(name) is not None:
+                options[name] = kwargs[name]
+        return SamplingParams.build(**options)
+
+    def _options(
+        self, stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> tuple[SamplingParams, float | None]:
+        """Sampling params and timeout of one call (fields overridden per call)."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's routing flag
+        unknown = sorted(set(kwargs) - CALL_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"ChatGemmaLocal got unexpected option(s) {unknown}; per-call options are "
+                f"stop, {', '.join(sorted(CALL_OPTIONS))}"
+            )
+        model = kwargs.get("model")
+        if model is not None and model != self.model:
+            raise ValueError(
+                f"this ChatGemmaLocal serves {self.model!r}, not {model!r}; create a "
+                "ChatGemmaLocal for that model instead"
+            )
+        timeout = kwargs["timeout"] if kwargs.get("timeout") is not None else self.timeout
+        return self._sampling_params(stop, kwargs), timeout
+
+    @staticmethod
+    def _conversation(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+        """OpenAI-style dicts, validated by core (so bad input fails before anything loads)."""
+        conversation = convert_messages_to_dicts(messages)
+        normalize_messages(conversation)
+        return conversation
+
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], SamplingParams, float | None]:
+        """Conversation, params and timeout of one call; raises before anything loads."""
+        params, timeout = self._options(stop, kwargs)
+        return self._conversation(messages), params, timeout
+
+    def _claimed(
+        self, conversation: list[dict[str, Any]], params: SamplingParams, kind: type[Any]
+    ) -> _Claim | None:
+        """The batch row reserved for this call, if it runs inside ``batch()`` / ``abatch()``."""
+        claim = _CLAIM.get()
+        if claim is not None and isinstance(claim.rows, kind):
+            return claim if claim.take(self, conversation, params) else None
+        return None
+
+    def _deltas(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[Delta]:
+        conversation, params, timeout = self._request(messages, stop, kwargs)
+        client = self._core()
+        cold = not client.is_loaded
+        claim = self._claimed(conversation, params, _BatchRows)
+        if claim is not None and isinstance(claim.rows, _BatchRows):
+            deltas = claim.rows.row(claim.index)
+        else:
+            deltas = client.stream_deltas([conversation], params)  # loads if needed
+        return _until_deadline(deltas, timeout, cold)
+
+    def _adeltas(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> AsyncIterator[Delta]:
+        conversation, params, timeout = self._request(messages, stop, kwargs)
+        client = self._core()
+        cold = not client.is_loaded
+        claim = self._claimed(conversation, params, _AsyncBatchRows)
+        if claim is not None and isinstance(claim.rows, _AsyncBatchRows):
+            deltas = claim.rows.row(claim.index)
+        else:
+            deltas = client.astream_deltas([conversation], params)  # loads on the model thread
+        return _auntil_deadline(deltas, timeout, cold)
+
+    def _chunk(self, delta: Delta) -> ChatGenerationChunk:
+        if delta.finish_reason is None:
+            return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
+        metadata = {
+            "model_name": self.model,
+            "finish_reason": delta.finish_reason,
+            "model_provider": "gemma_local",
+        }
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=delta.text,
+                usage_metadata=_usage(delta),
+                response_metadata=metadata,
+                chunk_position="last",
+            ),
+            generation_info=dict(metadata),
+        )
+
+    # ------------------------------------------------------------ BaseChatModel
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        with closing(self._deltas(messages, stop, kwargs)) as deltas:  # type: ignore[type-var]
+            for delta in deltas:
+                chunk = self._chunk(delta)
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        deltas = self._adeltas(messages, stop, kwargs)
+        async with aclosing(deltas):  # type: ignore[type-var]
+            async for delta in deltas:
+                chunk = self._chunk(delta)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
+    # ------------------------------------------------------------ batching
+
+    def _cache_active(self) -> bool:
+        if self.cache is False:
+            return False
+        return self.cache is not None or get_llm_cache() is not None
+
+    def _plan_batch(self, inputs: Sequence[Any], kwargs: dict[str, Any]) -> _BatchPlan | None:
+        """Which inputs join the batched generation; ``None`` if fewer than two can."""
+        try:
+            other = {k: v for k, v in kwargs.items() if k != "stop"}
+            params, _ = self._options(kwargs.get("stop"), other)
+        except Exception:
+            return None  # every call fails the same way on its own
+        conversations: list[list[dict[str, Any]]] = []
+        slots: list[int | None] = []
+        for input_ in inputs:
+            try:
+                conversation = self._conversation(self._convert_input(input_).to_messages())
+            except Exception:
+                slots.append(None)
+                continue
+            slots.append(len(conversations))
+            conversations.append(conversation)
+        return _BatchPlan(conversations, params, slots) if len(conversations) > 1 else None
+
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Generate the inputs in one batched pass, keeping one LangChain run per input.
+
+        ``max_concurrency`` in the config caps how many go into one pass.
+        """
+        if len(inputs) < 2 or self._cache_active():
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        configs = get_config_list(config, len(inputs))
+        size = configs[0].get("max_concurrency") or len(inputs)
+        outputs: list[Any] = []
+        for start in range(0, len(inputs), size):
+            group = slice(start, start + size)
+            outputs += self._batch_group(inputs[group], configs[group], return_exceptions, kwargs)
+        return outputs
+
+    def _batch_group(
+        self,
+        inputs: list[Any],
+        configs: list[RunnableConfig],
+        return_exceptions: bool,
+        kwargs: dict[str, Any],
+    ) -> list[Any]:
+        plan = self._plan_batch(inputs, kwargs)
+        if plan is None:
+            return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        client = self._core()
+        rows = _BatchRows(
+            lambda: client.stream_deltas(plan.conversations, plan.params), len(plan.conversations)
+        )
+
+        def invoke(input_: Any, config: RunnableConfig, claim: _Claim | None) -> Any:
+            token = _CLAIM.set(claim)
+            try:
+                return self.invoke(input_, config, **kwargs)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+            finally:
+                _CLAIM.reset(token)
+
+        try:
+            with get_executor_for_config(configs[0]) as executor:
+                return list(executor.map(invoke, inputs, configs, plan.claims(self, rows)))
+        finally:
+            rows.close()
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Async :meth:`batch`: one batched pass over ``astream_deltas``."""
+        if len(inputs) < 2 or self._cache_active():
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
+            )
+        configs = get_config_list(config, len(inputs))
+        size = configs[0].get("max_concurrency") or len(inputs)
+        outputs: list[Any] = []
+        for start in range(0, len(inputs), size):
+            group = slice(start, start + size)
+            outputs += await self._abatch_group(
+                inputs[group], configs[group], return_exceptions, kwargs
+            )
+        return outputs
+
+    async def _abatch_group(
+        self,
+        inputs: list[Any],
+        configs: list[RunnableConfig],
+        return_exceptions: bool,
+        kwargs: dict[str, Any],
+    ) -> list[Any]:
+        plan = self._plan_batch(inputs, kwargs)
+        if plan is None:
+            return await super().abatch(
+                inputs, configs, return_exceptions=return_exceptions, **kwargs
+            )
+        client = self._core()
+        rows = _AsyncBatchRows(
+            lambda: client.astream_deltas(plan.conversations, plan.params), len(plan.conversations)
+        )
+
+        async def ainvoke(input_: Any, config: RunnableConfig, claim: _Claim | None) -> Any:
+            _CLAIM.set(claim)  # this task's own copy of the context
+            try:
+                return await self.ainvoke(input_, config, **kwargs)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+
+        try:
+            calls = map(ainvoke, inputs, configs, plan.claims(self, rows))
+            return list(await asyncio.gather(*calls))
+        finally:
+            await rows.aclose()
+
+    # ------------------------------------------------------------ metadata
+
+    @property
+    def _llm_type(self) -> str:
+        return "gemma-local"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backend": self._core().implementation,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": self.stop,
+            "seed": self.seed,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="gemma_local",
+            ls_model_name=model if isinstance(model, str) else str(self.model),
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop if stop is not None else self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the model's own tokenizer (loads the model)."""
+        client = self._core().load()
+        return list(client.tokenizer.encode(text, add_special_tokens=False))
