@@ -70,6 +70,28 @@ def read_model_config(model_name: str) -> dict[str, Any] | None:
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
+def byte_and_special_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """The byte-fallback token ids (``<0x00>`` .. ``<0xFF>``) and the special ids ``decode`` skips.
+
+    The streaming detokenizer needs both to reproduce ``decode`` exactly (see
+    :class:`~core.stream.IncrementalDetokenizer`); tokenizers without them get
+    empty sets.
+    """
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if not callable(convert):
+        return frozenset(), frozenset()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    byte_ids = set()
+    for byte in range(256):
+        token_id = convert(f"<0x{byte:02X}>")
+        if isinstance(token_id, int) and token_id != unk:
+            byte_ids.add(token_id)
+    special = {int(t) for t in getattr(tokenizer, "all_special_ids", None) or ()}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    return frozenset(byte_ids), frozenset(special)
+
+
 def context_window_from_config(config: Mapping[str, Any] | None) -> int | None:
     if not config:
         return None
@@ -102,6 +124,8 @@ class BaseGemmaChatCompletion:
         self._loaded = False
         self._system_role = True
         self._eos_ids: frozenset[int] = frozenset()
+        self._byte_ids: frozenset[int] = frozenset()
+        self._skipped_ids: frozenset[int] = frozenset()
         self._context_window: int | None = None
         self._worker = ModelWorker(f"gemma-local:{type(self).__name__}")
 
@@ -156,6 +180,8 @@ class BaseGemmaChatCompletion:
             self._eos_ids,
             lambda d: chunks.append(d.text),
             _NEVER_CANCELLED,
+            byte_ids=self._byte_ids,
+            skipped_ids=self._skipped_ids,
         )
         self._generate([prompt], params, sink)
         sink.close()
@@ -193,6 +219,7 @@ class BaseGemmaChatCompletion:
     def _load_on_worker(self) -> None:
         if self._loaded:
             return
+        self._check_hooks()
         started = time.perf_counter()
         try:
             self._load_model_and_tokenizer()
@@ -206,6 +233,21 @@ class BaseGemmaChatCompletion:
             raise
         self._loaded = True
         logger.info("loaded %s in %.1fs", self.model_name, time.perf_counter() - started)
+
+    def _check_hooks(self) -> None:
+        """A clear ``TypeError`` for a subclass that cannot load or generate."""
+        cls, base = type(self), BaseGemmaChatCompletion
+        missing = []
+        if cls._load_model_and_tokenizer is base._load_model_and_tokenizer:
+            missing.append("_load_model_and_tokenizer() (setting self.model and self.tokenizer)")
+        if cls._generate is base._generate and cls._generate_response is base._generate_response:
+            missing.append(
+                "_generate(prompts, params, sink) (a token stream) or "
+                "_generate_response(prompt_str, temperature, max_tokens, top_p, **kwargs) "
+                "(a whole text)"
+            )
+        if missing:
+            raise TypeError(f"{cls.__name__} must implement {' and '.join(missing)}")
 
     def _after_load(self) -> None:
         tok = self.tokenizer
@@ -235,6 +277,7 @@ class BaseGemmaChatCompletion:
         if isinstance(end_of_turn, int) and end_of_turn != getattr(tok, "unk_token_id", None):
             eos.add(end_of_turn)
         self._eos_ids = frozenset(eos)
+        self._byte_ids, self._skipped_ids = byte_and_special_ids(tok)
         self._context_window = self._context_window or context_window_from_config(
             read_model_config(self.model_name)
         )
@@ -248,7 +291,7 @@ class BaseGemmaChatCompletion:
 
     def close(self) -> None:
         """Release the model and stop the model thread. The client can be used again later."""
-        if self._worker.alive:
+        if self._worker.alive or self._loaded:  # loaded on a thread a racing close() ended
             self._worker.call(self._unload_on_worker)
         self._worker.close()
 
@@ -322,7 +365,12 @@ class BaseGemmaChatCompletion:
         """The exact prompt (text and ids) the model reads for ``messages``; loads the model."""
         normalize_messages(messages)
         self.load()
-        return self._worker.call(lambda: self._prompt(messages))
+
+        def job() -> Prompt:
+            self._load_on_worker()  # a close() queued in between unloaded it
+            return self._prompt(messages)
+
+        return self._worker.call(job)
 
     def _prompt(self, messages: Messages) -> Prompt:
         turns = normalize_messages(messages, system_role=self._system_role)
@@ -342,6 +390,9 @@ class BaseGemmaChatCompletion:
         """The worker-side body of one request: format, generate, emit deltas."""
 
         def body(emit: Emit, cancel: Any) -> None:
+            # Loaded when the request was made, but a close() from another thread
+            # may have been queued before this job: load again rather than fail.
+            self._load_on_worker()
             if params.logit_bias:
                 vocab = len(self.tokenizer)
                 bad = [t for t, _ in params.logit_bias if t >= vocab]
@@ -351,7 +402,15 @@ class BaseGemmaChatCompletion:
                     )
             prompts = [self._prompt(c) for c in conversations for _ in range(params.n)]
             sink = TokenSink(
-                prompts, params, self._decode, self._eos_ids, emit, cancel, self._context_window
+                prompts,
+                params,
+                self._decode,
+                self._eos_ids,
+                emit,
+                cancel,
+                self._context_window,
+                byte_ids=self._byte_ids,
+                skipped_ids=self._skipped_ids,
             )
             if params.seed is not None:
                 self._set_seed(params.seed)
@@ -397,8 +456,14 @@ class BaseGemmaChatCompletion:
             import asyncio
 
             await asyncio.wrap_future(self._worker.submit(self._load_on_worker))
-        async for delta in astream_job(self._worker, self._job(conversations, params)):
-            yield delta
+        job = astream_job(self._worker, self._job(conversations, params))
+        try:
+            async for delta in job:
+                yield delta
+        finally:
+            # Closing this generator must cancel the job now: an async generator
+            # left to the garbage collector is only closed later, by the loop.
+            await job.aclose()
 
     def create(
         self,

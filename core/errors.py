@@ -88,6 +88,13 @@ def translate_load_error(exc: BaseException, model_name: str) -> BaseException |
                 f"https://huggingface.co/{model_name}, then log in with `hf auth login` "
                 "or set the HF_TOKEN environment variable."
             )
+        if "HFValidationError" in names:  # e.g. "/no/such/folder": no folder, no valid hub id
+            return ModelNotFoundError(
+                f"model {model_name!r} was not found: there is no folder at that path and it "
+                "is not a valid Hugging Face hub id (like google/gemma-3-1b-it). Check the "
+                "path, or pass the path of a folder holding config.json, the weights and the "
+                "tokenizer."
+            )
         if "RepositoryNotFoundError" in names or "is not a valid model identifier" in text:
             return ModelNotFoundError(
                 f"model {model_name!r} was not found: it is neither a local folder nor a "

@@ -38,6 +38,10 @@ def _import_mlx() -> Any:
     return mx
 
 
+#: Model types whose mlx-lm implementation cannot run a padded batch (see ``_batchable``).
+UNBATCHABLE_MODEL_TYPES = frozenset({"gemma2"})
+
+
 def quantization_from_config(config: dict[str, Any] | None) -> str | None:
     q = (config or {}).get("quantization") or (config or {}).get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
@@ -125,26 +129,40 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repetition_penalty,
         )
-        if len(prompts) > 1:
+        if len(prompts) > 1 and self._batchable():
             self._generate_batch(prompts, sampler, processors, sink)
             return
         with wired_limit(self.model):
-            steps = generate_step(
-                mx.array(prompts[0].ids),
-                self.model,
-                max_tokens=sink.rows[0].max_tokens,
-                sampler=sampler,
-                logits_processors=processors,
-                max_kv_size=self.max_kv_size,
-                prefill_step_size=self.prefill_step_size,
-            )
-            try:
-                for token, _ in steps:
-                    sink.push_row(0, token)
-                    if sink.done:
-                        break
-            finally:
-                steps.close()
+            for index, prompt in enumerate(prompts):  # one prompt, or a model that cannot batch
+                if sink.done:
+                    return
+                steps = generate_step(
+                    mx.array(prompt.ids),
+                    self.model,
+                    max_tokens=sink.rows[index].max_tokens,
+                    sampler=sampler,
+                    logits_processors=processors,
+                    max_kv_size=self.max_kv_size,
+                    prefill_step_size=self.prefill_step_size,
+                )
+                try:
+                    for token, _ in steps:
+                        sink.push_row(index, token)
+                        if sink.finished()[index]:
+                            break
+                finally:
+                    steps.close()
+
+    def _batchable(self) -> bool:
+        """Whether mlx-lm can run this model on a padded batch.
+
+        mlx-lm's Gemma 2 attention (soft-capped, grouped-query) adds the 4-D
+        batch mask to 5-D scores and fails to reshape ("Cannot reshape
+        array"), so Gemma 2 rows run one after another.
+        """
+        config = self._config or {}
+        model_type = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
+        return model_type not in UNBATCHABLE_MODEL_TYPES
 
     def _generate_batch(
         self, prompts: Sequence[Prompt], sampler: Any, processors: Any, sink: TokenSink

@@ -56,10 +56,24 @@ class IncrementalDetokenizer:
     it no longer ends in an incomplete character (the approach of
     transformers' ``TextStreamer`` and vLLM), so the concatenated output equals
     ``decode(all_ids)``.
+
+    ``byte_ids`` are the tokenizer's byte-fallback tokens (``<0x00>`` ..
+    ``<0xFF>``) and ``skipped_ids`` the special tokens ``decode`` drops. The
+    ByteFallback decoder of Gemma's tokenizer decodes a whole run of byte
+    tokens at once and turns *every* byte of the run into U+FFFD when any part
+    of it is not valid UTF-8, so a character that looks complete may still
+    become U+FFFD; text is therefore held back while such a run is open.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        byte_ids: frozenset[int] = frozenset(),
+        skipped_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self._decode = decode
+        self._byte_ids = byte_ids
+        self._skipped_ids = skipped_ids
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -71,8 +85,17 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         return self._advance(final=True)
 
+    def _in_byte_run(self) -> bool:
+        """Whether the newest decoded token is a byte token (its run may still grow)."""
+        for token in reversed(self._ids):
+            if token not in self._skipped_ids:
+                return token in self._byte_ids
+        return False
+
     def _advance(self, *, final: bool) -> str:
         if self._read == len(self._ids):
+            return ""
+        if not final and self._byte_ids and self._in_byte_run():
             return ""
         seen = self._decode(self._ids[self._prefix : self._read])
         text = self._decode(self._ids[self._prefix :])
@@ -125,6 +148,8 @@ class _Row:
         params: SamplingParams,
         decode: Callable[[list[int]], str],
         eos_ids: frozenset[int],
+        byte_ids: frozenset[int] = frozenset(),
+        skipped_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.index = index
         self.prompt_tokens = prompt_tokens
@@ -132,7 +157,7 @@ class _Row:
         self.eos_ids = eos_ids
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self.detok = IncrementalDetokenizer(decode)
+        self.detok = IncrementalDetokenizer(decode, byte_ids, skipped_ids)
         self.stops = StopMatcher(params.stop)
 
     def delta(self, text: str) -> Delta | None:
@@ -163,8 +188,8 @@ class _Row:
         return self.finish(finish_reason, emitted)
 
     def finish(self, reason: str, text: str = "") -> Delta | None:
-        tail, _ = self.stops.feed(self.detok.flush())
-        self.finish_reason = reason
+        tail, stopped = self.stops.feed(self.detok.flush())
+        self.finish_reason = "stop" if stopped else reason  # a stop string in held-back text
         return self.delta(text + tail + self.stops.flush())
 
 
@@ -176,6 +201,8 @@ class TokenSink:
     (``cancel``); backends check it every step (transformers through a
     ``StoppingCriteria``, MLX in its loop) so no token is generated for nobody.
     Each row's ``max_tokens`` is clipped to what the context window leaves.
+    ``byte_ids`` / ``skipped_ids`` go to each row's
+    :class:`IncrementalDetokenizer` (see there).
     """
 
     def __init__(
@@ -187,6 +214,9 @@ class TokenSink:
         emit: Callable[[Delta], None],
         cancel: threading.Event,
         context_window: int | None = None,
+        *,
+        byte_ids: frozenset[int] = frozenset(),
+        skipped_ids: frozenset[int] = frozenset(),
     ) -> None:
         def room(prompt: Prompt) -> int:
             if context_window is None:
@@ -194,7 +224,8 @@ class TokenSink:
             return max(1, min(params.max_tokens, context_window - len(prompt.ids)))
 
         self.rows = [
-            _Row(i, len(p.ids), room(p), params, decode, eos_ids) for i, p in enumerate(prompts)
+            _Row(i, len(p.ids), room(p), params, decode, eos_ids, byte_ids, skipped_ids)
+            for i, p in enumerate(prompts)
         ]
         self._emit = emit
         self._cancel = cancel

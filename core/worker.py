@@ -96,7 +96,9 @@ def _run_emitting(
         emit(_DONE)
 
 
-def stream_job(worker: ModelWorker, body: Callable[[Emit, threading.Event], None]) -> Generator[Any, None, None]:
+def stream_job(
+    worker: ModelWorker, body: Callable[[Emit, threading.Event], None]
+) -> Generator[Any, None, None]:
     """Run ``body(emit, cancel)`` on the worker and yield what it emits.
 
     Leaving the loop early (``break``, an exception, garbage collection) sets

@@ -1,0 +1,157 @@
+"""``normalize_messages``: the one place OpenAI-style messages become Gemma turns (no model)."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from types import MappingProxyType
+
+import pytest
+
+from core import normalize_messages
+from core.messages import content_to_text
+
+
+def u(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def a(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def s(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
+VALID = [
+    pytest.param([u("hi")], [u("hi")], id="one-user"),
+    pytest.param([u("q"), a("r"), u("q2")], [u("q"), a("r"), u("q2")], id="alternating"),
+    pytest.param([s("be brief"), u("hi")], [s("be brief"), u("hi")], id="system-kept"),
+    pytest.param(
+        [s("one"), s("two"), u("hi")], [s("one\n\ntwo"), u("hi")], id="leading-systems-merged"
+    ),
+    pytest.param([u("a"), u("b")], [u("a\n\nb")], id="consecutive-users-merged"),
+    pytest.param(
+        [u("q"), a("r1"), a("r2"), u("q2")],
+        [u("q"), a("r1\n\nr2"), u("q2")],
+        id="consecutive-assistants-merged",
+    ),
+    pytest.param(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}],
+            }
+        ],
+        [u("x\ny")],
+        id="text-parts-joined",
+    ),
+    pytest.param(
+        [{"role": "user", "content": [{"type": "text", "text": "only"}]}],
+        [u("only")],
+        id="one-part",
+    ),
+    pytest.param(
+        [{"role": "user", "content": ["plain", "strings"]}], [u("plain\nstrings")], id="str-parts"
+    ),
+    pytest.param([u("")], [u("")], id="empty-string-content"),
+    pytest.param(
+        [{"role": "user", "content": "hi", "name": "bob"}], [u("hi")], id="extra-keys-dropped"
+    ),
+    pytest.param((u("tuple"),), [u("tuple")], id="tuple-of-messages"),
+    pytest.param([MappingProxyType(u("mapping"))], [u("mapping")], id="any-mapping"),
+    pytest.param([OrderedDict(u("ordered"))], [u("ordered")], id="ordered-dict"),
+]
+
+
+@pytest.mark.parametrize(("messages", "expected"), VALID)
+def test_normalize_valid(messages, expected) -> None:
+    assert normalize_messages(messages) == expected
+
+
+FOLDED = [
+    pytest.param([s("sys"), u("hi")], [u("sys\n\nhi")], id="system-into-first-user"),
+    pytest.param([s("a"), s("b"), u("hi")], [u("a\n\nb\n\nhi")], id="two-systems"),
+    pytest.param(
+        [s("sys"), u("q"), a("r"), u("q2")], [u("sys\n\nq"), a("r"), u("q2")], id="only-first-turn"
+    ),
+    pytest.param([u("hi")], [u("hi")], id="no-system-unchanged"),
+    pytest.param([s("sys"), u("a"), u("b")], [u("sys\n\na\n\nb")], id="merge-then-fold"),
+]
+
+
+@pytest.mark.parametrize(("messages", "expected"), FOLDED)
+def test_system_folding_for_templates_without_system_role(messages, expected) -> None:
+    assert normalize_messages(messages, system_role=False) == expected
+
+
+INVALID = [
+    pytest.param([], "must not be empty", id="empty-list"),
+    pytest.param("hello", "must be a list", id="a-string"),
+    pytest.param(b"hello", "must be a list", id="bytes"),
+    pytest.param(None, "must be a list", id="none"),
+    pytest.param({"role": "user", "content": "hi"}, "must be a list", id="a-dict-not-a-list"),
+    pytest.param(["hi"], r"messages\[0\] must be a dict", id="non-dict-message"),
+    pytest.param([u("hi"), 42], r"messages\[1\] must be a dict", id="non-dict-later"),
+    pytest.param([{"role": "tool", "content": "x"}], "role 'tool'", id="unknown-role"),
+    pytest.param([{"role": "developer", "content": "x"}], "allowed roles", id="developer-role"),
+    pytest.param([{"content": "x"}], "role None", id="missing-role"),
+    pytest.param([{"role": "user"}], "has no content", id="missing-content"),
+    pytest.param([{"role": "user", "content": None}], "has no content", id="none-content"),
+    pytest.param([{"role": "user", "content": 5}], "string or a list", id="int-content"),
+    pytest.param(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        "images are not supported",
+        id="image-part",
+    ),
+    pytest.param(
+        [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}],
+        "only 'text'",
+        id="image-part-2",
+    ),
+    pytest.param([{"role": "user", "content": [42]}], "must be a text part", id="int-part"),
+    pytest.param(
+        [{"role": "user", "content": [{"type": "text", "text": 3}]}],
+        "must be a string",
+        id="bad-text",
+    ),
+    pytest.param([s("only system")], "only system messages", id="only-system"),
+    pytest.param([a("hello")], "must start with a user", id="starts-with-assistant"),
+    pytest.param(
+        [s("x"), a("hello"), u("q")], "must start with a user", id="system-then-assistant"
+    ),
+    pytest.param([u("q"), a("r")], "must end with a user", id="ends-with-assistant"),
+    pytest.param([u("q"), s("late")], "system message after", id="system-after-start"),
+    pytest.param(
+        [u("q"), a("r"), s("late"), u("q2")], r"messages\[2\]", id="system-mid-names-index"
+    ),
+]
+
+
+@pytest.mark.parametrize(("messages", "match"), INVALID)
+def test_normalize_invalid_raises_value_error(messages, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        normalize_messages(messages)
+
+
+def test_caller_messages_are_not_mutated() -> None:
+    parts = [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]
+    messages = [s("sys"), u("a"), {"role": "user", "content": parts}, a("r"), a("r2"), u("q")]
+    before = copy.deepcopy(messages)
+    for system_role in (True, False):
+        out = normalize_messages(messages, system_role=system_role)
+        assert messages == before
+        out[0]["content"] = "changed"  # the result holds new dicts, not the caller's
+        assert messages == before
+
+
+def test_output_is_plain_str_dicts() -> None:
+    out = normalize_messages([s("x"), {"role": "user", "content": [{"type": "text", "text": "y"}]}])
+    assert all(type(t) is dict and set(t) == {"role", "content"} for t in out)
+    assert all(isinstance(t["content"], str) for t in out)
+
+
+def test_content_to_text_names_where() -> None:
+    with pytest.raises(ValueError, match=r"here\[1\]"):
+        content_to_text(["ok", {"type": "audio"}], where="here")
