@@ -14,11 +14,13 @@ top_p, **kwargs)`` returning the whole text (then streaming yields one chunk).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -100,6 +102,25 @@ def context_window_from_config(config: Mapping[str, Any] | None) -> int | None:
     return int(value) if value else None
 
 
+#: Clients whose model thread may be running; closed at interpreter exit.
+_LIVE_CLIENTS: weakref.WeakSet[BaseGemmaChatCompletion] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients() -> None:
+    """Release every model and join its thread before the interpreter tears down.
+
+    Native backends (MLX, torch) must not free arrays from a daemon thread, or
+    after their own libraries have been finalised: that crashes the process at
+    exit (a segfault after the program's last line).
+    """
+    for client in list(_LIVE_CLIENTS):
+        try:
+            client.close()
+        except Exception:  # exiting anyway: one failed close must not keep others open
+            logger.debug("closing %r at exit failed", client, exc_info=True)
+
+
 class BaseGemmaChatCompletion:
     """An OpenAI ChatCompletion-style client over one local Gemma model.
 
@@ -128,6 +149,7 @@ class BaseGemmaChatCompletion:
         self._skipped_ids: frozenset[int] = frozenset()
         self._context_window: int | None = None
         self._worker = ModelWorker(f"gemma-local:{type(self).__name__}")
+        _LIVE_CLIENTS.add(self)
 
     # ------------------------------------------------------------------ hooks
 
