@@ -1,0 +1,765 @@
+"""Fast decoding for the transformers backend: a static KV cache, a compiled decode step
+replayed as a CUDA graph, sampling on the device and tokens fetched in bursts.
+
+``model.generate`` spends most of a decode step in Python (logits processors,
+cache bookkeeping, a host sync per token), so at batch size 1 it runs far
+below the memory-bandwidth limit of reading every weight once. This module
+replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
+:class:`~core.stream.TokenSink` as the plain path::
+
+    prompts ──left pad──▶ prefill (eager; the model's own modules) ──▶ first token ──▶ sink
+        ──▶ decode steps: one CUDA-graph replay each (compiled forward over a static
+            KV cache + sampling on the device; no host sync)
+        ──▶ every BURST steps the new tokens are copied to pinned host memory while
+            the next burst runs ──▶ sink.push(one token per row) per step
+
+* **Cache.** One buffer per layer, preallocated for the request's bucket:
+  ``cache_len`` = prompt + ``max_new_tokens`` rounded up to a power of two
+  (>= 256). Sliding-window layers keep a ring of ``sliding_window`` slots when
+  the bucket is longer than the window, so long chats cost what the window
+  costs. Left padding and the window are handled by masks built on the device
+  from one position counter, so one graph serves every step.
+* **Compile once per bucket.** The decode forward is ``torch.compile``-d once
+  (dynamo caches it by shape) and each (batch, cache_len, sampler) bucket is
+  captured as a CUDA graph the first time it is used; later requests of that
+  bucket only replay. Compilation happens before the prompt is read, so the
+  first request of a new bucket pays it; the benchmark reports that cost.
+* **Same tokens.** The forward calls the model's own modules (norms, MLPs,
+  rotary embedding, projections; bitsandbytes layers too) in the order the
+  transformers implementation does; under greedy decoding the tokens equal
+  the plain path's (``tests/test_fast_path.py`` checks Gemma 1, 2 and 3,
+  batches with padding, sliding windows, penalties and biases).
+* **Stops.** The device does not know about stop strings or end ids: the
+  sink does, as on the plain path. Tokens are checked a burst at a time and
+  those generated after a row finished are ignored (at most one burst of
+  extra work).
+
+* **Kernels.** Each layer's q/k/v and gate/up weights are stacked into one
+  matrix (the modules keep views of it, so memory does not grow); inductor
+  compiles with coordinate-descent tuning, which turns batch-1
+  matrix-vector products into tuned Triton reductions with the norms fused
+  in; decode attention is matmul + softmax (one query per row: SDPA picked
+  cuDNN kernels that cost ~29 us a layer on an H200).
+
+Entry points: :func:`supported` and :func:`generate` (the hook at the top of
+``GemmaTransformersChatCompletion._generate``), :func:`release` (drop the
+compiled graphs and caches of a model), :func:`describe`.
+
+Environment (read when a model is first used, except the first):
+
+* ``GEMMA_LOCAL_FAST_PATH`` = ``auto`` (default: CUDA only), ``on`` (any
+  device; the CPU runs the same loop eagerly) or ``off``.
+* ``GEMMA_LOCAL_COMPILE=0``: CUDA graphs of the eager kernels, no
+  ``torch.compile`` (no compile time, slower steps).
+  ``GEMMA_LOCAL_COMPILE_MODE``: a ``torch.compile`` mode (never a cudagraph one);
+  ``GEMMA_LOCAL_TUNE=0``: no coordinate-descent tuning.
+* ``GEMMA_LOCAL_FUSE`` = ``auto`` (CUDA), ``1`` or ``0``: stacked projections.
+* ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step.
+
+torch is imported lazily: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .params import SamplingParams
+from .stream import Prompt, TokenSink
+
+logger = logging.getLogger("gemma_local")
+
+#: Smallest KV-cache bucket (tokens); buckets are powers of two from here.
+MIN_CACHE_LEN = 256
+#: Decode steps run between two host reads of the generated tokens (and at most
+#: the steps run for nothing after every row has stopped).
+BURST = 4
+#: Buckets (KV buffers + captured graphs) kept per model.
+MAX_BUCKETS = 2
+#: Model types whose decoder this module knows.
+MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+_ENGINE_ATTR = "_gemma_local_fast_path"
+_SETTINGS = ("auto", "on", "off")
+
+torch: Any = None  # imported by _import_torch()
+F: Any = None
+
+
+def _import_torch() -> Any:
+    global torch, F
+    if torch is None:
+        import torch as torch_module
+        import torch.nn.functional as functional
+
+        torch, F = torch_module, functional
+    return torch
+
+
+def setting() -> str:
+    """``GEMMA_LOCAL_FAST_PATH``: ``auto`` (CUDA only, the default), ``on`` or ``off``."""
+    value = os.environ.get("GEMMA_LOCAL_FAST_PATH", "auto").strip().lower()
+    value = {"1": "on", "true": "on", "0": "off", "false": "off", "": "auto"}.get(value, value)
+    if value not in _SETTINGS:
+        raise ValueError(f"GEMMA_LOCAL_FAST_PATH must be one of {_SETTINGS}, got {value!r}")
+    return value
+
+
+def supported(model: Any, params: SamplingParams | None = None) -> bool:
+    """Whether :func:`generate` can serve ``model`` (else use ``model.generate``).
+
+    True for Gemma 1/2/3 decoders (text-only prompts to the multimodal Gemma 3
+    too) on one CUDA device with ``sdpa`` or ``eager`` attention, unless
+    ``GEMMA_LOCAL_FAST_PATH`` says otherwise. Requests constrained by a
+    grammar (tools, JSON output: ``params.constrained``) take the plain path.
+    """
+    mode = setting()
+    if mode == "off" or model is None or getattr(params, "constrained", False):
+        return False
+    if mode == "auto" and _device_type(model) != "cuda":
+        return False
+    if model not in _KNOWN:
+        _KNOWN[model] = _Layout.find(model) is not None
+    return _KNOWN[model]
+
+
+#: model -> whether its layout is known (so the check costs nothing per request).
+_KNOWN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _device_type(model: Any) -> str | None:
+    try:
+        return str(next(model.parameters()).device.type)
+    except (AttributeError, StopIteration, TypeError):
+        return None
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    sink: TokenSink,
+    *,
+    pad_id: int = 0,
+    compile: bool | str | None = None,
+    cuda_graphs: bool | None = None,
+) -> None:
+    """Generate for ``prompts`` (left-padded together) and push every step's tokens into ``sink``.
+
+    Runs on the thread that owns the model. ``sink.max_new_tokens`` bounds the
+    steps; the loop ends early once ``sink.done`` (every row finished, or the
+    reader went away). ``compile`` (default: on CUDA) may name a
+    ``torch.compile`` backend; ``cuda_graphs`` defaults to CUDA. Both settings
+    are fixed when a model is first seen (see :func:`release`).
+    """
+    _import_torch()
+    engine = _engine(model, compile=compile, cuda_graphs=cuda_graphs)
+    device = engine.layout.device
+    with torch.inference_mode():
+        if device.type == "cuda":  # streams, events and graphs of the model's GPU
+            with torch.cuda.device(device):
+                engine.run(prompts, params, sink, pad_id)
+        else:
+            engine.run(prompts, params, sink, pad_id)
+
+
+def release(model: Any) -> None:
+    """Drop the compiled graphs and KV buffers kept on ``model``."""
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        engine.buckets.clear()
+        delattr(model, _ENGINE_ATTR)
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """What the fast path is doing for ``model`` (for benchmarks and logs)."""
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is None:
+        return {"active": False}
+    return {
+        "active": True,
+        "compile": engine.compile,
+        "cuda_graphs": engine.use_graphs,
+        "fused_projections": engine.layout.fused,
+        "buckets": [list(key) for key in engine.buckets],
+        "fallbacks": list(engine.fallbacks),
+    }
+
+
+def cache_len(tokens: int) -> int:
+    """The KV bucket for ``tokens`` positions: a power of two, at least MIN_CACHE_LEN."""
+    return max(MIN_CACHE_LEN, 1 << max(0, tokens - 1).bit_length())
+
+
+# --------------------------------------------------------------------- model
+
+
+class _Layout:
+    """The parts of a Gemma decoder the fast forward calls, found once per model."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        if getattr(config, "model_type", None) not in MODEL_TYPES:
+            raise TypeError(f"not a Gemma decoder: {getattr(config, 'model_type', None)!r}")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "use_bidirectional_attention", False):
+            raise TypeError("bidirectional attention")
+        inner = model.model
+        self.text_model = getattr(inner, "language_model", None) or inner
+        self.layers = list(self.text_model.layers[: text.num_hidden_layers])
+        self.embed = self.text_model.embed_tokens
+        self.norm = self.text_model.norm
+        self.rotary = self.text_model.rotary_emb
+        self.lm_head = model.lm_head
+        attn = self.layers[0].self_attn
+        impl = getattr(attn.config, "_attn_implementation", None) or "eager"
+        if impl not in ("sdpa", "eager"):
+            raise TypeError(f"attention implementation {impl!r}")
+        # Gemma 2 soft-caps attention logits in eager attention only; transformers'
+        # SDPA path has no soft-capping (5.17 ignores it, 5.24 refuses it): do the same.
+        self.attn_softcap = (
+            getattr(text, "attn_logit_softcapping", None) if impl == "eager" else None
+        )
+        self.final_softcap = getattr(text, "final_logit_softcapping", None)
+        self.use_sdpa = impl == "sdpa"
+        # SDPA in the decode step only on request: matmul + softmax is faster there.
+        self.decode_sdpa = self.use_sdpa and os.environ.get("GEMMA_LOCAL_DECODE_SDPA") == "1"
+        self.heads = text.num_attention_heads
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.rep = self.heads // self.kv_heads
+        self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
+        self.windows = [getattr(layer.self_attn, "sliding_window", None) for layer in self.layers]
+        types = getattr(text, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.types = list(types[: len(self.layers)])
+        self.rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self.vocab = int(self.lm_head.weight.shape[0])
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.fused = False
+        self.qkv: list[Any] = []
+        self.gate_up: list[Any] = []
+        device_map = getattr(model, "hf_device_map", None)
+        if device_map and len({str(d) for d in device_map.values()}) > 1:
+            raise TypeError("model spread over several devices")
+        if model.training:
+            raise TypeError("model in training mode")
+
+    @staticmethod
+    def find(model: Any) -> _Layout | None:
+        try:
+            return _Layout(model)
+        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+            logger.debug("fast path not available for %s: %s", type(model).__name__, exc)
+            return None
+
+    def fuse_projections(self) -> None:
+        """Put q/k/v and gate/up weights of each layer into one tensor (one GEMV each).
+
+        The modules keep working: their weights become contiguous views of the
+        fused tensor, so memory does not grow. Only plain ``nn.Linear`` layers
+        without bias are fused (not bitsandbytes ones).
+        """
+        linear = torch.nn.Linear
+
+        def plain(*mods: Any) -> bool:
+            return all(type(m) is linear and m.bias is None for m in mods)
+
+        qkv, gate_up = [], []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (
+                plain(attn.q_proj, attn.k_proj, attn.v_proj) and plain(mlp.gate_proj, mlp.up_proj)
+            ):
+                return
+            qkv.append((attn.q_proj, attn.k_proj, attn.v_proj))
+            gate_up.append((mlp.gate_proj, mlp.up_proj))
+        with torch.no_grad():
+            self.qkv = [_fuse(mods) for mods in qkv]
+            self.gate_up = [_fuse(mods) for mods in gate_up]
+        self.fused = True
+
+
+def _fuse(mods: Sequence[Any]) -> Any:
+    """One weight for ``mods`` (stacked by output rows); their weights become views of it."""
+    fused = torch.cat([m.weight.detach() for m in mods])
+    start = 0
+    for m in mods:
+        rows = m.weight.shape[0]
+        m.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+def _rotate_half(x: Any) -> Any:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _position_embeddings(lay: _Layout, x: Any, positions: Any) -> dict[str, Any]:
+    if lay.rope_by_type:
+        return {t: lay.rotary(x, positions, t) for t in dict.fromkeys(lay.types)}
+    shared = lay.rotary(x, positions)
+    return {t: shared for t in dict.fromkeys(lay.types)}
+
+
+def _project(lay: _Layout, i: int, h: Any) -> tuple[Any, Any, Any]:
+    """q ``[B, H, Q, D]``, k and v ``[B, KV, Q, D]`` of layer ``i`` (normed where Gemma norms them)."""
+    attn = lay.layers[i].self_attn
+    batch, length = h.shape[:2]
+    dim = lay.head_dim
+    if lay.fused:
+        q, k, v = F.linear(h, lay.qkv[i]).split(
+            [lay.heads * dim, lay.kv_heads * dim, lay.kv_heads * dim], dim=-1
+        )
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q = q.view(batch, length, -1, dim).transpose(1, 2)
+    k = k.view(batch, length, -1, dim).transpose(1, 2)
+    v = v.view(batch, length, -1, dim).transpose(1, 2)
+    if lay.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _attention(
+    lay: _Layout, i: int, q: Any, k: Any, v: Any, allowed: Any, *, sdpa: bool | None = None
+) -> Any:
+    """softmax(q k^T) v with ``allowed`` (bool, broadcast to the scores) as the mask.
+
+    ``allowed=None`` means plain causal (square, no padding): SDPA's flash kernels.
+    ``sdpa=False`` spells the attention out as matmul + softmax, which is what
+    the decode step uses: with one query per row, SDPA dispatches to kernels
+    (cuDNN on an H200) that took about 29 us a layer against a few us here.
+    """
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=lay.scaling[i])
+    if lay.use_sdpa if sdpa is None else sdpa and lay.use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=lay.scaling[i])
+    # transformers' eager_attention_forward, step by step (Gemma 2 soft-caps here).
+    scores = torch.matmul(q, k.transpose(2, 3)) * lay.scaling[i]
+    if lay.attn_softcap is not None:
+        scores = torch.tanh(scores / lay.attn_softcap) * lay.attn_softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+def _layer_rest(lay: _Layout, i: int, x: Any, attn_out: Any) -> Any:
+    """Output projection, residuals, norms and MLP of layer ``i`` (Gemma 1 vs 2/3 order)."""
+    layer = lay.layers[i]
+    h = layer.self_attn.o_proj(attn_out)
+    if lay.sandwich:
+        x = x + layer.post_attention_layernorm(h)
+        h = layer.pre_feedforward_layernorm(x)
+    else:
+        x = x + h
+        h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    if lay.fused:
+        gate, up = F.linear(h, lay.gate_up[i]).chunk(2, dim=-1)
+        h = mlp.down_proj(mlp.act_fn(gate) * up)
+    else:
+        h = mlp(h)
+    if lay.sandwich:
+        h = layer.post_feedforward_layernorm(h)
+    return x + h
+
+
+def _logits(lay: _Layout, x: Any) -> Any:
+    """float32 logits ``[B, V]`` of the last position of ``x``."""
+    logits = lay.lm_head(lay.norm(x[:, -1:, :]))[:, -1, :]
+    if lay.final_softcap is not None:
+        logits = torch.tanh(logits / lay.final_softcap) * lay.final_softcap
+    return logits.float()
+
+
+def _prefill_forward(
+    lay: _Layout, keys: list[Any], values: list[Any], ids: Any, mask: Any, padded: bool = True
+) -> Any:
+    """Run the (left-padded) prompts, fill the cache from slot 0, return the last logits.
+
+    Without padding, layers whose window does not bind use SDPA's plain causal
+    attention (flash kernels), as transformers does.
+    """
+    batch, width = ids.shape
+    device = ids.device
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    x = lay.embed(ids)
+    rope = _position_embeddings(lay, x, positions)
+    q_idx = torch.arange(width, device=device)[:, None]
+    k_idx = torch.arange(width, device=device)[None, :]
+    real = mask.bool()[:, None, None, :]  # [B, 1, 1, W]: keys that are not padding
+    causal = (k_idx <= q_idx) & real
+    diagonal = k_idx == q_idx  # padded queries attend to themselves: no NaN rows
+    masks: dict[Any, Any] = {}
+    for window in dict.fromkeys(lay.windows):
+        if not padded and lay.use_sdpa and (window is None or width <= window):
+            masks[window] = None
+            continue
+        allowed = causal if window is None else causal & (k_idx > q_idx - window)
+        masks[window] = allowed | diagonal
+    for i in range(len(lay.layers)):
+        layer = lay.layers[i]
+        h = layer.input_layernorm(x)
+        q, k, v = _project(lay, i, h)
+        cos, sin = rope[lay.types[i]]
+        q, k = _rope(q, k, cos, sin)
+        slots = keys[i].shape[2]
+        keep = min(width, slots)
+        index = torch.arange(width - keep, width, device=device) % slots
+        keys[i].index_copy_(2, index, k[:, :, width - keep :])
+        values[i].index_copy_(2, index, v[:, :, width - keep :])
+        if lay.rep > 1:
+            k = k.repeat_interleave(lay.rep, dim=1)
+            v = v.repeat_interleave(lay.rep, dim=1)
+        out = _attention(lay, i, q, k, v, masks[lay.windows[i]])
+        x = _layer_rest(lay, i, x, out.transpose(1, 2).reshape(batch, width, -1))
+    return _logits(lay, x)
+
+
+def _decode_forward(
+    lay: _Layout, keys: list[Any], values: list[Any], tok: Any, step: Any, pad: Any
+) -> Any:
+    """One token per row at cache index ``step``; returns float32 logits ``[B, V]``.
+
+    ``tok`` ``[B, 1]``, ``step`` ``[1]`` (the cache index being written),
+    ``pad`` ``[B]`` (left padding per row). Each layer's buffer is a ring of
+    its slot count (the whole bucket, or the sliding window); a slot is
+    attended when the position it holds is not padding and not in the future.
+    """
+    batch = tok.shape[0]
+    x = lay.embed(tok)
+    positions = (step - pad)[:, None]
+    rope = _position_embeddings(lay, x, positions)
+    allowed: dict[int, Any] = {}
+    for i in range(len(lay.layers)):
+        slots = keys[i].shape[2]
+        if slots not in allowed:
+            held = step - torch.remainder(step - torch.arange(slots, device=tok.device), slots)
+            allowed[slots] = (held[None, :] >= pad[:, None])[:, None, None, :]
+    for i in range(len(lay.layers)):
+        layer = lay.layers[i]
+        h = layer.input_layernorm(x)
+        q, k, v = _project(lay, i, h)
+        cos, sin = rope[lay.types[i]]
+        q, k = _rope(q, k, cos, sin)
+        slots = keys[i].shape[2]
+        slot = torch.remainder(step, slots)
+        keys[i].index_copy_(2, slot, k)
+        values[i].index_copy_(2, slot, v)
+        # The query heads that share a KV head become rows of one attention call.
+        q = q.reshape(batch, lay.kv_heads, lay.rep, lay.head_dim)
+        out = _attention(lay, i, q, keys[i], values[i], allowed[slots], sdpa=lay.decode_sdpa)
+        x = _layer_rest(lay, i, x, out.reshape(batch, 1, -1))
+    return _logits(lay, x)
+
+
+# ------------------------------------------------------------------ sampling
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """What the sampling code does (one captured graph each); values live in tensors."""
+
+    greedy: bool
+    top_k: int = 0
+    top_p: bool = False
+    penalty: bool = False
+    bias: bool = False
+
+    @staticmethod
+    def of(params: SamplingParams) -> _Sampler:
+        penalty = params.repetition_penalty is not None and params.repetition_penalty != 1.0
+        bias = bool(params.logit_bias)
+        if params.greedy:
+            return _Sampler(True, penalty=penalty, bias=bias)
+        return _Sampler(False, params.top_k, params.top_p < 1.0, penalty, bias)
+
+
+def _sample(logits: Any, b: _Bucket, how: _Sampler) -> Any:
+    """Next token per row, on the device, in transformers' order of processors.
+
+    Repetition penalty, logit bias, then (sampling) temperature, top-k, top-p
+    and a draw by the exponential-race trick (argmax of p / Exp(1)), which
+    needs no host sync.
+    """
+    if how.penalty:
+        penalized = torch.where(logits < 0, logits * b.penalty, logits / b.penalty)
+        logits = torch.where(b.seen, penalized, logits)
+    if how.bias:
+        logits = logits + b.bias
+    if how.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / b.temperature
+    index = None
+    if how.top_k:
+        logits, index = logits.topk(min(how.top_k, logits.shape[-1]), dim=-1)
+    elif how.top_p:
+        logits, index = logits.sort(dim=-1, descending=True)
+    if how.top_p:
+        probs = logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        logits = logits.masked_fill(before >= b.top_p, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_().clamp_min_(1e-20)
+    choice = (probs / race).argmax(dim=-1)
+    return choice if index is None else index.gather(-1, choice[:, None])[:, 0]
+
+
+# ------------------------------------------------------------------- buckets
+
+
+class _Bucket:
+    """Static buffers of one (batch, cache_len) shape and the graphs captured on them."""
+
+    def __init__(self, lay: _Layout, batch: int, length: int) -> None:
+        dev, dtype = lay.device, lay.dtype
+        shape = (batch, lay.kv_heads)
+        self.batch, self.length = batch, length
+        slots = [length if w is None else min(length, w) for w in lay.windows]
+        self.keys = [torch.zeros(*shape, s, lay.head_dim, dtype=dtype, device=dev) for s in slots]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+        # step-major, so that a burst of steps is one contiguous block to copy
+        self.history = torch.zeros(length + 1, batch, dtype=torch.long, device=dev)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        self.penalty = torch.ones(1, dtype=torch.float32, device=dev)
+        self.seen: Any = None
+        self.bias: Any = None
+        self.vocab = lay.vocab
+        self.graphs: dict[_Sampler, Any] = {}
+        self.pool: Any = None
+
+    def configure(self, params: SamplingParams, how: _Sampler) -> None:
+        self.temperature.fill_(params.temperature if params.temperature > 0 else 1.0)
+        self.top_p.fill_(params.top_p)
+        self.penalty.fill_(params.repetition_penalty or 1.0)
+        if how.penalty and self.seen is None:
+            self.seen = torch.zeros(
+                self.batch, self.vocab, dtype=torch.bool, device=self.tok.device
+            )
+        if how.bias:
+            if self.bias is None:
+                self.bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.tok.device)
+            self.bias.zero_()
+            pairs = [(t, v) for t, v in params.logit_bias if t < self.vocab]
+            if pairs:
+                ids = torch.tensor([t for t, _ in pairs], device=self.tok.device)
+                self.bias[ids] = torch.tensor([v for _, v in pairs], device=self.tok.device)
+
+
+class _Engine:
+    """Per-model state: the layout, the compiled step and the buckets."""
+
+    def __init__(self, model: Any, layout: _Layout, compile: bool | str, cuda_graphs: bool) -> None:
+        self.layout = layout
+        self.compile = compile
+        self.use_graphs = cuda_graphs
+        self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
+        self.fallbacks: list[str] = []
+        self.forward: Callable[..., Any] = _decode_forward
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            # e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: we capture ourselves.
+            mode = os.environ.get("GEMMA_LOCAL_COMPILE_MODE") or None
+            options = None
+            if backend == "inductor" and mode is None and os.environ.get("GEMMA_LOCAL_TUNE") != "0":
+                # Batch-1 matrix-vector products become tuned Triton reductions (with the
+                # norms fused in) instead of cuBLAS GEMMs: the gpt-fast recipe.
+                options = {"coordinate_descent_tuning": True}
+            self.forward = torch.compile(
+                _decode_forward,
+                backend=backend,
+                mode=mode if backend == "inductor" else None,
+                options=options,
+                fullgraph=False,
+                dynamic=None,
+            )
+
+    # -------------------------------------------------------------- buckets
+
+    def bucket(self, batch: int, length: int) -> _Bucket:
+        key = (batch, length)
+        b = self.buckets.pop(key, None)
+        if b is None:
+            while len(self.buckets) >= MAX_BUCKETS:
+                self.buckets.popitem(last=False)
+            b = _Bucket(self.layout, batch, length)
+        self.buckets[key] = b
+        return b
+
+    def _step(self, b: _Bucket, how: _Sampler) -> None:
+        logits = self._forward(b)
+        nxt = _sample(logits, b, how)
+        b.tok.copy_(nxt[:, None])
+        b.history.index_copy_(0, b.step + 1, nxt[None, :])
+        if how.penalty:
+            b.seen.scatter_(1, nxt[:, None], True)
+        b.step.add_(1)
+
+    def _forward(self, b: _Bucket) -> Any:
+        args = (self.layout, b.keys, b.values, b.tok, b.step, b.pad)
+        if self.forward is _decode_forward:
+            return _decode_forward(*args)
+        try:
+            with _RecompileRoom():
+                return self.forward(*args)
+        except Exception as exc:  # a model the compiler cannot take: run it eagerly
+            self._fall_back(f"torch.compile failed ({type(exc).__name__}: {exc}); running eagerly")
+            self.forward = _decode_forward
+            return _decode_forward(*args)
+
+    def _fall_back(self, message: str) -> None:
+        logger.warning("fast path: %s", message)
+        self.fallbacks.append(message)
+
+    def stepper(self, b: _Bucket, how: _Sampler) -> Callable[[], None]:
+        """A callable that runs one decode step (a graph replay where possible)."""
+        if self.use_graphs:
+            graph = b.graphs.get(how) or self._capture(b, how)
+            if graph is not None:
+                return graph.replay
+        return lambda: self._step(b, how)
+
+    def _capture(self, b: _Bucket, how: _Sampler) -> Any:
+        """Warm up (compiling if needed) and capture one step; before the prompt is read."""
+        device = self.layout.device
+        rng = torch.cuda.get_rng_state(device)
+        b.step.zero_()  # warm-up and capture write slots 0..3, before the prompt is read
+        b.pad.zero_()
+        b.tok.zero_()
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step(b, how)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if b.pool is None:
+                b.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=b.pool, capture_error_mode="thread_local"):
+                self._step(b, how)
+        except Exception as exc:
+            torch.cuda.synchronize(device)
+            self._fall_back(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
+            self.use_graphs = False
+            return None
+        finally:
+            torch.cuda.set_rng_state(rng, device)
+        b.graphs[how] = graph
+        return graph
+
+    # -------------------------------------------------------------- request
+
+    def run(
+        self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink, pad_id: int
+    ) -> None:
+        lay = self.layout
+        device = lay.device
+        batch = len(prompts)
+        width = max(len(p.ids) for p in prompts)
+        steps = sink.max_new_tokens - 1  # the first token comes from the prefill
+        b = self.bucket(batch, cache_len(width + max(steps, 0)))
+        how = _Sampler.of(params)
+        b.configure(params, how)
+        step = self.stepper(b, how)  # may compile and capture (first use of this bucket)
+
+        pads = [width - len(p.ids) for p in prompts]
+        ids = torch.tensor([[pad_id] * n + list(p.ids) for n, p in zip(pads, prompts, strict=True)])
+        mask = torch.tensor([[0] * n + [1] * (width - n) for n in pads])
+        ids, mask = ids.to(device), mask.to(device)
+        b.pad.copy_(torch.tensor(pads))
+        logits = _prefill_forward(lay, b.keys, b.values, ids, mask, padded=any(pads))
+        if how.penalty:
+            b.seen.zero_()
+            b.seen.scatter_(1, ids, True)
+        first = _sample(logits, b, how)
+        if how.penalty:
+            b.seen.scatter_(1, first[:, None], True)
+        b.tok.copy_(first[:, None])
+        b.step.fill_(width)
+        sink.push(first.tolist())
+        if steps > 0 and not sink.done:
+            self._decode(b, step, width, steps, sink)
+
+    def _decode(
+        self, b: _Bucket, step: Callable[[], None], width: int, steps: int, sink: TokenSink
+    ) -> None:
+        """Run ``steps`` decode steps in bursts; read each burst while the next one runs."""
+        cuda = self.layout.device.type == "cuda"
+        host = torch.empty((2, BURST, b.batch), dtype=torch.long, device="cpu", pin_memory=cuda)
+        events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+        launched = 0
+        pending: tuple[int, int] | None = None
+        slot = 0
+        while True:
+            current = None
+            if launched < steps:
+                count = min(BURST, steps - launched)
+                for _ in range(count):
+                    step()
+                start = width + 1 + launched
+                host[slot, :count].copy_(b.history[start : start + count], non_blocking=cuda)
+                if cuda:
+                    events[slot].record()
+                current, launched, slot = (slot, count), launched + count, slot ^ 1
+            if pending is not None:
+                done_slot, count = pending
+                if cuda:
+                    events[done_slot].synchronize()
+                for tokens in host[done_slot, :count].tolist():
+                    sink.push(tokens)
+                    if sink.done:
+                        return
+            if current is None:
+                return
+            pending = current
+
+
+class _RecompileRoom:
+    """Raise dynamo's recompile limit while our step compiles (shapes differ per bucket)."""
+
+    def __enter__(self) -> None:
+        config = torch._dynamo.config
+        self.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        self.old = getattr(config, self.name)
+        setattr(config, self.name, max(self.old, 64))
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(torch._dynamo.config, self.name, self.old)
+
+
+def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None) -> _Engine:
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        return engine
+    layout = _Layout(model)
+    cuda = layout.device.type == "cuda"
+    if compile is None:
+        compile = cuda and os.environ.get("GEMMA_LOCAL_COMPILE", "1") != "0"
+    if cuda_graphs is None:
+        cuda_graphs = cuda
+    fuse = os.environ.get("GEMMA_LOCAL_FUSE", "auto").strip().lower()
+    if fuse in ("1", "on", "true") or (cuda and fuse in ("auto", "")):
+        layout.fuse_projections()
+    engine = _Engine(model, layout, compile, bool(cuda_graphs))
+    setattr(model, _ENGINE_ATTR, engine)
+    return engine

@@ -1,0 +1,319 @@
+"""The fast decode path (core.fast_path) against the plain ``model.generate`` path.
+
+The fast path normally runs on CUDA only (compiled step + CUDA graphs); the
+same loop runs eagerly on the CPU, which is how these tests check its logic:
+under greedy decoding it must produce exactly the plain path's tokens, for
+Gemma 1, 2 and 3, single prompts and left-padded batches, sliding windows
+shorter than the generation (the ring-buffer layers), repetition penalty and
+logit bias, and through the client's ``create`` / ``create_batch`` /
+streaming, with the same text, finish reasons and usage.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import fast_path
+from core.params import SamplingParams
+from core.stream import Prompt, TokenSink
+
+USER = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+EOS = frozenset({1, 106})
+
+
+class RecordingSink(TokenSink):
+    """A real TokenSink that also keeps the token ids each row accepted."""
+
+    def __init__(self, prompts: list[Prompt], params: SamplingParams, cancel: Any = None) -> None:
+        self.deltas: list[Any] = []
+        super().__init__(
+            prompts,
+            params,
+            lambda ids: " ".join(map(str, ids)),
+            EOS,
+            self.deltas.append,
+            cancel or threading.Event(),
+        )
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.pushes = 0
+
+    def push(self, tokens: Any) -> None:
+        self.pushes += 1
+        for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            if row.finish_reason is None:
+                self.tokens[i].append(int(token))
+        super().push(tokens)
+
+
+def load(path: Path, **config: Any) -> Any:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, **config
+    )
+    return model.eval()
+
+
+def prompts_of(*lengths: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 100, (n,), generator=gen).tolist() for n in lengths]
+
+
+def plain(model: Any, prompts: list[list[int]], n: int, **options: Any) -> list[list[int]]:
+    """``model.generate`` (dynamic cache), greedy; each row cut after its first end id."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=0,
+        eos_token_id=sorted(EOS),
+        **options,
+    )
+    rows = []
+    for row in out[:, width:].tolist():
+        ends = [i for i, t in enumerate(row) if t in EOS]
+        rows.append(row[: ends[0] + 1] if ends else row)
+    return rows
+
+
+def fast(model: Any, prompts: list[list[int]], params: SamplingParams, **kw: Any) -> RecordingSink:
+    ps = [Prompt("", tuple(p)) for p in prompts]
+    sink = RecordingSink(ps, params, kw.pop("cancel", None))
+    fast_path.generate(model, ps, params, sink, compile=kw.pop("compile", False), **kw)
+    sink.close()
+    return sink
+
+
+def greedy(n: int, **options: Any) -> SamplingParams:
+    return SamplingParams.build(temperature=0, max_tokens=n, **options)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path: Path) -> Any:
+    return load(gemma3_path)
+
+
+# ------------------------------------------------------------------ greedy equality
+
+
+@pytest.mark.parametrize(
+    "arch", ["gemma3_path", "gemma3_vision_path", "gemma2_path", "gemma1_path"]
+)
+def test_greedy_tokens_equal_plain_path(arch: str, request: pytest.FixtureRequest) -> None:
+    model = load(request.getfixturevalue(arch))
+    single = prompts_of(9)
+    assert fast(model, single, greedy(24)).tokens == plain(model, single, 24)
+    batch = prompts_of(9, 14, 3, seed=1)
+    sink = fast(model, batch, greedy(24))
+    assert sink.tokens == plain(model, batch, 24)
+    assert all(row.finish_reason in ("stop", "length") for row in sink.rows)
+
+
+@pytest.mark.parametrize(("arch", "window"), [("gemma3_path", 8), ("gemma2_path", 6)])
+def test_sliding_window_shorter_than_generation(
+    arch: str, window: int, request: pytest.FixtureRequest
+) -> None:
+    # Prompts longer than the window and a generation that slides well past it:
+    # the sliding layers use a ring of `window` slots, the full layers the bucket.
+    model = load(request.getfixturevalue(arch), sliding_window=window)
+    batch = prompts_of(20, 11, seed=2)
+    assert fast(model, batch, greedy(30)).tokens == plain(model, batch, 30)
+    single = prompts_of(17, seed=3)  # no padding: the windowed layers still need their mask
+    assert fast(model, single, greedy(30)).tokens == plain(model, single, 30)
+
+
+def test_repetition_penalty_and_logit_bias_equal_plain_path(gemma3: Any) -> None:
+    batch = prompts_of(10, 6, seed=3)
+    params = greedy(20, repetition_penalty=1.5, logit_bias={7: 4.0, 42: -2.5})
+    expected = plain(
+        gemma3, batch, 20, repetition_penalty=1.5, sequence_bias={(7,): 4.0, (42,): -2.5}
+    )
+    assert fast(gemma3, batch, params).tokens == expected
+
+
+def test_fused_projections_change_nothing(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load(gemma3_path)
+    batch = prompts_of(8, 5, seed=4)
+    before = plain(model, batch, 16)
+    monkeypatch.setenv("GEMMA_LOCAL_FUSE", "1")
+    sink = fast(model, batch, greedy(16))
+    assert fast_path.describe(model)["fused_projections"] is True
+    assert sink.tokens == before
+    assert plain(model, batch, 16) == before  # the model itself still works unchanged
+
+
+def test_compiled_step_traces_in_one_graph(gemma3: Any) -> None:
+    """What CUDA compiles: the decode forward traces with no graph break (dynamo only here)."""
+    fast_path._import_torch()
+    layout = fast_path._Layout(gemma3)
+    bucket = fast_path._Bucket(layout, 2, 256)
+    bucket.step.fill_(3)
+    compiled = torch.compile(fast_path._decode_forward, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        expected = fast_path._decode_forward(
+            layout, bucket.keys, bucket.values, bucket.tok, bucket.step, bucket.pad
+        )
+        got = compiled(layout, bucket.keys, bucket.values, bucket.tok, bucket.step, bucket.pad)
+    assert torch.equal(expected, got)
+
+
+def test_compiled_engine_equals_plain_path(gemma3_path: Path) -> None:
+    model = load(gemma3_path)
+    batch = prompts_of(7, 4, seed=5)
+    sink = fast(model, batch, greedy(12), compile="eager")
+    assert sink.tokens == plain(model, batch, 12)
+    assert fast_path.describe(model)["compile"] == "eager"
+
+
+# ------------------------------------------------------------------ sink contract
+
+
+def test_max_tokens_and_finish_reasons(gemma3: Any) -> None:
+    sink = fast(gemma3, prompts_of(6, 9), greedy(5))
+    for row, tokens in zip(sink.rows, sink.tokens, strict=True):
+        assert row.completion_tokens == len(tokens) <= 5
+        if row.finish_reason == "length":
+            assert len(tokens) == 5
+    # one push per step at most: the prefill token, then one per decode step
+    assert sink.pushes <= 5
+
+
+def test_logit_bias_forces_end_of_turn(gemma3: Any) -> None:
+    sink = fast(gemma3, prompts_of(6), greedy(10, logit_bias={106: 100}))
+    assert sink.tokens == [[106]]
+    assert sink.rows[0].finish_reason == "stop"
+    assert sink.pushes == 1  # finished by the prefill token: no decode step ran
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma3: Any) -> None:
+    batch = prompts_of(8, 5, seed=6)
+    params = SamplingParams.build(temperature=1.0, top_p=0.9, max_tokens=16, seed=1)
+    torch.manual_seed(1)
+    first = fast(gemma3, batch, params).tokens
+    torch.manual_seed(1)
+    assert fast(gemma3, batch, params).tokens == first
+    expected = fast(gemma3, batch, greedy(16)).tokens
+    for options in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = SamplingParams.build(temperature=1.5, max_tokens=16, **options)
+        assert fast(gemma3, batch, sampled).tokens == expected
+    vocab = gemma3.config.vocab_size
+    wide = SamplingParams.build(temperature=2.0, top_k=50, repetition_penalty=1.2, max_tokens=16)
+    assert all(0 <= t < vocab for row in fast(gemma3, batch, wide).tokens for t in row)
+
+
+def test_cancel_stops_within_a_burst(gemma3: Any) -> None:
+    cancel = threading.Event()
+
+    class CancelAfterFirst(RecordingSink):
+        def push(self, tokens: Any) -> None:
+            super().push(tokens)
+            cancel.set()
+
+    ps = [Prompt("", tuple(prompts_of(5)[0]))]
+    sink = CancelAfterFirst(ps, greedy(200), cancel)
+    fast_path.generate(gemma3, ps, greedy(200), sink, compile=False)
+    assert sink.pushes == 1
+    assert sink.done
+
+
+def test_buckets_are_reused(gemma3_path: Path) -> None:
+    model = load(gemma3_path)
+    fast(model, prompts_of(5), greedy(4))
+    fast(model, prompts_of(9), greedy(8))
+    assert fast_path.describe(model)["buckets"] == [[1, 256]]
+    fast(model, prompts_of(5, 6), greedy(300))
+    assert fast_path.describe(model)["buckets"] == [[1, 256], [2, 512]]
+    fast_path.release(model)
+    assert fast_path.describe(model) == {"active": False}
+
+
+def test_cache_len_buckets() -> None:
+    assert fast_path.cache_len(1) == fast_path.MIN_CACHE_LEN
+    assert fast_path.cache_len(256) == 256
+    assert fast_path.cache_len(257) == 512
+    assert fast_path.cache_len(383) == 512
+    assert fast_path.cache_len(5000) == 8192
+
+
+def test_supported(gemma3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GEMMA_LOCAL_FAST_PATH", raising=False)
+    assert not fast_path.supported(gemma3)  # auto: CUDA only
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
+    assert fast_path.supported(gemma3)
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "off")
+    assert not fast_path.supported(gemma3)
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "sometimes")
+    with pytest.raises(ValueError, match="GEMMA_LOCAL_FAST_PATH"):
+        fast_path.supported(gemma3)
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    assert not fast_path.supported(llama)
+
+
+# ------------------------------------------------------------ through the client
+
+
+@pytest.fixture(scope="module")
+def fast_client(gemma3_path: Path) -> Any:
+    """A client whose ``_generate`` starts with the hook the transformers backend uses."""
+    from core import GemmaTransformersChatCompletion
+
+    class FastClient(GemmaTransformersChatCompletion):
+        def _generate(self, prompts: Any, params: Any, sink: Any) -> None:
+            pad = self.tokenizer.pad_token_id
+            pad = 0 if pad is None else int(pad)
+            if fast_path.supported(self.model):
+                return fast_path.generate(self.model, prompts, params, sink, pad_id=pad)
+            return super()._generate(prompts, params, sink)
+
+    client = FastClient(str(gemma3_path), device_map="cpu", torch_dtype="float32")
+    yield client
+    client.close()
+
+
+def strip_ids(completion: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in completion.items() if k not in ("id", "created")}
+
+
+def test_client_results_equal_plain_path(
+    fast_client: Any, tf_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
+    conversations = [USER, [{"role": "user", "content": "Hello world! How are you today?"}]]
+    options = {"temperature": 0, "max_tokens": 12, "stop": ["e "]}
+    expected = [strip_ids(c) for c in tf_client.create_batch(conversations, **options)]
+    got = [strip_ids(c) for c in fast_client.create_batch(conversations, **options)]
+    assert got == expected
+    assert fast_path.describe(fast_client.model)["active"]
+    assert strip_ids(fast_client.create(USER, **options)) == strip_ids(
+        tf_client.create(USER, **options)
+    )
+    chunks = list(fast_client.create(USER, stream=True, temperature=0, max_tokens=12))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    plain_text = tf_client.create(USER, temperature=0, max_tokens=12)["choices"][0]["message"]
+    assert text == plain_text["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] <= 12
