@@ -5,6 +5,7 @@ first model.
 """
 
 from .base import BaseGemmaChatCompletion
+from .constrained import ToolCall
 from .errors import (
     ContextWindowExceededError,
     GatedModelError,
@@ -38,6 +39,7 @@ __all__ = [
     "OutOfMemoryError",
     "Prompt",
     "SamplingParams",
+    "ToolCall",
     "UnsupportedPlatformError",
     "create_gemma_client",
     "create_gemma_transformers_client",

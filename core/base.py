@@ -10,6 +10,10 @@ A backend implements ``_load_model_and_tokenizer()`` and either the token
 primitive ``_generate(prompts, params, sink)`` (the built-in backends) or, as in
 the original design, ``_generate_response(prompt_str, temperature, max_tokens,
 top_p, **kwargs)`` returning the whole text (then streaming yields one chunk).
+
+Tools and JSON output (``params.constrained``) need a backend that masks
+logits every step (``supports_constraints``): it asks :meth:`_grammar_matchers`
+for the rows' matchers and applies them (see :mod:`core.constrained`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .constrained import (
+    GrammarMatchers,
+    ToolCall,
+    grammar_for,
+    grammar_tokenizer,
+    system_instructions,
+)
 from .errors import ContextWindowExceededError, translate_load_error, translate_oom
 from .messages import normalize_messages
 from .params import SamplingParams
@@ -135,6 +146,8 @@ class BaseGemmaChatCompletion:
     """
 
     implementation: ClassVar[str] = "custom"
+    #: Whether ``_generate`` applies :meth:`_grammar_matchers` (tools, JSON output).
+    supports_constraints: ClassVar[bool] = False
 
     def __init__(self, model_name: str) -> None:
         if not isinstance(model_name, str) or not model_name.strip():
@@ -148,6 +161,7 @@ class BaseGemmaChatCompletion:
         self._byte_ids: frozenset[int] = frozenset()
         self._skipped_ids: frozenset[int] = frozenset()
         self._context_window: int | None = None
+        self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
         self._worker = ModelWorker(f"gemma-local:{type(self).__name__}")
         _LIVE_CLIENTS.add(self)
 
@@ -319,6 +333,7 @@ class BaseGemmaChatCompletion:
 
     def _unload_on_worker(self) -> None:
         self._release()
+        self._grammar_tokenizer = None
         self.model = self.tokenizer = None
         self._loaded = False
         gc.collect()
@@ -383,19 +398,41 @@ class BaseGemmaChatCompletion:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def format_prompt(self, messages: Messages) -> Prompt:
-        """The exact prompt (text and ids) the model reads for ``messages``; loads the model."""
+    def format_prompt(
+        self,
+        messages: Messages,
+        *,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: Any = None,
+        response_format: Any = None,
+    ) -> Prompt:
+        """The exact prompt (text and ids) the model reads for ``messages``; loads the model.
+
+        ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` /
+        ``response_format`` add what the model is told about them, as in
+        :meth:`create`.
+        """
+        params = SamplingParams.build(
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format,
+        )
         normalize_messages(messages)
         self.load()
 
         def job() -> Prompt:
             self._load_on_worker()  # a close() queued in between unloaded it
-            return self._prompt(messages)
+            return self._prompt(messages, params)
 
         return self._worker.call(job)
 
-    def _prompt(self, messages: Messages) -> Prompt:
-        turns = normalize_messages(messages, system_role=self._system_role)
+    def _prompt(self, messages: Messages, params: SamplingParams | None = None) -> Prompt:
+        instructions = None if params is None else system_instructions(params)
+        turns = normalize_messages(
+            messages, system_role=self._system_role, instructions=instructions
+        )
         text = self._render(turns)
         ids = tuple(self._encode(text))
         window = self._context_window
@@ -422,7 +459,7 @@ class BaseGemmaChatCompletion:
                     raise ValueError(
                         f"logit_bias token ids {bad} are outside the vocabulary (0..{vocab - 1})"
                     )
-            prompts = [self._prompt(c) for c in conversations for _ in range(params.n)]
+            prompts = [self._prompt(c, params) for c in conversations for _ in range(params.n)]
             sink = TokenSink(
                 prompts,
                 params,
@@ -461,7 +498,31 @@ class BaseGemmaChatCompletion:
         params = SamplingParams.build(**options)
         for conversation in conversations:
             normalize_messages(conversation)
+        self._check_constraints(params)
         return params
+
+    def _check_constraints(self, params: SamplingParams) -> None:
+        if params.constrained and not self.supports_constraints:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot constrain decoding, so it cannot serve tools or "
+                "response_format; use GemmaTransformersChatCompletion or GemmaMLXChatCompletion"
+            )
+
+    def _grammar_matchers(self, params: SamplingParams, rows: int) -> GrammarMatchers | None:
+        """One grammar matcher per row for a constrained request, else ``None`` (model thread).
+
+        llguidance's tokenizer is built on first use and kept until :meth:`close`.
+        """
+        grammar = grammar_for(params)
+        if grammar is None:
+            return None
+        if self._grammar_tokenizer is None:
+            tok = self.tokenizer
+            end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN)
+            ends = sorted(self._eos_ids, key=lambda t: (t != end_of_turn, t))
+            self._grammar_tokenizer = grammar_tokenizer(tok, ends)
+        free_prose = params.tool_choice == "auto"  # prose may follow a first non-"{" token
+        return GrammarMatchers(self._grammar_tokenizer, grammar, rows, free_prose=free_prose)
 
     def stream_deltas(
         self, conversations: Sequence[Messages], params: SamplingParams
@@ -501,7 +562,17 @@ class BaseGemmaChatCompletion:
         ``stream=True`` returns an iterator of ``chat.completion.chunk`` dicts
         instead (role first, ``finish_reason`` on each choice's last chunk, and
         a final chunk with ``usage``). Other options: ``top_k``, ``stop``,
-        ``seed``, ``repetition_penalty``, ``logit_bias``, ``n``.
+        ``seed``, ``repetition_penalty``, ``logit_bias``, ``n``, and, decoded
+        under a grammar so the output always parses and validates:
+
+        * ``tools=[{"type": "function", "function": {"name", "description",
+          "parameters"}}]`` with ``tool_choice="auto"`` (default) | ``"none"`` |
+          ``"required"`` | ``{"type": "function", "function": {"name": ...}}``
+          and ``parallel_tool_calls`` (default ``True``): calls come back as
+          ``message.tool_calls`` (``content`` is ``None``) with
+          ``finish_reason="tool_calls"``; streamed as ``delta.tool_calls``.
+        * ``response_format={"type": "json_object"}`` or ``{"type":
+          "json_schema", "json_schema": {"name", "schema", "strict"}}``.
         """
         stream = bool(kwargs.pop("stream", False))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
@@ -598,10 +669,12 @@ class _Completion:
         self.n = n
         self.rows = conversations * n
         self.texts: list[list[str]] = [[] for _ in range(self.rows)]
+        self.calls: list[list[ToolCall]] = [[] for _ in range(self.rows)]
         self.last: list[Delta | None] = [None] * self.rows
 
     def add(self, delta: Delta) -> None:
         self.texts[delta.index].append(delta.text)
+        self.calls[delta.index].extend(delta.tool_calls)
         if delta.finish_reason is not None:
             self.last[delta.index] = delta
 
@@ -627,10 +700,14 @@ class _Completion:
                     raise RuntimeError("generation ended without a finish reason")
                 prompt_tokens = last.prompt_tokens
                 completion_tokens += last.completion_tokens
+                message: dict[str, Any] = {"role": "assistant", "content": "".join(self.texts[row])}
+                if self.calls[row]:
+                    message["content"] = None
+                    message["tool_calls"] = [c.to_openai() for c in self.calls[row]]
                 choices.append(
                     {
                         "index": row - start,
-                        "message": {"role": "assistant", "content": "".join(self.texts[row])},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": last.finish_reason,
                     }
@@ -694,6 +771,23 @@ class _ChunkBuilder:
                         {
                             "index": delta.index,
                             "delta": {"content": delta.text},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
+        if delta.tool_calls:
+            out.append(
+                self.chunk(
+                    [
+                        {
+                            "index": delta.index,
+                            "delta": {
+                                "tool_calls": [
+                                    {"index": c.index, **c.to_openai()} for c in delta.tool_calls
+                                ]
+                            },
                             "logprobs": None,
                             "finish_reason": None,
                         }

@@ -5,14 +5,17 @@ client's one model thread (see :mod:`core.worker`). The token primitive loops
 over ``mlx_lm.generate.generate_step`` (what ``mlx_lm.stream_generate`` is
 built on) with ``make_sampler`` / ``make_logits_processors`` and pushes each
 token into the sink; stop strings, end ids and counts are the sink's work,
-since mlx-lm has no stop strings.
+since mlx-lm has no stop strings. Constrained requests (tools, JSON output)
+add one grammar logits processor per row
+(:func:`~core.constrained.mlx_grammar_processor`), in ``generate_step`` and
+per row in ``BatchGenerator``.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
     """
 
     implementation = "mlx"
+    supports_constraints = True
 
     def __init__(
         self,
@@ -125,10 +129,19 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             top_p=params.top_p if params.top_p < 1.0 else 0.0,
             top_k=params.top_k,
         )
-        processors = make_logits_processors(
+        from .constrained import mlx_grammar_processor
+
+        shared = make_logits_processors(
             logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repetition_penalty,
         )
+        grammar = self._grammar_matchers(params, len(prompts))
+
+        def processors(row: int) -> list[Any]:
+            if grammar is None:
+                return shared
+            return [*shared, mlx_grammar_processor(grammar, row)]
+
         if len(prompts) > 1 and self._batchable():
             self._generate_batch(prompts, sampler, processors, sink)
             return
@@ -141,7 +154,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                     self.model,
                     max_tokens=sink.rows[index].max_tokens,
                     sampler=sampler,
-                    logits_processors=processors,
+                    logits_processors=processors(index),
                     max_kv_size=self.max_kv_size,
                     prefill_step_size=self.prefill_step_size,
                 )
@@ -165,16 +178,19 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         return model_type not in UNBATCHABLE_MODEL_TYPES
 
     def _generate_batch(
-        self, prompts: Sequence[Prompt], sampler: Any, processors: Any, sink: TokenSink
+        self,
+        prompts: Sequence[Prompt],
+        sampler: Any,
+        processors: Callable[[int], list[Any]],
+        sink: TokenSink,
     ) -> None:
-        """Several prompts in one batch with mlx-lm's ``BatchGenerator``."""
+        """Several prompts in one batch with mlx-lm's ``BatchGenerator`` (per-row processors)."""
         from mlx_lm.generate import BatchGenerator
 
         generator = BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self._eos_ids)],
             sampler=sampler,
-            logits_processors=processors,
             completion_batch_size=len(prompts),
             prefill_batch_size=len(prompts),
             prefill_step_size=self.prefill_step_size,
@@ -182,7 +198,9 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         )
         try:
             uids = generator.insert(
-                [list(p.ids) for p in prompts], [row.max_tokens for row in sink.rows]
+                [list(p.ids) for p in prompts],
+                [row.max_tokens for row in sink.rows],
+                logits_processors=[processors(i) for i in range(len(prompts))],
             )
             row_of = {uid: i for i, uid in enumerate(uids)}
             while not sink.done and (responses := generator.next_generated()):

@@ -15,6 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .constrained import (
+    ResponseFormat,
+    ToolSpec,
+    check_combination,
+    check_grammar,
+    parse_response_format,
+    parse_tool_choice,
+    parse_tools,
+)
+
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
 
@@ -78,6 +88,17 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+def _inherited_tool_choice(base: SamplingParams, tools: tuple[ToolSpec, ...]) -> Any:
+    """``defaults``' tool choice in ``parse_tool_choice``'s input form, if it still applies."""
+    if not base.tools or not tools:
+        return None  # the default for these tools
+    if base.tool_choice_name is not None:
+        if base.tool_choice_name in {t.name for t in tools}:
+            return {"type": "function", "function": {"name": base.tool_choice_name}}
+        return None
+    return base.tool_choice
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated options of one generation request.
@@ -93,6 +114,19 @@ class SamplingParams:
         repetition_penalty: > 0; 1.0 (or ``None``) disables it.
         logit_bias: (token id, bias in [-100, 100]) pairs added to the logits.
         n: number of choices to generate for one prompt.
+        tools: the functions the model may call (validated OpenAI ``tools``).
+        tool_choice: ``"none"`` (no calls; the tools are not described to the
+            model), ``"auto"`` (prose or calls; the default when tools are
+            given) or ``"required"`` (one or more calls).
+        tool_choice_name: the one tool a named ``tool_choice`` forces
+            (``tool_choice`` is then ``"required"`` and exactly one call is made).
+        parallel_tool_calls: several calls in one reply (default ``True``).
+        response_format: JSON output (``json_object`` / ``json_schema``), or
+            ``None`` for text.
+
+    With tools (``tool_choice`` other than ``"none"``) or a JSON
+    ``response_format``, decoding is constrained by a grammar
+    (:mod:`core.constrained`): see :attr:`constrained`.
     """
 
     temperature: float = 0.7
@@ -104,10 +138,24 @@ class SamplingParams:
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     n: int = 1
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "none"
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding runs under a grammar (tool calls or JSON output).
+
+        Backends (and fast paths) that cannot mask logits every step must not
+        serve such a request.
+        """
+        return self.response_format is not None or (bool(self.tools) and self.tool_choice != "none")
 
     @classmethod
     def build(
@@ -122,10 +170,19 @@ class SamplingParams:
         repetition_penalty: Any = None,
         logit_bias: Any = None,
         n: Any = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: Any = None,
+        response_format: Any = None,
         defaults: SamplingParams | None = None,
         **unknown: Any,
     ) -> SamplingParams:
-        """Validate options; ``None`` keeps the value from ``defaults``."""
+        """Validate options; ``None`` keeps the value from ``defaults``.
+
+        ``tools``, ``tool_choice``, ``parallel_tool_calls`` and
+        ``response_format`` take OpenAI's shapes; every schema is compiled
+        once here (llguidance), so a bad one fails before any model loads.
+        """
         base = defaults or cls()
         for name in list(unknown):
             if name in IGNORED_OPENAI_OPTIONS:
@@ -153,7 +210,27 @@ class SamplingParams:
             changes["logit_bias"] = _logit_bias(logit_bias)
         if n is not None:
             changes["n"] = _integer("n", n, 1, MAX_N)
-        return replace(base, **changes)
+        if tools is not None:
+            changes["tools"] = parse_tools(tools)
+        if parallel_tool_calls is not None:
+            if not isinstance(parallel_tool_calls, bool):
+                raise ValueError(
+                    f"parallel_tool_calls must be True or False, got {parallel_tool_calls!r}"
+                )
+            changes["parallel_tool_calls"] = parallel_tool_calls
+        if response_format is not None:
+            changes["response_format"] = parse_response_format(response_format)
+        if tools is not None or tool_choice is not None:
+            all_tools = changes.get("tools", base.tools)
+            if tool_choice is None:
+                tool_choice = _inherited_tool_choice(base, all_tools)
+            changes["tool_choice"], changes["tool_choice_name"] = parse_tool_choice(
+                tool_choice, all_tools
+            )
+        params = replace(base, **changes)
+        check_combination(params.tools, params.tool_choice, params.response_format)
+        check_grammar(params)
+        return params
 
     def with_max_tokens(self, max_tokens: int) -> SamplingParams:
         return replace(self, max_tokens=max_tokens)
@@ -170,6 +247,10 @@ ACCEPTED_OPTIONS = frozenset(
         "repetition_penalty",
         "logit_bias",
         "n",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
     }
     | IGNORED_OPENAI_OPTIONS
 )

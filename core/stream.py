@@ -9,7 +9,11 @@ turns them into :class:`Delta` records, in one place for every backend:
 * end-of-turn handling on *every* end id of the model (``<eos>`` and
   ``<end_of_turn>`` for Gemma), ``max_tokens`` and stop strings
   (:class:`StopMatcher`; the stop text is trimmed, even across tokens),
-* truthful ``finish_reason`` (``"stop"`` / ``"length"``) and token counts.
+* truthful ``finish_reason`` (``"stop"`` / ``"length"`` / ``"tool_calls"``)
+  and token counts,
+* tool calls: with tools, each row's text goes through a
+  :class:`~core.constrained.ToolCallParser`, so call text is never emitted as
+  text but as :class:`~core.constrained.ToolCall` records on the deltas.
 
 ``create()``, ``create(stream=True)``, batching and the LangChain / LlamaIndex
 adapters all consume these deltas; nothing else detokenises or counts.
@@ -21,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .constrained import ToolCall, ToolCallParser, tool_call_parser
 from .params import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -38,8 +43,13 @@ class Prompt:
 class Delta:
     """A piece of one choice's output.
 
-    ``text`` may be empty on the last delta of a row, which always carries
-    ``finish_reason`` and the row's final token counts.
+    ``index`` is the row: ``conversation_index * n + choice``. ``text`` may be
+    empty on the last delta of a row, which always carries ``finish_reason``
+    (``"stop"``, ``"length"`` or ``"tool_calls"``) and the row's final token
+    counts. ``tool_calls`` holds the calls completed by this delta (each once,
+    in order; ``ToolCall.index`` numbers them within the row): a row that calls
+    tools emits no text, and its finish reason is ``"tool_calls"`` when the
+    reply ended normally.
     """
 
     index: int
@@ -47,6 +57,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class IncrementalDetokenizer:
@@ -159,12 +170,23 @@ class _Row:
         self.finish_reason: str | None = None
         self.detok = IncrementalDetokenizer(decode, byte_ids, skipped_ids)
         self.stops = StopMatcher(params.stop)
+        self.calls: ToolCallParser | None = tool_call_parser(params)
 
     def delta(self, text: str) -> Delta | None:
-        if not text and self.finish_reason is None:
+        calls: tuple[ToolCall, ...] = ()
+        if self.calls is not None:
+            text, calls = self.calls.feed(text)
+            if self.calls.calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        if not text and not calls and self.finish_reason is None:
             return None
         return Delta(
-            self.index, text, self.finish_reason, self.prompt_tokens, self.completion_tokens
+            self.index,
+            text,
+            self.finish_reason,
+            self.prompt_tokens,
+            self.completion_tokens,
+            calls,
         )
 
     def push_token(self, token: int) -> Delta | None:

@@ -5,6 +5,10 @@ The token primitive drives ``model.generate`` on the client's model thread. A
 each row to the :class:`~core.stream.TokenSink` and tells ``generate`` which
 rows are finished (end ids, stop strings, per-row ``max_tokens``, or a reader
 that went away), so no helper thread and no streamer are needed.
+
+Constrained requests (tools, JSON output) add one ``LogitsProcessor``
+(:class:`~core.constrained.TorchGrammarMask`); the same ``StoppingCriteria``
+feeds each row's new token to the row's grammar matcher.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     """
 
     implementation = "transformers"
+    supports_constraints = True
 
     def __init__(
         self,
@@ -185,13 +190,27 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        from .constrained import TorchGrammarMask
+
+        grammar = self._grammar_matchers(params, len(prompts))
 
         class FeedSink(StoppingCriteria):
-            """Hands each step's tokens to the sink; reports the rows it has finished."""
+            """Hands each step's tokens to the sink (and the grammar); reports finished rows."""
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                sink.push(input_ids[:, -1].tolist())
+                tokens = input_ids[:, -1].tolist()
+                if grammar is None:
+                    sink.push(tokens)
+                else:
+                    live = [not done for done in sink.finished()]
+                    sink.push(tokens)
+                    for row, (token, done) in enumerate(zip(tokens, sink.finished(), strict=True)):
+                        if live[row]:
+                            grammar.advance(row, token)
+                        if done:
+                            grammar.retire(row)
                 return torch.tensor(sink.finished(), dtype=torch.bool, device=input_ids.device)
 
         pad = self.tokenizer.pad_token_id
@@ -222,6 +241,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             )
         if params.logit_bias:
             options["sequence_bias"] = {(t,): b for t, b in params.logit_bias}
+        if grammar is not None:
+            options["logits_processor"] = LogitsProcessorList([TorchGrammarMask(grammar)])
         with torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
 
