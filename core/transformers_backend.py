@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import fast_path
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import UnsupportedPlatformError, require
 from .params import SamplingParams
@@ -194,6 +195,12 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
         from .constrained import TorchGrammarMask
 
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        if fast_path.supported(self.model, params):  # CUDA: static cache + CUDA graphs
+            fast_path.generate(self.model, prompts, params, sink, pad_id=pad)
+            return
+
         grammar = self._grammar_matchers(params, len(prompts))
 
         class FeedSink(StoppingCriteria):
@@ -213,8 +220,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
                             grammar.retire(row)
                 return torch.tensor(sink.finished(), dtype=torch.bool, device=input_ids.device)
 
-        pad = self.tokenizer.pad_token_id
-        pad = 0 if pad is None else int(pad)
         width = max(len(p.ids) for p in prompts)
         device = self.model.device
         input_ids = torch.tensor(
@@ -249,6 +254,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     # ----------------------------------------------------------------- extras
 
     def _release(self) -> None:
+        if self.model is not None:
+            fast_path.release(self.model)  # compiled graphs and KV buffers
         self._context_window = None
 
     def _clear_accelerator_cache(self) -> None:
