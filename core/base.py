@@ -162,10 +162,14 @@ class BaseGemmaChatCompletion:
         self._skipped_ids: frozenset[int] = frozenset()
         self._context_window: int | None = None
         self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
-        self._worker = ModelWorker(f"gemma-local:{type(self).__name__}")
+        self._worker = self._new_worker()
         _LIVE_CLIENTS.add(self)
 
     # ------------------------------------------------------------------ hooks
+
+    def _new_worker(self) -> ModelWorker:
+        """The thread this client's model lives on: its own, by default."""
+        return ModelWorker(f"gemma-local:{type(self).__name__}")
 
     def _load_model_and_tokenizer(self) -> None:
         """Load ``self.model`` and ``self.tokenizer`` (runs on the model thread)."""

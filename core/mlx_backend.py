@@ -23,6 +23,7 @@ from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import MissingDependencyError, UnsupportedPlatformError, require
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
+from .worker import ModelWorker, shared_worker
 
 
 def _import_mlx() -> Any:
@@ -90,6 +91,17 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         self.prefill_step_size = prefill_step_size
         self._wrapper: Any = None
         self._config: dict[str, Any] | None = None
+
+    def _new_worker(self) -> ModelWorker:
+        """One MLX thread for the whole process, shared by every MLX client.
+
+        MLX streams are thread-local, and MLX (0.32) aborts the process at
+        exit ("terminate called without an active exception") when a thread
+        that ran MLX work has ended before it. So every MLX model lives on the
+        same thread, which is never stopped; requests to different MLX models
+        queue on it (they share the one device anyway).
+        """
+        return shared_worker("gemma-local:mlx")
 
     def _load_model_and_tokenizer(self) -> None:
         _import_mlx()

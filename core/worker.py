@@ -29,10 +29,15 @@ _DONE = _Done()
 
 
 class ModelWorker:
-    """A lazily started daemon thread running submitted jobs in order."""
+    """A lazily started daemon thread running submitted jobs in order.
 
-    def __init__(self, name: str) -> None:
+    A ``persistent`` worker (see :func:`shared_worker`) keeps its thread for
+    the life of the process: :meth:`close` leaves it running.
+    """
+
+    def __init__(self, name: str, *, persistent: bool = False) -> None:
         self._name = name
+        self._persistent = persistent
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -74,8 +79,10 @@ class ModelWorker:
         """Run ``fn`` on the worker and wait for it."""
         return self.submit(fn).result()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish queued jobs, then stop and join the thread."""
+    def close(self, timeout: float | None = None, *, force: bool = False) -> None:
+        """Finish queued jobs, then stop and join the thread (a persistent one only if forced)."""
+        if self._persistent and not force:
+            return
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is None:
@@ -83,6 +90,19 @@ class ModelWorker:
             self._jobs.put(None)
         if thread is not threading.current_thread():
             thread.join(timeout)
+
+
+_SHARED: dict[str, ModelWorker] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_worker(name: str) -> ModelWorker:
+    """The process-wide persistent worker called ``name`` (created on first use)."""
+    with _SHARED_LOCK:
+        worker = _SHARED.get(name)
+        if worker is None:
+            worker = _SHARED[name] = ModelWorker(name, persistent=True)
+        return worker
 
 
 def _run_emitting(
