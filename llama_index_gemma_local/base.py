@@ -1,4 +1,4 @@
-"""``GemmaLocal``: a LlamaIndex ``LLM`` over a local Gemma chat model (transformers or MLX).
+"""``GemmaLocal``: a LlamaIndex ``FunctionCallingLLM`` over a local Gemma chat model.
 
 Data flow, chat-first::
 
@@ -7,11 +7,23 @@ Data flow, chat-first::
         ──completion_to_chat_response() / StreamFolder──▶ ChatResponse
     complete(prompt) = chat([user: prompt]) ──▶ CompletionResponse
 
+Tools and structured output ride the same path, as OpenAI-style options that
+core decodes under a grammar (so calls always parse, name a real tool and carry
+schema-valid arguments, and JSON always validates, whatever the model)::
+
+    chat_with_tools(tools, ...) ──_prepare_chat_with_tools──▶ chat(messages,
+        tools=[to_openai_tool(t)], tool_choice=..., parallel_tool_calls=...)
+        ──▶ ChatResponse whose message carries ToolCallBlocks (and OpenAI
+        ``tool_calls`` in additional_kwargs) ──get_tool_calls_from_response──▶ ToolSelection[]
+    structured_predict(Model, prompt) ──chat(messages, response_format=json_schema(Model))──▶
+        Model.model_validate_json(reply)
+
 Everything model-side happens in ``core``: ``create``/``acreate`` are core's one
 fold of the token primitive (``stream_deltas`` / ``astream_deltas``) into the
-OpenAI format, so this module neither renders prompts (the Gemma chat template
-is always applied by core), nor counts tokens, nor re-folds deltas. It maps
-LlamaIndex types to OpenAI-style dicts and back, and merges options.
+OpenAI format, so this module neither renders prompts (the Gemma chat template,
+the tool instructions and the rendering of tool calls / results into Gemma
+turns are core's), nor counts tokens, nor re-folds deltas. It maps LlamaIndex
+types to OpenAI-style dicts and back, and merges options.
 
 * ``raw`` of every response is the OpenAI-style dict it came from: the
   ``chat.completion`` for ``chat``/``complete``; each ``chat.completion.chunk``
@@ -26,13 +38,16 @@ LlamaIndex types to OpenAI-style dicts and back, and merges options.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+import json
+import re
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from core import BaseGemmaChatCompletion, SamplingParams, create_gemma_client
 from core.errors import MissingDependencyError
 
 try:
+    import llama_index.core.instrumentation as instrument
     from llama_index.core.base.llms.types import (
         ChatMessage,
         ChatResponse,
@@ -41,27 +56,43 @@ try:
         CompletionResponse,
         CompletionResponseAsyncGen,
         CompletionResponseGen,
+        ContentBlock,
         LLMMetadata,
         MessageRole,
         TextBlock,
+        ToolCallBlock,
     )
-    from llama_index.core.bridge.pydantic import Field, PrivateAttr
+    from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
     from llama_index.core.callbacks import CallbackManager
     from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+    from llama_index.core.instrumentation.events.llm import (
+        LLMStructuredPredictEndEvent,
+        LLMStructuredPredictStartEvent,
+    )
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-    from llama_index.core.llms.llm import LLM
+    from llama_index.core.llms.function_calling import FunctionCallingLLM
+    from llama_index.core.llms.llm import ToolSelection
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.types import Model, PydanticProgramMode
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
         "llama_index_gemma_local needs llama-index-core, which is not installed. "
         'Install it with: pip install "gemma-local[llama-index]"'
     ) from exc
 
+if TYPE_CHECKING:
+    from llama_index.core.program.utils import FlexibleModel
+    from llama_index.core.tools.types import BaseTool
+
+dispatcher = instrument.get_dispatcher(__name__)
+
 #: LlamaIndex roles and the OpenAI-style role each maps to. Anything else
-#: (tool, function, developer, chatbot, model) is rejected.
+#: (function, developer, chatbot, model) is rejected.
 ROLES: Mapping[MessageRole, str] = {
     MessageRole.SYSTEM: "system",
     MessageRole.USER: "user",
     MessageRole.ASSISTANT: "assistant",
+    MessageRole.TOOL: "tool",
 }
 
 #: Options a call may pass (``llm.chat(messages, temperature=0)``), besides ``formatted``.
@@ -75,23 +106,88 @@ CALL_OPTIONS = frozenset(
         "seed",
         "repetition_penalty",
         "logit_bias",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
     }
 )
+
+#: ``tool_choice`` values that are modes, not tool names.
+TOOL_CHOICE_MODES = ("none", "auto", "required")
 
 
 # ------------------------------------------------------------------ messages in
 
 
+def _block_texts(message: ChatMessage, role: str) -> list[str]:
+    """The text of a message's ``TextBlock``s; tool-call blocks only in assistant turns."""
+    texts = []
+    for block in message.blocks:
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolCallBlock) and role == "assistant":
+            continue  # mapped to tool_calls by _tool_calls_of
+        else:
+            hint = (
+                " (images are not supported yet)" if "image" in type(block).__name__.lower() else ""
+            )
+            raise TypeError(
+                f"GemmaLocal supports only TextBlock content, got {type(block).__name__} "
+                f"in a {role} message{hint}"
+            )
+    return texts
+
+
+def _arguments_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _openai_call(call: Any) -> dict[str, Any]:
+    """One ``additional_kwargs["tool_calls"]`` entry (a dict, or an OpenAI SDK object) as a dict."""
+    if not isinstance(call, Mapping) and callable(getattr(call, "model_dump", None)):
+        call = call.model_dump()
+    if not isinstance(call, Mapping):
+        raise TypeError(
+            "an assistant message's additional_kwargs['tool_calls'] must hold OpenAI tool calls "
+            f'{{"id", "type": "function", "function": {{"name", "arguments"}}}}, got {type(call).__name__}'
+        )
+    return dict(call)
+
+
+def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
+    """An assistant message's tool calls in OpenAI form: its ``ToolCallBlock``s, else
+    ``additional_kwargs["tool_calls"]`` (the OpenAI integration's form)."""
+    blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if blocks:
+        calls = []
+        for block in blocks:
+            call: dict[str, Any] = {"id": block.tool_call_id or "", "type": "function"}
+            call["function"] = {
+                "name": block.tool_name,
+                "arguments": _arguments_text(block.tool_kwargs),
+            }
+            calls.append(call)
+        return calls
+    return [_openai_call(c) for c in message.additional_kwargs.get("tool_calls") or ()]
+
+
 def to_openai_message(message: ChatMessage) -> dict[str, Any]:
-    """One LlamaIndex ``ChatMessage`` as an OpenAI-style ``{"role", "content"}`` dict.
+    """One LlamaIndex ``ChatMessage`` as an OpenAI-style message dict.
 
     One ``TextBlock`` gives a string, several give a list of text parts (core
-    joins them), none gives ``""``. The input is never mutated.
+    joins them), none gives ``""``. An assistant message's tool calls
+    (``ToolCallBlock``s, or OpenAI ``tool_calls`` in ``additional_kwargs``)
+    become ``tool_calls`` (``content`` is then ``None`` when there is no
+    text); a ``tool`` message needs ``additional_kwargs["tool_call_id"]`` and
+    becomes ``{"role": "tool", "tool_call_id", "content"}``. Core renders both
+    into Gemma turns. The input is never mutated.
 
     Raises:
         TypeError: ``message`` is not a ``ChatMessage``, or holds a block other
-            than ``TextBlock`` (images are not supported yet).
-        ValueError: a role other than system, user or assistant.
+            than ``TextBlock`` (and, in assistant messages, ``ToolCallBlock``).
+        ValueError: a role other than system, user, assistant or tool; a tool
+            message without ``tool_call_id``.
     """
     if not isinstance(message, ChatMessage):
         raise TypeError(f"expected a llama_index ChatMessage, got {type(message).__name__}")
@@ -101,20 +197,26 @@ def to_openai_message(message: ChatMessage) -> dict[str, Any]:
         raise ValueError(
             f"GemmaLocal does not support {message.role.value!r} messages; allowed roles: {allowed}"
         )
-    texts = []
-    for block in message.blocks:
-        if not isinstance(block, TextBlock):
-            hint = (
-                " (images are not supported yet)" if "image" in type(block).__name__.lower() else ""
+    texts = _block_texts(message, role)
+    content: Any = texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]
+    if not texts:
+        content = ""
+    out: dict[str, Any] = {"role": role, "content": content}
+    if role == "tool":
+        call_id = message.additional_kwargs.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise ValueError(
+                "a tool message needs additional_kwargs['tool_call_id'] (the id of the call it "
+                f"answers), got {call_id!r}"
             )
-            raise TypeError(
-                f"GemmaLocal supports only TextBlock content, got {type(block).__name__} "
-                f"in a {role} message{hint}"
-            )
-        texts.append(block.text)
-    if len(texts) == 1:
-        return {"role": role, "content": texts[0]}
-    return {"role": role, "content": [{"type": "text", "text": t} for t in texts] or ""}
+        out["tool_call_id"] = call_id
+    elif role == "assistant":
+        calls = _tool_calls_of(message)
+        if calls:
+            out["tool_calls"] = calls
+            if not texts:
+                out["content"] = None
+    return out
 
 
 def to_openai_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -126,6 +228,52 @@ def to_openai_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return [to_openai_message(m) for m in messages]
 
 
+# --------------------------------------------------------------------- tools in
+
+
+def to_openai_tool(tool: BaseTool | Mapping[str, Any]) -> dict[str, Any]:
+    """A LlamaIndex tool (``FunctionTool``, ``QueryEngineTool``, ...) as an OpenAI tool dict.
+
+    An OpenAI dict (``{"type": "function", "function": {...}}``) passes through
+    as is; core validates both the same way. The tool's name must already be a
+    valid function name: LlamaIndex would otherwise rename it for the model
+    (``"my tool"`` → ``"my_tool"``) and no call could find the tool again.
+
+    Raises:
+        TypeError: neither a LlamaIndex tool nor a dict.
+        ValueError: a tool name with characters other than letters, digits, ``_``, ``-``.
+    """
+    if isinstance(tool, Mapping):
+        return dict(tool)
+    metadata = getattr(tool, "metadata", None)
+    if metadata is None or not callable(getattr(metadata, "to_openai_tool", None)):
+        raise TypeError(
+            "tools must be LlamaIndex tools (e.g. FunctionTool.from_defaults(fn)) or OpenAI "
+            f'{{"type": "function", "function": {{...}}}} dicts, got {type(tool).__name__}'
+        )
+    name = metadata.name
+    if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]+", name):
+        raise ValueError(
+            f"tool name {name!r} is not a valid function name (letters, digits, '_' or '-'); "
+            "rename the tool, e.g. FunctionTool.from_defaults(fn, name='my_tool')"
+        )
+    return dict(metadata.to_openai_tool(skip_length_check=True))
+
+
+def resolve_tool_choice(tool_choice: Any, tool_required: bool = False) -> Any:
+    """LlamaIndex's ``tool_choice`` as OpenAI's.
+
+    ``None`` is ``"required"`` when ``tool_required`` else ``"auto"``; a bare
+    tool name (``FunctionAgent(initial_tool_choice="add")``) becomes
+    ``{"type": "function", "function": {"name": "add"}}``; modes and dicts pass.
+    """
+    if tool_choice is None:
+        return "required" if tool_required else "auto"
+    if isinstance(tool_choice, str) and tool_choice not in TOOL_CHOICE_MODES:
+        return {"type": "function", "function": {"name": tool_choice}}
+    return tool_choice
+
+
 # ----------------------------------------------------------------- responses out
 
 
@@ -135,11 +283,47 @@ def usage_kwargs(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: usage[k] for k in keys if usage and k in usage}
 
 
+def _tool_kwargs(arguments: str) -> dict[str, Any] | str:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments  # not complete yet (a stream that is still arriving)
+    return value if isinstance(value, dict) else arguments
+
+
+def assistant_message(text: str | None, tool_calls: Sequence[Mapping[str, Any]]) -> ChatMessage:
+    """The assistant ``ChatMessage`` of a reply: text, and its tool calls if any.
+
+    Tool calls are carried twice, as LlamaIndex's OpenAI integration does: as
+    ``ToolCallBlock``s (what llama-index-core's agents and memory read; their
+    ``tool_kwargs`` are the parsed arguments) and as the OpenAI ``tool_calls``
+    dicts in ``additional_kwargs`` (what OpenAI-style code reads).
+    """
+    if not tool_calls:
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text or "")
+    blocks: list[ContentBlock] = [TextBlock(text=text)] if text else []
+    for call in tool_calls:
+        function = call.get("function") or {}
+        blocks.append(
+            ToolCallBlock(
+                tool_call_id=call.get("id") or None,
+                tool_name=function.get("name") or "",
+                tool_kwargs=_tool_kwargs(function.get("arguments") or "{}"),
+            )
+        )
+    return ChatMessage(
+        role=MessageRole.ASSISTANT,
+        blocks=blocks,
+        additional_kwargs={"tool_calls": [dict(c) for c in tool_calls]},
+    )
+
+
 def completion_to_chat_response(completion: Mapping[str, Any]) -> ChatResponse:
     """A ``chat.completion`` dict (one choice) as a ``ChatResponse``; ``raw`` is the dict."""
     choice = completion["choices"][0]
+    message = choice["message"]
     return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=choice["message"]["content"]),
+        message=assistant_message(message.get("content"), message.get("tool_calls") or ()),
         raw=completion,
         additional_kwargs={
             **usage_kwargs(completion.get("usage")),
@@ -158,18 +342,42 @@ def chat_to_completion_response(response: ChatResponse) -> CompletionResponse:
     )
 
 
+def tool_selections(message: ChatMessage) -> list[ToolSelection]:
+    """The tool calls a message carries, as LlamaIndex ``ToolSelection``s (in order).
+
+    Reads ``ToolCallBlock``s, or else OpenAI ``tool_calls`` in
+    ``additional_kwargs``; arguments that are JSON text are parsed.
+    """
+    selections = []
+    for call in _tool_calls_of(message):
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        kwargs = _tool_kwargs(arguments) if isinstance(arguments, str) else arguments
+        selections.append(
+            ToolSelection(
+                tool_id=call.get("id") or "",
+                tool_name=function.get("name") or "",
+                tool_kwargs=kwargs if isinstance(kwargs, dict) else {},
+            )
+        )
+    return selections
+
+
 class StreamFolder:
     """Folds ``chat.completion.chunk`` dicts into streamed ``ChatResponse`` records.
 
-    One response per chunk that carries text (``message`` holds the text so
-    far, ``delta`` the new piece, ``raw`` the chunk) and a last one, with an
-    empty ``delta``, for core's final usage chunk: its ``additional_kwargs``
-    hold the token counts and ``finish_reason``. Shared by the sync and async
-    streams so both behave the same.
+    One response per chunk that carries text or tool calls (``message`` holds
+    the text and the calls so far, ``delta`` the new text, ``raw`` the chunk)
+    and a last one, with an empty ``delta``, for core's final usage chunk: its
+    ``additional_kwargs`` hold the token counts and ``finish_reason``. Tool
+    call deltas are accumulated by ``index`` as OpenAI clients do (core sends
+    each call whole, once complete). Shared by the sync and async streams so
+    both behave the same.
     """
 
     def __init__(self) -> None:
         self.text = ""
+        self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
 
     def feed(self, chunk: Mapping[str, Any]) -> ChatResponse | None:
@@ -183,31 +391,73 @@ class StreamFolder:
         choice = choices[0]
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
-        delta = (choice.get("delta") or {}).get("content") or ""
-        if not delta:  # the role chunk and the finish chunk carry no text
+        delta = choice.get("delta") or {}
+        calls = delta.get("tool_calls") or ()
+        for part in calls:
+            self._add_call(part)
+        text = delta.get("content") or ""
+        if not text and not calls:  # the role chunk and the finish chunk carry nothing
             return None
-        self.text += delta
-        return self._response(delta, chunk, {})
+        self.text += text
+        return self._response(text, chunk, {})
+
+    def _add_call(self, part: Mapping[str, Any]) -> None:
+        slot = self.tool_calls.setdefault(
+            int(part.get("index") or 0),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        slot["id"] += part.get("id") or ""
+        function = part.get("function") or {}
+        slot["function"]["name"] += function.get("name") or ""
+        slot["function"]["arguments"] += function.get("arguments") or ""
 
     def _response(self, delta: str, chunk: Any, extra: dict[str, Any]) -> ChatResponse:
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=self.text),
+            message=assistant_message(self.text, calls),
             delta=delta,
             raw=chunk,
             additional_kwargs=extra,
         )
 
 
+def json_schema_format(output_cls: type[Any]) -> dict[str, Any]:
+    """Core's ``response_format`` for a pydantic class: its JSON schema, strict."""
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", output_cls.__name__)
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": output_cls.model_json_schema(), "strict": True},
+    }
+
+
+def parse_structured(output_cls: type[Model], response: ChatResponse) -> Model:
+    """The reply of a ``json_schema`` request as ``output_cls``.
+
+    Under the grammar the reply always validates once it is complete; a reply
+    cut short by ``max_tokens`` is not, and says so.
+    """
+    text = response.message.content or ""
+    if response.additional_kwargs.get("finish_reason") == "length":
+        used = response.additional_kwargs.get("completion_tokens")
+        raise ValueError(
+            f"the {output_cls.__name__} JSON was cut off after {used} tokens, before it was "
+            "complete (max_tokens, or what the context window left after the prompt); raise "
+            f"max_tokens (e.g. llm_kwargs={{'max_tokens': ...}}). Partial output: {text!r}"
+        )
+    return output_cls.model_validate_json(text)
+
+
 # ----------------------------------------------------------------------- the LLM
 
 
-class GemmaLocal(LLM):
-    """A local Gemma chat model as a LlamaIndex ``LLM`` (transformers or Apple MLX).
+class GemmaLocal(FunctionCallingLLM):
+    """A local Gemma chat model as a LlamaIndex ``FunctionCallingLLM`` (transformers or Apple MLX).
 
     Chat-first: every call goes through the model's own chat template;
     ``complete(prompt)`` is ``chat([user: prompt])``. Works anywhere LlamaIndex
-    expects an LLM (``Settings.llm``, query engines, chat engines,
-    ``structured_predict`` through text parsing).
+    expects an LLM (``Settings.llm``, query engines, chat engines, agents).
+    Tool calls and structured output are decoded under a grammar by core, so
+    they always parse and validate, even from a small model.
 
     Setup:
         ``pip install "gemma-local[transformers,llama-index]"`` (or ``[mlx,llama-index]``
@@ -237,6 +487,24 @@ class GemmaLocal(LLM):
         async for r in await llm.astream_complete("Hi"):
             print(r.delta, end="")
 
+    Tools (``FunctionCallingLLM``)::
+
+        from llama_index.core.tools import FunctionTool
+
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        tool = FunctionTool.from_defaults(add, description="Add two integers.")
+        response = llm.chat_with_tools([tool], user_msg="What is 2 + 3?", tool_required=True)
+        llm.get_tool_calls_from_response(response)  # [ToolSelection(tool_name="add", ...)]
+        llm.predict_and_call([tool], user_msg="What is 2 + 3?")  # calls add(...)
+        FunctionAgent(tools=[tool], llm=llm).run("What is 2 + 3?")
+
+    Structured output (constrained to the class's JSON schema)::
+
+        song = llm.structured_predict(Song, PromptTemplate("A song about {topic}."), topic="sea")
+        llm.as_structured_llm(Song).chat(messages).raw  # a Song
+
     With LlamaIndex::
 
         from llama_index.core import Settings, VectorStoreIndex
@@ -244,9 +512,11 @@ class GemmaLocal(LLM):
         index.as_query_engine(streaming=True).query("...")
 
     Per-call options (``temperature``, ``max_tokens``, ``top_p``, ``top_k``,
-    ``stop``, ``seed``, ``repetition_penalty``, ``logit_bias``) override the
-    fields for that call. ``messages_to_prompt`` / ``completion_to_prompt`` are
-    not used: the Gemma chat template always formats the prompt.
+    ``stop``, ``seed``, ``repetition_penalty``, ``logit_bias``, and core's
+    ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``)
+    override the fields for that call. ``messages_to_prompt`` /
+    ``completion_to_prompt`` are not used: the Gemma chat template always
+    formats the prompt.
     """
 
     model: str | None = Field(
@@ -363,7 +633,8 @@ class GemmaLocal(LLM):
             context_window=self._context_window(),
             num_output=num_output,
             is_chat_model=True,
-            is_function_calling_model=False,
+            # the built-in backends constrain decoding; a custom client may not
+            is_function_calling_model=self._client.supports_constraints,
             model_name=self._client.model_name,
         )
 
@@ -398,6 +669,13 @@ class GemmaLocal(LLM):
             )
         options = self._field_options()
         options.update({k: v for k, v in kwargs.items() if v is not None})
+        if "tools" in options:
+            tools = options["tools"]
+            if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+                raise ValueError(f"tools must be a list of tools, got {type(tools).__name__}")
+            options["tools"] = [to_openai_tool(t) for t in tools]
+        if "tool_choice" in options:
+            options["tool_choice"] = resolve_tool_choice(options["tool_choice"])
         return options
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
@@ -520,6 +798,223 @@ class GemmaLocal(LLM):
             try:
                 async for response in responses:
                     yield chat_to_completion_response(response)
+            finally:
+                await responses.aclose()
+
+        return gen()
+
+    # --------------------------------------------------------------- tools
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat()``'s arguments for a call with tools (``chat_with_tools`` & co use it).
+
+        ``tool_choice``: ``"auto"`` (the default), ``"none"``, ``"required"``
+        (the default when ``tool_required``), a tool's name or OpenAI's
+        ``{"type": "function", "function": {"name": ...}}``.
+        ``allow_parallel_tool_calls=False`` lets the grammar allow one call
+        only. ``strict`` (OpenAI's) is accepted and changes nothing: arguments
+        are always decoded under the tool's schema. ``chat_history`` is not
+        modified.
+        """
+        del verbose, strict  # nothing to print: the calls are in the response; always strict
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        prepared: dict[str, Any] = {"messages": messages, **kwargs}
+        specs = [to_openai_tool(t) for t in tools]
+        if specs:
+            prepared["tools"] = specs
+            prepared["tool_choice"] = resolve_tool_choice(tool_choice, tool_required)
+            prepared["parallel_tool_calls"] = allow_parallel_tool_calls
+        elif tool_choice is not None or tool_required:
+            # no tools: core explains why a choice cannot apply
+            prepared["tool_choice"] = resolve_tool_choice(tool_choice, tool_required)
+        return prepared
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The response's tool calls as ``ToolSelection(tool_id, tool_name, tool_kwargs)``.
+
+        Raises:
+            ValueError: there is no call and ``error_on_no_tool_call`` is true.
+        """
+        selections = tool_selections(response.message)
+        if not selections and error_on_no_tool_call:
+            cut = response.additional_kwargs.get("finish_reason") == "length"
+            if cut and not response.message.content:  # a call was being written
+                raise ValueError(
+                    "Expected at least one tool call, but the reply was cut off after "
+                    f"{response.additional_kwargs.get('completion_tokens')} tokens (max_tokens, or "
+                    "what the context window left after the prompt) before a call was complete; "
+                    "raise max_tokens"
+                )
+            raise ValueError(
+                "Expected at least one tool call, but the model answered with text: "
+                f"{response.message.content!r}. Pass tool_required=True (or a tool's name as "
+                "tool_choice) to force a call"
+            )
+        return selections
+
+    # --------------------------------------------------- structured output
+
+    def _structured_kwargs(
+        self, output_cls: type[BaseModel], llm_kwargs: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        kwargs = dict(llm_kwargs or {})
+        kwargs["response_format"] = json_schema_format(output_cls)
+        return kwargs
+
+    def _structured_messages(self, prompt: PromptTemplate, prompt_args: Any) -> list[ChatMessage]:
+        return self._extend_messages(prompt.format_messages(llm=self, **prompt_args))
+
+    def _uses_json_schema(self) -> bool:
+        """LlamaIndex's default program mode takes the constrained JSON route.
+
+        A client that cannot constrain decoding (a custom backend) keeps
+        LlamaIndex's text-parsing route, as for any LLM without function calling.
+        """
+        return (
+            self.pydantic_program_mode == PydanticProgramMode.DEFAULT
+            and self._client.supports_constraints
+        )
+
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """``output_cls`` from the model, decoded under its JSON schema (always validates).
+
+        ``pydantic_program_mode`` other than the default takes LlamaIndex's
+        routes instead (``"function"``: a forced tool call, also constrained;
+        ``"llm"``: unconstrained text parsing).
+        """
+        if not self._uses_json_schema():
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
+        response = self.chat(
+            self._structured_messages(prompt, prompt_args),
+            **self._structured_kwargs(output_cls, llm_kwargs),
+        )
+        result = parse_structured(output_cls, response)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """Async :meth:`structured_predict`."""
+        if not self._uses_json_schema():
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
+        response = await self.achat(
+            self._structured_messages(prompt, prompt_args),
+            **self._structured_kwargs(output_cls, llm_kwargs),
+        )
+        result = parse_structured(output_cls, response)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    def _structured_stream_call(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Model | list[Model] | FlexibleModel | list[FlexibleModel], None, None]:
+        """Partial objects while the JSON streams in, then the validated ``output_cls``.
+
+        Behind ``stream_structured_predict`` and ``as_structured_llm(...).stream_chat``.
+        """
+        if not self._uses_json_schema():
+            yield from super()._structured_stream_call(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+            return
+        from llama_index.core.program.streaming_utils import (
+            process_streaming_content_incremental,
+        )
+
+        responses = self.stream_chat(
+            self._structured_messages(prompt, prompt_args),
+            **self._structured_kwargs(output_cls, llm_kwargs),
+        )
+        current: Any = None
+        try:
+            for response in responses:
+                if response.additional_kwargs.get("finish_reason") is not None:
+                    yield parse_structured(output_cls, response)  # the last one
+                else:
+                    current = process_streaming_content_incremental(response, output_cls, current)
+                    yield current
+        finally:
+            responses.close()
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Model | list[Model] | FlexibleModel | list[FlexibleModel], None]:
+        """Async :meth:`_structured_stream_call`."""
+        if not self._uses_json_schema():
+            return await super()._structured_astream_call(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+        from llama_index.core.program.streaming_utils import (
+            process_streaming_content_incremental,
+        )
+
+        responses = await self.astream_chat(
+            self._structured_messages(prompt, prompt_args),
+            **self._structured_kwargs(output_cls, llm_kwargs),
+        )
+
+        async def gen() -> AsyncGenerator[Any, None]:
+            current: Any = None
+            try:
+                async for response in responses:
+                    if response.additional_kwargs.get("finish_reason") is not None:
+                        yield parse_structured(output_cls, response)
+                    else:
+                        current = process_streaming_content_incremental(
+                            response, output_cls, current
+                        )
+                        yield current
             finally:
                 await responses.aclose()
 

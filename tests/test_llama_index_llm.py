@@ -119,7 +119,7 @@ def test_metadata(client) -> None:
     assert meta.context_window == 2048  # max_position_embeddings of the tiny config
     assert meta.num_output == 32
     assert meta.is_chat_model is True
-    assert meta.is_function_calling_model is False
+    assert meta.is_function_calling_model is True
     assert meta.model_name == client.model_name
     assert GemmaLocal(client=client, context_window=512).metadata.context_window == 512
 
@@ -263,7 +263,7 @@ def test_seed_makes_sampling_reproducible(client) -> None:
     assert llm.chat(USER).message.content == llm.chat(USER).message.content
 
 
-@pytest.mark.parametrize("option", ["n", "stream", "model", "tools", "frequency_penalty"])
+@pytest.mark.parametrize("option", ["n", "stream", "model", "functions", "frequency_penalty"])
 def test_unknown_per_call_options_are_refused(llm: GemmaLocal, option: str) -> None:
     with pytest.raises(TypeError, match=rf"\['{option}'\].*allowed per-call options"):
         llm.chat(USER, **{option: 2})
@@ -286,8 +286,10 @@ def test_errors_come_before_any_load(gemma3_path: Path) -> None:
         llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=png)])])
     with pytest.raises(ValueError, match="must start with a user message"):
         llm.chat([ChatMessage(role="assistant", content="hi")])
-    with pytest.raises(ValueError, match="'tool'"):
-        llm.stream_chat([ChatMessage(role="tool", content="42")])
+    with pytest.raises(ValueError, match="'function'"):
+        llm.stream_chat([ChatMessage(role="function", content="42")])
+    with pytest.raises(ValueError, match="tool_call_id"):
+        llm.chat([ChatMessage(role="user", content="hi"), ChatMessage(role="tool", content="42")])
     assert not llm.client.is_loaded
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from llama_index.core.base.llms.types import (
     AudioBlock,
@@ -15,13 +18,19 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.tools import FunctionTool
 
 from llama_index_gemma_local import (
     StreamFolder,
+    assistant_message,
     chat_to_completion_response,
     completion_to_chat_response,
+    resolve_tool_choice,
     to_openai_message,
     to_openai_messages,
+    to_openai_tool,
+    tool_selections,
 )
 
 PNG = (
@@ -64,11 +73,11 @@ def test_message_table(message: ChatMessage, expected: dict) -> None:
     assert to_openai_message(message) == expected
 
 
-@pytest.mark.parametrize(
-    "role", ["tool", "function", "developer", "chatbot", "model"], ids=lambda r: r
-)
+@pytest.mark.parametrize("role", ["function", "developer", "chatbot", "model"], ids=lambda r: r)
 def test_unsupported_roles_are_refused_by_name(role: str) -> None:
-    with pytest.raises(ValueError, match=rf"'{role}'.*allowed roles: system, user, assistant"):
+    with pytest.raises(
+        ValueError, match=rf"'{role}'.*allowed roles: system, user, assistant, tool"
+    ):
         to_openai_message(ChatMessage(role=role, content="x"))
 
 
@@ -197,3 +206,285 @@ def test_chat_to_completion_response_copies() -> None:
     completion.additional_kwargs["extra"] = 1
     assert chat.additional_kwargs == {"total_tokens": 3}
     assert chat.message.additional_kwargs == {}
+
+
+# ------------------------------------------------------------------ tool calls
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
+}
+CALL_2 = {"id": "call_2", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
+WEATHER_BLOCK = ToolCallBlock(
+    tool_call_id="call_1", tool_name="get_weather", tool_kwargs={"city": "Paris", "days": 2}
+)
+
+
+class SDKToolCall:
+    """Stands in for the OpenAI SDK's ``ChatCompletionMessageToolCall`` (a pydantic model)."""
+
+    def __init__(self, call: dict[str, Any]) -> None:
+        self.call = call
+
+    def model_dump(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.call))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            ChatMessage(role="tool", content="42", additional_kwargs={"tool_call_id": "call_1"}),
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        ),
+        (
+            ChatMessage(
+                role=MessageRole.TOOL,
+                blocks=[TextBlock(text="a"), TextBlock(text="b")],
+                additional_kwargs={"tool_call_id": "call_1", "name": "x"},
+            ),
+            {
+                "role": "tool",
+                "tool_call_id": "call_1",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ),
+        (
+            ChatMessage(role="assistant", blocks=[WEATHER_BLOCK]),
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        ),
+        (
+            ChatMessage(role="assistant", blocks=[TextBlock(text="Let me look."), WEATHER_BLOCK]),
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                blocks=[
+                    ToolCallBlock(
+                        tool_call_id="call_1",
+                        tool_name="get_weather",
+                        tool_kwargs='{"city": "Paris", "days": 2}',
+                    ),
+                    ToolCallBlock(tool_call_id="call_2", tool_name="ping"),
+                ],
+            ),
+            {"role": "assistant", "content": None, "tool_calls": [CALL, CALL_2]},
+        ),
+        (
+            ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [CALL]}),
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        ),
+        (
+            ChatMessage(role="assistant", additional_kwargs={"tool_calls": [SDKToolCall(CALL)]}),
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        ),
+        (
+            ChatMessage(role="assistant", content="Hi", additional_kwargs={"tool_call_id": "x"}),
+            {"role": "assistant", "content": "Hi"},
+        ),
+    ],
+    ids=[
+        "tool",
+        "tool-blocks",
+        "call-block",
+        "text-and-call",
+        "str-kwargs-and-no-args",
+        "openai-kwargs",
+        "openai-sdk-object",
+        "return-direct",
+    ],
+)
+def test_tool_message_table(message: ChatMessage, expected: dict) -> None:
+    assert to_openai_message(message) == expected
+
+
+def test_tool_messages_need_a_call_id() -> None:
+    with pytest.raises(ValueError, match=r"tool message needs additional_kwargs\['tool_call_id'\]"):
+        to_openai_message(ChatMessage(role="tool", content="42"))
+
+
+@pytest.mark.parametrize("role", ["user", "system", "tool"])
+def test_tool_call_blocks_only_in_assistant_messages(role: str) -> None:
+    message = ChatMessage(
+        role=role, blocks=[WEATHER_BLOCK], additional_kwargs={"tool_call_id": "c"}
+    )
+    with pytest.raises(TypeError, match=f"only TextBlock content, got ToolCallBlock in a {role}"):
+        to_openai_message(message)
+
+
+def test_junk_tool_calls_are_refused() -> None:
+    with pytest.raises(TypeError, match="OpenAI tool calls"):
+        to_openai_message(ChatMessage(role="assistant", additional_kwargs={"tool_calls": [3]}))
+
+
+def test_tool_mapping_never_mutates_its_input() -> None:
+    message = ChatMessage(role="assistant", blocks=[WEATHER_BLOCK], additional_kwargs={})
+    before = message.model_dump()
+    out = to_openai_message(message)
+    out["tool_calls"][0]["function"]["name"] = "changed"
+    assert message.model_dump() == before
+
+
+def test_assistant_message_round_trips() -> None:
+    """A reply's message maps back to exactly the OpenAI message core produced."""
+    for core_message in (
+        {"role": "assistant", "content": None, "tool_calls": [CALL, CALL_2]},
+        {"role": "assistant", "content": "Hello"},
+    ):
+        message = assistant_message(core_message["content"], core_message.get("tool_calls", []))
+        assert to_openai_message(message) == core_message
+
+
+def test_tool_selections() -> None:
+    message = assistant_message(None, [CALL, CALL_2])
+    expected = [
+        ToolSelection(
+            tool_id="call_1", tool_name="get_weather", tool_kwargs={"city": "Paris", "days": 2}
+        ),
+        ToolSelection(tool_id="call_2", tool_name="ping", tool_kwargs={}),
+    ]
+    assert tool_selections(message) == expected
+    # the OpenAI form alone (e.g. a message built by other code) reads the same
+    openai_only = ChatMessage(role="assistant", additional_kwargs={"tool_calls": [CALL, CALL_2]})
+    assert tool_selections(openai_only) == expected
+    assert tool_selections(ChatMessage(role="assistant", content="no calls")) == []
+    partial = dict(CALL, function={"name": "get_weather", "arguments": '{"city": "Par'})
+    [selection] = tool_selections(assistant_message(None, [partial]))
+    assert selection.tool_kwargs == {}  # arguments still arriving
+
+
+def weather(city: str, days: int) -> str:
+    """Weather of a city."""
+    return city * days
+
+
+@pytest.mark.parametrize(
+    ("tool", "expected"),
+    [
+        (
+            FunctionTool.from_defaults(weather, description="Weather of a city."),
+            {
+                "type": "function",
+                "function": {
+                    "name": "weather",
+                    "description": "Weather of a city.",
+                    "parameters": {
+                        "properties": {
+                            "city": {"title": "City", "type": "string"},
+                            "days": {"title": "Days", "type": "integer"},
+                        },
+                        "required": ["city", "days"],
+                        "type": "object",
+                    },
+                },
+            },
+        ),
+        ({"type": "function", "function": {"name": "ping"}}, None),
+    ],
+    ids=["function-tool", "openai-dict"],
+)
+def test_to_openai_tool(tool, expected) -> None:
+    assert to_openai_tool(tool) == (expected or tool)
+
+
+def test_to_openai_tool_refuses_names_llama_index_would_rename() -> None:
+    tool = FunctionTool.from_defaults(weather, name="my weather")
+    with pytest.raises(ValueError, match="tool name 'my weather' is not a valid function name"):
+        to_openai_tool(tool)
+    with pytest.raises(TypeError, match="got int"):
+        to_openai_tool(3)
+
+
+@pytest.mark.parametrize(
+    ("choice", "required", "expected"),
+    [
+        (None, False, "auto"),
+        (None, True, "required"),
+        ("none", True, "none"),
+        ("auto", False, "auto"),
+        ("required", False, "required"),
+        ("add", False, {"type": "function", "function": {"name": "add"}}),
+        ({"type": "function", "function": {"name": "x"}}, True, None),
+    ],
+)
+def test_resolve_tool_choice(choice, required: bool, expected) -> None:
+    assert resolve_tool_choice(choice, required) == (expected or choice)
+
+
+def test_completion_with_tool_calls() -> None:
+    completion = {
+        **COMPLETION,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [CALL, CALL_2]},
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    response = completion_to_chat_response(completion)
+    message = response.message
+    assert message.content is None
+    assert message.blocks == [
+        WEATHER_BLOCK,
+        ToolCallBlock(tool_call_id="call_2", tool_name="ping", tool_kwargs={}),
+    ]
+    assert message.additional_kwargs == {"tool_calls": [CALL, CALL_2]}
+    assert response.additional_kwargs["finish_reason"] == "tool_calls"
+    assert chat_to_completion_response(response).text == ""
+
+
+def _call_chunk(index: int, **part: Any) -> dict:
+    return _chunk(
+        [
+            {
+                "index": 0,
+                "delta": {"tool_calls": [{"index": index, **part}]},
+                "finish_reason": None,
+            }
+        ]
+    )
+
+
+def test_stream_folder_with_whole_calls() -> None:
+    """Core sends each call whole, in one chunk, once it is complete."""
+    chunks = [
+        CHUNKS[0],
+        _call_chunk(0, **CALL),
+        _call_chunk(1, **CALL_2),
+        _chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+        _chunk([], usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}),
+    ]
+    folder = StreamFolder()
+    responses = [r for c in chunks if (r := folder.feed(c)) is not None]
+    assert [r.delta for r in responses] == ["", "", ""]
+    assert [len(tool_selections(r.message)) for r in responses] == [1, 2, 2]
+    last = responses[-1]
+    assert to_openai_message(last.message) == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [CALL, CALL_2],
+    }
+    assert last.additional_kwargs["finish_reason"] == "tool_calls"
+    assert last.additional_kwargs["completion_tokens"] == 9
+
+
+def test_stream_folder_with_openai_style_fragments() -> None:
+    """Calls split over chunks (name first, then pieces of arguments) accumulate by index."""
+    function = CALL["function"]
+    chunks = [
+        _call_chunk(0, id="call_1", type="function", function={"name": "get_weather"}),
+        _call_chunk(0, function={"arguments": function["arguments"][:9]}),
+        _call_chunk(0, function={"arguments": function["arguments"][9:]}),
+    ]
+    folder = StreamFolder()
+    responses = [folder.feed(c) for c in chunks]
+    assert [s.tool_kwargs for r in responses for s in tool_selections(r.message)] == [
+        {},
+        {},
+        {"city": "Paris", "days": 2},
+    ]
+    assert responses[-1].message.additional_kwargs["tool_calls"] == [CALL]
