@@ -532,6 +532,7 @@ class BaseGemmaChatCompletion:
         self, conversations: Sequence[Messages], params: SamplingParams
     ) -> Iterator[Delta]:
         """The raw :class:`Delta` stream of a request (what adapters build on)."""
+        self._check_constraints(params)
         self.load()
         return stream_job(self._worker, self._job(conversations, params))
 
@@ -539,6 +540,7 @@ class BaseGemmaChatCompletion:
         self, conversations: Sequence[Messages], params: SamplingParams
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream_deltas`; loading and generation never block the event loop."""
+        self._check_constraints(params)
         if not self._loaded:
             import asyncio
 
