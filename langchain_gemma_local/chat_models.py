@@ -3,12 +3,22 @@
 Data flow in and out, all on the core token stream::
 
     list[BaseMessage] ──convert_messages_to_dicts──▶ OpenAI-style dicts
-        (core.normalize_messages validates them before anything loads)
+        (ToolMessage → role "tool"; AIMessage.tool_calls → OpenAI tool_calls;
+        core.normalize_messages validates them before anything loads)
     fields + per-call kwargs ──SamplingParams.build──▶ frozen, validated params
+        (bind_tools / with_structured_output only bind core's own options:
+        tools, tool_choice, parallel_tool_calls, response_format)
     client.stream_deltas([conversation], params)     (sync, on the model thread)
     client.astream_deltas([conversation], params)    (async, never blocks the loop)
         ──Delta──▶ ChatGenerationChunk ──▶ _stream / _astream
+            (Delta.tool_calls → AIMessageChunk.tool_call_chunks, one whole
+            call per chunk, so the chunks add up to the invoke result)
         ──merged──▶ ChatResult ──▶ _generate / _agenerate
+
+Tool calls and JSON output are guaranteed by core's constrained decoding
+(a grammar masks every token that would break the format), so the parsers
+that ``with_structured_output`` chains on never see malformed output unless
+``max_tokens`` cuts it short.
 
 ``batch()`` / ``abatch()`` start ONE batched generation over every input
 (``stream_deltas(conversations, params)``) and then run LangChain's ordinary
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import threading
 import time
 import weakref
@@ -32,11 +43,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.globals import get_llm_cache
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import (
     AIMessage,
@@ -45,13 +57,24 @@ from langchain_core.messages import (
     ChatMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
-from pydantic import ConfigDict, Field, SecretStr, model_validator
-from typing_extensions import Self
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from typing_extensions import Self, is_typeddict
 
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, normalize_messages
 from core.factory import DEFAULT_MODELS, create_gemma_client, resolve_backend
@@ -69,10 +92,19 @@ CHAT_MESSAGE_ROLES: Mapping[str, str] = {
     "model": "assistant",
 }
 _IMAGE_BLOCKS = frozenset({"image", "image_url", "input_image"})
+#: Content blocks that record an AIMessage's own tool calls (Anthropic ``tool_use``,
+#: LangChain's standard ``tool_call``, OpenAI Responses ``function_call``): the calls
+#: are sent from ``AIMessage.tool_calls``, so these blocks are skipped.
+_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "function_call"})
 
 
-def _convert_content(content: str | list[Any], kind: str) -> str | list[dict[str, str]]:
-    """A message's content as a string or a new list of OpenAI text parts."""
+def _convert_content(
+    content: str | list[Any], kind: str, *, skip: frozenset[str] = frozenset()
+) -> str | list[dict[str, str]]:
+    """A message's content as a string or a new list of OpenAI text parts.
+
+    Blocks whose type is in ``skip`` are left out.
+    """
     if isinstance(content, str):
         return content
     parts: list[dict[str, str]] = []
@@ -81,6 +113,8 @@ def _convert_content(content: str | list[Any], kind: str) -> str | list[dict[str
             parts.append({"type": "text", "text": block})
             continue
         block_type = block.get("type") if isinstance(block, Mapping) else None
+        if block_type in skip:
+            continue
         if block_type == "text" and isinstance(block.get("text"), str):
             parts.append({"type": "text", "text": block["text"]})
         elif block_type in _IMAGE_BLOCKS:
@@ -97,20 +131,54 @@ def _convert_content(content: str | list[Any], kind: str) -> str | list[dict[str
     return parts
 
 
+def _openai_tool_calls(message: AIMessage) -> list[dict[str, Any]]:
+    """An AIMessage's tool calls in OpenAI form (``arguments`` as a JSON string)."""
+    if message.invalid_tool_calls:
+        bad = message.invalid_tool_calls[0]
+        raise ValueError(
+            f"{type(message).__name__} carries an invalid tool call ({bad.get('name')!r}, "
+            f"arguments {bad.get('args')!r}) whose arguments are not a JSON object; Gemma "
+            "can only be shown well-formed calls: fix or drop it from the history"
+        )
+    calls = []
+    for call in message.tool_calls:
+        if not call.get("id"):
+            raise ValueError(
+                f"{type(message).__name__} has a tool call to {call['name']!r} without an id; "
+                "the ToolMessage answering it needs that id"
+            )
+        calls.append(
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": json.dumps(call["args"], ensure_ascii=False),
+                },
+            }
+        )
+    return calls
+
+
 def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
-    """One LangChain message as an OpenAI-style ``{"role", "content"}`` dict.
+    """One LangChain message as an OpenAI-style chat message dict.
 
     ``SystemMessage`` → system, ``HumanMessage`` → user, ``AIMessage`` →
-    assistant, ``ChatMessage`` by its role (see :data:`CHAT_MESSAGE_ROLES`).
-    Content stays a string, or becomes a new list of text parts. ``name`` is
-    dropped (Gemma's chat template has no speaker names). The message is never
-    modified.
+    assistant, ``ToolMessage`` → ``{"role": "tool", "tool_call_id", "content"}``,
+    ``ChatMessage`` by its role (see :data:`CHAT_MESSAGE_ROLES`). Content stays
+    a string, or becomes a new list of text parts. An ``AIMessage`` with
+    ``tool_calls`` also gets OpenAI ``tool_calls`` (``{"id", "type":
+    "function", "function": {"name", "arguments": "<JSON>"}}``), its content
+    ``None`` when it has no text, and its own call blocks (``tool_use``, ...)
+    left out of the content. ``name`` and a ToolMessage's ``status`` are dropped
+    (Gemma's chat template has no speaker names; an error result says so in its
+    content). The message is never modified.
 
     Raises:
-        TypeError: for any other message class (``ToolMessage``,
-            ``FunctionMessage``, ...) and for non-text content blocks (images).
+        TypeError: for any other message class (``FunctionMessage``, ...) and
+            for non-text content blocks (images).
         ValueError: for a ``ChatMessage`` role Gemma does not know, and for an
-            ``AIMessage`` carrying tool calls (tool calling is not supported yet).
+            ``AIMessage`` carrying ``invalid_tool_calls`` or a call without id.
     """
     kind = type(message).__name__
     if isinstance(message, ChatMessage):
@@ -118,22 +186,29 @@ def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
         if role is None:
             raise ValueError(
                 f"ChatMessage has role {message.role!r}; ChatGemmaLocal knows the roles "
-                f"{', '.join(sorted(CHAT_MESSAGE_ROLES))}"
+                f"{', '.join(sorted(CHAT_MESSAGE_ROLES))} (send tool results as ToolMessage)"
             )
     elif isinstance(message, SystemMessage):
         role = "system"
     elif isinstance(message, HumanMessage):
         role = "user"
+    elif isinstance(message, ToolMessage):
+        return {
+            "role": "tool",
+            "tool_call_id": message.tool_call_id,
+            "content": _convert_content(message.content, kind),
+        }
     elif isinstance(message, AIMessage):
-        role = "assistant"
-        if message.tool_calls or message.invalid_tool_calls:
-            raise ValueError(
-                f"{kind} carries tool calls; ChatGemmaLocal does not support tool calling yet"
-            )
+        if not (message.tool_calls or message.invalid_tool_calls):
+            return {"role": "assistant", "content": _convert_content(message.content, kind)}
+        calls = _openai_tool_calls(message)
+        content = _convert_content(message.content, kind, skip=_CALL_BLOCKS)
+        return {"role": "assistant", "content": content or None, "tool_calls": calls}
     else:
         raise TypeError(
             f"ChatGemmaLocal cannot send a {kind} to Gemma; supported messages are "
-            "SystemMessage, HumanMessage, AIMessage and ChatMessage with a known role"
+            "SystemMessage, HumanMessage, AIMessage, ToolMessage and ChatMessage with a "
+            "known role"
         )
     return {"role": role, "content": _convert_content(message.content, kind)}
 
@@ -179,6 +254,118 @@ def _shared_key(client: BaseGemmaChatCompletion) -> tuple[str, str, str] | None:
     """The settings of a client ChatGemmaLocal made, ``None`` for a caller's own client."""
     with _SHARED_LOCK:
         return next((k for k, c in _SHARED_CLIENTS.items() if c is client), None)
+
+
+# ------------------------------------------------------------ tools and schemas
+
+
+def _tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
+    names = []
+    for tool in tools:
+        function = tool.get("function")
+        if tool.get("type") == "function" and isinstance(function, Mapping):
+            names.append(str(function.get("name")))
+    return names
+
+
+def _named_choice(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def convert_tool_choice(
+    tool_choice: dict[str, Any] | str | bool | None, tools: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | str | None:
+    """LangChain's ``tool_choice`` forms as core's (OpenAI's): a mode or a named tool.
+
+    ``None`` / ``False`` → ``None`` (core's default: ``"auto"``); ``True``,
+    ``"any"`` and ``"required"`` → ``"required"`` (at least one call);
+    ``"auto"``, ``"none"``; the name of a bound tool (checked first, as
+    langchain-openai does) → ``{"type": "function", "function": {"name"}}``
+    (exactly that one call); an OpenAI dict as is, and Anthropic's
+    ``{"type": "tool", "name"}`` / ``{"type": "any" | "auto" | "none"}``.
+
+    Raises:
+        ValueError: a string that is neither a mode nor a bound tool's name
+            (naming both), or a dict of an unknown shape.
+        TypeError: any other type.
+    """
+    if tool_choice is None or tool_choice is False:
+        return None
+    if tool_choice is True:
+        return "required"
+    names = _tool_names(tools)
+    if isinstance(tool_choice, str):
+        if tool_choice in names:
+            return _named_choice(tool_choice)
+        if tool_choice in TOOL_CHOICE_MODES:
+            return TOOL_CHOICE_MODES[tool_choice]
+        raise ValueError(
+            f"tool_choice={tool_choice!r} is neither one of "
+            f"{', '.join(map(repr, TOOL_CHOICE_MODES))} nor the name of a bound tool; "
+            f"the tools are: {', '.join(map(repr, names)) or 'none'}"
+        )
+    if isinstance(tool_choice, Mapping):
+        kind = tool_choice.get("type")
+        if kind == "function":
+            return dict(tool_choice)  # core checks the name against the tools
+        if kind == "tool" and isinstance(tool_choice.get("name"), str):
+            return _named_choice(tool_choice["name"])
+        if isinstance(kind, str) and kind in TOOL_CHOICE_MODES:
+            return TOOL_CHOICE_MODES[kind]
+        raise ValueError(
+            'tool_choice dicts are {"type": "function", "function": {"name": ...}} '
+            f'(or Anthropic\'s {{"type": "tool", "name": ...}}), got {tool_choice!r}'
+        )
+    raise TypeError(
+        f"tool_choice must be a string, a bool, a dict or None, got {type(tool_choice).__name__}"
+    )
+
+
+def _is_pydantic_class(schema: Any) -> bool:
+    return isinstance(schema, type) and is_basemodel_subclass(schema)
+
+
+def convert_to_response_format(
+    schema: dict[str, Any] | type, strict: bool | None = None
+) -> dict[str, Any]:
+    """A schema as an OpenAI ``{"type": "json_schema", "json_schema": {...}}`` response format.
+
+    Accepts a pydantic class (v2 ``model_json_schema()`` or v1 ``schema()``,
+    ``$defs`` kept), a ``TypedDict`` class, a JSON schema dict (named by its
+    ``title``, else ``"response"``), an OpenAI function / tool dict, a
+    ``{"name", "schema"}`` dict or a whole response format. ``strict`` is
+    recorded (core then closes every object the schema lists properties of).
+    """
+    if _is_pydantic_class(schema):
+        model: Any = schema
+        if issubclass(model, BaseModel):
+            spec = {"name": model.__name__, "schema": model.model_json_schema()}
+        else:  # pydantic.v1
+            spec = {"name": model.__name__, "schema": model.schema()}
+    elif is_typeddict(schema):
+        json_schema = convert_to_json_schema(schema)
+        spec = {"name": json_schema.get("title") or getattr(schema, "__name__", "response")}
+        spec["schema"] = json_schema
+    elif isinstance(schema, Mapping):
+        if schema.get("type") == "json_schema" and isinstance(schema.get("json_schema"), Mapping):
+            spec = dict(schema["json_schema"])
+        elif "name" in schema and "schema" in schema:
+            spec = dict(schema)
+        elif schema.get("type") == "function" or ("name" in schema and "parameters" in schema):
+            function = convert_to_openai_tool(schema)["function"]
+            spec = {"name": function["name"], "schema": function.get("parameters", {})}
+        else:
+            title = schema.get("title")
+            spec = {"name": title if isinstance(title, str) and title else "response"}
+            spec["schema"] = dict(schema)
+    else:
+        raise TypeError(
+            "schema must be a pydantic class, a TypedDict class or a JSON schema dict, got "
+            f"{schema!r}"
+        )
+    if strict is not None:
+        spec["strict"] = strict
+    return {"type": "json_schema", "json_schema": spec}
 
 
 # ------------------------------------------------------------ deltas → LangChain
@@ -374,6 +561,9 @@ _CLAIM: contextvars.ContextVar[_Claim | None] = contextvars.ContextVar(
     "gemma_local_batch_claim", default=None
 )
 
+#: Core's tool and JSON-output options, bound by ``bind_tools`` / ``with_structured_output``
+#: (or passed per call, in OpenAI's shapes).
+CONSTRAINT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 #: Per-call options ``invoke`` / ``stream`` / ``bind`` accept besides ``stop``.
 CALL_OPTIONS = frozenset(
     {
@@ -386,9 +576,28 @@ CALL_OPTIONS = frozenset(
         "logit_bias",
         "timeout",
         "model",
+        *CONSTRAINT_OPTIONS,
     }
 )
-_SAMPLING_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "repetition_penalty")
+#: Tracing metadata that ``with_structured_output`` binds; LangChain consumes it
+#: (``invoke`` / ``stream`` pop it), but ``batch`` passes it on, so it is ignored here.
+_TRACING_OPTIONS = frozenset({"ls_structured_output_format", "structured_output_format"})
+_SAMPLING_FIELDS = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "logit_bias",
+)
+#: ``tool_choice`` strings LangChain code passes, as core's (OpenAI's) modes.
+TOOL_CHOICE_MODES: Mapping[str, str] = {
+    "auto": "auto",
+    "none": "none",
+    "required": "required",
+    "any": "required",
+}
 _LOAD_FIELDS = frozenset({"use_4bit_quantization", "device_map", "client_kwargs"})
 
 
@@ -427,6 +636,8 @@ class ChatGemmaLocal(BaseChatModel):
             Makes sampling reproducible.
         repetition_penalty: float | None
             > 0; 1.0 is off.
+        logit_bias: dict[int, float] | None
+            Token id → bias in [-100, 100].
 
     Key init args — the model:
         model: str | None
@@ -530,6 +741,50 @@ class ChatGemmaLocal(BaseChatModel):
         client.create([{"role": "user", "content": "Hi"}])  # direct core use, same weights
         ```
 
+    Tool calling:
+        ```python
+        from langchain_core.tools import tool
+
+        @tool
+        def get_weather(city: str) -> str:
+            '''Current weather of a city.'''
+            return f"Sunny in {city}."
+
+        model_with_tools = model.bind_tools([get_weather])  # tool_choice="auto"
+        reply = model_with_tools.invoke("What's the weather in Paris?")
+        reply.tool_calls
+        ```
+
+        ```python
+        [{"name": "get_weather", "args": {"city": "Paris"}, "id": "call_...", "type": "tool_call"}]
+        ```
+
+        Decoding is constrained by a grammar: every call parses, names a bound
+        tool and has schema-valid arguments. `tool_choice`: `"auto"` (default),
+        `"none"`, `"required"` / `"any"` / `True`, or a tool's name (exactly one
+        call of it). Streaming gives each call as one `tool_call_chunk`; send
+        results back as `ToolMessage`s (LangGraph agents work unchanged).
+
+    Structured output:
+        ```python
+        from pydantic import BaseModel
+
+        class Joke(BaseModel):
+            setup: str
+            punchline: str
+
+        model.with_structured_output(Joke).invoke("Tell me a joke about cats")
+        ```
+
+        ```python
+        Joke(setup="Why was the cat sitting on the computer?", punchline="To keep an eye on the mouse!")
+        ```
+
+        `method="json_schema"` (default: the reply is JSON constrained by the
+        schema), `"function_calling"` (a forced tool call) or `"json_mode"`
+        (any JSON object); pydantic, `TypedDict` or JSON schema;
+        `include_raw=True` for `{"raw", "parsed", "parsing_error"}`.
+
     Token usage:
         ```python
         model.invoke(messages).usage_metadata
@@ -541,10 +796,10 @@ class ChatGemmaLocal(BaseChatModel):
 
     Response metadata:
         `model_name`, `finish_reason` (`"stop"` at the end of the turn or a
-        stop string, `"length"` at `max_tokens`) and `model_provider`.
+        stop string, `"length"` at `max_tokens`, `"tool_calls"` after calls)
+        and `model_provider`.
 
-    Not supported yet: tool calling, structured output, images (an image
-    block raises `TypeError`).
+    Not supported yet: images (an image block raises `TypeError`).
     """
 
     # -------- the model
@@ -605,6 +860,11 @@ class ChatGemmaLocal(BaseChatModel):
 
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     """Penalty on tokens already present, > 0; 1.0 is off. Default ``None``: off."""
+
+    logit_bias: dict[int, float] | None = None
+    """Token id → bias in [-100, 100] added to that token's logit every step
+    (``-100`` bans a token, ``100`` all but forces it wherever it is allowed).
+    Default ``None``: none."""
 
     # -------- behaviour
 
@@ -694,16 +954,25 @@ class ChatGemmaLocal(BaseChatModel):
         """Fields, overridden by per-call options that are not ``None``."""
         options: dict[str, Any] = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
         options["stop"] = self.stop if stop is None else stop
-        for name in (*_SAMPLING_FIELDS, "logit_bias"):
+        for name in (*_SAMPLING_FIELDS, *CONSTRAINT_OPTIONS):
             if kwargs.get(name) is not None:
                 options[name] = kwargs[name]
-        return SamplingParams.build(**options)
+        params = SamplingParams.build(**options)
+        client = self.client
+        if params.constrained and client is not None and not client.supports_constraints:
+            raise NotImplementedError(
+                f"the client {type(client).__name__} cannot constrain decoding, so "
+                "ChatGemmaLocal cannot serve tools or structured output with it; use a "
+                "transformers or MLX client"
+            )
+        return params
 
     def _options(
         self, stop: list[str] | None, kwargs: Mapping[str, Any]
     ) -> tuple[SamplingParams, float | None]:
         """Sampling params and timeout of one call (fields overridden per call)."""
-        kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's routing flag
+        # "stream" is LangChain's routing flag; tracing metadata is not an option
+        kwargs = {k: v for k, v in kwargs.items() if k != "stream" and k not in _TRACING_OPTIONS}
         unknown = sorted(set(kwargs) - CALL_OPTIONS)
         if unknown:
             raise TypeError(
@@ -769,8 +1038,15 @@ class ChatGemmaLocal(BaseChatModel):
         return _auntil_deadline(deltas, timeout, cold)
 
     def _chunk(self, delta: Delta) -> ChatGenerationChunk:
+        """One delta as a chunk; each tool call it completes becomes one whole ``tool_call_chunk``."""
+        calls = [
+            tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
+            for c in delta.tool_calls
+        ]
         if delta.finish_reason is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
+            return ChatGenerationChunk(
+                message=AIMessageChunk(content=delta.text, tool_call_chunks=calls)
+            )
         metadata = {
             "model_name": self.model,
             "finish_reason": delta.finish_reason,
@@ -779,6 +1055,7 @@ class ChatGemmaLocal(BaseChatModel):
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content=delta.text,
+                tool_call_chunks=calls,
                 usage_metadata=_usage(delta),
                 response_metadata=metadata,
                 chunk_position="last",
@@ -834,6 +1111,153 @@ class ChatGemmaLocal(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
+    # ------------------------------------------------------------ tools and structured output
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; the model's calls come back as ``AIMessage.tool_calls``.
+
+        Decoding is constrained by a grammar, so every call parses, names one
+        of these tools and has arguments that validate against its schema.
+
+        Args:
+            tools: anything :func:`~langchain_core.utils.function_calling.convert_to_openai_tool`
+                takes: ``@tool`` functions, ``BaseTool``, plain functions, pydantic
+                classes, ``TypedDict`` classes, JSON schema or OpenAI tool dicts.
+            tool_choice: ``None`` / ``"auto"`` (prose or calls, the model decides),
+                ``"none"`` (no calls; the tools are not shown to the model),
+                ``"required"`` / ``"any"`` / ``True`` (one or more calls), a tool's
+                name or ``{"type": "function", "function": {"name": ...}}``
+                (exactly one call of that tool).
+            parallel_tool_calls: whether one reply may hold several calls.
+                Default ``None``: yes.
+            strict: passed to ``convert_to_openai_tool`` (closes the schemas'
+                objects); the schemas are enforced either way.
+            kwargs: other options bound with the tools (``temperature``, ...).
+
+        Raises:
+            ValueError: an unknown tool name or mode in ``tool_choice``, or a
+                schema constrained decoding cannot handle; raised here, before
+                anything loads. (Two tools of one name fail when called.)
+        """
+        formatted = [convert_to_openai_tool(tool, strict=strict) for tool in tools]
+        choice = convert_tool_choice(tool_choice, formatted)
+        # Validate (and compile) now. A second tool of the same name is only rejected
+        # when the model is called, as hosted APIs do (the standard suite binds one).
+        checked, seen = [], set()
+        for tool in formatted:
+            function = tool.get("function")
+            name = function.get("name") if isinstance(function, Mapping) else None
+            if name is None or name not in seen:
+                seen.add(name)
+                checked.append(tool)
+        self._sampling_params(
+            None,
+            {"tools": checked, "tool_choice": choice, "parallel_tool_calls": parallel_tool_calls},
+        )
+        if choice is not None:
+            kwargs["tool_choice"] = choice
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable whose output is ``schema``-shaped: a pydantic object or a dict.
+
+        Args:
+            schema: a pydantic class (output: an instance), a ``TypedDict``
+                class, a JSON schema dict or an OpenAI tool dict (output: a dict).
+                Optional for ``method="json_mode"``.
+            method:
+                ``"json_schema"`` (default): the reply is JSON constrained by the
+                schema (core ``response_format`` of type ``json_schema``).
+                ``"function_calling"``: the schema is bound as a tool and that
+                tool is forced (exactly one call); the output is its arguments.
+                ``"json_mode"``: the reply is constrained to *some* JSON object
+                (``{"type": "json_object"}``); say in the prompt which keys you
+                want. Parsed with the schema if one is given.
+            include_raw: return ``{"raw": AIMessage, "parsed": ..., "parsing_error":
+                ...}`` instead of raising when parsing fails (e.g. a reply cut at
+                ``max_tokens``).
+            strict: whether objects are closed (no keys the schema does not
+                list). Default ``None``: closed, as tool arguments always are;
+                ``False`` leaves ``json_schema`` objects open where the schema
+                does. The schema's own rules are enforced either way.
+
+        Raises:
+            ValueError: an unknown method, unexpected arguments, a missing
+                schema, or a schema constrained decoding cannot handle (before
+                anything loads).
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if schema is None and method != "json_mode":
+            raise ValueError(
+                f"method={method!r} needs a schema; only 'json_mode' works without one"
+            )
+        tracing: dict[str, Any] = (
+            {}
+            if schema is None
+            else {
+                "ls_structured_output_format": {
+                    "kwargs": {"method": method, "strict": strict},
+                    "schema": schema,
+                }
+            }
+        )
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            assert schema is not None
+            tool = convert_to_openai_tool(schema, strict=strict)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([tool], tool_choice=name, parallel_tool_calls=False, **tracing)
+            if _is_pydantic_class(schema):
+                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+            else:
+                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                assert schema is not None
+                # Closed objects unless strict=False: a reply has exactly the schema's keys
+                # (tool arguments always are; core closes them itself).
+                response_format = convert_to_response_format(schema, strict is not False)
+            else:
+                response_format = {"type": "json_object"}
+            self._sampling_params(None, {"response_format": response_format})  # check it now
+            llm = self.bind(response_format=response_format, **tracing)
+            if _is_pydantic_class(schema):
+                parser = PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            else:
+                parser = JsonOutputParser()
+        else:
+            raise ValueError(
+                f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}"
+            )
+        if include_raw:
+            parsed = RunnablePassthrough.assign(
+                parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+            )
+            unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+            return RunnableMap(raw=llm) | parsed.with_fallbacks(
+                [unparsed], exception_key="parsing_error"
+            )
+        return llm | parser
 
     # ------------------------------------------------------------ batching
 
@@ -988,6 +1412,7 @@ class ChatGemmaLocal(BaseChatModel):
             "stop": self.stop,
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:

@@ -4,6 +4,13 @@ The unit suites construct models only (nothing loads). The integration suites
 generate with a tiny random-weight checkpoint through the real loading code,
 sharing the session's clients (``tf_client`` / ``mlx_client`` from conftest),
 so the suite's many model instances load the weights once per backend.
+
+Tool calling and structured output are on: constrained decoding guarantees the
+*shape* of every call and JSON reply, even from random weights, and the suites
+check shapes. A random model cannot choose *values*, though, nor decide to call
+a tool under ``tool_choice="auto"``; the few standard tests that assert those
+are marked ``xfail`` with the exact assertion that fails (:data:`XFAILS`); the
+shape-level checks of those flows run in ``test_langchain_tools.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
@@ -22,9 +30,61 @@ from langchain_gemma_local import ChatGemmaLocal
 #: for the suites' prompts.
 MAX_TOKENS = 8
 
+QUOTE, END_OF_TURN = 9, 106  # '"' and <end_of_turn> in the tiny tokenizer
+#: Options of the tool and structured-output tests: room for a whole call or JSON
+#: reply (the tiny tokenizer spends about a token per character), and a "terse
+#: model": wherever the grammar allows them, '"' (closing a free string) and
+#: <end_of_turn> (ending the reply, e.g. after the first call) win. A random model
+#: never closes a free string by itself (``{"setup": "vKkenurnurnurn...``), so the
+#: suites' string-only schemas (``Joke``) could not finish otherwise. The bias
+#: chooses no value the tests check: every key, type and call shape still comes
+#: from the grammar.
+TERSE: dict[str, Any] = {"max_tokens": 96, "logit_bias": {QUOTE: 100, END_OF_TURN: 100}}
+_TERSE_TESTS = ("tool", "structured", "agent_loop")
+
+#: Standard tests that assert what a real model would choose, which a random one
+#: cannot: (test name, exception, the assertion that fails and why).
+XFAILS: dict[str, tuple[type[BaseException], str]] = {
+    "test_tool_calling": (
+        AssertionError,
+        "asserts args == {'input': 3} for 'What is magic_function(3)?': the grammar "
+        "guarantees an integer in (-1000, 1000), the value is the model's choice",
+    ),
+    "test_tool_calling_async": (
+        AssertionError,
+        "asserts args == {'input': 3} (async): a value only a real model chooses",
+    ),
+    "test_unicode_tool_call_integration": (
+        AssertionError,
+        "asserts customer_name contains '你好': a string value only a real model chooses",
+    ),
+    "test_bind_runnables_as_tools": (
+        AssertionError,
+        "asserts a non-empty answer_style: the grammar guarantees a string, its "
+        "content is the model's choice (a random model's free string never ends, "
+        "the terse bias ends it empty)",
+    ),
+    "test_agent_loop": (
+        AssertionError,
+        "asserts the first reply calls get_weather under tool_choice='auto': "
+        "whether to call is the model's decision (the random model answers in prose)",
+    ),
+    "test_json_mode": (
+        OutputParserException,
+        "json_mode constrains the reply to *a* JSON object (the random model writes "
+        "'{}'); the keys 'setup' / 'punchline' asked for in the prompt are the model's "
+        "choice, so parsing into Joke fails",
+    ),
+}
+
+
+def _xfail(name: str) -> Any:
+    error, reason = XFAILS[name]
+    return pytest.mark.xfail(raises=error, strict=True, reason=reason)
+
 
 class _Capabilities:
-    """Truthful capability flags (tool calling and structured output come later)."""
+    """Truthful capability flags."""
 
     @property
     def chat_model_class(self) -> type[ChatGemmaLocal]:
@@ -32,19 +92,23 @@ class _Capabilities:
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_tool_choice(self) -> bool:
-        return False
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "json_schema"}
 
     @property
     def supports_json_mode(self) -> bool:
-        return False
+        return True
 
     @property
     def supports_image_inputs(self) -> bool:
@@ -114,10 +178,38 @@ class _Integration(_Capabilities, ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)
     def _shared_client(self, request: pytest.FixtureRequest) -> None:
         self._client = request.getfixturevalue(self.client_fixture)
+        name = request.node.originalname
+        self._terse = any(word in name for word in _TERSE_TESTS)
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"client": self._client, "max_tokens": MAX_TOKENS}
+        # the suite adds temperature=0 (greedy): every run is deterministic
+        options = TERSE if self._terse else {"max_tokens": MAX_TOKENS}
+        return {"client": self._client, **options}
+
+    @_xfail("test_tool_calling")
+    def test_tool_calling(self, model: Any) -> None:
+        super().test_tool_calling(model)
+
+    @_xfail("test_tool_calling_async")
+    async def test_tool_calling_async(self, model: Any) -> None:
+        await super().test_tool_calling_async(model)
+
+    @_xfail("test_unicode_tool_call_integration")
+    def test_unicode_tool_call_integration(self, model: Any, **kwargs: Any) -> None:
+        super().test_unicode_tool_call_integration(model, **kwargs)
+
+    @_xfail("test_bind_runnables_as_tools")
+    def test_bind_runnables_as_tools(self, model: Any) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @_xfail("test_agent_loop")
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+    @_xfail("test_json_mode")
+    def test_json_mode(self, model: Any) -> None:
+        super().test_json_mode(model)
 
 
 class TestTransformersIntegration(_Integration):

@@ -166,6 +166,14 @@ def model(fake: ScriptedGemma) -> ChatGemmaLocal:
 
 TEXT = [{"type": "text", "text": "a"}, "b", {"type": "text", "text": "c", "id": "x", "index": 0}]
 TEXT_PARTS = [{"type": "text", "text": t} for t in "abc"]
+CALL_F: Any = {"name": "f", "args": {"a": 1, "b": "é"}, "id": "c1", "type": "tool_call"}
+CALL_G: Any = {"name": "g", "args": {}, "id": "c2", "type": "tool_call"}
+OPENAI_CALL_F = {
+    "id": "c1",
+    "type": "function",
+    "function": {"name": "f", "arguments": '{"a": 1, "b": "é"}'},
+}
+OPENAI_CALL_G = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}
 
 
 @pytest.mark.parametrize(
@@ -186,6 +194,53 @@ TEXT_PARTS = [{"type": "text", "text": t} for t in "abc"]
         (ChatMessage(content="x", role="model"), {"role": "assistant", "content": "x"}),
         (ChatMessage(content="x", role="system"), {"role": "system", "content": "x"}),
         (ChatMessage(content="x", role="developer"), {"role": "system", "content": "x"}),
+        (
+            ToolMessage("42", tool_call_id="c1"),
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        ),
+        (
+            ToolMessage("Error: no b", tool_call_id="c1", name="add", status="error"),
+            {"role": "tool", "tool_call_id": "c1", "content": "Error: no b"},
+        ),
+        (
+            ToolMessage(TEXT, tool_call_id="c1"),
+            {"role": "tool", "tool_call_id": "c1", "content": TEXT_PARTS},
+        ),
+        (
+            AIMessage("", tool_calls=[CALL_F]),
+            {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL_F]},
+        ),
+        (
+            AIMessage("let me see", tool_calls=[CALL_F, CALL_G]),
+            {
+                "role": "assistant",
+                "content": "let me see",
+                "tool_calls": [OPENAI_CALL_F, OPENAI_CALL_G],
+            },
+        ),
+        (
+            AIMessage(
+                [
+                    {"type": "text", "text": "some text"},
+                    {"type": "tool_use", "id": "c1", "name": "f", "input": CALL_F["args"]},
+                ],
+                tool_calls=[CALL_F],
+            ),
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "some text"}],
+                "tool_calls": [OPENAI_CALL_F],
+            },
+        ),
+        (
+            AIMessageChunk(
+                content="",
+                tool_call_chunks=[
+                    {"name": "f", "args": '{"a": 1, "b": "\u00e9"}', "id": "c1", "index": 0}
+                ],
+            ),
+            {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL_F]},
+        ),
     ],
 )
 def test_convert_message(message: BaseMessage, expected: dict[str, Any]) -> None:
@@ -197,9 +252,15 @@ def test_convert_message(message: BaseMessage, expected: dict[str, Any]) -> None
 @pytest.mark.parametrize(
     ("message", "error", "names"),
     [
-        (ToolMessage("42", tool_call_id="1"), TypeError, "ToolMessage"),
         (FunctionMessage(content="42", name="f"), TypeError, "FunctionMessage"),
         (ChatMessage(content="x", role="tool"), ValueError, "'tool'"),
+        (
+            ToolMessage(
+                [{"type": "image", "base64": "AA", "mime_type": "image/png"}], tool_call_id="1"
+            ),
+            TypeError,
+            "image ('image')",
+        ),
         (
             HumanMessage([{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]),
             TypeError,
@@ -217,9 +278,14 @@ def test_convert_message(message: BaseMessage, expected: dict[str, Any]) -> None
         ),
         (AIMessage([{"type": "reasoning", "reasoning": "hm"}]), TypeError, "'reasoning'"),
         (
-            AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}]),
+            AIMessage("", invalid_tool_calls=[{"name": "f", "args": "{oops", "id": "1"}]),
             ValueError,
-            "tool calls",
+            "invalid tool call ('f', arguments '{oops')",
+        ),
+        (
+            AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": None}]),
+            ValueError,
+            "tool call to 'f' without an id",
         ),
     ],
 )
@@ -240,8 +306,8 @@ def test_convert_messages_is_pure() -> None:
 def test_unsupported_message_fails_before_generating(
     model: ChatGemmaLocal, fake: ScriptedGemma
 ) -> None:
-    with pytest.raises(TypeError, match="ToolMessage"):
-        model.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")])
+    with pytest.raises(TypeError, match="FunctionMessage"):
+        model.invoke([HumanMessage("hi"), FunctionMessage(content="42", name="f")])
     with pytest.raises(ValueError, match="end with a user message"):
         model.invoke([HumanMessage("hi"), AIMessage("hello")])
     assert fake.calls == []
@@ -405,8 +471,8 @@ def test_per_call_options_override_fields(fake: ScriptedGemma) -> None:
 
 
 def test_per_call_options_are_checked(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
-    with pytest.raises(TypeError, match=r"unexpected option\(s\) \['tools'\]"):
-        model.invoke("hi", tools=[])
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) \['functions'\]"):
+        model.invoke("hi", functions=[])
     with pytest.raises(ValueError, match="temperature must be in"):
         model.invoke("hi", temperature=3)
     with pytest.raises(ValueError, match="serves 'scripted/gemma', not 'gpt-4o'"):
@@ -504,17 +570,18 @@ def test_batch_options_and_bind(model: ChatGemmaLocal, fake: ScriptedGemma) -> N
 @pytest.mark.parametrize("streaming", [False, True])
 def test_batch_bad_input_fails_alone(fake: ScriptedGemma, streaming: bool) -> None:
     model = ChatGemmaLocal(client=fake, streaming=streaming)
-    inputs: list[Any] = ["one", [ToolMessage("x", tool_call_id="1")], "two", [AIMessage("a")]]
+    bad = FunctionMessage(content="x", name="f")
+    inputs: list[Any] = ["one", [bad], "two", [AIMessage("a")]]
     results = model.batch(inputs, return_exceptions=True)
     assert results[0].content == "echo one" and results[2].content == "echo two"
     assert isinstance(results[1], TypeError) and isinstance(results[3], ValueError)
     assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 2
-    with pytest.raises(TypeError, match="ToolMessage"):
+    with pytest.raises(TypeError, match="FunctionMessage"):
         model.batch(inputs)
 
 
 async def test_abatch_bad_input_fails_alone(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
-    inputs: list[Any] = ["one", [ToolMessage("x", tool_call_id="1")], "two"]
+    inputs: list[Any] = ["one", [FunctionMessage(content="x", name="f")], "two"]
     results = await model.abatch(inputs, return_exceptions=True)
     assert results[0].content == "echo one" and results[2].content == "echo two"
     assert isinstance(results[1], TypeError)
