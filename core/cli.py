@@ -200,11 +200,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"-- create_batch of {len(batch)} conversations: finish reasons",
                 [c["choices"][0]["finish_reason"] for c in batch],
             )
+            _demo_constrained(client)
             print("-- model info:", json.dumps(client.get_model_info(), default=str))
     if len(backends) > 1:
         same = all(len(set(replies)) == 1 for replies in results.values())
         print(f"\ntransformers and MLX greedy outputs identical: {same}")
     return 0
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+RATING_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "recommended": {"type": "boolean"},
+    },
+    "required": ["stars", "recommended"],
+}
+
+
+def _demo_constrained(client: BaseGemmaChatCompletion) -> None:
+    """A forced tool call and a JSON-schema reply: valid even from a random model."""
+    ask = [{"role": "user", "content": "What's the weather in Tokyo?"}]
+    call = client.create(
+        ask,
+        temperature=1.0,
+        seed=0,
+        max_tokens=128,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    choice = call["choices"][0]
+    calls = [c["function"] for c in choice["message"].get("tool_calls") or []]
+    print(f"-- tool call (tool_choice='required'): {calls} [{choice['finish_reason']}]")
+    rate = [{"role": "user", "content": "Rate the film Alien."}]
+    reply = client.create(
+        rate,
+        temperature=1.0,
+        seed=0,
+        max_tokens=128,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "rating", "schema": RATING_SCHEMA, "strict": True},
+        },
+    )
+    print(f"-- response_format json_schema: {reply['choices'][0]['message']['content']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
