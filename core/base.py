@@ -179,13 +179,15 @@ class BaseGemmaChatCompletion:
         """Push sampled tokens for every prompt into ``sink`` (runs on the model thread).
 
         The default serves subclasses of the original design through
-        :meth:`_generate_response`, one whole text per prompt.
+        :meth:`_generate_response`, one whole text per prompt (``_check_hooks``
+        has made sure one of the two is implemented). Options beyond the four
+        positional ones reach it as keyword arguments, only when they are set.
         """
-        if type(self)._generate_response is BaseGemmaChatCompletion._generate_response:
-            raise TypeError(
-                f"{type(self).__name__} must implement _generate (a token stream) "
-                "or _generate_response (a whole text)"
-            )
+        extra: dict[str, Any] = {"top_k": params.top_k, "seed": params.seed}
+        if params.repetition_penalty is not None:
+            extra["repetition_penalty"] = params.repetition_penalty
+        if params.logit_bias:
+            extra["logit_bias"] = dict(params.logit_bias)
         for index, prompt in enumerate(prompts):
             if sink.done:
                 return
@@ -194,8 +196,7 @@ class BaseGemmaChatCompletion:
                 params.temperature,
                 sink.rows[index].max_tokens,
                 params.top_p,
-                top_k=params.top_k,
-                seed=params.seed,
+                **extra,
             )
             count = len(self._encode(text, special=False))
             reason = "length" if count >= sink.rows[index].max_tokens else "stop"

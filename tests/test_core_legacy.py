@@ -67,6 +67,13 @@ def test_legacy_create(legacy) -> None:
     }
 
 
+def test_legacy_hook_receives_every_set_option(legacy) -> None:
+    """repetition_penalty and logit_bias reach _generate_response instead of vanishing."""
+    legacy.create(USER, max_tokens=20, repetition_penalty=1.3, logit_bias={5: 2.0})
+    [(*_, kwargs)] = legacy.calls
+    assert kwargs == {"top_k": 0, "seed": None, "repetition_penalty": 1.3, "logit_bias": {5: 2.0}}
+
+
 def test_legacy_length_when_reply_uses_all_tokens(legacy) -> None:
     n = count(legacy, legacy.reply)
     out = legacy.create(USER, max_tokens=n)
