@@ -745,7 +745,7 @@ def graph_step_ms(model: Any, batch: int) -> float | None:
     return start.elapsed_time(end) / steps
 
 
-def profile_steps(model: Any, batch: int, steps: int = 10) -> None:
+def profile_steps(model: Any, batch: int, steps: int = 10, top: int = 14) -> None:
     """Kernel time of the compiled decode step (run without the graph), top kernels first."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -769,11 +769,12 @@ def profile_steps(model: Any, batch: int, steps: int = 10) -> None:
         if hasattr(events[0], "self_device_time_total")
         else "self_cuda_time_total"
     )
-    kernels = [e for e in events if getattr(e, attr, 0) > 0]
+    cuda = torch.autograd.DeviceType.CUDA  # not the CPU-side records of the same launches
+    kernels = [e for e in events if e.device_type == cuda and getattr(e, attr, 0) > 0]
     total = sum(getattr(e, attr) for e in kernels) / steps / 1000
-    count = sum(e.count for e in kernels if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+    count = sum(e.count for e in kernels) / steps
     log(f"profile: {total:.3f} ms of kernels per step, {count:.0f} kernel launches per step")
-    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:14]:
+    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:top]:
         log(f"   {getattr(e, attr) / steps / 1000:8.4f} ms  x{e.count / steps:5.1f}  {e.key[:110]}")
 
 

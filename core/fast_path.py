@@ -7,7 +7,7 @@ below the memory-bandwidth limit of reading every weight once. This module
 replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
 :class:`~core.stream.TokenSink` as the plain path::
 
-    prompts ──left pad──▶ prefill (eager; the model's own modules) ──▶ first token ──▶ sink
+    prompts ──left pad──▶ prefill (one compiled layer, run per layer) ──▶ first token ──▶ sink
         ──▶ decode steps: one CUDA-graph replay each (compiled forward over a static
             KV cache + sampling on the device; no host sync)
         ──▶ every BURST steps the new tokens are copied to pinned host memory while
@@ -38,8 +38,14 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   matrix (the modules keep views of it, so memory does not grow); inductor
   compiles with coordinate-descent tuning, which turns batch-1
   matrix-vector products into tuned Triton reductions with the norms fused
-  in; decode attention is matmul + softmax (one query per row: SDPA picked
-  cuDNN kernels that cost ~29 us a layer on an H200).
+  in; the MLP activation is stored before the down projection rather than
+  recomputed in it; decode attention is one fused Triton op
+  (:mod:`core.decode_attention`; matmul + softmax where Triton is missing:
+  SDPA picked cuDNN kernels that cost ~29 us a layer on an H200).
+* **Prefill.** One decoder layer is compiled with dynamic shapes and called
+  for every layer (regional compilation): one compile serves every layer and
+  prompt length (dynamo specialises on batch 1 vs more and on padding), in
+  seconds where a whole-model compile takes minutes.
 
 Entry points: :func:`supported` and :func:`generate` (the hook at the top of
 ``GemmaTransformersChatCompletion._generate``), :func:`release` (drop the
@@ -54,7 +60,9 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_COMPILE_MODE``: a ``torch.compile`` mode (never a cudagraph one);
   ``GEMMA_LOCAL_TUNE=0``: no coordinate-descent tuning.
 * ``GEMMA_LOCAL_FUSE`` = ``auto`` (CUDA), ``1`` or ``0``: stacked projections.
-* ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step.
+* ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step;
+  ``GEMMA_LOCAL_DECODE_ATTENTION=0``: matmul + softmax instead of the Triton op.
+* ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly.
 
 torch is imported lazily: importing this module stays cheap.
 """
@@ -64,6 +72,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -187,6 +196,9 @@ def describe(model: Any) -> dict[str, Any]:
         "compile": engine.compile,
         "cuda_graphs": engine.use_graphs,
         "fused_projections": engine.layout.fused,
+        "decode_attention": "triton" if engine.layout.decode_kernel else "matmul",
+        "compiled_prefill": engine.prefill_layer is not _prefill_layer,
+        "compile_seconds": dict(engine.compile_seconds),
         "buckets": [list(key) for key in engine.buckets],
         "fallbacks": list(engine.fallbacks),
     }
@@ -230,6 +242,8 @@ class _Layout:
         self.use_sdpa = impl == "sdpa"
         # SDPA in the decode step only on request: matmul + softmax is faster there.
         self.decode_sdpa = self.use_sdpa and os.environ.get("GEMMA_LOCAL_DECODE_SDPA") == "1"
+        #: the fused Triton decode attention (:mod:`core.decode_attention`), set on CUDA
+        self.decode_kernel: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -316,13 +330,33 @@ def _position_embeddings(lay: _Layout, x: Any, positions: Any) -> dict[str, Any]
     return {t: shared for t in dict.fromkeys(lay.types)}
 
 
-def _project(lay: _Layout, i: int, h: Any) -> tuple[Any, Any, Any]:
-    """q ``[B, H, Q, D]``, k and v ``[B, KV, Q, D]`` of layer ``i`` (normed where Gemma norms them)."""
-    attn = lay.layers[i].self_attn
+@dataclass(frozen=True)
+class _Weights:
+    """What one layer's forward needs besides the layout: its module and stacked weights."""
+
+    layer: Any
+    qkv: Any  # None unless the projections are fused
+    gate_up: Any
+    scaling: float
+
+    @staticmethod
+    def of(lay: _Layout, i: int) -> _Weights:
+        fused = lay.fused
+        return _Weights(
+            lay.layers[i],
+            lay.qkv[i] if fused else None,
+            lay.gate_up[i] if fused else None,
+            lay.scaling[i],
+        )
+
+
+def _project(lay: _Layout, w: _Weights, h: Any) -> tuple[Any, Any, Any]:
+    """q ``[B, H, Q, D]``, k and v ``[B, KV, Q, D]`` (normed where Gemma norms them)."""
+    attn = w.layer.self_attn
     batch, length = h.shape[:2]
     dim = lay.head_dim
-    if lay.fused:
-        q, k, v = F.linear(h, lay.qkv[i]).split(
+    if w.qkv is not None:
+        q, k, v = F.linear(h, w.qkv).split(
             [lay.heads * dim, lay.kv_heads * dim, lay.kv_heads * dim], dim=-1
         )
     else:
@@ -336,7 +370,7 @@ def _project(lay: _Layout, i: int, h: Any) -> tuple[Any, Any, Any]:
 
 
 def _attention(
-    lay: _Layout, i: int, q: Any, k: Any, v: Any, allowed: Any, *, sdpa: bool | None = None
+    lay: _Layout, scaling: float, q: Any, k: Any, v: Any, allowed: Any, *, sdpa: bool | None = None
 ) -> Any:
     """softmax(q k^T) v with ``allowed`` (bool, broadcast to the scores) as the mask.
 
@@ -346,11 +380,11 @@ def _attention(
     (cuDNN on an H200) that took about 29 us a layer against a few us here.
     """
     if allowed is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=lay.scaling[i])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     if lay.use_sdpa if sdpa is None else sdpa and lay.use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=lay.scaling[i])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
     # transformers' eager_attention_forward, step by step (Gemma 2 soft-caps here).
-    scores = torch.matmul(q, k.transpose(2, 3)) * lay.scaling[i]
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
     if lay.attn_softcap is not None:
         scores = torch.tanh(scores / lay.attn_softcap) * lay.attn_softcap
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
@@ -358,9 +392,17 @@ def _attention(
     return torch.matmul(weights, v)
 
 
-def _layer_rest(lay: _Layout, i: int, x: Any, attn_out: Any) -> Any:
-    """Output projection, residuals, norms and MLP of layer ``i`` (Gemma 1 vs 2/3 order)."""
-    layer = lay.layers[i]
+def _layer_rest(
+    lay: _Layout, w: _Weights, x: Any, attn_out: Any, stored: list[Any] | None = None
+) -> Any:
+    """Output projection, residuals, norms and MLP (Gemma 1 vs 2/3 order).
+
+    ``stored`` collects the MLP activations, for the compiled decode step to
+    return: inductor then writes ``gelu(gate) * up`` once instead of
+    recomputing it inside every output row of the down projection (12b shape
+    on an H200: 50 -> 33 us a layer, ``benchmarks/probe.py gemv``).
+    """
+    layer = w.layer
     h = layer.self_attn.o_proj(attn_out)
     if lay.sandwich:
         x = x + layer.post_attention_layernorm(h)
@@ -369,9 +411,12 @@ def _layer_rest(lay: _Layout, i: int, x: Any, attn_out: Any) -> Any:
         x = x + h
         h = layer.post_attention_layernorm(x)
     mlp = layer.mlp
-    if lay.fused:
-        gate, up = F.linear(h, lay.gate_up[i]).chunk(2, dim=-1)
-        h = mlp.down_proj(mlp.act_fn(gate) * up)
+    if w.gate_up is not None:
+        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
+        act = mlp.act_fn(gate) * up
+        if stored is not None:
+            stored.append(act)
+        h = mlp.down_proj(act)
     else:
         h = mlp(h)
     if lay.sandwich:
@@ -388,14 +433,23 @@ def _logits(lay: _Layout, x: Any) -> Any:
 
 
 def _prefill_forward(
-    lay: _Layout, keys: list[Any], values: list[Any], ids: Any, mask: Any, padded: bool = True
+    lay: _Layout,
+    keys: list[Any],
+    values: list[Any],
+    ids: Any,
+    mask: Any,
+    padded: bool = True,
+    layer_fn: Callable[..., Any] | None = None,
 ) -> Any:
     """Run the (left-padded) prompts, fill the cache from slot 0, return the last logits.
 
     Without padding, layers whose window does not bind use SDPA's plain causal
-    attention (flash kernels), as transformers does.
+    attention (flash kernels), as transformers does. ``layer_fn`` (default
+    :func:`_prefill_layer`) runs each layer: the compiled engine passes one
+    compiled layer that serves every layer (regional compilation).
     """
-    batch, width = ids.shape
+    layer_fn = layer_fn or _prefill_layer
+    width = ids.shape[1]
     device = ids.device
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     x = lay.embed(ids)
@@ -413,48 +467,68 @@ def _prefill_forward(
         allowed = causal if window is None else causal & (k_idx > q_idx - window)
         masks[window] = allowed | diagonal
     for i in range(len(lay.layers)):
-        layer = lay.layers[i]
-        h = layer.input_layernorm(x)
-        q, k, v = _project(lay, i, h)
         cos, sin = rope[lay.types[i]]
-        q, k = _rope(q, k, cos, sin)
-        slots = keys[i].shape[2]
-        keep = min(width, slots)
-        index = torch.arange(width - keep, width, device=device) % slots
-        keys[i].index_copy_(2, index, k[:, :, width - keep :])
-        values[i].index_copy_(2, index, v[:, :, width - keep :])
-        if lay.rep > 1:
-            k = k.repeat_interleave(lay.rep, dim=1)
-            v = v.repeat_interleave(lay.rep, dim=1)
-        out = _attention(lay, i, q, k, v, masks[lay.windows[i]])
-        x = _layer_rest(lay, i, x, out.transpose(1, 2).reshape(batch, width, -1))
+        x = layer_fn(
+            lay, _Weights.of(lay, i), x, keys[i], values[i], cos, sin, masks[lay.windows[i]]
+        )
     return _logits(lay, x)
+
+
+def _prefill_layer(
+    lay: _Layout,
+    w: _Weights,
+    x: Any,
+    keys: Any,
+    values: Any,
+    cos: Any,
+    sin: Any,
+    allowed: Any,
+) -> Any:
+    """One layer over the whole prompt; writes its keys and values into the cache from slot 0."""
+    batch, width = x.shape[:2]
+    h = w.layer.input_layernorm(x)
+    q, k, v = _project(lay, w, h)
+    q, k = _rope(q, k, cos, sin)
+    slots = keys.shape[2]
+    keep = min(width, slots)
+    index = torch.arange(width - keep, width, device=x.device) % slots
+    keys.index_copy_(2, index, k[:, :, width - keep :])
+    values.index_copy_(2, index, v[:, :, width - keep :])
+    if lay.rep > 1:
+        k = k.repeat_interleave(lay.rep, dim=1)
+        v = v.repeat_interleave(lay.rep, dim=1)
+    out = _attention(lay, w.scaling, q, k, v, allowed)
+    return _layer_rest(lay, w, x, out.transpose(1, 2).reshape(batch, width, -1))
 
 
 def _decode_forward(
     lay: _Layout, keys: list[Any], values: list[Any], tok: Any, step: Any, pad: Any
-) -> Any:
+) -> tuple[Any, list[Any]]:
     """One token per row at cache index ``step``; returns float32 logits ``[B, V]``.
 
     ``tok`` ``[B, 1]``, ``step`` ``[1]`` (the cache index being written),
     ``pad`` ``[B]`` (left padding per row). Each layer's buffer is a ring of
     its slot count (the whole bucket, or the sliding window); a slot is
     attended when the position it holds is not padding and not in the future.
+    Also returns the MLP activations (see :func:`_layer_rest`), for nobody.
     """
     batch = tok.shape[0]
     x = lay.embed(tok)
     positions = (step - pad)[:, None]
     rope = _position_embeddings(lay, x, positions)
     allowed: dict[int, Any] = {}
+    limits: dict[int, Any] = {}
     for i in range(len(lay.layers)):
         slots = keys[i].shape[2]
         if slots not in allowed:
             held = step - torch.remainder(step - torch.arange(slots, device=tok.device), slots)
             allowed[slots] = (held[None, :] >= pad[:, None])[:, None, None, :]
+            limits[slots] = torch.clamp(step + 1, max=slots)  # slots written so far
+    stored: list[Any] = []
     for i in range(len(lay.layers)):
-        layer = lay.layers[i]
-        h = layer.input_layernorm(x)
-        q, k, v = _project(lay, i, h)
+        w = _Weights.of(lay, i)
+        h = w.layer.input_layernorm(x)
+        q, k, v = _project(lay, w, h)
         cos, sin = rope[lay.types[i]]
         q, k = _rope(q, k, cos, sin)
         slots = keys[i].shape[2]
@@ -463,9 +537,16 @@ def _decode_forward(
         values[i].index_copy_(2, slot, v)
         # The query heads that share a KV head become rows of one attention call.
         q = q.reshape(batch, lay.kv_heads, lay.rep, lay.head_dim)
-        out = _attention(lay, i, q, keys[i], values[i], allowed[slots], sdpa=lay.decode_sdpa)
-        x = _layer_rest(lay, i, x, out.reshape(batch, 1, -1))
-    return _logits(lay, x)
+        if lay.decode_kernel is not None:
+            out = lay.decode_kernel(
+                q, keys[i], values[i], allowed[slots], w.scaling, lay.attn_softcap, limits[slots]
+            )
+        else:
+            out = _attention(
+                lay, w.scaling, q, keys[i], values[i], allowed[slots], sdpa=lay.decode_sdpa
+            )
+        x = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored)
+    return _logits(lay, x), stored
 
 
 # ------------------------------------------------------------------ sampling
@@ -575,6 +656,9 @@ class _Engine:
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.fallbacks: list[str] = []
         self.forward: Callable[..., Any] = _decode_forward
+        self.prefill_layer: Callable[..., Any] = _prefill_layer
+        #: seconds spent compiling (first decode step, first prompt), for the benchmark
+        self.compile_seconds: dict[str, float] = {}
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
             # e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: we capture ourselves.
@@ -592,6 +676,17 @@ class _Engine:
                 fullgraph=False,
                 dynamic=None,
             )
+            if os.environ.get("GEMMA_LOCAL_COMPILE_PREFILL", "1") != "0":
+                # Eager, a prompt's ~30 small kernels a layer cost more host time than GPU
+                # time. One compiled layer (dynamic shapes) serves every layer and prompt
+                # length: regional compilation, seconds instead of a whole-model compile.
+                self.prefill_layer = torch.compile(
+                    _prefill_layer,
+                    backend=backend,
+                    mode=mode if backend == "inductor" else None,
+                    fullgraph=False,
+                    dynamic=True,
+                )
 
     # -------------------------------------------------------------- buckets
 
@@ -606,7 +701,7 @@ class _Engine:
         return b
 
     def _step(self, b: _Bucket, how: _Sampler) -> None:
-        logits = self._forward(b)
+        logits, _ = self._forward(b)
         nxt = _sample(logits, b, how)
         b.tok.copy_(nxt[:, None])
         b.history.index_copy_(0, b.step + 1, nxt[None, :])
@@ -626,6 +721,24 @@ class _Engine:
             self.forward = _decode_forward
             return _decode_forward(*args)
 
+    def _prefill(self, b: _Bucket, ids: Any, mask: Any, padded: bool) -> Any:
+        args = (self.layout, b.keys, b.values, ids, mask, padded)
+        if self.prefill_layer is _prefill_layer:
+            return _prefill_forward(*args)
+        # dynamo specialises on batch 1 vs more and on padding: time each first use
+        kind = f"prefill, batch {'1' if ids.shape[0] == 1 else 'n'}{', padded' if padded else ''}"
+        started = time.perf_counter() if kind not in self.compile_seconds else None
+        try:
+            with _RecompileRoom():
+                logits = _prefill_forward(*args, layer_fn=self.prefill_layer)
+            if started is not None:
+                self.compile_seconds[kind] = round(time.perf_counter() - started, 1)
+            return logits
+        except Exception as exc:  # a model the compiler cannot take: run it eagerly
+            self._fall_back(f"compiling the prefill failed ({type(exc).__name__}: {exc})")
+            self.prefill_layer = _prefill_layer
+            return _prefill_forward(*args)
+
     def _fall_back(self, message: str) -> None:
         logger.warning("fast path: %s", message)
         self.fallbacks.append(message)
@@ -641,6 +754,7 @@ class _Engine:
     def _capture(self, b: _Bucket, how: _Sampler) -> Any:
         """Warm up (compiling if needed) and capture one step; before the prompt is read."""
         device = self.layout.device
+        started = time.perf_counter()
         rng = torch.cuda.get_rng_state(device)
         b.step.zero_()  # warm-up and capture write slots 0..3, before the prompt is read
         b.pad.zero_()
@@ -665,6 +779,9 @@ class _Engine:
         finally:
             torch.cuda.set_rng_state(rng, device)
         b.graphs[how] = graph
+        self.compile_seconds[f"decode step, batch {b.batch}, {b.length} slots"] = round(
+            time.perf_counter() - started, 1
+        )
         return graph
 
     # -------------------------------------------------------------- request
@@ -687,7 +804,7 @@ class _Engine:
         mask = torch.tensor([[0] * n + [1] * (width - n) for n in pads])
         ids, mask = ids.to(device), mask.to(device)
         b.pad.copy_(torch.tensor(pads))
-        logits = _prefill_forward(lay, b.keys, b.values, ids, mask, padded=any(pads))
+        logits = self._prefill(b, ids, mask, padded=any(pads))
         if how.penalty:
             b.seen.zero_()
             b.seen.scatter_(1, ids, True)
@@ -734,6 +851,12 @@ class _Engine:
             pending = current
 
 
+def _decode_kernel_wanted() -> bool:
+    """``GEMMA_LOCAL_DECODE_ATTENTION=0`` keeps decode attention as matmul + softmax."""
+    setting = os.environ.get("GEMMA_LOCAL_DECODE_ATTENTION", "1").strip().lower()
+    return setting not in ("0", "off", "false")
+
+
 class _RecompileRoom:
     """Raise dynamo's recompile limit while our step compiles (shapes differ per bucket)."""
 
@@ -760,6 +883,13 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     fuse = os.environ.get("GEMMA_LOCAL_FUSE", "auto").strip().lower()
     if fuse in ("1", "on", "true") or (cuda and fuse in ("auto", "")):
         layout.fuse_projections()
+    if cuda and compile and not layout.decode_sdpa and _decode_kernel_wanted():
+        from . import decode_attention
+
+        if decode_attention.supports(layout.head_dim, layout.rep) and decode_attention.available(
+            layout.device
+        ):  # (registers the op before dynamo traces a call of it)
+            layout.decode_kernel = decode_attention.decode_attention
     engine = _Engine(model, layout, compile, bool(cuda_graphs))
     setattr(model, _ENGINE_ATTR, engine)
     return engine

@@ -1,0 +1,262 @@
+"""Kernel probe (GPU): where a decode step's time goes, piece by piece.
+
+Not the benchmark (that is ``bench.py``): this times the building blocks the
+fast path is made of, each captured in a CUDA graph and replayed, so that a
+design choice rests on a number::
+
+    python benchmarks/probe.py [gemv] [attention] [model]
+
+* ``gemv``: batch-1 (and 16) matrix-vector products of the 1b and 12b
+  shapes: cuBLAS (eager ``F.linear``) against inductor's coordinate-descent
+  Triton reductions, and the MLP's down projection with ``gelu(gate) * up``
+  computed inside the reduction (what inductor fuses) or stored first.
+  Weights cycle through copies larger than L2, so every call reads HBM.
+* ``attention``: one decode query against a 512-slot KV cache: matmul +
+  softmax (compiled), SDPA, and ``flex_attention`` (flex decoding).
+* ``model``: the 1b shape through ``create()``: first call, TTFT, tok/s, the
+  bare graph replay, and every kernel of one step (count and time).
+"""
+
+# ruff: noqa: B023  (closures are called inside the loop iteration that made them)
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench
+
+torch: Any = None
+F: Any = None
+
+
+def graph_us(fn: Any, calls: int) -> float:
+    """Microseconds per call of ``fn(i)`` for i in range(calls), captured once and replayed."""
+    for i in range(calls):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 5
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps / calls
+
+
+def compiled(fn: Any, **options: Any) -> Any:
+    return torch.compile(fn, dynamic=False, options=options or None)
+
+
+def gemv() -> None:
+    shapes = {
+        "1b qkv": (1152, 1536),
+        "1b o": (1024, 1152),
+        "1b gate_up": (1152, 13824),
+        "1b down": (6912, 1152),
+        "1b lm_head": (1152, 262144),
+        "12b qkv": (3840, 8192),
+        "12b o": (4096, 3840),
+        "12b gate_up": (3840, 30720),
+        "12b down": (15360, 3840),
+        "12b lm_head": (3840, 262208),
+    }
+    tune = {"coordinate_descent_tuning": True}
+    for name, (k, n) in shapes.items():
+        nbytes = k * n * 2
+        copies = max(2, min(64, (1 << 30) // nbytes))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for batch in (1, 16):
+            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            variants: dict[str, Any] = {
+                "cuBLAS": lambda i: F.linear(x, ws[i % copies]),
+                "inductor+tune": compiled(lambda x, w: F.linear(x, w), **tune),
+            }
+            results = []
+            for label, f in variants.items():
+                try:
+                    call = f if label == "cuBLAS" else (lambda i, f=f: f(x, ws[i % copies]))
+                    us = graph_us(call, copies * 2)
+                    results.append(f"{label} {us:7.1f} us {nbytes / us / 1e6:5.2f} TB/s")
+                except Exception as exc:
+                    results.append(f"{label} failed: {type(exc).__name__}: {str(exc)[:80]}")
+            bench.log(f"gemv {name:12s} bs{batch:<3d} " + " | ".join(results))
+        if name.endswith("down"):
+            # the MLP tail: down(gelu(gate) * up), gate/up computed by the layer's previous GEMV
+            for batch in (1, 16):
+                gu = torch.randn(batch, 2 * k, device="cuda", dtype=torch.bfloat16)
+
+                def fused(gu: Any, w: Any) -> Any:
+                    g, u = gu.chunk(2, dim=-1)
+                    return F.linear(F.gelu(g, approximate="tanh") * u, w)
+
+                def stored(gu: Any, w: Any) -> Any:
+                    g, u = gu.chunk(2, dim=-1)
+                    act = F.gelu(g, approximate="tanh") * u
+                    return F.linear(act, w), act  # an output: inductor must store it
+
+                def eager(gu: Any, w: Any) -> Any:
+                    g, u = gu.chunk(2, dim=-1)
+                    return F.linear(F.gelu(g, approximate="tanh") * u, w)
+
+                results = []
+                for label, f in {
+                    "eager(cuBLAS)": eager,
+                    "act inlined+tune": compiled(fused, **tune),
+                    "act stored+tune": compiled(stored, **tune),
+                    "act inlined, no tune": compiled(fused),
+                }.items():
+                    try:
+                        us = graph_us(lambda i, f=f: f(gu, ws[i % copies]), copies * 2)
+                        results.append(f"{label} {us:6.1f} us {nbytes / us / 1e6:5.2f} TB/s")
+                    except Exception as exc:
+                        results.append(f"{label} failed: {type(exc).__name__}: {str(exc)[:80]}")
+                bench.log(f"mlp-tail {name:9s} bs{batch:<3d} " + " | ".join(results))
+        ws.clear()
+        torch.cuda.empty_cache()
+
+
+def splitk() -> None:
+    """Batch-1 GEMVs written as an explicit two-stage (split-K) reduction, against one stage."""
+    shapes = {
+        "1b gate_up": (1152, 13824),
+        "1b down": (6912, 1152),
+        "12b qkv": (3840, 8192),
+        "12b o": (4096, 3840),
+        "12b down": (15360, 3840),
+    }
+    tune = {"coordinate_descent_tuning": True}
+    for name, (k, n) in shapes.items():
+        nbytes = k * n * 2
+        copies = max(2, min(64, (1 << 30) // nbytes))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for splits in (1, 2, 4, 8, 16):
+            if k % splits:
+                continue
+
+            def gemv(x: Any, w: Any, splits: int = splits) -> Any:
+                if splits == 1:
+                    return F.linear(x, w)
+                part = (x.view(1, 1, splits, -1) * w.view(1, n, splits, -1)).sum(
+                    -1, dtype=torch.float32
+                )
+                return part.sum(-1).to(x.dtype)
+
+            try:
+                f = compiled(gemv, **tune)
+                us = graph_us(lambda i, f=f: f(x, ws[i % copies]), copies * 2)
+                results.append(f"split {splits}: {us:5.1f} us {nbytes / us / 1e6:4.2f} TB/s")
+            except Exception as exc:
+                results.append(f"split {splits} failed: {type(exc).__name__}: {str(exc)[:80]}")
+        bench.log(f"splitk {name:11s} " + " | ".join(results))
+        ws.clear()
+        torch.cuda.empty_cache()
+
+
+def attention() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for label, (batch, heads, kv, slots) in {
+        "1b bs1": (1, 4, 1, 512),
+        "12b bs1": (1, 16, 8, 512),
+        "12b bs16": (16, 16, 8, 512),
+    }.items():
+        dim, rep = 256, heads // kv
+        copies = 26
+        q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+        ks = [
+            torch.randn(batch, kv, slots, dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(copies)
+        ]
+        vs = [torch.randn_like(k) for k in ks]
+        allowed = torch.ones(batch, 1, 1, slots, dtype=torch.bool, device="cuda")
+        allowed[..., 400:] = False
+        ok = allowed[:, 0, 0, :]
+
+        def matmul(q: Any, k: Any, v: Any) -> Any:
+            qg = q.reshape(batch, kv, rep, dim)
+            s = torch.matmul(qg, k.transpose(2, 3)) * 0.0625
+            s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+            w = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(w, v)
+
+        def sdpa(q: Any, k: Any, v: Any) -> Any:
+            qg = q.reshape(batch, kv, rep, dim)
+            return F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed, scale=0.0625)
+
+        def score_mod(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+            return torch.where(ok[b, ki], score, -float("inf"))
+
+        def flex(q: Any, k: Any, v: Any) -> Any:
+            return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, scale=0.0625)
+
+        results = []
+        for name, f in {
+            "matmul+softmax compiled": compiled(matmul),
+            "matmul+softmax compiled+tune": compiled(matmul, coordinate_descent_tuning=True),
+            "sdpa eager": sdpa,
+            "flex compiled": compiled(flex),
+        }.items():
+            try:
+                us = graph_us(lambda i, f=f: f(q, ks[i], vs[i]), copies)
+                results.append(f"{name} {us:6.1f} us")
+            except Exception as exc:
+                results.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:120]}")
+        bench.log(f"attention {label:8s} " + " | ".join(results))
+
+
+def model(shape: str = "1b") -> None:
+    from core import fast_path
+
+    work = Path(bench.tempfile.mkdtemp())
+    m = bench.gpu_model(shape, torch.bfloat16)
+    tokenizer, path = bench.tokenizer_for(shape, work)
+    client = bench.bench_client(m, tokenizer, str(path))
+    convos = bench.conversations(client, 1, 128)
+    start = time.perf_counter()
+    client.create(convos[0], temperature=0, max_tokens=256)
+    bench.log(f"{shape}: first call {time.perf_counter() - start:.1f} s; {fast_path.describe(m)}")
+    for _ in range(2):
+        start = time.perf_counter()
+        out = client.create(convos[0], temperature=0, max_tokens=256)
+        seconds = time.perf_counter() - start
+        bench.log(f"{shape}: {out['usage']['completion_tokens'] / seconds:.1f} tok/s")
+    ttft = [bench.first_chunk_seconds(client, convos[0], 256) * 1000 for _ in range(5)]
+    bench.log(f"{shape}: TTFT ms {', '.join(f'{t:.1f}' for t in ttft)}")
+    bench.log(f"{shape}: graph replay {bench.graph_step_ms(m, 1):.3f} ms/step")
+    bench.profile_steps(m, 1, top=60)
+    client.close()
+
+
+def main() -> None:
+    global torch, F
+    import torch as t
+    import torch.nn.functional as f
+
+    torch, F = t, f
+    parts = sys.argv[1:] or ["gemv", "attention", "model"]
+    for part in parts:
+        try:
+            if part.startswith("model"):
+                model(*part.split(":")[1:])
+            else:
+                {"gemv": gemv, "attention": attention, "splitk": splitk}[part]()
+        except Exception:
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
