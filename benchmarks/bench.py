@@ -1290,7 +1290,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="gpu: the tiny shape on the CPU")
     args = parser.parse_args()
     args.shapes = [s for s in args.shapes.split(",") if s]
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",") if b]  # "": NF4 rows only
     args.nf4_batches = [int(b) for b in args.nf4_batches.split(",")]
     args.ours_only = [s for s in args.ours_only.split(",") if s]
     args.seq_calls = {

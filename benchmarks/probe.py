@@ -4,13 +4,15 @@ Not the benchmark (that is ``bench.py``): this times the building blocks the
 fast path is made of, each captured in a CUDA graph and replayed, so that a
 design choice rests on a number::
 
-    python benchmarks/probe.py [gemv] [attention] [model]
+    python benchmarks/probe.py [gemv] [splitk] [attention] [model[:1b|:12b]]
 
 * ``gemv``: batch-1 (and 16) matrix-vector products of the 1b and 12b
   shapes: cuBLAS (eager ``F.linear``) against inductor's coordinate-descent
   Triton reductions, and the MLP's down projection with ``gelu(gate) * up``
   computed inside the reduction (what inductor fuses) or stored first.
   Weights cycle through copies larger than L2, so every call reads HBM.
+* ``splitk``: the batch-1 products written as an explicit two-stage
+  (split-K) reduction for inductor, against one stage (it was 5x slower).
 * ``attention``: one decode query against a 512-slot KV cache: matmul +
   softmax (compiled), SDPA, and ``flex_attention`` (flex decoding).
 * ``model``: the 1b shape through ``create()``: first call, TTFT, tok/s, the

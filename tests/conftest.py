@@ -20,6 +20,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the event loop and other threads (heartbeat tests) and halves test speed.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# Without a GPU the Triton kernels (core.decode_attention) run in Triton's
+# interpreter; it must be switched on before anything imports triton.
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 BACKENDS = ("transformers", "mlx")
 
 
