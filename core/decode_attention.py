@@ -25,7 +25,10 @@ what the tests compare with).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("gemma_local")
 
 #: Head dims the kernel is compiled for, and the most query heads per KV head it takes.
 HEAD_DIMS = (64, 128, 256)
@@ -61,6 +64,34 @@ def available(device: Any) -> bool:
         else:
             _AVAILABLE["cuda"] = True
     return _AVAILABLE["cuda"]
+
+
+def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
+    """Run the op once on small random inputs of this layout and compare with
+    :func:`reference`: False (and a warning) where the kernel does not compile or
+    disagrees on this GPU, so that the caller keeps its plain attention."""
+    import torch
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        _, heads, rows, dim = q_shape
+        q = torch.randn(2, heads, rows, dim, generator=gen, device=device).to(dtype)
+        keys = torch.randn(2, heads, 200, dim, generator=gen, device=device).to(dtype)
+        values = torch.randn_like(keys)
+        allowed = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=device)
+        allowed[1, ..., :37] = False
+        limit = torch.tensor([150], device=device)
+        allowed[..., 150:] = False
+        got = decode_attention(q, keys, values, allowed, dim**-0.5, None, limit).float()
+        want = reference(q.float(), keys.float(), values.float(), allowed, dim**-0.5)
+        error = (got - want).abs().max().item()
+    except Exception as exc:  # a GPU or triton build the kernel does not run on
+        logger.warning("decode attention kernel unavailable here: %s: %s", type(exc).__name__, exc)
+        return False
+    if not error < 5e-2:
+        logger.warning("decode attention kernel disagrees with the reference (%.3g)", error)
+        return False
+    return True
 
 
 def supports(head_dim: int, rows: int) -> bool:

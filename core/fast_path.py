@@ -755,6 +755,14 @@ class _Engine:
         """Warm up (compiling if needed) and capture one step; before the prompt is read."""
         device = self.layout.device
         started = time.perf_counter()
+        first = self.compile and not any(bucket.graphs for bucket in self.buckets.values())
+        logger.info(
+            "fast path: %s the decode step for batch %d, %d cache slots (once per shape)%s",
+            "compiling and capturing" if self.compile else "capturing",
+            b.batch,
+            b.length,
+            "; the first compile takes a minute or two" if first else "",
+        )
         rng = torch.cuda.get_rng_state(device)
         b.step.zero_()  # warm-up and capture write slots 0..3, before the prompt is read
         b.pad.zero_()
@@ -779,9 +787,9 @@ class _Engine:
         finally:
             torch.cuda.set_rng_state(rng, device)
         b.graphs[how] = graph
-        self.compile_seconds[f"decode step, batch {b.batch}, {b.length} slots"] = round(
-            time.perf_counter() - started, 1
-        )
+        seconds = round(time.perf_counter() - started, 1)
+        self.compile_seconds[f"decode step, batch {b.batch}, {b.length} slots"] = seconds
+        logger.info("fast path: decode step ready in %.1f s", seconds)
         return graph
 
     # -------------------------------------------------------------- request
@@ -886,9 +894,12 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     if cuda and compile and not layout.decode_sdpa and _decode_kernel_wanted():
         from . import decode_attention
 
-        if decode_attention.supports(layout.head_dim, layout.rep) and decode_attention.available(
-            layout.device
-        ):  # (registers the op before dynamo traces a call of it)
+        shape = (1, layout.kv_heads, layout.rep, layout.head_dim)
+        if (
+            decode_attention.supports(layout.head_dim, layout.rep)
+            and decode_attention.available(layout.device)  # registers the op before tracing
+            and decode_attention.works(shape, layout.dtype, layout.device)
+        ):
             layout.decode_kernel = decode_attention.decode_attention
     engine = _Engine(model, layout, compile, bool(cuda_graphs))
     setattr(model, _ENGINE_ATTR, engine)

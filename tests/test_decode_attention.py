@@ -225,3 +225,17 @@ def test_fast_path_with_the_kernel_equals_plain_path(
     assert fast_path.describe(model)["decode_attention"] == "triton"
     batch = prompts_of(11, 4, 9, seed=3)
     assert fast(model, batch, greedy(20)).tokens == plain(model.cpu(), batch, 20)
+
+
+@needs_triton
+def test_works_self_check(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path turns the kernel on only after it ran right once on the device."""
+    assert da.works((1, 2, 2, 64), torch.float32, device)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("PTX for this GPU failed to compile")
+
+    monkeypatch.setattr(da, "decode_attention", broken)
+    assert not da.works((1, 2, 2, 64), torch.float32, device)
+    monkeypatch.setattr(da, "decode_attention", lambda q, *rest: torch.zeros_like(q))
+    assert not da.works((1, 2, 2, 64), torch.float32, device)
