@@ -50,6 +50,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -799,6 +800,22 @@ class ChatGemmaLocal(BaseChatModel):
         stop string, `"length"` at `max_tokens`, `"tool_calls"` after calls)
         and `model_provider`.
 
+    Serialization:
+        ```python
+        from langchain_core.load import dumps, loads
+
+        text = dumps(model)  # its settings as JSON, never the client or the weights
+        model = loads(
+            text, valid_namespaces=["langchain_gemma_local"], allowed_objects=[ChatGemmaLocal]
+        )
+        ```
+
+        The rebuilt model makes (or shares) a client from the settings and
+        loads nothing until its first call. A `client=` passed in is not
+        serialized: the rebuilt model gets a client for the same model and
+        backend with default load options. A `token` in `client_kwargs` is
+        left out; the rebuilt model uses `HF_TOKEN` or the `hf auth login`.
+
     Not supported yet: images (an image block raises `TypeError`).
     """
 
@@ -1393,6 +1410,55 @@ class ChatGemmaLocal(BaseChatModel):
             return list(await asyncio.gather(*calls))
         finally:
             await rows.aclose()
+
+    # ------------------------------------------------------------ serialization
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """``True``: ``dumpd`` / ``dumps`` write the settings, ``load`` / ``loads`` rebuild.
+
+        The id is ``["langchain_gemma_local", "chat_models", "ChatGemmaLocal"]``
+        (the default ``get_lc_namespace()``, the module path), so loading needs
+        ``valid_namespaces=["langchain_gemma_local"]``.
+        """
+        return True
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        """The constructor arguments that rebuild this model, never its client.
+
+        ``client`` is excluded (a live object, maybe shared); the rebuilt model
+        gets the client for ``model``, ``backend`` and the load options (shared
+        with every model built with those settings; nothing loads).
+        ``backend`` is written as the backend the model resolved to, like
+        ``model`` (``"auto"`` could pick another backend elsewhere, for which
+        the resolved model name is wrong). A Hugging Face ``token`` in
+        ``client_kwargs`` is left out, so no secret is written in clear; the
+        hub then authenticates the rebuilt model by ``HF_TOKEN`` or the cached
+        login. (LangChain's secret markers cannot be nested inside a dict field:
+        ``dumpd`` escapes them as user data.)
+        """
+        serialized = super().to_json()
+        if serialized["type"] != "constructor":  # pragma: no cover - always serializable
+            return serialized
+        kwargs = dict(serialized["kwargs"])
+        backend = self._core().implementation
+        if backend in ("transformers", "mlx"):
+            kwargs["backend"] = backend
+        if self.client_kwargs is not None and "token" in self.client_kwargs:
+            options = {k: v for k, v in self.client_kwargs.items() if k != "token"}
+            if options:
+                kwargs["client_kwargs"] = options
+            else:
+                kwargs.pop("client_kwargs", None)
+        serialized["kwargs"] = kwargs
+        return serialized
+
+    def __repr_args__(self) -> Any:
+        """The fields pydantic shows in ``repr``, with a hub ``token`` masked (reprs reach logs)."""
+        for name, value in super().__repr_args__():
+            if name == "client_kwargs" and isinstance(value, dict) and "token" in value:
+                value = {**value, "token": "**********"}
+            yield name, value
 
     # ------------------------------------------------------------ metadata
 
