@@ -882,6 +882,7 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     engine = getattr(model, _ENGINE_ATTR, None)
     if engine is not None:
         return engine
+    _import_torch()
     layout = _Layout(model)
     cuda = layout.device.type == "cuda"
     if compile is None:
@@ -895,12 +896,13 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
         from . import decode_attention
 
         shape = (1, layout.kv_heads, layout.rep, layout.head_dim)
-        if (
-            decode_attention.supports(layout.head_dim, layout.rep)
-            and decode_attention.available(layout.device)  # registers the op before tracing
-            and decode_attention.works(shape, layout.dtype, layout.device)
-        ):
-            layout.decode_kernel = decode_attention.decode_attention
+        with torch.cuda.device(layout.device):  # triton launches on the current device
+            if (
+                decode_attention.supports(layout.head_dim, layout.rep)
+                and decode_attention.available(layout.device)  # registers the op first
+                and decode_attention.works(shape, layout.dtype, layout.device)
+            ):
+                layout.decode_kernel = decode_attention.decode_attention
     engine = _Engine(model, layout, compile, bool(cuda_graphs))
     setattr(model, _ENGINE_ATTR, engine)
     return engine

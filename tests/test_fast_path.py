@@ -71,8 +71,8 @@ def plain(model: Any, prompts: list[list[int]], n: int, **options: Any) -> list[
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
         max_new_tokens=n,
         do_sample=False,
         temperature=None,
