@@ -616,6 +616,8 @@ class GpuBench:
                     batch,
                     lambda b_ids=b_ids: self.raw_row(model, b_ids, n, True, section),
                 )
+            if args.raw_only:  # the raw rows of a shape, in a call of their own
+                continue
             ours = self.row(
                 section,
                 "ours: create()" if batch == 1 else "ours: create_batch()",
@@ -1276,6 +1278,7 @@ def main() -> None:
     )
     parser.add_argument("--seq-calls", default="1b=16,12b=4", help="sequential calls per shape")
     parser.add_argument("--ours-only", default="", help="shapes measured without the raw rows")
+    parser.add_argument("--raw-only", action="store_true", help="only the raw rows")
     parser.add_argument("--nf4-batches", default="1,16", help="NF4 batch sizes")
     parser.add_argument("--profile", action="store_true", help="kernel profile of one bs1 step")
     parser.add_argument("--new-tokens", type=int, default=None)
