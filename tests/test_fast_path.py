@@ -200,6 +200,24 @@ def test_compiled_prefill_is_one_graph_for_every_layer_and_length(gemma3_path: P
     assert list(info["compile_seconds"]) == ["prefill, batch n, padded"]
 
 
+def test_regional_decode_is_one_graph_per_piece(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GEMMA_LOCAL_REGIONAL=1``: the step's inputs, one layer for every layer and the
+    logits are compiled apart (and the prompt's layer): four graphs, same tokens."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("GEMMA_LOCAL_REGIONAL", "1")
+    torch._dynamo.reset()
+    counters.clear()
+    model = load(gemma3_path)
+    for lengths in ((7, 4), (19, 11)):
+        batch = prompts_of(*lengths, seed=len(lengths))
+        assert fast(model, batch, greedy(6), compile="eager").tokens == plain(model, batch, 6)
+    assert counters["stats"]["unique_graphs"] == 4
+    assert not fast_path.describe(model)["fallbacks"]
+
+
 # ------------------------------------------------------------------ sink contract
 
 
