@@ -19,10 +19,12 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   the bucket is longer than the window, so long chats cost what the window
   costs. Left padding and the window are handled by masks built on the device
   from one position counter, so one graph serves every step.
-* **Compile once per bucket.** The decode forward is ``torch.compile``-d once
-  (dynamo caches it by shape) and each (batch, cache_len, sampler) bucket is
-  captured as a CUDA graph the first time it is used; later requests of that
-  bucket only replay. Compilation happens before the prompt is read, so the
+* **Compile once per bucket.** The decode step is ``torch.compile``-d a piece
+  at a time (its inputs, one decoder layer that serves every layer, the
+  logits: regional compilation, about 30 s where the whole step as one graph
+  takes 1-2 minutes) and each (batch, cache_len, sampler) bucket is captured
+  as a CUDA graph the first time it is used; later requests of that bucket
+  only replay. Compilation happens before the prompt is read, so the
   first request of a new bucket pays it; the benchmark reports that cost.
 * **Same tokens.** The forward calls the model's own modules (norms, MLPs,
   rotary embedding, projections; bitsandbytes layers too) in the order the
@@ -62,7 +64,8 @@ Environment (read when a model is first used, except the first):
 * ``GEMMA_LOCAL_FUSE`` = ``auto`` (CUDA), ``1`` or ``0``: stacked projections.
 * ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step;
   ``GEMMA_LOCAL_DECODE_ATTENTION=0``: matmul + softmax instead of the Triton op.
-* ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly.
+* ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
+  ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
 
 torch is imported lazily: importing this module stays cheap.
 """
