@@ -24,7 +24,8 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   logits: regional compilation, about 30 s where the whole step as one graph
   takes 1-2 minutes) and each (batch, cache_len, sampler) bucket is captured
   as a CUDA graph the first time it is used; later requests of that bucket
-  only replay. Compilation happens before the prompt is read, so the
+  only replay. Batches are bucketed too (:func:`batch_bucket`: powers of
+  two, padding rows whose tokens are dropped), so 3 prompts reuse what 4 built. Compilation happens before the prompt is read, so the
   first request of a new bucket pays it; the benchmark reports that cost.
 * **Same tokens.** The forward calls the model's own modules (norms, MLPs,
   rotary embedding, projections; bitsandbytes layers too) in the order the
@@ -206,6 +207,15 @@ def describe(model: Any) -> dict[str, Any]:
         "buckets": [list(key) for key in engine.buckets],
         "fallbacks": list(engine.fallbacks),
     }
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch a request of ``rows`` prompts runs at: a power of two up to 32, then a
+    multiple of 16, so that a few compiled and captured shapes serve every batch size
+    (the extra rows are padding; a decode step costs about the same for them)."""
+    if rows <= 32:
+        return 1 << max(0, rows - 1).bit_length()
+    return -(-rows // 16) * 16
 
 
 def cache_len(tokens: int) -> int:
@@ -864,13 +874,15 @@ class _Engine:
         batch = len(prompts)
         width = max(len(p.ids) for p in prompts)
         steps = sink.max_new_tokens - 1  # the first token comes from the prefill
-        b = self.bucket(batch, cache_len(width + max(steps, 0)))
+        b = self.bucket(batch_bucket(batch), cache_len(width + max(steps, 0)))
         how = _Sampler.of(params)
         b.configure(params, how)
         step = self.stepper(b, how)  # may compile and capture (first use of this bucket)
 
-        pads = [width - len(p.ids) for p in prompts]
-        ids = torch.tensor([[pad_id] * n + list(p.ids) for n, p in zip(pads, prompts, strict=True)])
+        # Rows past the prompts fill the bucket: all padding, their tokens are dropped.
+        pads = [width - len(p.ids) for p in prompts] + [width] * (b.batch - batch)
+        rows = [list(p.ids) for p in prompts] + [[] for _ in range(b.batch - batch)]
+        ids = torch.tensor([[pad_id] * n + row for n, row in zip(pads, rows, strict=True)])
         mask = torch.tensor([[0] * n + [1] * (width - n) for n in pads])
         ids, mask = ids.to(device), mask.to(device)
         b.pad.copy_(torch.tensor(pads))
@@ -883,12 +895,18 @@ class _Engine:
             b.seen.scatter_(1, first[:, None], True)
         b.tok.copy_(first[:, None])
         b.step.fill_(width)
-        sink.push(first.tolist())
+        sink.push(first.tolist()[:batch])
         if steps > 0 and not sink.done:
-            self._decode(b, step, width, steps, sink)
+            self._decode(b, step, width, steps, sink, batch)
 
     def _decode(
-        self, b: _Bucket, step: Callable[[], None], width: int, steps: int, sink: TokenSink
+        self,
+        b: _Bucket,
+        step: Callable[[], None],
+        width: int,
+        steps: int,
+        sink: TokenSink,
+        rows: int,
     ) -> None:
         """Run ``steps`` decode steps in bursts; read each burst while the next one runs."""
         cuda = self.layout.device.type == "cuda"
@@ -913,7 +931,7 @@ class _Engine:
                 if cuda:
                     events[done_slot].synchronize()
                 for tokens in host[done_slot, :count].tolist():
-                    sink.push(tokens)
+                    sink.push(tokens[:rows])
                     if sink.done:
                         return
             if current is None:

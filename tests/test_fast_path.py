@@ -283,6 +283,25 @@ def test_buckets_are_reused(gemma3_path: Path) -> None:
     assert fast_path.describe(model) == {"active": False}
 
 
+def test_batch_buckets() -> None:
+    sizes = {n: fast_path.batch_bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17, 32, 33, 50)}
+    assert sizes == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 9: 16, 16: 16, 17: 32, 32: 32, 33: 48, 50: 64}
+
+
+def test_odd_batches_run_in_a_padded_bucket(gemma3_path: Path) -> None:
+    """3 prompts run in the 4-row bucket (a row of padding, its tokens dropped) and give
+    the plain path's tokens; 4 prompts then reuse that bucket, nothing new is built."""
+    model = load(gemma3_path)
+    three = prompts_of(8, 3, 12, seed=7)
+    sink = fast(model, three, greedy(10))
+    assert sink.tokens == plain(model, three, 10)
+    assert {d.index for d in sink.deltas} == {0, 1, 2}  # nothing of the padding row
+    assert fast_path.describe(model)["buckets"] == [[4, 256]]
+    four = prompts_of(5, 9, 2, 7, seed=8)
+    assert fast(model, four, greedy(10)).tokens == plain(model, four, 10)
+    assert fast_path.describe(model)["buckets"] == [[4, 256]]
+
+
 def test_cache_len_buckets() -> None:
     assert fast_path.cache_len(1) == fast_path.MIN_CACHE_LEN
     assert fast_path.cache_len(256) == 256
