@@ -4,7 +4,7 @@ Not the benchmark (that is ``bench.py``): this times the building blocks the
 fast path is made of, each captured in a CUDA graph and replayed, so that a
 design choice rests on a number::
 
-    python benchmarks/probe.py [gemv] [splitk] [attention] [model[:1b|:12b]]
+    python benchmarks/probe.py [gemv] [splitk] [model[:1b|:12b]]
 
 * ``gemv``: batch-1 (and 16) matrix-vector products of the 1b and 12b
   shapes: cuBLAS (eager ``F.linear``) against inductor's coordinate-descent
@@ -13,8 +13,8 @@ design choice rests on a number::
   Weights cycle through copies larger than L2, so every call reads HBM.
 * ``splitk``: the batch-1 products written as an explicit two-stage
   (split-K) reduction for inductor, against one stage (it was 5x slower).
-* ``attention``: one decode query against a 512-slot KV cache: matmul +
-  softmax (compiled), SDPA, and ``flex_attention`` (flex decoding).
+* decode attention has a probe of its own, ``probe_attention.py`` (the
+  Triton op against matmul + softmax, SDPA and ``flex_attention``).
 * ``model``: the 1b shape through ``create()``: first call, TTFT, tok/s, the
   bare graph replay, and every kernel of one step (count and time).
 """
@@ -36,10 +36,17 @@ torch: Any = None
 F: Any = None
 
 
-def graph_us(fn: Any, calls: int) -> float:
-    """Microseconds per call of ``fn(i)`` for i in range(calls), captured once and replayed."""
-    for i in range(calls):
-        fn(i)
+def graph_us(fn: Any, calls: int, replays: int = 5) -> float:
+    """Microseconds per call of ``fn(i)`` for i in range(calls): warmed up (compiled) on a
+    side stream, captured once in a CUDA graph, replayed ``replays`` times."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -49,12 +56,11 @@ def graph_us(fn: Any, calls: int) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    reps = 5
-    for _ in range(reps):
+    for _ in range(replays):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000 / reps / calls
+    return start.elapsed_time(end) * 1000 / replays / calls
 
 
 def compiled(fn: Any, **options: Any) -> Any:
@@ -168,58 +174,6 @@ def splitk() -> None:
         torch.cuda.empty_cache()
 
 
-def attention() -> None:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    for label, (batch, heads, kv, slots) in {
-        "1b bs1": (1, 4, 1, 512),
-        "12b bs1": (1, 16, 8, 512),
-        "12b bs16": (16, 16, 8, 512),
-    }.items():
-        dim, rep = 256, heads // kv
-        copies = 26
-        q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
-        ks = [
-            torch.randn(batch, kv, slots, dim, device="cuda", dtype=torch.bfloat16)
-            for _ in range(copies)
-        ]
-        vs = [torch.randn_like(k) for k in ks]
-        allowed = torch.ones(batch, 1, 1, slots, dtype=torch.bool, device="cuda")
-        allowed[..., 400:] = False
-        ok = allowed[:, 0, 0, :]
-
-        def matmul(q: Any, k: Any, v: Any) -> Any:
-            qg = q.reshape(batch, kv, rep, dim)
-            s = torch.matmul(qg, k.transpose(2, 3)) * 0.0625
-            s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
-            w = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            return torch.matmul(w, v)
-
-        def sdpa(q: Any, k: Any, v: Any) -> Any:
-            qg = q.reshape(batch, kv, rep, dim)
-            return F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed, scale=0.0625)
-
-        def score_mod(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
-            return torch.where(ok[b, ki], score, -float("inf"))
-
-        def flex(q: Any, k: Any, v: Any) -> Any:
-            return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, scale=0.0625)
-
-        results = []
-        for name, f in {
-            "matmul+softmax compiled": compiled(matmul),
-            "matmul+softmax compiled+tune": compiled(matmul, coordinate_descent_tuning=True),
-            "sdpa eager": sdpa,
-            "flex compiled": compiled(flex),
-        }.items():
-            try:
-                us = graph_us(lambda i, f=f: f(q, ks[i], vs[i]), copies)
-                results.append(f"{name} {us:6.1f} us")
-            except Exception as exc:
-                results.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:120]}")
-        bench.log(f"attention {label:8s} " + " | ".join(results))
-
-
 def model(shape: str = "1b") -> None:
     from core import fast_path
 
@@ -249,13 +203,13 @@ def main() -> None:
     import torch.nn.functional as f
 
     torch, F = t, f
-    parts = sys.argv[1:] or ["gemv", "attention", "model"]
+    parts = sys.argv[1:] or ["gemv", "model"]
     for part in parts:
         try:
             if part.startswith("model"):
                 model(*part.split(":")[1:])
             else:
-                {"gemv": gemv, "attention": attention, "splitk": splitk}[part]()
+                {"gemv": gemv, "splitk": splitk}[part]()
         except Exception:
             traceback.print_exc()
 

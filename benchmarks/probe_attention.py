@@ -8,6 +8,7 @@ the max abs error of the op against ``reference`` (and of ``reference`` itself
 against fp32 math), then the time per call of
 
 * ``reference compiled``: ``torch.compile(reference, dynamic=False)``,
+* ``sdpa eager`` and ``flex_attention compiled``: the alternatives that lost,
 * ``op eager``: the custom op called directly,
 * ``op compiled``: ``torch.compile`` of a function calling the op,
 
@@ -29,6 +30,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import decode_attention as da
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe import graph_us
 
 SHAPES = {  # name: (B, KV, R)
     "1b bs1": (1, 1, 4),
@@ -54,28 +58,9 @@ def make_inputs(torch: Any, batch: int, heads: int, rows: int) -> tuple[Any, lis
     return q, kv, allowed
 
 
-def time_graph(torch: Any, fn: Callable[..., Any], q: Any, kv: list[Any], allowed: Any) -> float:
+def time_graph(fn: Callable[..., Any], q: Any, kv: list[Any], allowed: Any) -> float:
     """Microseconds per call of ``fn(q, k, v, allowed)``, from a graph of COPIES calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for k, v in kv[:3]:  # warm up (compiles) outside the capture
-            fn(q, k, v, allowed)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn(q, k, v, allowed) for k, v in kv]
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    del outs
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * len(kv))
+    return graph_us(lambda i: fn(q, *kv[i], allowed), len(kv), REPLAYS)
 
 
 def report(name: str, us: float, kv_bytes: int) -> None:
@@ -120,16 +105,37 @@ def probe(torch: Any, label: str, shape: tuple[int, int, int], sweep: bool) -> N
         return da.decode_attention(q, k, v, allowed, scale)
 
     attempt("check", check)
+
+    def sdpa(q: Any, k: Any, v: Any, allowed: Any) -> Any:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale
+        )
+
+    def flex(q: Any, k: Any, v: Any, allowed: Any) -> Any:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        ok = allowed[:, 0, 0, :]
+        return flex_attention(
+            q.reshape(batch, heads * rows, 1, D),
+            k,
+            v,
+            score_mod=lambda score, b, h, qi, ki: torch.where(ok[b, ki], score, -float("inf")),
+            enable_gqa=True,
+            scale=scale,
+        )
+
     variants: dict[str, Callable[..., Any]] = {
         "reference eager": reference,
         "reference compiled": torch.compile(reference, dynamic=False),
+        "sdpa eager (cuDNN here)": sdpa,
+        "flex_attention compiled": torch.compile(flex, dynamic=False),
         "op eager": op,
         "op compiled": torch.compile(op, dynamic=False, fullgraph=True),
     }
     for name, fn in variants.items():
         attempt(
             name,
-            lambda name=name, fn=fn: report(name, time_graph(torch, fn, q, kv, allowed), kv_bytes),
+            lambda name=name, fn=fn: report(name, time_graph(fn, q, kv, allowed), kv_bytes),
         )
     if sweep:
         from core import _decode_attention_triton as kernels
@@ -165,9 +171,7 @@ def probe(torch: Any, label: str, shape: tuple[int, int, int], sweep: bool) -> N
             name = f"block_s={block_s} nsplit={nsplit} w={warps} st={stages}"
             attempt(
                 name,
-                lambda name=name, raw=raw: report(
-                    name, time_graph(torch, raw, q, kv, allowed), kv_bytes
-                ),
+                lambda name=name, raw=raw: report(name, time_graph(raw, q, kv, allowed), kv_bytes),
             )
 
 

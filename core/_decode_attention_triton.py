@@ -230,11 +230,15 @@ def _sm_count(device_type: str, index: int | None) -> int:
     return 132  # the interpreter: pretend to be an H100/H200
 
 
-def plan(batch_heads: int, slots: int, sms: int, block_s: int = BLOCK_S) -> tuple[int, int]:
-    """``(nsplit, split_len)``: about ``PROGRAMS_PER_SM`` programs per SM, whole tiles each."""
+def plan(
+    batch_heads: int, slots: int, sms: int, block_s: int = BLOCK_S, want: int | None = None
+) -> tuple[int, int]:
+    """``(nsplit, split_len)``: ``want`` splits (default: about ``PROGRAMS_PER_SM``
+    programs per SM), whole tiles each, none empty."""
     tiles = triton.cdiv(slots, block_s)
-    want = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch_heads), tiles))
-    per_split = triton.cdiv(tiles, want)
+    if want is None:
+        want = triton.cdiv(PROGRAMS_PER_SM * sms, batch_heads)
+    per_split = triton.cdiv(tiles, max(1, min(want, tiles)))
     return triton.cdiv(tiles, per_split), per_split * block_s
 
 
@@ -289,12 +293,8 @@ def launch(
     batch, heads, rows, dim = q.shape
     slots = keys.shape[2]
     allowed = allowed.expand(batch, heads, rows, slots)
-    if nsplit is None:
-        nsplit, split_len = plan(batch * heads, slots, _sm_count(q.device.type, q.device.index))
-    else:
-        tiles = triton.cdiv(slots, block_s)
-        per_split = triton.cdiv(tiles, max(1, min(nsplit, tiles)))
-        nsplit, split_len = triton.cdiv(tiles, per_split), per_split * block_s
+    sms = _sm_count(q.device.type, q.device.index)
+    nsplit, split_len = plan(batch * heads, slots, sms, block_s, nsplit)
     out = torch.empty((batch, heads, rows, dim), dtype=q.dtype, device=q.device)
     single = nsplit == 1
     parts = 1 if single else batch * heads * rows * nsplit

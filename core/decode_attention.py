@@ -25,6 +25,7 @@ what the tests compare with).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -34,18 +35,13 @@ logger = logging.getLogger("gemma_local")
 HEAD_DIMS = (64, 128, 256)
 MAX_R = 16
 
-_OP: Any = None
-_AVAILABLE: dict[str, bool] = {}
 
-
+@functools.cache
 def _op() -> Any:
     """The registered op (imports torch and triton and registers it the first time)."""
-    global _OP
-    if _OP is None:
-        from . import _decode_attention_triton as kernels
+    from . import _decode_attention_triton as kernels
 
-        _OP = kernels.decode_attention_op
-    return _OP
+    return kernels.decode_attention_op
 
 
 def available(device: Any) -> bool:
@@ -56,14 +52,11 @@ def available(device: Any) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    if "cuda" not in _AVAILABLE:
-        try:
-            _op()
-        except ImportError:
-            _AVAILABLE["cuda"] = False
-        else:
-            _AVAILABLE["cuda"] = True
-    return _AVAILABLE["cuda"]
+    try:
+        _op()
+    except ImportError:  # no triton
+        return False
+    return True
 
 
 def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
@@ -130,8 +123,9 @@ def decode_attention(
 def reference(
     q: Any, keys: Any, values: Any, allowed: Any, scale: float, softcap: float | None = None
 ) -> Any:
-    """The same attention in plain torch, as the fast path spelt it out before
-    (scores in q's dtype, ``masked_fill`` with the dtype's minimum, fp32 softmax)."""
+    """The same attention in plain torch, what the fast path runs where the op does not
+    (transformers' eager attention: scores in q's dtype, ``masked_fill`` with the
+    dtype's minimum, fp32 softmax). ``allowed`` must broadcast to the scores."""
     import torch
 
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale

@@ -84,6 +84,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import decode_attention
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 
@@ -398,12 +399,7 @@ def _attention(
     if lay.use_sdpa if sdpa is None else sdpa and lay.use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
     # transformers' eager_attention_forward, step by step (Gemma 2 soft-caps here).
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-    if lay.attn_softcap is not None:
-        scores = torch.tanh(scores / lay.attn_softcap) * lay.attn_softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(weights, v)
+    return decode_attention.reference(q, k, v, allowed, scaling, lay.attn_softcap)
 
 
 def _layer_rest(
@@ -462,7 +458,8 @@ def _prefill_forward(
     :func:`_prefill_layer`) runs each layer: the compiled engine passes one
     compiled layer that serves every layer (regional compilation).
     """
-    layer_fn = layer_fn or _prefill_layer
+    if layer_fn is None:
+        layer_fn = _prefill_layer
     width = ids.shape[1]
     device = ids.device
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -536,7 +533,9 @@ def _decode_forward(
     :func:`_logits`) are the three pieces of the step; the regional engine
     passes each one compiled (one compiled layer serves every layer).
     """
-    inputs_fn, layer_fn, logits_fn = parts or (_decode_inputs, _decode_layer, _logits)
+    if parts is None:
+        parts = (_decode_inputs, _decode_layer, _logits)
+    inputs_fn, layer_fn, logits_fn = parts
     slot_counts = tuple(dict.fromkeys(int(k.shape[2]) for k in keys))
     x, rope, allowed, limits, slot_of = inputs_fn(lay, slot_counts, tok, step, pad)
     stored: list[Any] = []
@@ -721,44 +720,31 @@ class _Engine:
             # e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: we capture ourselves.
             mode = os.environ.get("GEMMA_LOCAL_COMPILE_MODE") or None
             options = None
-            if backend == "inductor" and mode is None and os.environ.get("GEMMA_LOCAL_TUNE") != "0":
+            if backend == "inductor" and mode is None and _flag("GEMMA_LOCAL_TUNE", True):
                 # Batch-1 matrix-vector products become tuned Triton reductions (with the
                 # norms fused in) instead of cuBLAS GEMMs: the gpt-fast recipe.
                 options = {"coordinate_descent_tuning": True}
-            if _regional():
+
+            def compiled(fn: Callable[..., Any], **kwargs: Any) -> Any:
+                return torch.compile(
+                    fn, backend=backend, mode=mode if backend == "inductor" else None, **kwargs
+                )
+
+            if _flag("GEMMA_LOCAL_REGIONAL", True):
                 # One compiled layer for every layer (plus the step's inputs and the
                 # logits): seconds to compile where the whole step takes minutes.
                 parts = tuple(
-                    torch.compile(
-                        fn,
-                        backend=backend,
-                        mode=mode if backend == "inductor" else None,
-                        options=options,
-                        dynamic=False,
-                    )
+                    compiled(fn, options=options, dynamic=False)
                     for fn in (_decode_inputs, _decode_layer, _logits)
                 )
                 self.forward = functools.partial(_decode_forward, parts=parts)
             else:
-                self.forward = torch.compile(
-                    _decode_forward,
-                    backend=backend,
-                    mode=mode if backend == "inductor" else None,
-                    options=options,
-                    fullgraph=False,
-                    dynamic=None,
-                )
-            if os.environ.get("GEMMA_LOCAL_COMPILE_PREFILL", "1") != "0":
+                self.forward = compiled(_decode_forward, options=options, dynamic=None)
+            if _flag("GEMMA_LOCAL_COMPILE_PREFILL", True):
                 # Eager, a prompt's ~30 small kernels a layer cost more host time than GPU
                 # time. One compiled layer (dynamic shapes) serves every layer and prompt
                 # length: regional compilation, seconds instead of a whole-model compile.
-                self.prefill_layer = torch.compile(
-                    _prefill_layer,
-                    backend=backend,
-                    mode=mode if backend == "inductor" else None,
-                    fullgraph=False,
-                    dynamic=True,
-                )
+                self.prefill_layer = compiled(_prefill_layer, dynamic=True)
 
     # -------------------------------------------------------------- buckets
 
@@ -939,16 +925,19 @@ class _Engine:
             pending = current
 
 
-def _regional() -> bool:
-    """``GEMMA_LOCAL_REGIONAL=0``: compile the whole decode step as one graph (slower to
-    compile, 30 s against 100 s on the 12b; 1.7% faster there, 2% slower on the 1b)."""
-    return os.environ.get("GEMMA_LOCAL_REGIONAL", "1").strip().lower() not in ("0", "off", "false")
+def _flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment (``1``/``on``/``true``, ``0``/``off``/``false``).
 
-
-def _decode_kernel_wanted() -> bool:
-    """``GEMMA_LOCAL_DECODE_ATTENTION=0`` keeps decode attention as matmul + softmax."""
-    setting = os.environ.get("GEMMA_LOCAL_DECODE_ATTENTION", "1").strip().lower()
-    return setting not in ("0", "off", "false")
+    ``GEMMA_LOCAL_REGIONAL=0``: the whole decode step compiles as one graph (30 s
+    against 100 s to compile on the 12b; 1.7% faster there, 2% slower on the 1b).
+    ``GEMMA_LOCAL_DECODE_ATTENTION=0``: decode attention stays matmul + softmax.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "on", "true"):
+        return True
+    if value in ("0", "off", "false"):
+        return False
+    return default
 
 
 class _RecompileRoom:
@@ -972,15 +961,13 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     layout = _Layout(model)
     cuda = layout.device.type == "cuda"
     if compile is None:
-        compile = cuda and os.environ.get("GEMMA_LOCAL_COMPILE", "1") != "0"
+        compile = cuda and _flag("GEMMA_LOCAL_COMPILE", True)
     if cuda_graphs is None:
         cuda_graphs = cuda
     fuse = os.environ.get("GEMMA_LOCAL_FUSE", "auto").strip().lower()
     if fuse in ("1", "on", "true") or (cuda and fuse in ("auto", "")):
         layout.fuse_projections()
-    if cuda and compile and not layout.decode_sdpa and _decode_kernel_wanted():
-        from . import decode_attention
-
+    if cuda and compile and not layout.decode_sdpa and _flag("GEMMA_LOCAL_DECODE_ATTENTION", True):
         shape = (1, layout.kv_heads, layout.rep, layout.head_dim)
         with torch.cuda.device(layout.device):  # triton launches on the current device
             if (
