@@ -84,7 +84,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import decode_attention
+from . import decode_attention, gemv, rope_store
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 
@@ -101,6 +101,8 @@ MAX_BUCKETS = 2
 MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 _ENGINE_ATTR = "_gemma_local_fast_path"
+#: transformers' classes for ``gelu_pytorch_tanh`` (5.x, 4.x)
+_GELU_TANH = frozenset({"GELUTanh", "PytorchGELUTanh"})
 _SETTINGS = ("auto", "on", "off")
 
 torch: Any = None  # imported by _import_torch()
@@ -259,6 +261,10 @@ class _Layout:
         self.decode_sdpa = self.use_sdpa and os.environ.get("GEMMA_LOCAL_DECODE_SDPA") == "1"
         #: the fused Triton decode attention (:mod:`core.decode_attention`), set on CUDA
         self.decode_kernel: Callable[..., Any] | None = None
+        #: the Triton products (:mod:`core.gemv`) and q/k norm + RoPE + cache write
+        #: (:mod:`core.rope_store`) of the decode step, set on CUDA (fused weights only)
+        self.gemv: Callable[..., Any] | None = None
+        self.rope_store: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -270,6 +276,8 @@ class _Layout:
         self.rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.qk_norm = hasattr(attn, "q_norm")
         self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        # the MLP activation the gemv op can apply itself (Gemma 2/3; Gemma 1 per its config)
+        self.gelu_tanh = type(self.layers[0].mlp.act_fn).__name__ in _GELU_TANH
         self.vocab = int(self.lm_head.weight.shape[0])
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
@@ -403,7 +411,12 @@ def _attention(
 
 
 def _layer_rest(
-    lay: _Layout, w: _Weights, x: Any, attn_out: Any, stored: list[Any] | None = None
+    lay: _Layout,
+    w: _Weights,
+    x: Any,
+    attn_out: Any,
+    stored: list[Any] | None = None,
+    decode: bool = False,
 ) -> Any:
     """Output projection, residuals, norms and MLP (Gemma 1 vs 2/3 order).
 
@@ -411,24 +424,44 @@ def _layer_rest(
     return: inductor then writes ``gelu(gate) * up`` once instead of
     recomputing it inside every output row of the down projection (12b shape
     on an H200: 50 -> 33 us a layer, ``benchmarks/probe.py gemv``).
+    ``decode``: one token per row, the products may run as the gemv op
+    (:func:`_product`; the gate/up one with the MLP's norm and activation in it).
     """
     layer = w.layer
-    h = layer.self_attn.o_proj(attn_out)
+    shape = x.shape
+    rows = shape[0] * shape[1]
+    if decode and w.qkv is not None:
+        h = _product(lay, "o", attn_out.view(rows, -1), layer.self_attn.o_proj.weight).view(shape)
+    else:
+        h = layer.self_attn.o_proj(attn_out)
     if lay.sandwich:
         x = x + layer.post_attention_layernorm(h)
-        h = layer.pre_feedforward_layernorm(x)
+        norm = layer.pre_feedforward_layernorm
     else:
         x = x + h
-        h = layer.post_attention_layernorm(x)
+        norm = layer.post_attention_layernorm
     mlp = layer.mlp
-    if w.gate_up is not None:
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        act = mlp.act_fn(gate) * up
+    if w.gate_up is None:
+        h = mlp(norm(x))
+    else:
+        if (
+            decode
+            and lay.gemv is not None
+            and lay.gelu_tanh
+            and gemv.preferred("gate_up", rows, w.gate_up.shape)
+        ):
+            act = lay.gemv(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True).view(
+                *shape[:2], -1
+            )
+        else:
+            gate, up = F.linear(norm(x), w.gate_up).chunk(2, dim=-1)
+            act = mlp.act_fn(gate) * up
         if stored is not None:
             stored.append(act)
-        h = mlp.down_proj(act)
-    else:
-        h = mlp(h)
+        if decode:
+            h = _product(lay, "down", act.view(rows, -1), mlp.down_proj.weight).view(shape)
+        else:
+            h = mlp.down_proj(act)
     if lay.sandwich:
         h = layer.post_feedforward_layernorm(h)
     return x + h
@@ -589,20 +622,38 @@ def _decode_layer(
 ) -> tuple[Any, list[Any]]:
     """One layer for one token per row; writes its key and value at ``slot``."""
     batch = x.shape[0]
-    h = w.layer.input_layernorm(x)
-    q, k, v = _project(lay, w, h)
-    q, k = _rope(q, k, cos, sin)
-    keys.index_copy_(2, slot, k)
-    values.index_copy_(2, slot, v)
-    # The query heads that share a KV head become rows of one attention call.
-    q = q.reshape(batch, lay.kv_heads, lay.rep, lay.head_dim)
+    if lay.rope_store is not None and w.qkv is not None:
+        # the Triton ops: the q/k/v product with the input norm, then one kernel for
+        # q/k norms, RoPE and the cache write
+        attn = w.layer.self_attn
+        qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, w.layer.input_layernorm)
+        norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if lay.qk_norm else ()
+        q = lay.rope_store(qkv, cos, sin, keys, values, slot, lay.heads, *norms)
+    else:
+        h = w.layer.input_layernorm(x)
+        q, k, v = _project(lay, w, h)
+        q, k = _rope(q, k, cos, sin)
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        # The query heads that share a KV head become rows of one attention call.
+        q = q.reshape(batch, lay.kv_heads, lay.rep, lay.head_dim)
     if lay.decode_kernel is not None:
         out = lay.decode_kernel(q, keys, values, allowed, w.scaling, lay.attn_softcap, limit)
     else:
         out = _attention(lay, w.scaling, q, keys, values, allowed, sdpa=lay.decode_sdpa)
     stored: list[Any] = []
-    x = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored)
+    x = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored, decode=True)
     return x, stored
+
+
+def _product(lay: _Layout, name: str, x: Any, weight: Any, norm: Any = None) -> Any:
+    """``norm(x) @ weight.T`` for a decode step's 2-d ``x``: the gemv op where
+    :func:`core.gemv.preferred` says it is faster, else the norm module and ``F.linear``."""
+    if lay.gemv is not None and gemv.preferred(name, x.shape[0], weight.shape):
+        if norm is None:
+            return lay.gemv(x, weight)
+        return lay.gemv(x, weight, norm.weight, norm.eps)
+    return F.linear(x if norm is None else norm(x), weight)
 
 
 # ------------------------------------------------------------------ sampling
@@ -940,6 +991,26 @@ def _flag(name: str, default: bool) -> bool:
     return default
 
 
+def _use_triton_products(lay: _Layout) -> None:
+    """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
+    GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels."""
+    device, dtype = lay.device, lay.dtype
+    with torch.cuda.device(device):  # triton launches on the current device
+        if (
+            _flag("GEMMA_LOCAL_GEMV", True)
+            and gemv.available(device)  # registers the op first
+            and gemv.works(dtype, device)
+        ):
+            lay.gemv = gemv.gemv
+        if (
+            _flag("GEMMA_LOCAL_ROPE_STORE", True)
+            and rope_store.supports(lay.head_dim)
+            and rope_store.available(device)
+            and rope_store.works(lay.heads, lay.kv_heads, lay.head_dim, dtype, device, lay.qk_norm)
+        ):
+            lay.rope_store = rope_store.rope_store
+
+
 class _RecompileRoom:
     """Raise dynamo's recompile limit while our step compiles (shapes differ per bucket)."""
 
@@ -976,6 +1047,8 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
                 and decode_attention.works(shape, layout.dtype, layout.device)
             ):
                 layout.decode_kernel = decode_attention.decode_attention
+    if cuda and compile and layout.fused:
+        _use_triton_products(layout)
     engine = _Engine(model, layout, compile, bool(cuda_graphs))
     setattr(model, _ENGINE_ATTR, engine)
     return engine

@@ -1,12 +1,8 @@
 """The fused decode-attention op (core.decode_attention) against its plain-torch reference.
 
 Each case runs the real op (``gemma_local::decode_attention``): on CUDA when
-there is a GPU, else through Triton's interpreter on CPU tensors
-(``TRITON_INTERPRET=1``, set here before triton is first imported; it then
-holds for the rest of the process, which is harmless where there is no GPU).
-The interpreter's ``tl.dot`` multiplies bfloat16 tiles as raw 16-bit integers,
-so the interpreter tests widen bfloat16 operands to float32 first (exact; what
-a GPU's bf16 MMA with fp32 accumulation computes).
+there is a GPU, else through Triton's interpreter on CPU tensors, patched to
+compute bfloat16 as a GPU does (``tests/triton_interpreter.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +13,14 @@ import os
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core import decode_attention as da
+from tests import triton_interpreter
 
 torch = pytest.importorskip("torch")
 
@@ -71,41 +69,10 @@ def inputs(case: tuple[int, int, int, int, int, str], dtype: Any, device: str) -
     return q, k, v, make_mask(batch, slots, pattern).to(device)
 
 
-def _widen_bf16_dot() -> None:
-    """Make the interpreter's tl.dot take bfloat16 operands (see the module docstring)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_widens_bf16", False):
-        return
-    original = builder.create_dot
-
-    def widen(handle: Any) -> Any:
-        if handle.dtype.scalar == tl.bfloat16:
-            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(data, tl.float32)
-        return handle
-
-    def create_dot(self: Any, a: Any, b: Any, *rest: Any) -> Any:
-        return original(self, widen(a), widen(b), *rest)
-
-    create_dot._widens_bf16 = True  # type: ignore[attr-defined]
-    builder.create_dot = create_dot
-
-
 @pytest.fixture(scope="module")
-def device() -> str:
+def device() -> Iterator[str]:
     """``cuda``, or ``cpu`` with the kernels running in Triton's interpreter."""
-    if CUDA:
-        assert da.available("cuda")
-        return "cuda"
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 before this module ran")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _widen_bf16_dot()
-    return "cpu"
+    yield from triton_interpreter.device(da.available)
 
 
 @needs_triton

@@ -1,0 +1,168 @@
+"""GEMV probe (GPU): the Triton op of :mod:`core.gemv` against what inductor and cuBLAS do
+for the same piece of a decode step, and the block-size sweep behind ``core.gemv.TUNED``::
+
+    python benchmarks/probe_gemv.py [--shapes 1b,12b] [--rows 1,16] [--quick] [--seconds 400]
+
+For each product of a Gemma layer (1b and 12b shapes: q/k/v with the input norm,
+o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
+
+* ``inductor``: the same math compiled as the fast path compiles it
+  (coordinate-descent tuning; the norm fused into the reduction, the activation
+  a kernel of its own), ``cuBLAS``: eager ``F.linear`` of the plain product;
+* ``ours``: the op at every block configuration of the sweep (``--quick``: the
+  current :func:`core._gemv_triton.config` only), the best printed with TB/s.
+
+Each call reads a different copy of the weights (copies larger than L2), captured in
+a CUDA graph and replayed (``probe.graph_us``). Ends with the best configurations
+as a ``TUNED`` literal.
+"""
+
+# ruff: noqa: B023  (closures are called inside the loop iteration that made them)
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench
+from probe import graph_us
+
+#: name -> (N, K, norm, act); N counts gate and up together for the act products
+SHAPES = {
+    "1b": {
+        "qkv": (1536, 1152, True, False),
+        "o": (1152, 1024, False, False),
+        "gate_up": (13824, 1152, True, True),
+        "down": (1152, 6912, False, False),
+    },
+    "12b": {
+        "qkv": (8192, 3840, True, False),
+        "o": (3840, 4096, False, False),
+        "gate_up": (30720, 3840, True, True),
+        "down": (3840, 15360, False, False),
+    },
+}
+
+GEMV_GRID = {
+    "block_n": (1, 2, 4, 8),
+    "block_k": (128, 512, 1024, 2048, 4096),
+    "warps": (4, 8),
+    "stages": (1,),
+}
+DOT_GRID = {
+    "block_n": (16, 32, 64, 128),
+    "block_k": (128, 256),
+    "warps": (4,),
+    "stages": (3, 4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="1b,12b")
+    parser.add_argument("--rows", default="1,16")
+    parser.add_argument("--quick", action="store_true", help="only the current configs")
+    parser.add_argument("--seconds", type=float, default=400.0, help="stop sweeping after")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from core import _gemv_triton as kernels
+    from core import gemv as ops
+
+    assert ops.available("cuda")
+    deadline = time.monotonic() + args.seconds
+    tune = {"coordinate_descent_tuning": True}
+    dtype = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int], float]] = {}
+
+    def rmsnorm(x: Any, w: Any) -> Any:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + w.float())).to(x.dtype)
+
+    def model_math(x: Any, w: Any, nw: Any, norm: bool, act: bool) -> Any:
+        h = rmsnorm(x, nw) if norm else x
+        out = F.linear(h, w)
+        if act:
+            gate, up = out.chunk(2, dim=-1)
+            out = F.gelu(gate, approximate="tanh") * up
+        return out
+
+    for shape in args.shapes.split(","):
+        for name, (n, k, norm, act) in SHAPES[shape].items():
+            nbytes = n * k * 2
+            copies = max(2, min(64, (1 << 30) // nbytes))
+            ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+            nw = torch.randn(k, device="cuda", dtype=dtype) * 0.1
+            for rows in (int(r) for r in args.rows.split(",")):
+                x = torch.randn(rows, k, device="cuda", dtype=dtype)
+                label = f"{shape} {name:8s} rows {rows:<2d}"
+                results = []
+                compiled = torch.compile(
+                    lambda x, w: model_math(x, w, nw, norm, act), dynamic=False, options=tune
+                )
+                for what, fn in (
+                    ("inductor", lambda i: compiled(x, ws[i % copies])),
+                    ("cuBLAS", lambda i: F.linear(x, ws[i % copies])),
+                ):
+                    us = graph_us(fn, copies * 2)
+                    results.append(f"{what} {us:6.1f} us {nbytes / us / 1e6:4.2f} TB/s")
+                want = model_math(x.float(), ws[0].float(), nw.float(), norm, act)
+                got = ops.gemv(x, ws[0], nw if norm else None, 1e-6, act).float()
+                error = ((got - want).abs().max() / want.abs().max()).item()
+                current = kernels.config(rows, n // 2 if act else n, k, act, sms)
+                configs = [current]
+                if not args.quick:
+                    grid = GEMV_GRID if rows == 1 else DOT_GRID
+                    configs += [c for c in itertools.product(*grid.values()) if c != current]
+                timed = []
+                for config in configs:
+                    if time.monotonic() > deadline and timed:
+                        break
+                    try:
+                        us = graph_us(
+                            lambda i: kernels.launch(
+                                x,
+                                ws[i % copies],
+                                nw if norm else None,
+                                1e-6,
+                                act,
+                                kernels._gemv_kernel,
+                                block=config,
+                            ),
+                            copies * 2,
+                        )
+                        timed.append((us, config))
+                    except Exception as exc:  # e.g. out of shared memory / registers
+                        bench.log(f"{label} {config} failed: {type(exc).__name__}: {exc}"[:200])
+                timed.sort()
+                us0 = next(us for us, c in timed if c == current) if timed else float("nan")
+                us, config = timed[0]
+                results.append(f"ours(current {current}) {us0:6.1f} us")
+                results.append(f"ours best {config} {us:6.1f} us {nbytes / us / 1e6:4.2f} TB/s")
+                results.append(f"rel.err {error:.1e}")
+                bench.log(f"{label} " + " | ".join(results))
+                if len(timed) > 1:
+                    top = ", ".join(f"{c}={u:.1f}" for u, c in timed[:5])
+                    bench.log(f"{label} top: {top}")
+                form = "dot" if rows > 1 else "gemv"
+                best[(form, n // 2 if act else n, k, act)] = (config, us)
+            ws.clear()
+            torch.cuda.empty_cache()
+    bench.log("TUNED = {")
+    for key, (config, us) in best.items():
+        bench.log(f"    {key!r}: {config!r},  # {us:.1f} us")
+    bench.log("}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Triton kernels behind :mod:`core.gemv` (imported lazily by it).
+
+Importing this module imports torch and triton and registers the custom op
+``gemma_local::gemv``; :mod:`core.gemv` does so on first use, never at
+``import core``.
+
+One kernel, ``_gemv_kernel``, grid ``(cdiv(N_out, BLOCK_N), cdiv(M, BLOCK_M))``:
+each program owns ``BLOCK_N`` output features of ``BLOCK_M`` rows and streams
+its rows of the weight ``[N, K]`` (``nn.Linear`` layout) in ``BLOCK_K``
+chunks, once. Two ways to multiply, chosen by ``BLOCK_M``:
+
+* ``BLOCK_M == 1`` (one token): ``w * x`` accumulated elementwise into a
+  ``[BLOCK_N, BLOCK_K]`` fp32 tile and summed once at the end (a reduction;
+  ``tl.dot`` needs 16 rows);
+* ``BLOCK_M == 16`` (a batch of up to 16 tokens): ``tl.dot`` of the x tile
+  with the transposed weight tile, fp32 accumulation.
+
+Optional prologue and epilogue, each worth a launch (and an HBM round trip)
+per layer in the decode step:
+
+* ``NORM``: Gemma's RMSNorm of x (``x * rsqrt(mean(x^2) + eps) * (1 + w)``),
+  computed by every program from x itself, in the same pass as the product:
+  ``(x * (1 + w)) @ W.T`` scaled per row by ``rsqrt(mean(x^2) + eps)`` at the
+  end (a pass over x before the product cost more than the norm kernel it saves);
+  the normed x is not rounded to the dtype first, as in inductor's fused norms;
+* ``ACT``: the weight stacks gate and up projections (``[2F, K]``, gate
+  first); a program takes the same ``BLOCK_N`` features of both and writes
+  ``gelu_tanh(gate) * up`` ``[M, F]``: the MLP's activation, never the
+  ``[M, 2F]`` projections.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+OP_NAME = "gemma_local::gemv"
+
+#: Rows a program takes in the ``tl.dot`` form (its minimum).
+DOT_ROWS = 16
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp2 overflows to inf).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _round(x, like_ptr):
+    """``x`` rounded to the element type of ``like_ptr`` and back to fp32."""
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    norm_ptr,
+    M,
+    K,
+    N_OUT,
+    UP,
+    sx_m,
+    sw_n,
+    so_m,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
+    ACT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_OUT
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx_m  # [BM, 1]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * sw_n  # [BN, 1]
+    u_rows = w_ptr + (offs_n + UP).to(tl.int64)[:, None] * sw_n  # the up rows (ACT)
+
+    # NORM: rmsnorm(x) @ w.T = inv_rms(x) * ((x * (1 + norm_w)) @ w.T), inv_rms a scalar per
+    # row: the squares are summed in the same pass as the product (no pass over x
+    # before the weights start streaming) and the rows scaled at the end.
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        if EVEN_K:
+            k_ok = offs_k < BLOCK_K  # constant-true; keeps one code path
+            xk = tl.load(x_rows + ks[None, :], mask=m_ok[:, None], other=0.0)
+        else:
+            k_ok = ks < K
+            xk = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if EVEN_N and EVEN_K:
+            wk = tl.load(w_rows + ks[None, :])
+        else:
+            wk = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if ACT:
+            if EVEN_N and EVEN_K:
+                uk = tl.load(u_rows + ks[None, :])
+            else:
+                uk = tl.load(u_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xf = xk.to(tl.float32)
+            squares += tl.sum(xf * xf, 1)
+            scale = 1.0 + tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (xf * scale[None, :]).to(wk.dtype)
+        if BLOCK_M == 1:
+            xf = xk.to(tl.float32)  # [1, BK]
+            acc += wk.to(tl.float32) * xf
+            if ACT:
+                acc_up += uk.to(tl.float32) * xf
+        else:
+            if IEEE:
+                acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
+                if ACT:
+                    acc_up += tl.dot(xk, tl.trans(uk), input_precision="ieee")
+            else:
+                acc += tl.dot(xk, tl.trans(wk))
+                if ACT:
+                    acc_up += tl.dot(xk, tl.trans(uk))
+
+    if BLOCK_M == 1:
+        out = tl.sum(acc, 1)[None, :]  # [1, BN]
+        up = tl.sum(acc_up, 1)[None, :]  # zeros unless ACT (and then dead code)
+    else:
+        out = acc
+        up = acc_up
+    if NORM:
+        inv_rms = (1.0 / tl.sqrt(squares / K + eps))[:, None]  # [BM, 1]
+        out = out * inv_rms
+        up = up * inv_rms
+    if ACT:
+        # the projections are rounded to the dtype as nn.Linear's outputs are, then
+        # gelu_tanh(gate) (rounded, as the activation module's output) times up
+        gate = _round(out, out_ptr)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = _round(0.5 * gate * (1.0 + _tanh(inner)), out_ptr)
+        out = act * _round(up, out_ptr)
+    tl.store(
+        out_ptr + offs_m.to(tl.int64)[:, None] * so_m + offs_n[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@functools.cache
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
+    return 0  # the interpreter (tests): it runs one program at a time
+
+
+@functools.cache
+def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`)."""
+    from .gemv import TUNED
+
+    if not sms:  # the interpreter: the fewest, largest programs
+        return 64, 256, 4, 1
+    key = ("dot" if rows > 1 else "gemv", n_out, k, act)
+    if key in TUNED:
+        return TUNED[key]
+    # Untuned shapes: enough programs to fill every SM a few times over.
+    if rows > 1:
+        block_n = 32 if n_out >= 32 * 4 * sms else 16
+        return block_n, 256, 4, 3
+    block_n = 8
+    while block_n > 1 and triton.cdiv(n_out, block_n) < 4 * sms:
+        block_n //= 2
+    return block_n, 512, 4, 1
+
+
+def check(x: Any, weight: Any, norm_weight: Any, act: bool) -> None:
+    """Raise ``ValueError`` naming what is wrong with the arguments."""
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"x must be [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]} but weight has K={weight.shape[1]}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(
+            f"x and weight must share a dtype of bfloat16, float16 or float32; "
+            f"got {x.dtype} and {weight.dtype}"
+        )
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must be contiguous along K")
+    if act and weight.shape[0] % 2:
+        raise ValueError(
+            f"act=True needs stacked gate and up rows (even N); got N={weight.shape[0]}"
+        )
+    if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
+        raise ValueError(
+            f"norm_weight must be [K] = [{x.shape[1]}]; got {tuple(norm_weight.shape)}"
+        )
+
+
+def launch(
+    x: Any,
+    weight: Any,
+    norm_weight: Any,
+    eps: float,
+    act: bool,
+    kernel: Any,
+    *,
+    block: tuple[int, int, int, int] | None = None,
+) -> Any:
+    """Run the kernel (``kernel``: the JIT function, wrapped by ``wrap_triton`` in the op,
+    or the interpreted one in the tests). ``block`` = ``(BLOCK_N, BLOCK_K, num_warps,
+    num_stages)`` overrides :func:`config` (for tuning)."""
+    check(x, weight, norm_weight, act)
+    rows, k = x.shape
+    n_out = weight.shape[0] // 2 if act else weight.shape[0]
+    sms = _sm_count(x.device.type, x.device.index)
+    block_n, block_k, warps, stages = block or config(rows, n_out, k, act, sms)
+    block_m = 1 if rows == 1 else DOT_ROWS
+    if block_m > 1:
+        block_n = max(block_n, 16)  # tl.dot's minimum
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m))
+    kernel[grid](
+        x,
+        weight,
+        out,
+        x if norm_weight is None else norm_weight,
+        rows,
+        k,
+        n_out,
+        n_out if act else 0,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        float(eps),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        NORM=norm_weight is not None,
+        ACT=act,
+        EVEN_K=k % block_k == 0,
+        EVEN_N=n_out % block_n == 0,
+        IEEE=x.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+@triton_op(OP_NAME, mutates_args=())
+def gemv_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+) -> torch.Tensor:
+    """The custom op (its own fake implementation: ``triton_op`` traces it)."""
+    return launch(x, weight, norm_weight, eps, act, wrap_triton(_gemv_kernel))

@@ -1,0 +1,164 @@
+"""Matrix-vector products for the CUDA fast path's decode step: one Triton op.
+
+At batch 1 (and up to 16 rows) a decode step's projections read every weight
+once and do almost no arithmetic, so they are bound by memory bandwidth and,
+on small models, by the number of kernels. :func:`gemv` is one custom op
+(``gemma_local::gemv``, one Triton launch) that ``torch.compile`` puts in
+its graph and CUDA graphs capture, with two of the layer's neighbouring
+operations folded in::
+
+    gemv(x, w)                          x @ w.T
+    gemv(x, w, norm_weight, eps)        rmsnorm(x) @ w.T      (Gemma's norm, (1 + w))
+    gemv(x, w_gate_up, ..., act=True)   gelu_tanh(x @ gate.T) * (x @ up.T)
+
+so that a Gemma layer's input norm lives in its q/k/v product and its MLP's
+activation in the gate/up product, instead of kernels of their own.
+
+The kernel lives in :mod:`core._gemv_triton`, imported (and the op registered)
+by :func:`available` or the first call; importing this module imports neither
+torch nor triton. Block sizes come from :data:`TUNED` (measured on an H200 by
+``benchmarks/probe_gemv.py``) or a heuristic. :func:`reference` is the same
+product in plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger("gemma_local")
+
+#: Most rows (tokens) the op is meant for; more is a GEMM (cuBLAS does it well).
+MAX_ROWS = 16
+
+#: (form, N out, K, act) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), measured on an
+#: H200 by ``benchmarks/probe_gemv.py`` (form: "gemv" at one row, "dot" at 2-16; log
+#: ``benchmarks/runs/2026-11-26-probe-gemv-2.log``); other shapes get a heuristic.
+TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
+    # gemma-3-12b: q/k/v, o, gate/up (+ activation), down
+    ("gemv", 8192, 3840, False): (8, 1024, 4, 1),
+    ("dot", 8192, 3840, False): (64, 256, 4, 3),
+    ("gemv", 3840, 4096, False): (2, 4096, 4, 1),
+    ("dot", 3840, 4096, False): (32, 256, 4, 4),
+    ("gemv", 15360, 3840, True): (4, 1024, 4, 1),
+    ("dot", 15360, 3840, True): (128, 128, 4, 3),
+    ("gemv", 3840, 15360, False): (1, 1024, 4, 1),
+    ("dot", 3840, 15360, False): (32, 256, 4, 4),
+    # gemma-3-1b
+    ("gemv", 1536, 1152, False): (4, 2048, 8, 1),
+    ("dot", 1536, 1152, False): (32, 256, 4, 4),
+    ("gemv", 1152, 1024, False): (2, 1024, 4, 1),
+    ("dot", 1152, 1024, False): (32, 256, 4, 4),
+    ("gemv", 6912, 1152, True): (8, 128, 4, 1),
+    ("dot", 6912, 1152, True): (64, 128, 4, 3),
+    ("gemv", 1152, 6912, False): (2, 2048, 8, 1),
+    ("dot", 1152, 6912, False): (32, 256, 4, 4),
+}
+
+
+def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
+    """Whether the fast path should run a decode step's ``name`` product (``qkv``, ``o``,
+    ``gate_up``, ``down``) of ``rows`` tokens and weight ``shape`` [N, K] through the op
+    rather than what inductor / cuBLAS make of it.
+
+    From ``benchmarks/probe_gemv.py`` on an H200 (us, ours against the best of
+    inductor and cuBLAS): the long reductions win (12b down 29.8 vs 31.2 at one row,
+    32.8 vs 34.9 at 16; 12b o at 16 rows 11.0 vs 12.9); so does the 1b's gate/up
+    with its norm and activation folded in (11.7 against about 14.8 for inductor's
+    product and activation kernels). Inductor's reductions win the wide products
+    of a big model (12b gate/up 60 vs 63, q/k/v 18.8 vs 19.8), and at 16 rows the dot
+    form needs at least ~64 programs (N >= 2048) to fill the GPU.
+    """
+    n, k = shape
+    if rows > MAX_ROWS:
+        return False
+    if name == "down":
+        return rows == 1 or n >= 2048
+    if name == "o":
+        return rows > 1 and n >= 1024
+    if name == "gate_up":
+        return rows == 1 and n * k <= 32 << 20
+    return False
+
+
+@functools.cache
+def _op() -> Any:
+    """The registered op (imports torch and triton and registers it the first time)."""
+    from . import _gemv_triton as kernels
+
+    return kernels.gemv_op
+
+
+def available(device: Any) -> bool:
+    """Whether :func:`gemv` runs on ``device``: CUDA, with triton importable and the op
+    registered (registering it here when needed)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        _op()
+    except ImportError:  # no triton
+        return False
+    return True
+
+
+def works(dtype: Any, device: Any) -> bool:
+    """Run the op once in each form on small random inputs and compare with
+    :func:`reference`: False (and a warning) where the kernel does not compile or
+    disagrees on this GPU, so that the caller keeps its plain products."""
+    import torch
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        error = 0.0
+        for rows in (1, 3):
+            x = torch.randn(rows, 320, generator=gen, device=device).to(dtype)
+            w = (torch.randn(96, 320, generator=gen, device=device) * 0.05).to(dtype)
+            norm = (torch.randn(320, generator=gen, device=device) * 0.1).to(dtype)
+            for norm_weight, act in ((None, False), (norm, False), (norm, True)):
+                got = gemv(x, w, norm_weight, 1e-6, act).float()
+                want = reference(x, w, norm_weight, 1e-6, act).float()
+                error = max(error, (got - want).abs().max().item())
+    except Exception as exc:  # a GPU or triton build the kernel does not run on
+        logger.warning("gemv kernel unavailable here: %s: %s", type(exc).__name__, exc)
+        return False
+    if not error < 5e-2:
+        logger.warning("gemv kernel disagrees with the reference (%.3g)", error)
+        return False
+    return True
+
+
+def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False) -> Any:
+    """``x`` [M, K] (M tokens, best at 1..16) times ``weight`` [N, K] (``nn.Linear``'s
+    layout) transposed: [M, N] in x's dtype, fp32 accumulation.
+
+    ``norm_weight`` [K]: x goes through Gemma's RMSNorm first
+    (``x * rsqrt(mean(x^2) + eps) * (1 + norm_weight)`` in fp32, rounded to the
+    dtype). ``act``: ``weight`` is the gate and up projections stacked ([2F, K],
+    gate first) and the result is ``gelu_tanh(gate) * up`` [M, F].
+
+    CUDA only (see :func:`available`); ``ValueError`` on shapes or dtypes the
+    kernel does not take.
+    """
+    return _op()(x, weight, norm_weight, eps, act)
+
+
+def reference(
+    x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False
+) -> Any:
+    """The same product in plain torch (the modules' own arithmetic)."""
+    import torch
+    import torch.nn.functional as F
+
+    if norm_weight is not None:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        x = (h * (1.0 + norm_weight.float())).to(x.dtype)
+    out = F.linear(x, weight)
+    if act:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.gelu(gate, approximate="tanh") * up
+    return out

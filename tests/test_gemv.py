@@ -1,0 +1,174 @@
+"""The decode-step products op (core.gemv) against its plain-torch reference.
+
+Each case runs the real op (``gemma_local::gemv``): on CUDA when there is a
+GPU, else through Triton's interpreter on CPU tensors, patched to compute
+bfloat16 as a GPU does (``tests/triton_interpreter.py``). Both forms of the
+kernel are covered (one row: a reduction; 2-16 rows: ``tl.dot``), with and
+without the folded norm and activation, shapes whose N and K are not
+multiples of the blocks, and the fast path's decode step running on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import gemv
+from tests import triton_interpreter
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (CUDA wheels); runs in the interpreter"
+)
+
+# (rows, N, K, block): N/K multiples of the blocks or not; None = the op's own config
+CASES = [
+    (1, 96, 256, None),
+    (1, 40, 200, (8, 64, 4, 1)),  # ragged N and K
+    (3, 96, 256, None),  # the dot form, rows padded to 16
+    (16, 64, 320, (32, 128, 4, 2)),
+    (5, 40, 200, (16, 64, 4, 1)),
+]
+
+
+@pytest.fixture(scope="module")
+def device() -> Iterator[str]:
+    """``cuda``, or ``cpu`` with the kernel running in Triton's interpreter."""
+    yield from triton_interpreter.device(gemv.available)
+
+
+def inputs(rows: int, n: int, k: int, dtype: Any, device: str) -> tuple[Any, Any, Any]:
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((rows, n, k)).encode()))
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    norm = 0.3 * torch.randn(k, generator=gen)
+    return x.to(device, dtype), w.to(device, dtype), norm.to(device, dtype)
+
+
+def run(x: Any, w: Any, norm: Any, act: bool, block: Any) -> Any:
+    if block is None:
+        return gemv.gemv(x, w, norm, 1e-6, act)
+    from core import _gemv_triton as kernels
+
+    kernel = kernels._gemv_kernel
+    return kernels.launch(x, w, norm, 1e-6, act, kernel, block=block)
+
+
+@needs_triton
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "act"])
+@pytest.mark.parametrize("norm", [False, True], ids=["x", "norm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_matches_reference(device: str, case: Any, dtype: str, norm: bool, act: bool) -> None:
+    rows, n, k, block = case
+    x, w, norm_w = inputs(rows, n, k, getattr(torch, dtype), device)
+    norm_w = norm_w if norm else None
+    got = run(x, w, norm_w, act, block)
+    assert got.shape == (rows, n // 2 if act else n) and got.dtype == x.dtype
+    if dtype == "float32":
+        want = gemv.reference(x, w, norm_w, 1e-6, act)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        # the reference in fp32 from the same bf16 inputs; the op rounds the products
+        # (and the activation) to bf16 as the modules do, and folds the norm unrounded
+        want = gemv.reference(
+            x.float(), w.float(), None if norm_w is None else norm_w.float(), 1e-6, act
+        )
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+
+
+@needs_triton
+def test_rejects_arguments_it_does_not_take(device: str) -> None:
+    x, w, norm = inputs(2, 64, 128, torch.float32, device)
+    cases = [
+        ((x[0], w), "x must be \\[M, K\\]"),
+        ((x, w[:, :64]), "x has K=128 but weight has K=64"),
+        ((x.double(), w.double()), "bfloat16, float16 or float32"),
+        ((x, w.half()), "share a dtype"),
+        ((x.t().contiguous().t(), w), "contiguous along K"),
+        ((x, w[:63], None, 1e-6, True), "even N"),
+        ((x, w, norm[:100]), "norm_weight must be \\[K\\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            gemv.gemv(*args)
+
+
+def test_preferred_products() -> None:
+    """What the fast path runs through the op (the H200 measurements in the docstring)."""
+    assert gemv.preferred("down", 1, (3840, 15360)) and gemv.preferred("down", 16, (3840, 15360))
+    assert gemv.preferred("down", 1, (1152, 6912)) and not gemv.preferred("down", 16, (1152, 6912))
+    assert gemv.preferred("o", 16, (3840, 4096)) and not gemv.preferred("o", 1, (3840, 4096))
+    assert gemv.preferred("gate_up", 1, (13824, 1152))
+    assert not gemv.preferred("gate_up", 1, (30720, 3840))
+    assert not gemv.preferred("gate_up", 2, (13824, 1152))
+    assert not gemv.preferred("qkv", 1, (8192, 3840))
+    assert not gemv.preferred("down", 17, (3840, 15360))  # a GEMM: cuBLAS
+
+
+def test_unavailable_on_cpu_and_import_is_light() -> None:
+    assert gemv.available("cpu") is False
+    code = (
+        "import sys, json, core, core.gemv;"
+        "print(json.dumps([m for m in ('torch', 'triton') if m in sys.modules]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+@needs_triton
+def test_works_self_check(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path turns the kernel on only after it ran right once on the device."""
+    assert gemv.works(torch.float32, device)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("PTX for this GPU failed to compile")
+
+    monkeypatch.setattr(gemv, "gemv", broken)
+    assert not gemv.works(torch.float32, device)
+    monkeypatch.setattr(gemv, "gemv", lambda x, w, *rest: torch.zeros(x.shape[0], w.shape[0]))
+    assert not gemv.works(torch.float32, device)
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ["gemma3_path", "gemma2_path", "gemma1_path"])
+def test_fast_path_on_the_triton_ops_equals_plain_path(
+    device: str, arch: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode step on the gemv and rope/store ops (and the attention op; interpreted
+    on CPU) gives ``model.generate``'s greedy tokens: batch 1 (the reduction form) and a
+    left-padded batch of 3 in a bucket of 4 (the dot form), every product through the
+    op, a sliding window that wraps."""
+    from core import decode_attention, fast_path, rope_store
+    from tests.test_fast_path import fast, greedy, load, plain, prompts_of
+
+    monkeypatch.setenv("GEMMA_LOCAL_FUSE", "1")  # the ops need the stacked projections
+    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: True)
+    window = {} if arch == "gemma1_path" else {"sliding_window": 8}
+    model = load(request.getfixturevalue(arch), **window).to(device)
+    fast_path.release(model)
+    engine = fast_path._engine(model, compile=False, cuda_graphs=False)
+    lay = engine.layout  # what the engine sets when it compiles on CUDA
+    assert lay.fused
+    lay.gemv, lay.rope_store = gemv.gemv, rope_store.rope_store
+    lay.decode_kernel = decode_attention.decode_attention
+    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
+        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    fast_path.release(model)
