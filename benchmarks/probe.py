@@ -15,8 +15,11 @@ design choice rests on a number::
   (split-K) reduction for inductor, against one stage (it was 5x slower).
 * decode attention has a probe of its own, ``probe_attention.py`` (the
   Triton op against matmul + softmax, SDPA and ``flex_attention``).
-* ``model``: the 1b shape through ``create()``: first call, TTFT, tok/s, the
-  bare graph replay, and every kernel of one step (count and time).
+* ``model[:SHAPE[:NAME=VALUE,...[:BATCH]]]``: a shape through ``create()``: first
+  call, TTFT, tok/s, the bare graph replay, and every kernel of one step (count
+  and time), then ``create_batch()`` of BATCH prompts; ``NAME=VALUE`` set
+  ``GEMMA_LOCAL_NAME`` for that model only, so that
+  ``model:12b:GEMV=0,ROPE_STORE=0 model:12b`` is an A/B in one process.
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that made them)
@@ -174,26 +177,58 @@ def splitk() -> None:
         torch.cuda.empty_cache()
 
 
-def model(shape: str = "1b") -> None:
+def model(shape: str = "1b", settings: str = "", batch: str = "1") -> None:
+    import os
+
+    pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
+    saved = {f"GEMMA_LOCAL_{k}": os.environ.get(f"GEMMA_LOCAL_{k}") for k, _ in pairs}
+    os.environ.update({f"GEMMA_LOCAL_{k}": v for k, v in pairs})
+    try:
+        _model(f"{shape} {settings}".strip(), shape, int(batch))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.cuda.empty_cache()
+
+
+def _model(label: str, shape: str, batch: int) -> None:
     from core import fast_path
 
     work = Path(bench.tempfile.mkdtemp())
     m = bench.gpu_model(shape, torch.bfloat16)
     tokenizer, path = bench.tokenizer_for(shape, work)
     client = bench.bench_client(m, tokenizer, str(path))
-    convos = bench.conversations(client, 1, 128)
+    convos = bench.conversations(client, max(batch, 1), 128)
     start = time.perf_counter()
     client.create(convos[0], temperature=0, max_tokens=256)
-    bench.log(f"{shape}: first call {time.perf_counter() - start:.1f} s; {fast_path.describe(m)}")
-    for _ in range(2):
+    bench.log(f"{label}: first call {time.perf_counter() - start:.1f} s; {fast_path.describe(m)}")
+    for _ in range(3):
         start = time.perf_counter()
         out = client.create(convos[0], temperature=0, max_tokens=256)
         seconds = time.perf_counter() - start
-        bench.log(f"{shape}: {out['usage']['completion_tokens'] / seconds:.1f} tok/s")
-    ttft = [bench.first_chunk_seconds(client, convos[0], 256) * 1000 for _ in range(5)]
-    bench.log(f"{shape}: TTFT ms {', '.join(f'{t:.1f}' for t in ttft)}")
-    bench.log(f"{shape}: graph replay {bench.graph_step_ms(m, 1):.3f} ms/step")
+        bench.log(f"{label}: {out['usage']['completion_tokens'] / seconds:.1f} tok/s")
+    ttft = []
+    for _ in range(5):  # the prompt and one token: what a first token costs, whatever its text
+        start = time.perf_counter()
+        client.create(convos[0], temperature=0, max_tokens=1)
+        ttft.append((time.perf_counter() - start) * 1000)
+    bench.log(f"{label}: prompt + first token ms {', '.join(f'{t:.1f}' for t in ttft)}")
+    bench.log(f"{label}: graph replay {bench.graph_step_ms(m, 1):.3f} ms/step")
     bench.profile_steps(m, 1, top=60)
+    if batch > 1:
+        client.create_batch(convos, temperature=0, max_tokens=256)  # compile and capture
+        for _ in range(2):
+            start = time.perf_counter()
+            outs = client.create_batch(convos, temperature=0, max_tokens=256)
+            seconds = time.perf_counter() - start
+            rate = bench.completion_tokens(outs) / seconds
+            bench.log(f"{label}: batch {batch}: {rate:.1f} tok/s")
+        bench.log(
+            f"{label}: batch {batch} graph replay {bench.graph_step_ms(m, batch):.3f} ms/step"
+        )
     client.close()
 
 

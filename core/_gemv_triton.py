@@ -106,23 +106,35 @@ def _gemv_kernel(
         ks = k0 + offs_k
         if EVEN_K:
             k_ok = offs_k < BLOCK_K  # constant-true; keeps one code path
-            xk = tl.load(x_rows + ks[None, :], mask=m_ok[:, None], other=0.0)
+            xk = tl.load(
+                x_rows + ks[None, :], mask=m_ok[:, None], other=0.0, eviction_policy="evict_last"
+            )
         else:
             k_ok = ks < K
-            xk = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xk = tl.load(
+                x_rows + ks[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+        # The weights stream through once: evict them first, keep x (read by every program).
+        w_ok = n_ok[:, None] & k_ok[None, :]
         if EVEN_N and EVEN_K:
-            wk = tl.load(w_rows + ks[None, :])
+            wk = tl.load(w_rows + ks[None, :], eviction_policy="evict_first")
         else:
-            wk = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            wk = tl.load(w_rows + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
         if ACT:
             if EVEN_N and EVEN_K:
-                uk = tl.load(u_rows + ks[None, :])
+                uk = tl.load(u_rows + ks[None, :], eviction_policy="evict_first")
             else:
-                uk = tl.load(u_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                uk = tl.load(
+                    u_rows + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first"
+                )
         if NORM:
             xf = xk.to(tl.float32)
             squares += tl.sum(xf * xf, 1)
-            scale = 1.0 + tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            scale = tl.load(norm_ptr + ks, mask=k_ok, other=0.0, eviction_policy="evict_last")
+            scale = 1.0 + scale.to(tl.float32)
             xk = (xf * scale[None, :]).to(wk.dtype)
         if BLOCK_M == 1:
             xf = xk.to(tl.float32)  # [1, BK]

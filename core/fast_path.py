@@ -205,6 +205,8 @@ def describe(model: Any) -> dict[str, Any]:
         "cuda_graphs": engine.use_graphs,
         "fused_projections": engine.layout.fused,
         "decode_attention": "triton" if engine.layout.decode_kernel else "matmul",
+        "triton_products": engine.layout.gemv is not None,
+        "rope_store": engine.layout.rope_store is not None,
         "compiled_prefill": engine.prefill_layer is not _prefill_layer,
         "compile_seconds": dict(engine.compile_seconds),
         "buckets": [list(key) for key in engine.buckets],
@@ -914,7 +916,8 @@ class _Engine:
         b = self.bucket(batch_bucket(batch), cache_len(width + max(steps, 0)))
         how = _Sampler.of(params)
         b.configure(params, how)
-        step = self.stepper(b, how)  # may compile and capture (first use of this bucket)
+        # may compile and capture (first use of this bucket); one token needs no step
+        step = self.stepper(b, how) if steps > 0 else None
 
         # Rows past the prompts fill the bucket: all padding, their tokens are dropped.
         pads = [width - len(p.ids) for p in prompts] + [width] * (b.batch - batch)
@@ -933,7 +936,7 @@ class _Engine:
         b.tok.copy_(first[:, None])
         b.step.fill_(width)
         sink.push(first.tolist()[:batch])
-        if steps > 0 and not sink.done:
+        if step is not None and not sink.done:
             self._decode(b, step, width, steps, sink, batch)
 
     def _decode(

@@ -34,21 +34,21 @@ MAX_ROWS = 16
 
 #: (form, N out, K, act) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), measured on an
 #: H200 by ``benchmarks/probe_gemv.py`` (form: "gemv" at one row, "dot" at 2-16; log
-#: ``benchmarks/runs/2026-11-26-probe-gemv-2.log``); other shapes get a heuristic.
+#: ``benchmarks/runs/2026-11-26-probe-gemv-3-eviction.log``); other shapes get a heuristic.
 TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     # gemma-3-12b: q/k/v, o, gate/up (+ activation), down
     ("gemv", 8192, 3840, False): (8, 1024, 4, 1),
     ("dot", 8192, 3840, False): (64, 256, 4, 3),
     ("gemv", 3840, 4096, False): (2, 4096, 4, 1),
     ("dot", 3840, 4096, False): (32, 256, 4, 4),
-    ("gemv", 15360, 3840, True): (4, 1024, 4, 1),
+    ("gemv", 15360, 3840, True): (8, 256, 4, 1),
     ("dot", 15360, 3840, True): (128, 128, 4, 3),
-    ("gemv", 3840, 15360, False): (1, 1024, 4, 1),
+    ("gemv", 3840, 15360, False): (16, 1024, 8, 1),
     ("dot", 3840, 15360, False): (32, 256, 4, 4),
     # gemma-3-1b
     ("gemv", 1536, 1152, False): (4, 2048, 8, 1),
     ("dot", 1536, 1152, False): (32, 256, 4, 4),
-    ("gemv", 1152, 1024, False): (2, 1024, 4, 1),
+    ("gemv", 1152, 1024, False): (2, 2048, 4, 1),
     ("dot", 1152, 1024, False): (32, 256, 4, 4),
     ("gemv", 6912, 1152, True): (8, 128, 4, 1),
     ("dot", 6912, 1152, True): (64, 128, 4, 3),
@@ -62,23 +62,26 @@ def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
     ``gate_up``, ``down``) of ``rows`` tokens and weight ``shape`` [N, K] through the op
     rather than what inductor / cuBLAS make of it.
 
-    From ``benchmarks/probe_gemv.py`` on an H200 (us, ours against the best of
-    inductor and cuBLAS): the long reductions win (12b down 29.8 vs 31.2 at one row,
-    32.8 vs 34.9 at 16; 12b o at 16 rows 11.0 vs 12.9); so does the 1b's gate/up
-    with its norm and activation folded in (11.7 against about 14.8 for inductor's
-    product and activation kernels). Inductor's reductions win the wide products
-    of a big model (12b gate/up 60 vs 63, q/k/v 18.8 vs 19.8), and at 16 rows the dot
-    form needs at least ~64 programs (N >= 2048) to fill the GPU.
+    From ``benchmarks/probe_gemv.py`` and ``probe.py model`` on an H200. At one row the
+    op is on a par with inductor's tuned reductions product by product (12b, us: q/k/v
+    18.4 vs 17.5-20.6, o 9.4 vs 8.8-10.6, gate/up 59.9 vs 52-70, down 28.7 vs 28.3-34.2;
+    inductor's range is over compiles of the same code: its coordinate-descent tuning
+    does not pick the same configurations twice) and better on the 1b (q/k/v 3.4 vs
+    5.2, gate/up 11.5 vs ~15); with the norm and activation folded in it also saves
+    two kernels a layer, and it is the same kernel every time. At 2-16 rows (the dot
+    form) it wins the long reductions (12b down 32.4 vs 35.3, o 10.9 vs 12.8) when
+    there are enough programs to fill the GPU (N >= 2048 for down), and cuBLAS wins
+    the wide products (q/k/v 17.4 vs 31.2, gate/up 58.7 vs 68.7).
     """
-    n, k = shape
+    n = shape[0]
+    if rows == 1:
+        return True
     if rows > MAX_ROWS:
         return False
     if name == "down":
-        return rows == 1 or n >= 2048
+        return n >= 2048
     if name == "o":
-        return rows > 1 and n >= 1024
-    if name == "gate_up":
-        return rows == 1 and n * k <= 32 << 20
+        return n >= 1024
     return False
 
 

@@ -122,7 +122,7 @@ def test_slot_outside_the_cache_writes_nothing(device: str, slot: int) -> None:
     slot_t = torch.tensor(slot, device=device)  # a 0-d tensor does as well
     q = rs.rope_store(qkv, cos, sin, keys, values, slot_t, heads, q_w, k_w)
     want = rs.reference(
-        qkv, cos, sin, keys.clone(), values.clone(), torch.tensor(0), heads, q_w, k_w
+        qkv, cos, sin, keys.clone(), values.clone(), torch.tensor(0, device=device), heads, q_w, k_w
     )
     torch.testing.assert_close(q, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(keys, before_k) and torch.equal(values, before_v)
