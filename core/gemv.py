@@ -57,25 +57,29 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
-def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
+def preferred(name: str, rows: int, shape: tuple[int, int], itemsize: int = 2) -> bool:
     """Whether the fast path should run a decode step's ``name`` product (``qkv``, ``o``,
     ``gate_up``, ``down``) of ``rows`` tokens and weight ``shape`` [N, K] through the op
     rather than what inductor / cuBLAS make of it.
 
-    From ``benchmarks/probe_gemv.py`` and ``probe.py model`` on an H200. At one row the
-    op is on a par with inductor's tuned reductions product by product (12b, us: q/k/v
-    18.4 vs 17.5-20.6, o 9.4 vs 8.8-10.6, gate/up 59.9 vs 52-70, down 28.7 vs 28.3-34.2;
-    inductor's range is over compiles of the same code: its coordinate-descent tuning
-    does not pick the same configurations twice) and better on the 1b (q/k/v 3.4 vs
-    5.2, gate/up 11.5 vs ~15); with the norm and activation folded in it also saves
-    two kernels a layer, and it is the same kernel every time. At 2-16 rows (the dot
-    form) it wins the long reductions (12b down 32.4 vs 35.3, o 10.9 vs 12.8) when
-    there are enough programs to fill the GPU (N >= 2048 for down), and cuBLAS wins
-    the wide products (q/k/v 17.4 vs 31.2, gate/up 58.7 vs 68.7).
+    From ``benchmarks/probe_gemv.py`` and ``probe.py model`` A/Bs on an H200
+    (``benchmarks/runs/2026-11-26-probe-*``):
+
+    * one row, products up to 32 MiB (every product of a 1b-class model): the op,
+      with the layer's norms and MLP activation folded in, takes the 1b from 686
+      to 856 tok/s (1.38 -> 1.10 ms a step: 104 launches fewer, and q/k/v 3.4 us
+      against inductor's 5.2 + 1.0, gate/up 11.5 against ~15);
+    * one row, bigger products (12b): inductor's tuned reductions reach up to
+      4.45 TB/s in the model (gate/up 52 us) where the op reaches 3.9-4.1 (60 us),
+      so the whole 12b step was 4% slower on the op (141 against 148 tok/s);
+    * 2-16 rows (the op's dot form): it wins the long reductions (12b down 32.4
+      against cuBLAS's 35.3 us, o 10.9 against 12.8) where there are enough
+      programs to fill the GPU (N >= 2048 for down); cuBLAS wins the wide products
+      (q/k/v 17.4 against 31.2, gate/up 58.7 against 68.7).
     """
-    n = shape[0]
+    n, k = shape
     if rows == 1:
-        return True
+        return n * k * itemsize <= 32 << 20
     if rows > MAX_ROWS:
         return False
     if name == "down":

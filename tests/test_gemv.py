@@ -109,8 +109,17 @@ def test_rejects_arguments_it_does_not_take(device: str) -> None:
 
 def test_preferred_products() -> None:
     """What the fast path runs through the op (the H200 measurements in the docstring)."""
-    for name in ("qkv", "o", "gate_up", "down"):
-        assert gemv.preferred(name, 1, (3840, 15360))  # one row: every product
+    for name, shape in {
+        "qkv": (1536, 1152),
+        "o": (1152, 1024),
+        "gate_up": (13824, 1152),
+        "down": (1152, 6912),
+    }.items():
+        assert gemv.preferred(name, 1, shape)  # one row, a 1b: every product
+    assert gemv.preferred("o", 1, (3840, 4096))  # 30 MiB
+    assert not gemv.preferred("gate_up", 1, (30720, 3840))  # 12b: inductor's reductions
+    assert not gemv.preferred("down", 1, (3840, 15360))
+    assert not gemv.preferred("gate_up", 1, (13824, 1152), itemsize=4)  # float32: 61 MiB
     assert gemv.preferred("down", 16, (3840, 15360)) and gemv.preferred("o", 16, (3840, 4096))
     assert not gemv.preferred("down", 16, (1152, 6912))  # too few programs
     assert not gemv.preferred("qkv", 16, (8192, 3840))  # cuBLAS
@@ -159,7 +168,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     from tests.test_fast_path import fast, greedy, load, plain, prompts_of
 
     monkeypatch.setenv("GEMMA_LOCAL_FUSE", "1")  # the ops need the stacked projections
-    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: True)
+    monkeypatch.setattr(gemv, "preferred", lambda *args: True)
     window = {} if arch == "gemma1_path" else {"sliding_window": 8}
     model = load(request.getfixturevalue(arch), **window).to(device)
     fast_path.release(model)
