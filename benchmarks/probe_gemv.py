@@ -55,6 +55,13 @@ GEMV_GRID = {
     "warps": (4, 8, 16),
     "stages": (1,),
 }
+#: ``--wide``: many rows a program, short chunks, and pipelined loops too
+WIDE_GRID = {
+    "block_n": (8, 16, 32, 64),
+    "block_k": (32, 64, 128, 256),
+    "warps": (2, 4, 8),
+    "stages": (1, 2, 3),
+}
 DOT_GRID = {
     "block_n": (16, 32, 64, 128),
     "block_k": (128, 256),
@@ -68,6 +75,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="1b,12b")
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--quick", action="store_true", help="only the current configs")
+    parser.add_argument("--wide", action="store_true", help="the one-row sweep over WIDE_GRID")
+    parser.add_argument("--only", default="", help="e.g. 12b:gate_up,12b:qkv")
     parser.add_argument("--seconds", type=float, default=400.0, help="stop sweeping after")
     args = parser.parse_args()
 
@@ -99,6 +108,8 @@ def main() -> None:
 
     for shape in args.shapes.split(","):
         for name, (n, k, norm, act) in SHAPES[shape].items():
+            if args.only and f"{shape}:{name}" not in args.only.split(","):
+                continue
             nbytes = n * k * 2
             copies = max(2, min(64, (1 << 30) // nbytes))
             ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
@@ -122,7 +133,7 @@ def main() -> None:
                 current = kernels.config(rows, n // 2 if act else n, k, act, sms)
                 configs = [current]
                 if not args.quick:
-                    grid = GEMV_GRID if rows == 1 else DOT_GRID
+                    grid = (WIDE_GRID if args.wide else GEMV_GRID) if rows == 1 else DOT_GRID
                     configs += [c for c in itertools.product(*grid.values()) if c != current]
                 timed = []
                 for config in configs:

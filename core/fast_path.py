@@ -450,7 +450,7 @@ def _layer_rest(
             decode
             and lay.gemv is not None
             and lay.gelu_tanh
-            and gemv.preferred("gate_up", rows, w.gate_up.shape, x.element_size())
+            and gemv.preferred("gate_up", rows, w.gate_up.shape)
         ):
             act = lay.gemv(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True).view(
                 *shape[:2], -1
@@ -651,7 +651,7 @@ def _decode_layer(
 def _product(lay: _Layout, name: str, x: Any, weight: Any, norm: Any = None) -> Any:
     """``norm(x) @ weight.T`` for a decode step's 2-d ``x``: the gemv op where
     :func:`core.gemv.preferred` says it is faster, else the norm module and ``F.linear``."""
-    if lay.gemv is not None and gemv.preferred(name, x.shape[0], weight.shape, x.element_size()):
+    if lay.gemv is not None and gemv.preferred(name, x.shape[0], weight.shape):
         if norm is None:
             return lay.gemv(x, weight)
         return lay.gemv(x, weight, norm.weight, norm.eps)

@@ -41,7 +41,7 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("dot", 8192, 3840, False): (64, 256, 4, 3),
     ("gemv", 3840, 4096, False): (2, 4096, 4, 1),
     ("dot", 3840, 4096, False): (32, 256, 4, 4),
-    ("gemv", 15360, 3840, True): (8, 256, 4, 1),
+    ("gemv", 15360, 3840, True): (16, 256, 2, 2),  # probe-gemv-4-wide: 58.4 us
     ("dot", 15360, 3840, True): (128, 128, 4, 3),
     ("gemv", 3840, 15360, False): (16, 1024, 8, 1),
     ("dot", 3840, 15360, False): (32, 256, 4, 4),
@@ -57,7 +57,7 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
-def preferred(name: str, rows: int, shape: tuple[int, int], itemsize: int = 2) -> bool:
+def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
     """Whether the fast path should run a decode step's ``name`` product (``qkv``, ``o``,
     ``gate_up``, ``down``) of ``rows`` tokens and weight ``shape`` [N, K] through the op
     rather than what inductor / cuBLAS make of it.
@@ -65,21 +65,21 @@ def preferred(name: str, rows: int, shape: tuple[int, int], itemsize: int = 2) -
     From ``benchmarks/probe_gemv.py`` and ``probe.py model`` A/Bs on an H200
     (``benchmarks/runs/2026-11-26-probe-*``):
 
-    * one row, products up to 32 MiB (every product of a 1b-class model): the op,
-      with the layer's norms and MLP activation folded in, takes the 1b from 686
-      to 856 tok/s (1.38 -> 1.10 ms a step: 104 launches fewer, and q/k/v 3.4 us
-      against inductor's 5.2 + 1.0, gate/up 11.5 against ~15);
-    * one row, bigger products (12b): inductor's tuned reductions reach up to
-      4.45 TB/s in the model (gate/up 52 us) where the op reaches 3.9-4.1 (60 us),
-      so the whole 12b step was 4% slower on the op (141 against 148 tok/s);
+    * one row: every product. With the layer's norms and MLP activation folded in
+      it takes the 1b from 686 to 856 tok/s (1.38 -> 1.10 ms a step, 104 launches
+      fewer). On the 12b the op is on a par with the best of inductor's tuned
+      reductions (us: q/k/v 18.4, o 9.4, gate/up 58.4, down 28.7), and it is the
+      same kernel every time: inductor's coordinate-descent tuning does not pick
+      the same configurations twice, and five compiles of the same step gave
+      q/k/v 16.6-26.8 us, down 28.3-39.5 and gate/up 52-70 (127 to 148 tok/s);
     * 2-16 rows (the op's dot form): it wins the long reductions (12b down 32.4
       against cuBLAS's 35.3 us, o 10.9 against 12.8) where there are enough
       programs to fill the GPU (N >= 2048 for down); cuBLAS wins the wide products
       (q/k/v 17.4 against 31.2, gate/up 58.7 against 68.7).
     """
-    n, k = shape
+    n = shape[0]
     if rows == 1:
-        return n * k * itemsize <= 32 << 20
+        return True
     if rows > MAX_ROWS:
         return False
     if name == "down":

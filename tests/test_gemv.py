@@ -109,17 +109,8 @@ def test_rejects_arguments_it_does_not_take(device: str) -> None:
 
 def test_preferred_products() -> None:
     """What the fast path runs through the op (the H200 measurements in the docstring)."""
-    for name, shape in {
-        "qkv": (1536, 1152),
-        "o": (1152, 1024),
-        "gate_up": (13824, 1152),
-        "down": (1152, 6912),
-    }.items():
-        assert gemv.preferred(name, 1, shape)  # one row, a 1b: every product
-    assert gemv.preferred("o", 1, (3840, 4096))  # 30 MiB
-    assert not gemv.preferred("gate_up", 1, (30720, 3840))  # 12b: inductor's reductions
-    assert not gemv.preferred("down", 1, (3840, 15360))
-    assert not gemv.preferred("gate_up", 1, (13824, 1152), itemsize=4)  # float32: 61 MiB
+    for name in ("qkv", "o", "gate_up", "down"):
+        assert gemv.preferred(name, 1, (30720, 3840))  # one row: every product
     assert gemv.preferred("down", 16, (3840, 15360)) and gemv.preferred("o", 16, (3840, 4096))
     assert not gemv.preferred("down", 16, (1152, 6912))  # too few programs
     assert not gemv.preferred("qkv", 16, (8192, 3840))  # cuBLAS
