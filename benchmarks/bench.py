@@ -198,20 +198,17 @@ class Clock:
         return time.perf_counter() - start, out
 
 
-def first_chunk_seconds(client: Any, convo: Any, max_tokens: int) -> float:
-    """Time to the first streamed chunk (the first token's text) of ``create(stream=True)``.
+def first_token_seconds(client: Any, convo: Any) -> float:
+    """Time to the first token: ``create(max_tokens=1)`` (prompt, prefill, one sampled
+    token and its text), what the raw rows measure with ``generate(max_new_tokens=1)``.
 
-    The stream is then read to its end, so that the next measurement starts on
-    an idle device (a stream closed early leaves up to two bursts of decode
-    steps queued on the GPU, which would delay the next prompt).
+    Not the first streamed chunk: with random weights the first token's text is
+    often empty or held back (a byte token), so the first chunk arrives a burst later
+    or more, by chance.
     """
     start = time.perf_counter()
-    stream = iter(client.create(convo, stream=True, temperature=0, max_tokens=max_tokens))
-    next(stream)
-    elapsed = time.perf_counter() - start
-    for _ in stream:
-        pass
-    return elapsed
+    client.create(convo, temperature=0, max_tokens=1)
+    return time.perf_counter() - start
 
 
 def completion_tokens(results: list[dict[str, Any]]) -> int:
@@ -440,7 +437,7 @@ class GpuBench:
             timed.append(seconds)
         tokens = completion_tokens(out)
         peak = self.peak()
-        ttft = median([first_chunk_seconds(client, convos[0], n) for _ in range(3)])
+        ttft = median([first_token_seconds(client, convos[0]) for _ in range(3)])
         from core import fast_path
 
         info = fast_path.describe(client.model)
@@ -924,7 +921,7 @@ class CpuBench:
             lambda: Row(section, "", 1, tok_s=tokens / t["ours"], tokens=tokens),
         )
         ours.ratios["x raw"] = t["raw"] / t["ours"] * tokens / raw_tokens
-        ours.ttft_ms = 1000 * median([first_chunk_seconds(client, convos[0], n) for _ in range(5)])
+        ours.ttft_ms = 1000 * median([first_token_seconds(client, convos[0]) for _ in range(5)])
         self.rows[-2].ttft_ms = 1000 * median(
             [self.clock(lambda: raw_generate(model, ids[:1], 1))[0] for _ in range(5)]
         )
@@ -1129,7 +1126,7 @@ class CpuBench:
             lambda: Row(section, "", 1, tok_s=tokens / t["ours"], tokens=tokens),
         )
         row.ratios["x raw"] = (tokens / t["ours"]) / (raw_tokens / t["raw"])
-        row.ttft_ms = 1000 * median([first_chunk_seconds(client, convos[0], n) for _ in range(3)])
+        row.ttft_ms = 1000 * median([first_token_seconds(client, convos[0]) for _ in range(3)])
         b = self.pairs(
             {
                 "batch": lambda: client.create_batch(convos, temperature=0, max_tokens=n),
