@@ -38,13 +38,17 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   extra work).
 
 * **Kernels.** Each layer's q/k/v and gate/up weights are stacked into one
-  matrix (the modules keep views of it, so memory does not grow); inductor
-  compiles with coordinate-descent tuning, which turns batch-1
-  matrix-vector products into tuned Triton reductions with the norms fused
-  in; the MLP activation is stored before the down projection rather than
-  recomputed in it; decode attention is one fused Triton op
-  (:mod:`core.decode_attention`; matmul + softmax where Triton is missing:
-  SDPA picked cuDNN kernels that cost ~29 us a layer on an H200).
+  matrix (the modules keep views of it, so memory does not grow). On CUDA the
+  decode step runs three Triton ops of ours, each a ``torch.library`` op that
+  inductor and CUDA graphs take, switched on after a self-check on the GPU:
+  the matrix-vector products (:mod:`core.gemv`: the input norm folded into the
+  q/k/v product, the MLP's norm and ``gelu(gate) * up`` into the gate/up one;
+  at one row for every product, at 2-16 rows where :func:`core.gemv.preferred`
+  says it beats cuBLAS), q/k norms + RoPE + the KV-cache write in one launch
+  (:mod:`core.rope_store`), and flash-decoding attention
+  (:mod:`core.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
+  layer on an H200). The rest (residual adds and norms, the logits) is
+  inductor's, with coordinate-descent tuning.
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
   prompt length (dynamo specialises on batch 1 vs more and on padding), in
@@ -64,7 +68,9 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_TUNE=0``: no coordinate-descent tuning.
 * ``GEMMA_LOCAL_FUSE`` = ``auto`` (CUDA), ``1`` or ``0``: stacked projections.
 * ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step;
-  ``GEMMA_LOCAL_DECODE_ATTENTION=0``: matmul + softmax instead of the Triton op.
+  ``GEMMA_LOCAL_DECODE_ATTENTION=0``: matmul + softmax instead of the Triton op;
+  ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0``: inductor's kernels
+  instead of the Triton products / the q/k norm + RoPE + cache-write op.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
 
