@@ -516,10 +516,15 @@ class GpuBench:
             while k < min(len(g), len(e)) and g[k] == e[k]:
                 k += 1
             prefixes.append(k)
+        from core import fast_path
+
+        ops = fast_path.describe(model)
         line = (
             f"{label}: {same}/{len(got)} rows identical over {n} greedy tokens "
             f"(prompt lengths {sorted({len(i) for i in ids})}); "
-            f"tokens before the first difference per row: {prefixes}"
+            f"tokens before the first difference per row: {prefixes}; decode step: "
+            f"attention {ops.get('decode_attention')}, Triton products "
+            f"{ops.get('triton_products')}, rope/store {ops.get('rope_store')}"
         )
         log(line)
         self.checks.append(line)
