@@ -25,6 +25,7 @@ design choice rests on a number::
 # ruff: noqa: B023  (closures are called inside the loop iteration that made them)
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -178,8 +179,6 @@ def splitk() -> None:
 
 
 def model(shape: str = "1b", settings: str = "", batch: str = "1") -> None:
-    import os
-
     pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
     saved = {f"GEMMA_LOCAL_{k}": os.environ.get(f"GEMMA_LOCAL_{k}") for k, _ in pairs}
     os.environ.update({f"GEMMA_LOCAL_{k}": v for k, v in pairs})

@@ -22,7 +22,6 @@ A row whose slots are all masked comes out as zeros (not NaN).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._triton_ops import sm_count
 from .decode_attention import HEAD_DIMS, MAX_R  # query heads are padded to a 16-row tl.dot
 
 OP_NAME = "gemma_local::decode_attention"
@@ -223,13 +223,6 @@ def _combine_kernel(
     tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
-def _sm_count(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
-    return 132  # the interpreter: pretend to be an H100/H200
-
-
 def plan(
     batch_heads: int, slots: int, sms: int, block_s: int = BLOCK_S, want: int | None = None
 ) -> tuple[int, int]:
@@ -293,7 +286,8 @@ def launch(
     batch, heads, rows, dim = q.shape
     slots = keys.shape[2]
     allowed = allowed.expand(batch, heads, rows, slots)
-    sms = _sm_count(q.device.type, q.device.index)
+    # the interpreter (no SMs): plan as for an H100/H200
+    sms = sm_count(q.device.type, q.device.index) or 132
     nsplit, split_len = plan(batch * heads, slots, sms, block_s, nsplit)
     out = torch.empty((batch, heads, rows, dim), dtype=q.dtype, device=q.device)
     single = nsplit == 1

@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._triton_ops import sm_count
+
 OP_NAME = "gemma_local::gemv"
 
 #: Rows a program takes in the ``tl.dot`` form (its minimum).
@@ -176,13 +178,6 @@ def _gemv_kernel(
 
 
 @functools.cache
-def _sm_count(device_type: str, index: int | None) -> int:
-    if device_type == "cuda":
-        return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
-    return 0  # the interpreter (tests): it runs one program at a time
-
-
-@functools.cache
 def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`)."""
     from .gemv import TUNED
@@ -243,7 +238,7 @@ def launch(
     check(x, weight, norm_weight, act)
     rows, k = x.shape
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
-    sms = _sm_count(x.device.type, x.device.index)
+    sms = sm_count(x.device.type, x.device.index)
     block_n, block_k, warps, stages = block or config(rows, n_out, k, act, sms)
     block_m = 1 if rows == 1 else DOT_ROWS
     if block_m > 1:

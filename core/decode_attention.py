@@ -26,10 +26,9 @@ what the tests compare with).
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
-logger = logging.getLogger("gemma_local")
+from . import _triton_ops
 
 #: Head dims the kernel is compiled for, and the most query heads per KV head it takes.
 HEAD_DIMS = (64, 128, 256)
@@ -47,16 +46,7 @@ def _op() -> Any:
 def available(device: Any) -> bool:
     """Whether :func:`decode_attention` runs on ``device``: CUDA, with triton importable
     and the op registered (registering it here when needed)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        _op()
-    except ImportError:  # no triton
-        return False
-    return True
+    return _triton_ops.available(device, _op)
 
 
 def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
@@ -65,7 +55,7 @@ def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
     disagrees on this GPU, so that the caller keeps its plain attention."""
     import torch
 
-    try:
+    def error() -> float:
         gen = torch.Generator(device=device).manual_seed(0)
         _, heads, rows, dim = q_shape
         q = torch.randn(2, heads, rows, dim, generator=gen, device=device).to(dtype)
@@ -77,14 +67,9 @@ def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
         allowed[..., 150:] = False
         got = decode_attention(q, keys, values, allowed, dim**-0.5, None, limit).float()
         want = reference(q.float(), keys.float(), values.float(), allowed, dim**-0.5)
-        error = (got - want).abs().max().item()
-    except Exception as exc:  # a GPU or triton build the kernel does not run on
-        logger.warning("decode attention kernel unavailable here: %s: %s", type(exc).__name__, exc)
-        return False
-    if not error < 5e-2:
-        logger.warning("decode attention kernel disagrees with the reference (%.3g)", error)
-        return False
-    return True
+        return float((got - want).abs().max().item())
+
+    return _triton_ops.self_check("decode attention", error)
 
 
 def supports(head_dim: int, rows: int) -> bool:

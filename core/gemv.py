@@ -24,10 +24,9 @@ product in plain torch.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
-logger = logging.getLogger("gemma_local")
+from . import _triton_ops
 
 #: Most rows (tokens) the op is meant for; more is a GEMM (cuBLAS does it well).
 MAX_ROWS = 16
@@ -100,16 +99,7 @@ def _op() -> Any:
 def available(device: Any) -> bool:
     """Whether :func:`gemv` runs on ``device``: CUDA, with triton importable and the op
     registered (registering it here when needed)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        _op()
-    except ImportError:  # no triton
-        return False
-    return True
+    return _triton_ops.available(device, _op)
 
 
 def works(dtype: Any, device: Any) -> bool:
@@ -118,9 +108,9 @@ def works(dtype: Any, device: Any) -> bool:
     disagrees on this GPU, so that the caller keeps its plain products."""
     import torch
 
-    try:
+    def error() -> float:
         gen = torch.Generator(device=device).manual_seed(0)
-        error = 0.0
+        worst = 0.0
         for rows in (1, 3):
             x = torch.randn(rows, 320, generator=gen, device=device).to(dtype)
             w = (torch.randn(96, 320, generator=gen, device=device) * 0.05).to(dtype)
@@ -128,14 +118,10 @@ def works(dtype: Any, device: Any) -> bool:
             for norm_weight, act in ((None, False), (norm, False), (norm, True)):
                 got = gemv(x, w, norm_weight, 1e-6, act).float()
                 want = reference(x, w, norm_weight, 1e-6, act).float()
-                error = max(error, (got - want).abs().max().item())
-    except Exception as exc:  # a GPU or triton build the kernel does not run on
-        logger.warning("gemv kernel unavailable here: %s: %s", type(exc).__name__, exc)
-        return False
-    if not error < 5e-2:
-        logger.warning("gemv kernel disagrees with the reference (%.3g)", error)
-        return False
-    return True
+                worst = max(worst, float((got - want).abs().max().item()))
+        return worst
+
+    return _triton_ops.self_check("gemv", error)
 
 
 def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False) -> Any:

@@ -26,10 +26,9 @@ what the tests compare with).
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
-logger = logging.getLogger("gemma_local")
+from . import _triton_ops
 
 #: Head dims the kernel is compiled for (a power of two: each half of a head is one block).
 HEAD_DIMS = (64, 128, 256, 512)
@@ -46,16 +45,7 @@ def _op() -> Any:
 def available(device: Any) -> bool:
     """Whether :func:`rope_store` runs on ``device``: CUDA, with triton importable
     and the op registered (registering it here when needed)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        _op()
-    except ImportError:  # no triton
-        return False
-    return True
+    return _triton_ops.available(device, _op)
 
 
 def works(
@@ -67,7 +57,7 @@ def works(
     plain-torch path."""
     import torch
 
-    try:
+    def error() -> float:
         gen = torch.Generator(device=device).manual_seed(0)
 
         def randn(*shape: int) -> Any:
@@ -81,17 +71,12 @@ def works(
         want_k, want_v = keys.clone(), values.clone()
         got = rope_store(qkv, cos, sin, keys, values, slot, heads, *weights)
         want = reference(qkv, cos, sin, want_k, want_v, slot, heads, *weights)
-        error = max(
-            (a.float() - b.float()).abs().max().item()
+        return max(
+            float((a.float() - b.float()).abs().max().item())
             for a, b in ((got, want), (keys, want_k), (values, want_v))
         )
-    except Exception as exc:  # a GPU or triton build the kernel does not run on
-        logger.warning("rope/store kernel unavailable here: %s: %s", type(exc).__name__, exc)
-        return False
-    if not error < 5e-2:
-        logger.warning("rope/store kernel disagrees with the reference (%.3g)", error)
-        return False
-    return True
+
+    return _triton_ops.self_check("rope/store", error)
 
 
 def supports(head_dim: int) -> bool:

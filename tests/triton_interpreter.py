@@ -8,13 +8,18 @@ GPU, which :func:`device` patches for the duration of a test module:
   operands are widened to float32 first (exact; what a GPU's bf16 MMA with
   fp32 accumulation computes);
 * its fp32 -> bfloat16 cast truncates where a GPU rounds to nearest even.
+
+:func:`heavy_imports` is the ops' other shared check: importing one must stay light.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,3 +73,18 @@ def device(available: Callable[[str], bool]) -> Iterator[str]:
     undo = _patch_interpreter()
     yield "cpu"
     undo()
+
+
+def heavy_imports(module: str) -> list[str]:
+    """Which of torch and triton ``import core, <module>`` imports, in a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        f"import sys, json, core, {module};"
+        "print(json.dumps([m for m in ('torch', 'triton') if m in sys.modules]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout))

@@ -1,0 +1,53 @@
+"""What the Triton ops of the fast path share (:mod:`core.decode_attention`,
+:mod:`core.gemv`, :mod:`core.rope_store`): whether one runs on a device, its
+self-check, and the GPU's SM count. Imports neither torch nor triton at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("gemma_local")
+
+
+def available(device: Any, load: Callable[[], Any]) -> bool:
+    """Whether an op runs on ``device``: CUDA, with triton importable and the op
+    registered (``load`` imports its kernels module, registering it, when needed)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        load()
+    except ImportError:  # no triton
+        return False
+    return True
+
+
+def self_check(name: str, error: Callable[[], float], tolerance: float = 5e-2) -> bool:
+    """Run ``error`` (the op on small random inputs against its reference: the largest
+    difference): False, with a warning, where the kernel does not compile or run on this
+    GPU or disagrees, so that the caller keeps its plain-torch path."""
+    try:
+        worst = error()
+    except Exception as exc:  # a GPU or triton build the kernel does not run on
+        logger.warning("%s kernel unavailable here: %s: %s", name, type(exc).__name__, exc)
+        return False
+    if not worst < tolerance:
+        logger.warning("%s kernel disagrees with the reference (%.3g)", name, worst)
+        return False
+    return True
+
+
+@functools.cache
+def sm_count(device_type: str, index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (Triton's interpreter)."""
+    if device_type != "cuda":
+        return 0
+    import torch
+
+    return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
