@@ -26,7 +26,15 @@ per layer in the decode step:
 * ``ACT``: the weight stacks gate and up projections (``[2F, K]``, gate
   first); a program takes the same ``BLOCK_N`` features of both and writes
   ``gelu_tanh(gate) * up`` ``[M, F]``: the MLP's activation, never the
-  ``[M, 2F]`` projections.
+  ``[M, 2F]`` projections;
+* ``RESID``: x is the previous product's output ``y`` and the input is the
+  residual stream's next value ``h = r + post_norm(y)`` (Gemma 2/3's post-norm,
+  ``POST``; Gemma 1 adds ``y`` as it is), computed by every program from y and
+  r as it streams them; the programs of the first column of output blocks also
+  write ``h`` (the residual the layer goes on with). ``post_norm`` needs the
+  row's ``mean(y^2)`` before anything else: a first pass over y (one load of a
+  row from L2 at one row). This replaces the decode step's residual add + norm
+  kernels, two a layer.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from torch.library import triton_op, wrap_triton
 from ._triton_ops import sm_count
 
 OP_NAME = "gemma_local::gemv"
+RESIDUAL_OP_NAME = "gemma_local::gemv_residual"
 
 #: Rows a program takes in the ``tl.dot`` form (its minimum).
 DOT_ROWS = 16
@@ -65,6 +74,9 @@ def _gemv_kernel(
     w_ptr,
     out_ptr,
     norm_ptr,
+    r_ptr,
+    post_ptr,
+    h_ptr,
     M,
     K,
     N_OUT,
@@ -72,12 +84,18 @@ def _gemv_kernel(
     sx_m,
     sw_n,
     so_m,
+    sr_m,
+    sh_m,
     eps,
+    post_eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
     ACT: tl.constexpr,
+    RESID: tl.constexpr,
+    POST: tl.constexpr,
+    PRE_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
@@ -97,6 +115,24 @@ def _gemv_kernel(
     # row: the squares are summed in the same pass as the product (no pass over x
     # before the weights start streaming) and the rows scaled at the end.
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if RESID:
+        r_rows = r_ptr + offs_m.to(tl.int64)[:, None] * sr_m
+        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * sh_m
+        first = (tl.zeros([1], dtype=tl.int32) + pid_n) == 0
+        h_ok = m_ok[:, None] & first[None, :]  # one column of programs writes h
+        inv_rms_y = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+        if POST:  # mean(y^2) per row first: the post-norm scales y before the add
+            y_squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for p0 in range(0, K, PRE_K):
+                ps = p0 + tl.arange(0, PRE_K)
+                yp = tl.load(
+                    x_rows + ps[None, :],
+                    mask=m_ok[:, None] & (ps < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_last",
+                ).to(tl.float32)
+                y_squares += tl.sum(yp * yp, 1)
+            inv_rms_y = (1.0 / tl.sqrt(y_squares / K + post_eps))[:, None]
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -132,6 +168,21 @@ def _gemv_kernel(
                 uk = tl.load(
                     u_rows + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first"
                 )
+        if RESID:
+            # h = r + post_norm(y), rounded where the modules round: the norm's output
+            # and the sum (the residual stream is kept in the dtype)
+            xf = xk.to(tl.float32)
+            if POST:
+                post = tl.load(post_ptr + ks, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                xf = _round(xf * inv_rms_y * (1.0 + post.to(tl.float32))[None, :], x_ptr)
+            rk = tl.load(
+                r_rows + ks[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+            xk = (rk.to(tl.float32) + xf).to(rk.dtype)
+            tl.store(h_rows + ks[None, :], xk, mask=h_ok & k_ok[None, :])
         if NORM:
             xf = xk.to(tl.float32)
             squares += tl.sum(xf * xf, 1)
@@ -222,6 +273,21 @@ def check(x: Any, weight: Any, norm_weight: Any, act: bool) -> None:
         )
 
 
+def check_residual(x: Any, residual: Any, post_weight: Any) -> None:
+    """Raise ``ValueError`` naming what is wrong with the residual form's extra arguments."""
+    if tuple(residual.shape) != tuple(x.shape) or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual must be [M, K] = {list(x.shape)} in {x.dtype}; "
+            f"got {list(residual.shape)} in {residual.dtype}"
+        )
+    if residual.stride(1) != 1:
+        raise ValueError("residual must be contiguous along K")
+    if post_weight is not None and tuple(post_weight.shape) != (x.shape[1],):
+        raise ValueError(
+            f"post_weight must be [K] = [{x.shape[1]}]; got {tuple(post_weight.shape)}"
+        )
+
+
 def launch(
     x: Any,
     weight: Any,
@@ -230,12 +296,20 @@ def launch(
     act: bool,
     kernel: Any,
     *,
+    residual: Any = None,
+    post_weight: Any = None,
+    post_eps: float = 1e-6,
     block: tuple[int, int, int, int] | None = None,
 ) -> Any:
     """Run the kernel (``kernel``: the JIT function, wrapped by ``wrap_triton`` in the op,
     or the interpreted one in the tests). ``block`` = ``(BLOCK_N, BLOCK_K, num_warps,
-    num_stages)`` overrides :func:`config` (for tuning)."""
+    num_stages)`` overrides :func:`config` (for tuning).
+
+    With ``residual`` (the ``RESID`` form, x being the previous product's output):
+    returns ``(out, h)``, ``h = residual + post_norm(x)`` the input the product took."""
     check(x, weight, norm_weight, act)
+    if residual is not None:
+        check_residual(x, residual, post_weight)
     rows, k = x.shape
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
     sms = sm_count(x.device.type, x.device.index)
@@ -245,12 +319,16 @@ def launch(
         block_n = max(block_n, 16)  # tl.dot's minimum
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+    hidden = out if residual is None else torch.empty_like(residual)
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m))
     kernel[grid](
         x,
         weight,
         out,
         x if norm_weight is None else norm_weight,
+        x if residual is None else residual,
+        x if post_weight is None else post_weight,
+        hidden,
         rows,
         k,
         n_out,
@@ -258,19 +336,26 @@ def launch(
         x.stride(0),
         weight.stride(0),
         out.stride(0),
+        x.stride(0) if residual is None else residual.stride(0),
+        hidden.stride(0),
         float(eps),
+        float(post_eps),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         NORM=norm_weight is not None,
         ACT=act,
+        RESID=residual is not None,
+        POST=residual is not None and post_weight is not None,
+        # the first pass over y: a row at once at one row (L2-resident), in tiles at 16
+        PRE_K=max(16, min(triton.next_power_of_2(k), 8192 // block_m)),
         EVEN_K=k % block_k == 0,
         EVEN_N=n_out % block_n == 0,
         IEEE=x.dtype == torch.float32,
         num_warps=warps,
         num_stages=stages,
     )
-    return out
+    return out if residual is None else (out, hidden)
 
 
 @triton_op(OP_NAME, mutates_args=())
@@ -283,3 +368,29 @@ def gemv_op(
 ) -> torch.Tensor:
     """The custom op (its own fake implementation: ``triton_op`` traces it)."""
     return launch(x, weight, norm_weight, eps, act, wrap_triton(_gemv_kernel))
+
+
+@triton_op(RESIDUAL_OP_NAME, mutates_args=())
+def gemv_residual_op(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    post_weight: torch.Tensor | None = None,
+    post_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual form as a second op (its own schema: two outputs)."""
+    out, hidden = launch(
+        y,
+        weight,
+        norm_weight,
+        eps,
+        act,
+        wrap_triton(_gemv_kernel),
+        residual=residual,
+        post_weight=post_weight,
+        post_eps=post_eps,
+    )
+    return out, hidden

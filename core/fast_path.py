@@ -212,6 +212,7 @@ def describe(model: Any) -> dict[str, Any]:
         "fused_projections": engine.layout.fused,
         "decode_attention": "triton" if engine.layout.decode_kernel else "matmul",
         "triton_products": engine.layout.gemv is not None,
+        "folded_residuals": engine.layout.gemv_residual is not None,
         "rope_store": engine.layout.rope_store is not None,
         "compiled_prefill": engine.prefill_layer is not _prefill_layer,
         "compile_seconds": dict(engine.compile_seconds),
@@ -272,6 +273,9 @@ class _Layout:
         #: the Triton products (:mod:`core.gemv`) and q/k norm + RoPE + cache write
         #: (:mod:`core.rope_store`) of the decode step, set on CUDA (fused weights only)
         self.gemv: Callable[..., Any] | None = None
+        #: its residual form (:func:`core.gemv.gemv_residual`): the residual add + norm
+        #: kernels between products folded into the next product
+        self.gemv_residual: Callable[..., Any] | None = None
         self.rope_store: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
@@ -369,6 +373,10 @@ class _Weights:
     qkv: Any  # None unless the projections are fused
     gate_up: Any
     scaling: float
+    #: the decode step's layer input is ``r + pending(y)`` (see :func:`_decode_layer`):
+    #: the previous layer's post-feedforward norm (Gemma 2/3; layer 0's own, y being
+    #: zeros there), None for Gemma 1 (``r + y``)
+    pending: Any
 
     @staticmethod
     def of(lay: _Layout, i: int) -> _Weights:
@@ -378,6 +386,7 @@ class _Weights:
             lay.qkv[i] if fused else None,
             lay.gate_up[i] if fused else None,
             lay.scaling[i],
+            lay.layers[max(i - 1, 0)].post_feedforward_layernorm if lay.sandwich else None,
         )
 
 
@@ -425,15 +434,19 @@ def _layer_rest(
     attn_out: Any,
     stored: list[Any] | None = None,
     decode: bool = False,
-) -> Any:
-    """Output projection, residuals, norms and MLP (Gemma 1 vs 2/3 order).
+) -> tuple[Any, Any]:
+    """Output projection, residuals, norms and MLP (Gemma 1 vs 2/3 order), up to the
+    MLP's output ``h``: returns ``(x, h)``, the layer's output being ``x +
+    post_feedforward_layernorm(h)`` (Gemma 2/3; ``x + h`` for Gemma 1, see
+    :func:`_settle`), which the decode step leaves to the next layer's first product.
 
     ``stored`` collects the MLP activations, for the compiled decode step to
     return: inductor then writes ``gelu(gate) * up`` once instead of
     recomputing it inside every output row of the down projection (12b shape
     on an H200: 50 -> 33 us a layer, ``benchmarks/probe.py gemv``).
     ``decode``: one token per row, the products may run as the gemv op
-    (:func:`_product`; the gate/up one with the MLP's norm and activation in it).
+    (:func:`_product`; the gate/up one with the residual add, the MLP's norm and
+    activation in it).
     """
     layer = w.layer
     shape = x.shape
@@ -442,26 +455,22 @@ def _layer_rest(
         h = _product(lay, "o", attn_out.view(rows, -1), layer.self_attn.o_proj.weight).view(shape)
     else:
         h = layer.self_attn.o_proj(attn_out)
-    if lay.sandwich:
-        x = x + layer.post_attention_layernorm(h)
-        norm = layer.pre_feedforward_layernorm
-    else:
-        x = x + h
-        norm = layer.post_attention_layernorm
+    post = layer.post_attention_layernorm if lay.sandwich else None
+    norm = layer.pre_feedforward_layernorm if lay.sandwich else layer.post_attention_layernorm
     mlp = layer.mlp
     if w.gate_up is None:
+        x = _settle(post, x, h)
         h = mlp(norm(x))
     else:
         if (
             decode
-            and lay.gemv is not None
+            and lay.gemv_residual is not None
             and lay.gelu_tanh
             and gemv.preferred("gate_up", rows, w.gate_up.shape)
         ):
-            act = lay.gemv(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True).view(
-                *shape[:2], -1
-            )
+            act, x = _product_after(lay, post, x, h, w.gate_up, norm, act=True)
         else:
+            x = _settle(post, x, h)
             gate, up = F.linear(norm(x), w.gate_up).chunk(2, dim=-1)
             act = mlp.act_fn(gate) * up
         if stored is not None:
@@ -470,9 +479,33 @@ def _layer_rest(
             h = _product(lay, "down", act.view(rows, -1), mlp.down_proj.weight).view(shape)
         else:
             h = mlp.down_proj(act)
-    if lay.sandwich:
-        h = layer.post_feedforward_layernorm(h)
-    return x + h
+    return x, h
+
+
+def _settle(post: Any, x: Any, h: Any) -> Any:
+    """The residual stream after a block: ``x + post(h)`` (``x + h`` without a post-norm)."""
+    return x + (h if post is None else post(h))
+
+
+def _product_after(
+    lay: _Layout, post: Any, x: Any, h: Any, weight: Any, norm: Any, act: bool = False
+) -> tuple[Any, Any]:
+    """``(norm(x') @ weight.T, x')`` for ``x' = x + post(h)`` (:func:`_settle`), one row
+    per token, as one gemv op: the residual add and both norms folded into the product."""
+    shape = x.shape
+    rows = shape[0] * shape[1]
+    post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    out, x = lay.gemv_residual(
+        h.reshape(rows, -1),
+        x.reshape(rows, -1),
+        weight,
+        norm.weight,
+        norm.eps,
+        act,
+        post_weight,
+        post_eps,
+    )
+    return out.view(*shape[:2], -1), x.view(shape)
 
 
 def _logits(lay: _Layout, x: Any) -> Any:
@@ -550,7 +583,12 @@ def _prefill_layer(
         k = k.repeat_interleave(lay.rep, dim=1)
         v = v.repeat_interleave(lay.rep, dim=1)
     out = _attention(lay, w.scaling, q, k, v, allowed)
-    return _layer_rest(lay, w, x, out.transpose(1, 2).reshape(batch, width, -1))
+    x, h = _layer_rest(lay, w, x, out.transpose(1, 2).reshape(batch, width, -1))
+    return _settle(_post_feedforward(lay, w.layer), x, h)
+
+
+def _post_feedforward(lay: _Layout, layer: Any) -> Any:
+    return layer.post_feedforward_layernorm if lay.sandwich else None
 
 
 def _decode_forward(
@@ -571,22 +609,23 @@ def _decode_forward(
     Also returns the MLP activations (see :func:`_layer_rest`), for nobody.
 
     ``parts`` (default: :func:`_decode_inputs`, :func:`_decode_layer`,
-    :func:`_logits`) are the three pieces of the step; the regional engine
+    :func:`_decode_logits`) are the three pieces of the step; the regional engine
     passes each one compiled (one compiled layer serves every layer).
     """
     if parts is None:
-        parts = (_decode_inputs, _decode_layer, _logits)
+        parts = (_decode_inputs, _decode_layer, _decode_logits)
     inputs_fn, layer_fn, logits_fn = parts
     slot_counts = tuple(dict.fromkeys(int(k.shape[2]) for k in keys))
-    x, rope, allowed, limits, slot_of = inputs_fn(lay, slot_counts, tok, step, pad)
+    x, y, rope, allowed, limits, slot_of = inputs_fn(lay, slot_counts, tok, step, pad)
     stored: list[Any] = []
     for i in range(len(lay.layers)):
         n = int(keys[i].shape[2])
         cos, sin = rope[lay.types[i]]
-        x, acts = layer_fn(
+        x, y, acts = layer_fn(
             lay,
             _Weights.of(lay, i),
             x,
+            y,
             keys[i],
             values[i],
             cos,
@@ -596,13 +635,14 @@ def _decode_forward(
             slot_of[n],
         )
         stored.extend(acts)
-    return logits_fn(lay, x), stored
+    return logits_fn(lay, x, y), stored
 
 
 def _decode_inputs(
     lay: _Layout, slot_counts: tuple[int, ...], tok: Any, step: Any, pad: Any
-) -> tuple[Any, dict[str, Any], dict[int, Any], dict[int, Any], dict[int, Any]]:
-    """The embedded tokens, RoPE per layer type and, per cache size: the mask of the
+) -> tuple[Any, Any, dict[str, Any], dict[int, Any], dict[int, Any], dict[int, Any]]:
+    """The embedded tokens and zeros (the first layer's pending ``y``, see
+    :func:`_decode_layer`), RoPE per layer type and, per cache size: the mask of the
     slots that may be attended, how many slots are written, and the slot to write."""
     x = lay.embed(tok)
     positions = (step - pad)[:, None]
@@ -613,13 +653,14 @@ def _decode_inputs(
         allowed[slots] = (held[None, :] >= pad[:, None])[:, None, None, :]
         limits[slots] = torch.clamp(step + 1, max=slots)  # slots written so far
         slot_of[slots] = torch.remainder(step, slots)
-    return x, rope, allowed, limits, slot_of
+    return x, torch.zeros_like(x), rope, allowed, limits, slot_of
 
 
 def _decode_layer(
     lay: _Layout,
     w: _Weights,
     x: Any,
+    y: Any,
     keys: Any,
     values: Any,
     cos: Any,
@@ -627,17 +668,31 @@ def _decode_layer(
     allowed: Any,
     limit: Any,
     slot: Any,
-) -> tuple[Any, list[Any]]:
-    """One layer for one token per row; writes its key and value at ``slot``."""
+) -> tuple[Any, Any, list[Any]]:
+    """One layer for one token per row; writes its key and value at ``slot``.
+
+    The layer's input is ``x + w.pending(y)`` (:func:`_settle`), and its output is
+    returned the same way, ``(x, y, activations)``: the residual add + norm that
+    ends a Gemma layer is left to the next layer's first product, where the gemv
+    op folds it in (:func:`_product_after`); elsewhere it is the first thing the
+    next layer computes (one kernel with the input norm, not two).
+    """
     batch = x.shape[0]
     if lay.rope_store is not None and w.qkv is not None:
-        # the Triton ops: the q/k/v product with the input norm, then one kernel for
-        # q/k norms, RoPE and the cache write
-        attn = w.layer.self_attn
-        qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, w.layer.input_layernorm)
+        # the Triton ops: the q/k/v product with the input norm (and the residual add
+        # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
+        # cache write
+        attn, norm = w.layer.self_attn, w.layer.input_layernorm
+        if lay.gemv_residual is not None and gemv.preferred("qkv", batch, w.qkv.shape):
+            qkv, x = _product_after(lay, w.pending, x, y, w.qkv, norm)
+            qkv = qkv.view(batch, -1)
+        else:
+            x = _settle(w.pending, x, y)
+            qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, norm)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if lay.qk_norm else ()
         q = lay.rope_store(qkv, cos, sin, keys, values, slot, lay.heads, *norms)
     else:
+        x = _settle(w.pending, x, y)
         h = w.layer.input_layernorm(x)
         q, k, v = _project(lay, w, h)
         q, k = _rope(q, k, cos, sin)
@@ -650,8 +705,13 @@ def _decode_layer(
     else:
         out = _attention(lay, w.scaling, q, keys, values, allowed, sdpa=lay.decode_sdpa)
     stored: list[Any] = []
-    x = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored, decode=True)
-    return x, stored
+    x, y = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored, decode=True)
+    return x, y, stored
+
+
+def _decode_logits(lay: _Layout, x: Any, y: Any) -> Any:
+    """:func:`_logits` of the last layer's output ``x + post_feedforward_layernorm(y)``."""
+    return _logits(lay, _settle(_post_feedforward(lay, lay.layers[-1]), x, y))
 
 
 def _product(lay: _Layout, name: str, x: Any, weight: Any, norm: Any = None) -> Any:
@@ -794,7 +854,7 @@ class _Engine:
                 # logits): seconds to compile where the whole step takes minutes.
                 parts = tuple(
                     compiled(fn, options=options, dynamic=False)
-                    for fn in (_decode_inputs, _decode_layer, _logits)
+                    for fn in (_decode_inputs, _decode_layer, _decode_logits)
                 )
                 self.forward = functools.partial(_decode_forward, parts=parts)
             else:
@@ -1011,6 +1071,8 @@ def _use_triton_products(lay: _Layout) -> None:
             and gemv.works(dtype, device)
         ):
             lay.gemv = gemv.gemv
+            if _flag("GEMMA_LOCAL_FOLD_RESIDUAL", True):
+                lay.gemv_residual = gemv.gemv_residual
         if (
             _flag("GEMMA_LOCAL_ROPE_STORE", True)
             and rope_store.supports(lay.head_dim)

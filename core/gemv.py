@@ -13,6 +13,14 @@ operations folded in::
 
 so that a Gemma layer's input norm lives in its q/k/v product and its MLP's
 activation in the gate/up product, instead of kernels of their own.
+:func:`gemv_residual` (``gemma_local::gemv_residual``) also takes the residual
+add before it::
+
+    gemv_residual(y, r, w, norm_weight, eps, act, post_weight, post_eps)
+        h = r + post_norm(y); returns (rmsnorm(h) @ w.T  [or the activation], h)
+
+so that the residual add + norm kernels between a layer's products (after the
+o projection; after the down projection, into the next layer's q/k/v) go too.
 
 The kernel lives in :mod:`core._gemv_triton`, imported (and the op registered)
 by :func:`available` or the first call; importing this module imports neither
@@ -103,9 +111,9 @@ def available(device: Any) -> bool:
 
 
 def works(dtype: Any, device: Any) -> bool:
-    """Run the op once in each form on small random inputs and compare with
-    :func:`reference`: False (and a warning) where the kernel does not compile or
-    disagrees on this GPU, so that the caller keeps its plain products."""
+    """Run the op once in each form (and the residual form) on small random inputs and
+    compare with :func:`reference`: False (and a warning) where the kernel does not
+    compile or disagrees on this GPU, so that the caller keeps its plain products."""
     import torch
 
     def error() -> float:
@@ -113,15 +121,28 @@ def works(dtype: Any, device: Any) -> bool:
         worst = 0.0
         for rows in (1, 3):
             x = torch.randn(rows, 320, generator=gen, device=device).to(dtype)
+            r = torch.randn(rows, 320, generator=gen, device=device).to(dtype)
             w = (torch.randn(96, 320, generator=gen, device=device) * 0.05).to(dtype)
             norm = (torch.randn(320, generator=gen, device=device) * 0.1).to(dtype)
             for norm_weight, act in ((None, False), (norm, False), (norm, True)):
                 got = gemv(x, w, norm_weight, 1e-6, act).float()
                 want = reference(x, w, norm_weight, 1e-6, act).float()
                 worst = max(worst, float((got - want).abs().max().item()))
+            for post in (None, norm.flip(0)):
+                got_out, got_h = gemv_residual(x, r, w, norm, 1e-6, True, post, 1e-6)
+                want_out, want_h = reference_residual(x, r, w, norm, 1e-6, True, post, 1e-6)
+                for a, b in ((got_out, want_out), (got_h, want_h)):
+                    worst = max(worst, float((a.float() - b.float()).abs().max().item()))
         return worst
 
     return _triton_ops.self_check("gemv", error)
+
+
+@functools.cache
+def _residual_op() -> Any:
+    from . import _gemv_triton as kernels
+
+    return kernels.gemv_residual_op
 
 
 def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False) -> Any:
@@ -139,19 +160,62 @@ def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: b
     return _op()(x, weight, norm_weight, eps, act)
 
 
+def gemv_residual(
+    y: Any,
+    residual: Any,
+    weight: Any,
+    norm_weight: Any = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    post_weight: Any = None,
+    post_eps: float = 1e-6,
+) -> tuple[Any, Any]:
+    """:func:`gemv` of ``h = residual + post_norm(y)``; returns ``(product, h)``.
+
+    ``y`` and ``residual`` [M, K]: the previous product's output and the residual
+    stream. ``post_weight`` [K]: y goes through Gemma's RMSNorm first (Gemma 2/3's
+    post-attention / post-feedforward norm, ``post_eps``); None adds y as it is
+    (Gemma 1). ``h`` is rounded to the dtype as the modules' add is; the product is
+    that of :func:`gemv` with ``norm_weight``, ``eps`` and ``act`` on h.
+    """
+    out, hidden = _residual_op()(y, residual, weight, norm_weight, eps, act, post_weight, post_eps)
+    return out, hidden
+
+
 def reference(
     x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False
 ) -> Any:
     """The same product in plain torch (the modules' own arithmetic)."""
-    import torch
     import torch.nn.functional as F
 
     if norm_weight is not None:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        x = (h * (1.0 + norm_weight.float())).to(x.dtype)
+        x = rms_norm(x, norm_weight, eps)
     out = F.linear(x, weight)
     if act:
         gate, up = out.chunk(2, dim=-1)
         out = F.gelu(gate, approximate="tanh") * up
     return out
+
+
+def rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """Gemma's RMSNorm as its modules compute it (fp32, ``(1 + weight)``, back to x's dtype)."""
+    import torch
+
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
+def reference_residual(
+    y: Any,
+    residual: Any,
+    weight: Any,
+    norm_weight: Any = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    post_weight: Any = None,
+    post_eps: float = 1e-6,
+) -> tuple[Any, Any]:
+    """:func:`gemv_residual` in plain torch: ``(reference(h, ...), h)``."""
+    hidden = residual + (y if post_weight is None else rms_norm(y, post_weight, post_eps))
+    return reference(hidden, weight, norm_weight, eps, act), hidden

@@ -152,7 +152,81 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     lay = engine.layout  # what the engine sets when it compiles on CUDA
     assert lay.fused
     lay.gemv, lay.rope_store = gemv.gemv, rope_store.rope_store
+    folded: list[int] = []  # rows of each residual add folded into a product
+
+    def gemv_residual(y: Any, *args: Any) -> Any:
+        folded.append(y.shape[0])
+        return gemv.gemv_residual(y, *args)
+
+    lay.gemv_residual = gemv_residual
     lay.decode_kernel = decode_attention.decode_attention
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    # both of a layer's add + norms (before q/k/v, before gate/up) at 1 and 4 rows
+    assert set(folded) == {1, 4}
+    assert len(folded) % (2 * len(lay.layers)) == 0
     fast_path.release(model)
+
+
+def run_residual(y: Any, r: Any, w: Any, norm: Any, act: bool, post: Any, block: Any) -> Any:
+    if block is None:
+        return gemv.gemv_residual(y, r, w, norm, 1e-6, act, post, 1e-5)
+    from core import _gemv_triton as kernels
+
+    return kernels.launch(
+        y,
+        w,
+        norm,
+        1e-6,
+        act,
+        kernels._gemv_kernel,
+        residual=r,
+        post_weight=post,
+        post_eps=1e-5,
+        block=block,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "act"])
+@pytest.mark.parametrize("post", [False, True], ids=["add", "post-norm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_residual_form_matches_reference(
+    device: str, case: Any, dtype: str, post: bool, act: bool
+) -> None:
+    """``h = r + post_norm(y)`` folded in front of the product: h equals the modules'
+    rounded add exactly in bf16 (each program computes it from the same loads), and the
+    product is :func:`gemv.reference` of that h."""
+    rows, n, k, block = case
+    y, w, norm_w = inputs(rows, n, k, getattr(torch, dtype), device)
+    r, _, post_w = inputs(rows + 1, n, k, getattr(torch, dtype), device)
+    r, post_w = 4 * r[:rows], post_w if post else None
+    got, hidden = run_residual(y, r, w, norm_w, act, post_w, block)
+    want_h = r + (y if post_w is None else gemv.rms_norm(y, post_w, 1e-5))
+    assert hidden.shape == r.shape and hidden.dtype == r.dtype
+    if dtype == "float32":
+        torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)
+        want = gemv.reference(hidden, w, norm_w, 1e-6, act)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        # at most one bf16 ulp where the fp32 norm sits on a rounding boundary
+        torch.testing.assert_close(hidden.float(), want_h.float(), atol=0, rtol=2**-7)
+        want = gemv.reference(hidden.float(), w.float(), norm_w.float(), 1e-6, act)
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+    assert not torch.equal(hidden, r)  # y was added
+
+
+@needs_triton
+def test_residual_form_rejects_arguments_it_does_not_take(device: str) -> None:
+    y, w, norm = inputs(2, 64, 128, torch.float32, device)
+    cases = [
+        ((y, y[:1], w), "residual must be \\[M, K\\] = \\[2, 128\\] in torch.float32"),
+        ((y, y.double(), w), "residual must be"),
+        ((y, y.t().contiguous().t(), w), "residual must be contiguous along K"),
+        ((y, y, w, norm, 1e-6, False, norm[:10]), "post_weight must be \\[K\\] = \\[128\\]"),
+        ((y, y, w[:, :64]), "x has K=128 but weight has K=64"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            gemv.gemv_residual(*args)
