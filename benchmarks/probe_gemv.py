@@ -78,6 +78,12 @@ def main() -> None:
     parser.add_argument("--wide", action="store_true", help="the one-row sweep over WIDE_GRID")
     parser.add_argument("--only", default="", help="e.g. 12b:gate_up,12b:qkv")
     parser.add_argument("--seconds", type=float, default=400.0, help="stop sweeping after")
+    parser.add_argument(
+        "--resid",
+        action="store_true",
+        help="the products with a norm (q/k/v, gate/up) in the residual form "
+        "(core.gemv.gemv_residual: the residual add + post-norm folded in)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -110,13 +116,18 @@ def main() -> None:
         for name, (n, k, norm, act) in SHAPES[shape].items():
             if args.only and f"{shape}:{name}" not in args.only.split(","):
                 continue
+            resid = args.resid and norm
+            if args.resid and not norm:
+                continue
             nbytes = n * k * 2
             copies = max(2, min(64, (1 << 30) // nbytes))
             ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
             nw = torch.randn(k, device="cuda", dtype=dtype) * 0.1
             for rows in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(rows, k, device="cuda", dtype=dtype)
-                label = f"{shape} {name:8s} rows {rows:<2d}"
+                r = torch.randn(rows, k, device="cuda", dtype=dtype)
+                extra = {"residual": r, "post_weight": nw.flip(0)} if resid else {}
+                label = f"{shape} {name:8s}{' resid' if resid else ''} rows {rows:<2d}"
                 results = []
                 compiled = torch.compile(
                     lambda x, w: model_math(x, w, nw, norm, act), dynamic=False, options=tune
@@ -130,7 +141,7 @@ def main() -> None:
                 want = model_math(x.float(), ws[0].float(), nw.float(), norm, act)
                 got = ops.gemv(x, ws[0], nw if norm else None, 1e-6, act).float()
                 error = ((got - want).abs().max() / want.abs().max()).item()
-                current = kernels.config(rows, n // 2 if act else n, k, act, sms)
+                current = kernels.config(rows, n // 2 if act else n, k, act, sms, resid)
                 configs = [current]
                 if not args.quick:
                     grid = (WIDE_GRID if args.wide else GEMV_GRID) if rows == 1 else DOT_GRID
@@ -149,6 +160,7 @@ def main() -> None:
                                 act,
                                 kernels._gemv_kernel,
                                 block=config,
+                                **extra,
                             ),
                             copies * 2,
                         )
@@ -165,7 +177,7 @@ def main() -> None:
                 if len(timed) > 1:
                     top = ", ".join(f"{c}={u:.1f}" for u, c in timed[:5])
                     bench.log(f"{label} top: {top}")
-                form = "dot" if rows > 1 else "gemv"
+                form = ("dot" if rows > 1 else "gemv") + ("+resid" if resid else "")
                 best[(form, n // 2 if act else n, k, act)] = (config, us)
             ws.clear()
             torch.cuda.empty_cache()

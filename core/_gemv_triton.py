@@ -99,7 +99,10 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (programmatic dependent launch): let the next kernel launch too
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,6 +125,8 @@ def _gemv_kernel(
         h_ok = m_ok[:, None] & first[None, :]  # one column of programs writes h
         inv_rms_y = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
         if POST:  # mean(y^2) per row first: the post-norm scales y before the add
+            if PDL:
+                tl.extra.cuda.gdc_wait()
             y_squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             for p0 in range(0, K, PRE_K):
                 ps = p0 + tl.arange(0, PRE_K)
@@ -142,19 +147,7 @@ def _gemv_kernel(
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        if EVEN_K:
-            k_ok = offs_k < BLOCK_K  # constant-true; keeps one code path
-            xk = tl.load(
-                x_rows + ks[None, :], mask=m_ok[:, None], other=0.0, eviction_policy="evict_last"
-            )
-        else:
-            k_ok = ks < K
-            xk = tl.load(
-                x_rows + ks[None, :],
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0.0,
-                eviction_policy="evict_last",
-            )
+        k_ok = offs_k < BLOCK_K if EVEN_K else ks < K  # (constant-true when EVEN_K)
         # The weights stream through once: evict them first, keep x (read by every program).
         w_ok = n_ok[:, None] & k_ok[None, :]
         if EVEN_N and EVEN_K:
@@ -168,6 +161,21 @@ def _gemv_kernel(
                 uk = tl.load(
                     u_rows + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first"
                 )
+        if PDL:
+            # x is the previous kernel's output: wait for it (a no-op after the first
+            # time), with the first weight tiles, which do not depend on it, on their way
+            tl.extra.cuda.gdc_wait()
+        if EVEN_K:
+            xk = tl.load(
+                x_rows + ks[None, :], mask=m_ok[:, None], other=0.0, eviction_policy="evict_last"
+            )
+        else:
+            xk = tl.load(
+                x_rows + ks[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
         if RESID:
             # h = r + post_norm(y), rounded where the modules round: the norm's output
             # and the sum (the residual stream is kept in the dtype)
@@ -229,15 +237,19 @@ def _gemv_kernel(
 
 
 @functools.cache
-def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`)."""
+def config(
+    rows: int, n_out: int, k: int, act: bool, sms: int, resid: bool = False
+) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`;
+    ``resid``: the residual form, tuned on its own where :data:`core.gemv.TUNED` has it)."""
     from .gemv import TUNED
 
     if not sms:  # the interpreter: the fewest, largest programs
         return 64, 256, 4, 1
-    key = ("dot" if rows > 1 else "gemv", n_out, k, act)
-    if key in TUNED:
-        return TUNED[key]
+    form = "dot" if rows > 1 else "gemv"
+    for key in ((form + "+resid", n_out, k, act), (form, n_out, k, act))[0 if resid else 1 :]:
+        if key in TUNED:
+            return TUNED[key]
     # Untuned shapes: enough programs to fill every SM a few times over.
     if rows > 1:
         block_n = 32 if n_out >= 32 * 4 * sms else 16
@@ -300,6 +312,7 @@ def launch(
     post_weight: Any = None,
     post_eps: float = 1e-6,
     block: tuple[int, int, int, int] | None = None,
+    pdl: bool = False,
 ) -> Any:
     """Run the kernel (``kernel``: the JIT function, wrapped by ``wrap_triton`` in the op,
     or the interpreted one in the tests). ``block`` = ``(BLOCK_N, BLOCK_K, num_warps,
@@ -313,7 +326,9 @@ def launch(
     rows, k = x.shape
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
     sms = sm_count(x.device.type, x.device.index)
-    block_n, block_k, warps, stages = block or config(rows, n_out, k, act, sms)
+    block_n, block_k, warps, stages = block or config(
+        rows, n_out, k, act, sms, residual is not None
+    )
     block_m = 1 if rows == 1 else DOT_ROWS
     if block_m > 1:
         block_n = max(block_n, 16)  # tl.dot's minimum
@@ -352,8 +367,10 @@ def launch(
         EVEN_K=k % block_k == 0,
         EVEN_N=n_out % block_n == 0,
         IEEE=x.dtype == torch.float32,
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out if residual is None else (out, hidden)
 

@@ -276,6 +276,8 @@ class _Layout:
         #: its residual form (:func:`core.gemv.gemv_residual`): the residual add + norm
         #: kernels between products folded into the next product
         self.gemv_residual: Callable[..., Any] | None = None
+        #: the products that take the residual form (:data:`core.gemv.FOLDED`)
+        self.fold: frozenset[str] = frozenset()
         self.rope_store: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
@@ -462,13 +464,14 @@ def _layer_rest(
         x = _settle(post, x, h)
         h = mlp(norm(x))
     else:
-        if (
-            decode
-            and lay.gemv_residual is not None
-            and lay.gelu_tanh
-            and gemv.preferred("gate_up", rows, w.gate_up.shape)
-        ):
+        op = lay.gemv if decode and lay.gelu_tanh else None
+        if op is not None and not gemv.preferred("gate_up", rows, w.gate_up.shape):
+            op = None
+        if op is not None and lay.gemv_residual is not None and "gate_up" in lay.fold:
             act, x = _product_after(lay, post, x, h, w.gate_up, norm, act=True)
+        elif op is not None:
+            x = _settle(post, x, h)
+            act = op(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True).view(*shape[:2], -1)
         else:
             x = _settle(post, x, h)
             gate, up = F.linear(norm(x), w.gate_up).chunk(2, dim=-1)
@@ -495,6 +498,7 @@ def _product_after(
     shape = x.shape
     rows = shape[0] * shape[1]
     post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    assert lay.gemv_residual is not None
     out, x = lay.gemv_residual(
         h.reshape(rows, -1),
         x.reshape(rows, -1),
@@ -683,7 +687,11 @@ def _decode_layer(
         # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
         # cache write
         attn, norm = w.layer.self_attn, w.layer.input_layernorm
-        if lay.gemv_residual is not None and gemv.preferred("qkv", batch, w.qkv.shape):
+        if (
+            lay.gemv_residual is not None
+            and "qkv" in lay.fold
+            and gemv.preferred("qkv", batch, w.qkv.shape)
+        ):
             qkv, x = _product_after(lay, w.pending, x, y, w.qkv, norm)
             qkv = qkv.view(batch, -1)
         else:
@@ -1062,7 +1070,9 @@ def _flag(name: str, default: bool) -> bool:
 
 def _use_triton_products(lay: _Layout) -> None:
     """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
-    GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels."""
+    GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels.
+    ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
+    gate/up, default :data:`core.gemv.FOLDED`."""
     device, dtype = lay.device, lay.dtype
     with torch.cuda.device(device):  # triton launches on the current device
         if (
@@ -1071,7 +1081,15 @@ def _use_triton_products(lay: _Layout) -> None:
             and gemv.works(dtype, device)
         ):
             lay.gemv = gemv.gemv
-            if _flag("GEMMA_LOCAL_FOLD_RESIDUAL", True):
+            fold = os.environ.get("GEMMA_LOCAL_FOLD_RESIDUAL", "").strip().lower()
+            lay.fold = (
+                frozenset()
+                if fold in ("0", "off", "false")
+                else frozenset({"qkv", "gate_up"})
+                if fold == "all"
+                else gemv.FOLDED
+            )
+            if lay.fold:
                 lay.gemv_residual = gemv.gemv_residual
         if (
             _flag("GEMMA_LOCAL_ROPE_STORE", True)

@@ -64,6 +64,16 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
+#: The products the decode step runs in the residual form (:func:`gemv_residual`), the
+#: residual add + post-norm before them folded in. From ``probe_gemv.py --resid`` on an
+#: H200 (``benchmarks/runs/2026-11-26-probe-gemv-5-resid.log``), one row, us: 12b q/k/v
+#: 19.8 against 18.4 plain, for an add + norm kernel of 2.6-4.6 us saved: folded;
+#: 12b gate/up 67.1 against 58.4 (1b 15.1 against 11.5): every program recomputes the
+#: sum from y, r and the post-norm weight, and the long reduction with two warps does
+#: not hide it: not folded.
+FOLDED = frozenset({"qkv"})
+
+
 def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
     """Whether the fast path should run a decode step's ``name`` product (``qkv``, ``o``,
     ``gate_up``, ``down``) of ``rows`` tokens and weight ``shape`` [N, K] through the op

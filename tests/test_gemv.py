@@ -158,13 +158,19 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
         folded.append(y.shape[0])
         return gemv.gemv_residual(y, *args)
 
-    lay.gemv_residual = gemv_residual
+    lay.gemv_residual, lay.fold = gemv_residual, frozenset({"qkv", "gate_up"})
     lay.decode_kernel = decode_attention.decode_attention
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
     # both of a layer's add + norms (before q/k/v, before gate/up) at 1 and 4 rows
     assert set(folded) == {1, 4}
     assert len(folded) % (2 * len(lay.layers)) == 0
+    # and without the residual form: the add + norms as torch ops, the products on the op
+    lay.gemv_residual, lay.fold = None, frozenset()
+    folded.clear()
+    batch = prompts_of(13)
+    assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    assert not folded
     fast_path.release(model)
 
 
@@ -230,3 +236,49 @@ def test_residual_form_rejects_arguments_it_does_not_take(device: str) -> None:
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             gemv.gemv_residual(*args)
+
+
+@needs_triton
+def test_programmatic_dependent_launch_gives_the_same_chain(device: str) -> None:
+    """``pdl=True``: each product may start before the one it reads has finished, and
+    waits for it inside (``griddepcontrol.wait``): a chain of products, each reading the
+    one before, captured in a CUDA graph and replayed, equals the chain without it."""
+    if device != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper (sm90+) GPU: PDL is a launch attribute of the hardware")
+    k = 512
+    gen = torch.Generator(device=device).manual_seed(0)
+    ws = [(torch.randn(k, k, generator=gen, device=device) / k**0.5).bfloat16() for _ in range(8)]
+    norm = (0.1 * torch.randn(k, generator=gen, device=device)).bfloat16()
+    x0 = torch.randn(1, k, generator=gen, device=device).bfloat16()
+
+    from core import _gemv_triton as kernels
+
+    def chain(pdl: bool) -> Any:
+        x, y = x0, torch.zeros_like(x0)
+        for i, w in enumerate(ws):
+            if i % 2:
+                y, x = kernels.launch(
+                    y,
+                    w,
+                    norm,
+                    1e-6,
+                    False,
+                    kernels._gemv_kernel,
+                    residual=x,
+                    post_weight=norm,
+                    pdl=pdl,
+                )
+            else:
+                y = kernels.launch(y + x, w, norm, 1e-6, False, kernels._gemv_kernel, pdl=pdl)
+        return x, y
+
+    want = chain(False)
+    chain(True)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
