@@ -276,8 +276,8 @@ class _Layout:
         #: its residual form (:func:`core.gemv.gemv_residual`): the residual add + norm
         #: kernels between products folded into the next product
         self.gemv_residual: Callable[..., Any] | None = None
-        #: the products that take the residual form (:data:`core.gemv.FOLDED`)
-        self.fold: frozenset[str] = frozenset()
+        #: which products take the residual form: "auto" (:func:`core.gemv.folded`), "all"
+        self.fold = "auto"
         self.rope_store: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
@@ -467,7 +467,7 @@ def _layer_rest(
         op = lay.gemv if decode and lay.gelu_tanh else None
         if op is not None and not gemv.preferred("gate_up", rows, w.gate_up.shape):
             op = None
-        if op is not None and lay.gemv_residual is not None and "gate_up" in lay.fold:
+        if op is not None and _folds(lay, "gate_up", w.gate_up.shape):
             act, x = _product_after(lay, post, x, h, w.gate_up, norm, act=True)
         elif op is not None:
             x = _settle(post, x, h)
@@ -488,6 +488,13 @@ def _layer_rest(
 def _settle(post: Any, x: Any, h: Any) -> Any:
     """The residual stream after a block: ``x + post(h)`` (``x + h`` without a post-norm)."""
     return x + (h if post is None else post(h))
+
+
+def _folds(lay: _Layout, name: str, shape: tuple[int, int]) -> bool:
+    """Whether the one-row ``name`` product takes the residual add + norm before it."""
+    if lay.gemv_residual is None:
+        return False
+    return lay.fold == "all" or gemv.folded(name, shape)
 
 
 def _product_after(
@@ -687,11 +694,7 @@ def _decode_layer(
         # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
         # cache write
         attn, norm = w.layer.self_attn, w.layer.input_layernorm
-        if (
-            lay.gemv_residual is not None
-            and "qkv" in lay.fold
-            and gemv.preferred("qkv", batch, w.qkv.shape)
-        ):
+        if gemv.preferred("qkv", batch, w.qkv.shape) and _folds(lay, "qkv", w.qkv.shape):
             qkv, x = _product_after(lay, w.pending, x, y, w.qkv, norm)
             qkv = qkv.view(batch, -1)
         else:
@@ -1072,7 +1075,7 @@ def _use_triton_products(lay: _Layout) -> None:
     """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
     GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels.
     ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
-    gate/up, default :data:`core.gemv.FOLDED`."""
+    gate/up, default where :func:`core.gemv.folded` says it pays."""
     device, dtype = lay.device, lay.dtype
     with torch.cuda.device(device):  # triton launches on the current device
         if (
@@ -1082,15 +1085,9 @@ def _use_triton_products(lay: _Layout) -> None:
         ):
             lay.gemv = gemv.gemv
             fold = os.environ.get("GEMMA_LOCAL_FOLD_RESIDUAL", "").strip().lower()
-            lay.fold = (
-                frozenset()
-                if fold in ("0", "off", "false")
-                else frozenset({"qkv", "gate_up"})
-                if fold == "all"
-                else gemv.FOLDED
-            )
-            if lay.fold:
+            if fold not in ("0", "off", "false"):
                 lay.gemv_residual = gemv.gemv_residual
+                lay.fold = "all" if fold == "all" else "auto"
         if (
             _flag("GEMMA_LOCAL_ROPE_STORE", True)
             and rope_store.supports(lay.head_dim)

@@ -64,14 +64,23 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
-#: The products the decode step runs in the residual form (:func:`gemv_residual`), the
-#: residual add + post-norm before them folded in. From ``probe_gemv.py --resid`` on an
-#: H200 (``benchmarks/runs/2026-11-26-probe-gemv-5-resid.log``), one row, us: 12b q/k/v
-#: 19.8 against 18.4 plain, for an add + norm kernel of 2.6-4.6 us saved: folded;
-#: 12b gate/up 67.1 against 58.4 (1b 15.1 against 11.5): every program recomputes the
-#: sum from y, r and the post-norm weight, and the long reduction with two warps does
-#: not hide it: not folded.
-FOLDED = frozenset({"qkv"})
+def folded(name: str, shape: tuple[int, int]) -> bool:
+    """Whether the decode step runs its one-row ``name`` product (weight ``shape`` [N, K])
+    in the residual form (:func:`gemv_residual`: the residual add + post-norm before it
+    folded in) rather than after an add + norm kernel of inductor's.
+
+    From ``probe_gemv.py --resid`` (``benchmarks/runs/2026-11-26-probe-gemv-5-resid.log``,
+    ``-6-resid-wide``) and in-model A/Bs in one process (``probe.py model:SHAPE:
+    FOLD_RESIDUAL=0`` against the default, probe 12), on an H200:
+
+    * q/k/v of a narrow model (K <= 2048): folded. The 1b's step goes from 1.099 to
+      1.075 ms (qkv 3.9 against 3.4 us, for an add + norm kernel of about 2 us);
+    * q/k/v of the 12b (K = 3840): not folded. Alone it is 19.7 against 18.2 us, but
+      in the step 6.783 against 6.711 ms: every program reads y, r and the post-norm
+      weight and first sums y's squares, which costs more than the kernel it saves;
+    * gate/up: never (12b 66.1 against 58.4 us, 1b 13.2 against 11.5).
+    """
+    return name == "qkv" and shape[1] <= 2048
 
 
 def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:

@@ -101,6 +101,14 @@ def test_rejects_arguments_it_does_not_take(device: str) -> None:
             gemv.gemv(*args)
 
 
+def test_folded_products() -> None:
+    """Where the residual form pays (the H200 measurements in the docstring)."""
+    assert gemv.folded("qkv", (1536, 1152))  # 1b
+    assert not gemv.folded("qkv", (8192, 3840))  # 12b
+    assert not gemv.folded("gate_up", (13824, 1152))
+    assert not gemv.folded("gate_up", (30720, 3840))
+
+
 def test_preferred_products() -> None:
     """What the fast path runs through the op (the H200 measurements in the docstring)."""
     for name in ("qkv", "o", "gate_up", "down"):
@@ -158,7 +166,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
         folded.append(y.shape[0])
         return gemv.gemv_residual(y, *args)
 
-    lay.gemv_residual, lay.fold = gemv_residual, frozenset({"qkv", "gate_up"})
+    lay.gemv_residual, lay.fold = gemv_residual, "all"
     lay.decode_kernel = decode_attention.decode_attention
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
@@ -166,7 +174,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     assert set(folded) == {1, 4}
     assert len(folded) % (2 * len(lay.layers)) == 0
     # and without the residual form: the add + norms as torch ops, the products on the op
-    lay.gemv_residual, lay.fold = None, frozenset()
+    lay.gemv_residual, lay.fold = None, "auto"
     folded.clear()
     batch = prompts_of(13)
     assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
