@@ -42,7 +42,9 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   decode step runs three Triton ops of ours, each a ``torch.library`` op that
   inductor and CUDA graphs take, switched on after a self-check on the GPU:
   the matrix-vector products (:mod:`core.gemv`: the input norm folded into the
-  q/k/v product, the MLP's norm and ``gelu(gate) * up`` into the gate/up one;
+  q/k/v product, the MLP's norm and ``gelu(gate) * up`` into the gate/up one,
+  and where :func:`core.gemv.folded` says it pays the residual add + post-norm
+  before q/k/v too, each layer handing its output on as ``(x, y)``;
   at one row for every product, at 2-16 rows where :func:`core.gemv.preferred`
   says it beats cuBLAS), q/k norms + RoPE + the KV-cache write in one launch
   (:mod:`core.rope_store`), and flash-decoding attention
@@ -70,7 +72,9 @@ Environment (read when a model is first used, except the first):
 * ``GEMMA_LOCAL_DECODE_SDPA=1``: SDPA in the decode step;
   ``GEMMA_LOCAL_DECODE_ATTENTION=0``: matmul + softmax instead of the Triton op;
   ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0``: inductor's kernels
-  instead of the Triton products / the q/k norm + RoPE + cache-write op.
+  instead of the Triton products / the q/k norm + RoPE + cache-write op;
+  ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
+  (before q/k/v and gate/up) folded into the next product.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
 
