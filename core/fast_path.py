@@ -107,6 +107,14 @@ MIN_CACHE_LEN = 256
 BURST = 4
 #: Buckets (KV buffers + captured graphs) kept per model.
 MAX_BUCKETS = 2
+#: Prompts up to this many tokens (after padding) run as a CUDA graph of the prefill
+#: once their padded width has been seen twice in a bucket: their prefill is host time
+#: (one compiled layer call and its launches per layer), longer ones are GPU time.
+PREFILL_GRAPH_MAX = 1024
+#: Prompt widths are padded (on the left) to a multiple of this for those graphs.
+PREFILL_STEP = 64
+#: Prefill graphs kept per bucket.
+MAX_PREFILL_GRAPHS = 8
 #: Model types whose decoder this module knows.
 MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
@@ -219,6 +227,7 @@ def describe(model: Any) -> dict[str, Any]:
         "folded_residuals": engine.layout.gemv_residual is not None,
         "rope_store": engine.layout.rope_store is not None,
         "compiled_prefill": engine.prefill_layer is not _prefill_layer,
+        "prefill_graphs": sum(len(b.prefills) for b in engine.buckets.values()),
         "compile_seconds": dict(engine.compile_seconds),
         "buckets": [list(key) for key in engine.buckets],
         "fallbacks": list(engine.fallbacks),
@@ -817,6 +826,11 @@ class _Bucket:
         self.vocab = lay.vocab
         self.graphs: dict[_Sampler, Any] = {}
         self.pool: Any = None
+        #: (width, padded) -> (graph, ids, mask, logits) of captured prefills, and how
+        #: often each (width, padded) came (a graph is captured on the second time)
+        self.prefills: OrderedDict[tuple[int, bool], tuple[Any, Any, Any, Any]] = OrderedDict()
+        self.prefill_uses: dict[tuple[int, bool], int] = {}
+        self.prefill_pool: Any = None
 
     def configure(self, params: SamplingParams, how: _Sampler) -> None:
         self.temperature.fill_(params.temperature if params.temperature > 0 else 1.0)
@@ -845,6 +859,8 @@ class _Engine:
         self.use_graphs = cuda_graphs
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.fallbacks: list[str] = []
+        #: prompts padded to PREFILL_STEP widths and run as CUDA graphs (with graphs on)
+        self.prefill_graphs = cuda_graphs and _flag("GEMMA_LOCAL_PREFILL_GRAPHS", True)
         self.forward: Callable[..., Any] = _decode_forward
         self.prefill_layer: Callable[..., Any] = _prefill_layer
         #: seconds spent compiling (first decode step, first prompt), for the benchmark
@@ -931,6 +947,57 @@ class _Engine:
             self.prefill_layer = _prefill_layer
             return _prefill_forward(*args)
 
+    def _prefill_graphed(self, b: _Bucket, ids: Any, mask: Any, padded: bool) -> Any:
+        """:meth:`_prefill` as a CUDA graph replay: captured the second time a (width,
+        padding) comes to this bucket (a chat whose prompt grows every turn pays no
+        capture), replayed from then on; the inputs are copied into its buffers."""
+        key = (int(ids.shape[1]), padded)
+        entry = b.prefills.get(key)
+        if entry is None:
+            uses = b.prefill_uses[key] = b.prefill_uses.get(key, 0) + 1
+            if uses < 2 or not self.use_graphs:
+                return self._prefill(b, ids, mask, padded)
+            entry = self._capture_prefill(b, ids, mask, padded)
+            if entry is None:
+                return self._prefill(b, ids, mask, padded)
+        b.prefills.move_to_end(key)
+        graph, static_ids, static_mask, logits = entry
+        static_ids.copy_(ids)
+        static_mask.copy_(mask)
+        graph.replay()
+        return logits
+
+    def _capture_prefill(
+        self, b: _Bucket, ids: Any, mask: Any, padded: bool
+    ) -> tuple[Any, Any, Any, Any] | None:
+        device = self.layout.device
+        static_ids, static_mask = ids.clone(), mask.clone()
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._prefill(b, static_ids, static_mask, padded)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if b.prefill_pool is None:
+                b.prefill_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=b.prefill_pool, capture_error_mode="thread_local"):
+                logits = self._prefill(b, static_ids, static_mask, padded)
+        except Exception as exc:
+            torch.cuda.synchronize(device)
+            self._fall_back(
+                f"CUDA graph capture of the prefill failed ({type(exc).__name__}: {exc})"
+            )
+            self.prefill_graphs = False
+            return None
+        while len(b.prefills) >= MAX_PREFILL_GRAPHS:
+            b.prefills.popitem(last=False)
+        entry = (graph, static_ids, static_mask, logits)
+        b.prefills[(int(ids.shape[1]), padded)] = entry
+        logger.debug("fast path: prefill graph for batch %d, width %d", b.batch, ids.shape[1])
+        return entry
+
     def _fall_back(self, message: str) -> None:
         logger.warning("fast path: %s", message)
         self.fallbacks.append(message)
@@ -993,6 +1060,9 @@ class _Engine:
         device = lay.device
         batch = len(prompts)
         width = max(len(p.ids) for p in prompts)
+        graphed = self.prefill_graphs and width <= PREFILL_GRAPH_MAX
+        if graphed:  # a few widths, so that a graph serves many prompt lengths
+            width = -(-width // PREFILL_STEP) * PREFILL_STEP
         steps = sink.max_new_tokens - 1  # the first token comes from the prefill
         b = self.bucket(batch_bucket(batch), cache_len(width + max(steps, 0)))
         how = _Sampler.of(params)
@@ -1007,10 +1077,13 @@ class _Engine:
         mask = torch.tensor([[0] * n + [1] * (width - n) for n in pads])
         ids, mask = ids.to(device), mask.to(device)
         b.pad.copy_(torch.tensor(pads))
-        logits = self._prefill(b, ids, mask, padded=any(pads))
-        if how.penalty:
+        if graphed:
+            logits = self._prefill_graphed(b, ids, mask, padded=any(pads))
+        else:
+            logits = self._prefill(b, ids, mask, padded=any(pads))
+        if how.penalty:  # the prompt's tokens, not its padding
             b.seen.zero_()
-            b.seen.scatter_(1, ids, True)
+            b.seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)
         first = _sample(logits, b, how)
         if how.penalty:
             b.seen.scatter_(1, first[:, None], True)

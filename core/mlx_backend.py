@@ -9,13 +9,22 @@ since mlx-lm has no stop strings. Constrained requests (tools, JSON output)
 add one grammar logits processor per row
 (:func:`~core.constrained.mlx_grammar_processor`), in ``generate_step`` and
 per row in ``BatchGenerator``.
+
+Batches run in mlx-lm's ``BatchGenerator``. On a CPU device a batch is split
+across several MLX CPU streams (``cpu_streams``): MLX runs each stream's work
+on one core, so one stream leaves the other cores idle. Each row's prompt is
+prefilled into its own cache, one row per stream per evaluation so that the
+streams run side by side, and each stream's rows then decode in their own
+``BatchGenerator`` from those caches (mlx-lm's ``insert(caches=...)``).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +55,28 @@ def _import_mlx() -> Any:
 UNBATCHABLE_MODEL_TYPES = frozenset({"gemma2"})
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return max(1, len(affinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+#: MLX CPU streams for split batches, made on the MLX thread when first needed and
+#: then reused: each MLX stream has a scheduler thread of its own that lives as long
+#: as the process, so a new one per request would pile them up.
+_CPU_STREAMS: list[Any] = []
+
+
+def _cpu_streams(count: int) -> list[Any]:
+    import mlx.core as mx
+
+    while len(_CPU_STREAMS) < count:
+        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
+    return _CPU_STREAMS[:count]
+
+
 def quantization_from_config(config: dict[str, Any] | None) -> str | None:
     q = (config or {}).get("quantization") or (config or {}).get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
@@ -64,6 +95,12 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         adapter_path: optional LoRA adapters to apply.
         max_kv_size: cap the KV cache (rotating cache) for long generations.
         prefill_step_size: prompt tokens processed per step.
+        cpu_streams: on a CPU device (``mlx[cpu]`` on Linux, or ``mx.cpu`` as
+            the default device), how many MLX streams a batch is split across.
+            MLX runs each stream on one core, so ``None`` (the default) uses
+            one stream per core this process may use, at most one per row;
+            ``1`` keeps a batch on one stream. Unused on the GPU, where one
+            stream already fills the device.
     """
 
     implementation = "mlx"
@@ -77,6 +114,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         adapter_path: str | None = None,
         max_kv_size: int | None = None,
         prefill_step_size: int = 2048,
+        cpu_streams: int | None = None,
     ) -> None:
         super().__init__(model_name)
         if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
@@ -85,10 +123,17 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             raise ValueError(
                 f"prefill_step_size must be a positive integer, got {prefill_step_size!r}"
             )
+        if cpu_streams is not None and (
+            isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1
+        ):
+            raise ValueError(
+                f"cpu_streams must be a positive integer or None (one per core), got {cpu_streams!r}"
+            )
         self.trust_remote_code = trust_remote_code
         self.adapter_path = adapter_path
         self.max_kv_size = max_kv_size
         self.prefill_step_size = prefill_step_size
+        self.cpu_streams = cpu_streams
         self._wrapper: Any = None
         self._config: dict[str, Any] | None = None
 
@@ -189,6 +234,27 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         model_type = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
         return model_type not in UNBATCHABLE_MODEL_TYPES
 
+    def _stream_groups(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """The rows of a batch for each MLX stream: one group unless the device is the CPU.
+
+        Rows are dealt out longest first, so each group gets a similar share of
+        the prompt tokens and each prefill wave (see :meth:`_prefill_rows`)
+        holds prompts of similar length.
+        """
+        import mlx.core as mx
+
+        rows = list(range(len(prompts)))
+        wanted = self.cpu_streams if self.cpu_streams is not None else usable_cores()
+        count = min(wanted, len(rows))
+        if (
+            count < 2
+            or mx.default_device().type != mx.DeviceType.cpu
+            or any(len(p.ids) < 2 for p in prompts)
+        ):
+            return [rows]
+        rows.sort(key=lambda i: -len(prompts[i].ids))
+        return [rows[k::count] for k in range(count)]
+
     def _generate_batch(
         self,
         prompts: Sequence[Prompt],
@@ -196,39 +262,103 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         processors: Callable[[int], list[Any]],
         sink: TokenSink,
     ) -> None:
-        """Several prompts in one batch with mlx-lm's ``BatchGenerator`` (per-row processors)."""
+        """Several prompts in batches of mlx-lm's ``BatchGenerator`` (per-row processors).
+
+        One generator on one stream, or one per CPU stream (see
+        :meth:`_stream_groups`), each decoding its rows from caches prefilled by
+        :meth:`_prefill_rows`; the generators are stepped in turn, so each
+        stream computes its next step while the tokens of the others are read.
+        """
         from mlx_lm.generate import BatchGenerator
 
-        generator = BatchGenerator(
-            self.model,
-            stop_tokens=[[t] for t in sorted(self._eos_ids)],
-            sampler=sampler,
-            completion_batch_size=len(prompts),
-            prefill_batch_size=len(prompts),
-            prefill_step_size=self.prefill_step_size,
-            max_kv_size=self.max_kv_size,
-        )
+        groups = self._stream_groups(prompts)
+        streams = _cpu_streams(len(groups)) if len(groups) > 1 else [None]
+        caches = self._prefill_rows(prompts, groups, streams, sink) if len(groups) > 1 else None
+        if sink.done:
+            return
+        generators: list[tuple[Any, dict[int, int]]] = []
         try:
-            uids = generator.insert(
-                [list(p.ids) for p in prompts],
-                [row.max_tokens for row in sink.rows],
-                logits_processors=[processors(i) for i in range(len(prompts))],
-            )
-            row_of = {uid: i for i, uid in enumerate(uids)}
-            while not sink.done and (responses := generator.next_generated()):
-                finished = []
-                for response in responses:
-                    index = row_of[response.uid]
-                    sink.push_row(index, response.token)
-                    if (
-                        sink.rows[index].finish_reason is not None
-                        and response.finish_reason is None
-                    ):
-                        finished.append(response.uid)  # a stop string: free its slot
-                if finished:
-                    generator.remove(finished)
+            for group, stream in zip(groups, streams, strict=True):
+                generator = BatchGenerator(
+                    self.model,
+                    stop_tokens=[[t] for t in sorted(self._eos_ids)],
+                    sampler=sampler,
+                    completion_batch_size=len(group),
+                    prefill_batch_size=len(group),
+                    prefill_step_size=self.prefill_step_size,
+                    max_kv_size=self.max_kv_size,
+                    stream=stream,
+                )
+                generators.append((generator, {}))
+                if caches is None:
+                    uids = generator.insert(
+                        [list(prompts[i].ids) for i in group],
+                        [sink.rows[i].max_tokens for i in group],
+                        logits_processors=[processors(i) for i in group],
+                    )
+                else:  # prefilled: the last prompt token is the first step's input
+                    uids = generator.insert(
+                        [[prompts[i].ids[-1]] for i in group],
+                        [sink.rows[i].max_tokens for i in group],
+                        caches=[caches[i] for i in group],
+                        all_tokens=[list(prompts[i].ids[:-1]) for i in group],
+                        logits_processors=[processors(i) for i in group],
+                    )
+                generators[-1][1].update(zip(uids, group, strict=True))
+            live = list(generators)
+            while live and not sink.done:
+                for entry in list(live):
+                    generator, row_of = entry
+                    responses = generator.next_generated()
+                    if not responses:
+                        live.remove(entry)
+                        continue
+                    finished = []
+                    for response in responses:
+                        index = row_of[response.uid]
+                        sink.push_row(index, response.token)
+                        if (
+                            sink.rows[index].finish_reason is not None
+                            and response.finish_reason is None
+                        ):
+                            finished.append(response.uid)  # a stop string: free its slot
+                    if finished:
+                        generator.remove(finished)
         finally:
-            generator.close()
+            for generator, _ in generators:
+                generator.close()
+
+    def _prefill_rows(
+        self,
+        prompts: Sequence[Prompt],
+        groups: Sequence[Sequence[int]],
+        streams: Sequence[Any],
+        sink: TokenSink,
+    ) -> list[Any]:
+        """Each row's prompt but its last token in a cache of its own, on its group's stream.
+
+        One row of each group per evaluation: an evaluation of many rows on
+        several streams is scheduled mostly one stream after the other (MLX
+        walks the graph with a bounded breadth), one row per stream runs them
+        side by side.
+        """
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        caches = [make_prompt_cache(self.model, self.max_kv_size) for _ in prompts]
+        step = self.prefill_step_size
+        for wave in zip_longest(*groups):
+            rows = [(i, s) for i, s in zip(wave, streams, strict=True) if i is not None]
+            for start in range(0, max(len(prompts[i].ids) - 1 for i, _ in rows), step):
+                for i, stream in rows:
+                    chunk = list(prompts[i].ids[start : min(start + step, len(prompts[i].ids) - 1)])
+                    if chunk:
+                        with mx.stream(stream):
+                            self.model(mx.array(chunk)[None], cache=caches[i])
+                mx.eval([c.state for i, _ in rows for c in caches[i]])
+                if sink.done:
+                    return caches
+        return caches
 
     def _release(self) -> None:
         self._wrapper = None

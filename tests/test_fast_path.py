@@ -144,6 +144,37 @@ def test_repetition_penalty_and_logit_bias_equal_plain_path(gemma3: Any) -> None
     assert fast(gemma3, batch, params).tokens == expected
 
 
+def test_prompts_padded_to_prefill_graph_widths_equal_plain_path(gemma3_path: Path) -> None:
+    """With CUDA graphs the prompt is left-padded to a multiple of PREFILL_STEP so that a
+    captured prefill serves many prompt lengths (captured on a width's second use); the
+    padding changes no token, and the repetition penalty does not count it as seen."""
+    model = load(gemma3_path)
+    fast_path.release(model)
+    engine = fast_path._engine(model, compile=False, cuda_graphs=False)
+    engine.prefill_graphs = True  # what CUDA graphs switch on (the capture needs CUDA)
+    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3), prompts_of(64, 30, seed=4)):
+        assert fast(model, batch, greedy(8)).tokens == plain(model, batch, 8)
+    batch = prompts_of(10, seed=3)
+    params = greedy(12, repetition_penalty=1.5)
+    assert fast(model, batch, params).tokens == plain(model, batch, 12, repetition_penalty=1.5)
+    widths = {key for b in engine.buckets.values() for key in b.prefill_uses}
+    assert widths == {(fast_path.PREFILL_STEP, True)}  # every prompt padded to 64
+    fast_path.release(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_prefill_graph_is_captured_on_second_use_and_replays(gemma3_path: Path) -> None:
+    model = load(gemma3_path).cuda()
+    fast_path.release(model)
+    batch = prompts_of(13, 40, seed=6)
+    want = plain(model, batch, 6)
+    for use in range(3):  # compiled prefill, capture, replay
+        assert fast(model, batch, greedy(6), compile=True).tokens == want
+        assert fast_path.describe(model)["prefill_graphs"] == (0 if use == 0 else 1)
+    assert not fast_path.describe(model)["fallbacks"]
+    fast_path.release(model)
+
+
 def test_fused_projections_change_nothing(
     gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
