@@ -107,9 +107,9 @@ MIN_CACHE_LEN = 256
 BURST = 4
 #: Buckets (KV buffers + captured graphs) kept per model.
 MAX_BUCKETS = 2
-#: Prompts up to this many tokens (after padding) run as a CUDA graph of the prefill
-#: once their padded width has been seen twice in a bucket: their prefill is host time
-#: (one compiled layer call and its launches per layer), longer ones are GPU time.
+#: Prompts up to this many tokens (after padding) run as a CUDA graph of the prefill,
+#: captured the first time their padded width comes to a bucket: their prefill is host
+#: time (one compiled layer call and its launches per layer), longer ones GPU time.
 PREFILL_GRAPH_MAX = 1024
 #: Prompt widths are padded (on the left) to a multiple of this for those graphs.
 PREFILL_STEP = 64
@@ -827,7 +827,7 @@ class _Bucket:
         self.graphs: dict[_Sampler, Any] = {}
         self.pool: Any = None
         #: (width, padded) -> (graph, ids, mask, logits) of captured prefills, and how
-        #: often each (width, padded) came (a graph is captured on the second time)
+        #: often each (width, padded) came
         self.prefills: OrderedDict[tuple[int, bool], tuple[Any, Any, Any, Any]] = OrderedDict()
         self.prefill_uses: dict[tuple[int, bool], int] = {}
         self.prefill_pool: Any = None
@@ -948,18 +948,17 @@ class _Engine:
             return _prefill_forward(*args)
 
     def _prefill_graphed(self, b: _Bucket, ids: Any, mask: Any, padded: bool) -> Any:
-        """:meth:`_prefill` as a CUDA graph replay: captured the second time a (width,
-        padding) comes to this bucket (a chat whose prompt grows every turn pays no
-        capture), replayed from then on; the inputs are copied into its buffers."""
+        """:meth:`_prefill` as a CUDA graph replay: the first time a (width, padding)
+        comes to this bucket the prompt runs as usual and the graph is captured after
+        it (host time, about one more prefill's launches), then it is replayed with the
+        inputs copied into its buffers."""
         key = (int(ids.shape[1]), padded)
+        b.prefill_uses[key] = b.prefill_uses.get(key, 0) + 1
         entry = b.prefills.get(key)
         if entry is None:
-            uses = b.prefill_uses[key] = b.prefill_uses.get(key, 0) + 1
-            if uses < 2 or not self.use_graphs:
+            if not self.use_graphs:
                 return self._prefill(b, ids, mask, padded)
-            entry = self._capture_prefill(b, ids, mask, padded)
-            if entry is None:
-                return self._prefill(b, ids, mask, padded)
+            return self._capture_prefill(b, ids, mask, padded)
         b.prefills.move_to_end(key)
         graph, static_ids, static_mask, logits = entry
         static_ids.copy_(ids)
@@ -967,36 +966,33 @@ class _Engine:
         graph.replay()
         return logits
 
-    def _capture_prefill(
-        self, b: _Bucket, ids: Any, mask: Any, padded: bool
-    ) -> tuple[Any, Any, Any, Any] | None:
+    def _capture_prefill(self, b: _Bucket, ids: Any, mask: Any, padded: bool) -> Any:
+        """Run the prompt on a side stream (the capture's warm-up; its logits are the
+        answer), then capture the same prefill on buffers of its own."""
         device = self.layout.device
         static_ids, static_mask = ids.clone(), mask.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            logits = self._prefill(b, static_ids, static_mask, padded)
+        torch.cuda.current_stream(device).wait_stream(side)
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._prefill(b, static_ids, static_mask, padded)
-            torch.cuda.current_stream(device).wait_stream(side)
             if b.prefill_pool is None:
                 b.prefill_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=b.prefill_pool, capture_error_mode="thread_local"):
-                logits = self._prefill(b, static_ids, static_mask, padded)
+                out = self._prefill(b, static_ids, static_mask, padded)
         except Exception as exc:
             torch.cuda.synchronize(device)
-            self._fall_back(
-                f"CUDA graph capture of the prefill failed ({type(exc).__name__}: {exc})"
-            )
+            message = f"CUDA graph capture of the prefill failed ({type(exc).__name__}: {exc})"
+            self._fall_back(message)
             self.prefill_graphs = False
-            return None
+            return logits
         while len(b.prefills) >= MAX_PREFILL_GRAPHS:
             b.prefills.popitem(last=False)
-        entry = (graph, static_ids, static_mask, logits)
-        b.prefills[(int(ids.shape[1]), padded)] = entry
+        b.prefills[(int(ids.shape[1]), padded)] = (graph, static_ids, static_mask, out)
         logger.debug("fast path: prefill graph for batch %d, width %d", b.batch, ids.shape[1])
-        return entry
+        return logits
 
     def _fall_back(self, message: str) -> None:
         logger.warning("fast path: %s", message)

@@ -146,8 +146,8 @@ def test_repetition_penalty_and_logit_bias_equal_plain_path(gemma3: Any) -> None
 
 def test_prompts_padded_to_prefill_graph_widths_equal_plain_path(gemma3_path: Path) -> None:
     """With CUDA graphs the prompt is left-padded to a multiple of PREFILL_STEP so that a
-    captured prefill serves many prompt lengths (captured on a width's second use); the
-    padding changes no token, and the repetition penalty does not count it as seen."""
+    captured prefill serves many prompt lengths; the padding changes no token, and the
+    repetition penalty does not count it as seen."""
     model = load(gemma3_path)
     fast_path.release(model)
     engine = fast_path._engine(model, compile=False, cuda_graphs=False)
@@ -163,14 +163,17 @@ def test_prompts_padded_to_prefill_graph_widths_equal_plain_path(gemma3_path: Pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
-def test_prefill_graph_is_captured_on_second_use_and_replays(gemma3_path: Path) -> None:
+def test_prefill_graph_is_captured_on_first_use_and_replays(gemma3_path: Path) -> None:
     model = load(gemma3_path).cuda()
     fast_path.release(model)
     batch = prompts_of(13, 40, seed=6)
     want = plain(model, batch, 6)
-    for use in range(3):  # compiled prefill, capture, replay
+    for _ in range(3):  # the prompt run and captured, then replayed twice
         assert fast(model, batch, greedy(6), compile=True).tokens == want
-        assert fast_path.describe(model)["prefill_graphs"] == (0 if use == 0 else 1)
+        assert fast_path.describe(model)["prefill_graphs"] == 1
+    other = prompts_of(70, 3, seed=7)  # another width (128): another graph
+    assert fast(model, other, greedy(6), compile=True).tokens == plain(model, other, 6)
+    assert fast_path.describe(model)["prefill_graphs"] == 2
     assert not fast_path.describe(model)["fallbacks"]
     fast_path.release(model)
 
