@@ -54,7 +54,11 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
   prompt length (dynamo specialises on batch 1 vs more and on padding), in
-  seconds where a whole-model compile takes minutes.
+  seconds where a whole-model compile takes minutes. With CUDA graphs, prompts
+  of up to ``PREFILL_GRAPH_MAX`` tokens are left-padded to a multiple of
+  ``PREFILL_STEP`` and that prefill is captured the first time its (batch,
+  width, padding) comes to a bucket, then replayed: those 26-48 layer calls
+  were host time (1b: 15-23 ms for 128 tokens, 3.3 ms replayed).
 
 Entry points: :func:`supported` and :func:`generate` (the hook at the top of
 ``GemmaTransformersChatCompletion._generate``), :func:`release` (drop the
@@ -76,6 +80,7 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
   (before q/k/v and gate/up) folded into the next product.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
+  ``GEMMA_LOCAL_PREFILL_GRAPHS=0``: no prefill graphs (nor their padding);
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
 
 torch is imported lazily: importing this module stays cheap.
