@@ -18,7 +18,9 @@ CPU (a small Gemma 3: hidden 512, 4 layers, about 16M parameters)::
     python benchmarks/bench.py cpu
 
 rows: ours vs raw ``model.generate`` (transformers), ours vs raw
-``mlx_lm.stream_generate`` (MLX), batch of 8 vs 8 sequential calls, and the
+``mlx_lm.stream_generate`` (MLX), batch of 8 vs 8 sequential calls (MLX: also
+raw ``mlx_lm.batch_generate`` and ours kept on one stream, ``cpu_streams=1``,
+on the same bf16 model in the same interleaved runs), and the
 LangChain layer (``ChatGemmaLocal`` vs ``ChatHuggingFace`` over a
 ``HuggingFacePipeline`` on the same model).
 
@@ -1083,10 +1085,11 @@ class CpuBench:
         section = "MLX (mlx[cpu]), same checkpoint (bf16)"
         reps = self.args.repeats
         try:
-            from mlx_lm import load, stream_generate
+            from mlx_lm import batch_generate, load, stream_generate
             from mlx_lm.sample_utils import make_sampler
 
             from core import GemmaMLXChatCompletion
+            from core.mlx_backend import usable_cores
         except Exception as exc:
             self.rows.append(Row(section, "MLX", 1, note=f"skipped: {type(exc).__name__}: {exc}"))
             return
@@ -1132,20 +1135,48 @@ class CpuBench:
         )
         row.ratios["x raw"] = (tokens / t["ours"]) / (raw_tokens / t["raw"])
         row.ttft_ms = 1000 * median([first_token_seconds(client, convos[0]) for _ in range(3)])
+        one_stream = GemmaMLXChatCompletion(str(path), cpu_streams=1).load()
+
+        def raw_batch() -> int:
+            result = batch_generate(
+                model, wrapper, ids, max_tokens=n, sampler=sampler, return_token_ids=True
+            )
+            return sum(len(t) for t in result.token_ids)
+
+        # Interleaved repeats (the machine may be shared): each is ~1 minute on 2 cores.
         b = self.pairs(
             {
                 "batch": lambda: client.create_batch(convos, temperature=0, max_tokens=n),
                 "seq": lambda: [client.create(c, temperature=0, max_tokens=n) for c in convos],
+                "raw8": raw_batch,
+                "one": lambda: one_stream.create_batch(convos, temperature=0, max_tokens=n),
             },
-            1,
+            max(1, reps // 3),
         )
         total = 8 * n
+        raw8_tokens = raw_batch()
         self.add(
             section,
             "ours: 8 sequential create()",
             1,
             lambda: Row(section, "", 1, tok_s=total / b["seq"], tokens=total),
         )
+        raw8 = self.add(
+            section,
+            "raw mlx_lm.batch_generate(8)",
+            8,
+            lambda: Row(section, "", 8, tok_s=raw8_tokens / b["raw8"], tokens=raw8_tokens),
+        )
+        raw8.ratios["x sequential"] = b["seq"] / b["raw8"] * raw8_tokens / total
+        row = self.add(
+            section,
+            "ours: create_batch(8), cpu_streams=1",
+            8,
+            lambda: Row(section, "", 8, tok_s=total / b["one"], tokens=total),
+        )
+        row.ratios["x sequential"] = b["seq"] / b["one"]
+        row.ratios["x raw"] = b["raw8"] / b["one"] * total / raw8_tokens
+        row.note = "the whole batch on one MLX stream (one core)"
         row = self.add(
             section,
             "ours: create_batch(8)",
@@ -1153,6 +1184,9 @@ class CpuBench:
             lambda: Row(section, "", 8, tok_s=total / b["batch"], tokens=total),
         )
         row.ratios["x sequential"] = b["seq"] / b["batch"]
+        row.ratios["x raw"] = b["raw8"] / b["batch"] * total / raw8_tokens
+        row.note = f"default cpu_streams: {usable_cores()} streams (one per core)"
+        one_stream.close()
         client.close()
 
     def write(self) -> None:
