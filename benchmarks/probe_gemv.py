@@ -141,7 +141,7 @@ def main() -> None:
                 want = model_math(x.float(), ws[0].float(), nw.float(), norm, act)
                 got = ops.gemv(x, ws[0], nw if norm else None, 1e-6, act).float()
                 error = ((got - want).abs().max() / want.abs().max()).item()
-                current = kernels.config(rows, n // 2 if act else n, k, act, sms, resid)
+                current = kernels.config(rows, n // 2 if act else n, k, act, sms)
                 configs = [current]
                 if not args.quick:
                     grid = (WIDE_GRID if args.wide else GEMV_GRID) if rows == 1 else DOT_GRID
@@ -177,7 +177,7 @@ def main() -> None:
                 if len(timed) > 1:
                     top = ", ".join(f"{c}={u:.1f}" for u, c in timed[:5])
                     bench.log(f"{label} top: {top}")
-                form = ("dot" if rows > 1 else "gemv") + ("+resid" if resid else "")
+                form = "dot" if rows > 1 else "gemv"
                 best[(form, n // 2 if act else n, k, act)] = (config, us)
             ws.clear()
             torch.cuda.empty_cache()

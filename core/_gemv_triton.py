@@ -239,19 +239,17 @@ def _gemv_kernel(
 
 
 @functools.cache
-def config(
-    rows: int, n_out: int, k: int, act: bool, sms: int, resid: bool = False
-) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`;
-    ``resid``: the residual form, tuned on its own where :data:`core.gemv.TUNED` has it)."""
+def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`);
+    the residual form takes its product's (its sweeps, probe-gemv 5 and 6, found the
+    same best blocks for q/k/v)."""
     from .gemv import TUNED
 
     if not sms:  # the interpreter: the fewest, largest programs
         return 64, 256, 4, 1
-    form = "dot" if rows > 1 else "gemv"
-    for key in ((form + "+resid", n_out, k, act), (form, n_out, k, act))[0 if resid else 1 :]:
-        if key in TUNED:
-            return TUNED[key]
+    key = ("dot" if rows > 1 else "gemv", n_out, k, act)
+    if key in TUNED:
+        return TUNED[key]
     # Untuned shapes: enough programs to fill every SM a few times over.
     if rows > 1:
         block_n = 32 if n_out >= 32 * 4 * sms else 16
@@ -328,9 +326,7 @@ def launch(
     rows, k = x.shape
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
     sms = sm_count(x.device.type, x.device.index)
-    block_n, block_k, warps, stages = block or config(
-        rows, n_out, k, act, sms, residual is not None
-    )
+    block_n, block_k, warps, stages = block or config(rows, n_out, k, act, sms)
     block_m = 1 if rows == 1 else DOT_ROWS
     if block_m > 1:
         block_n = max(block_n, 16)  # tl.dot's minimum

@@ -406,7 +406,7 @@ class _Weights:
             lay.qkv[i] if fused else None,
             lay.gate_up[i] if fused else None,
             lay.scaling[i],
-            lay.layers[max(i - 1, 0)].post_feedforward_layernorm if lay.sandwich else None,
+            _post_feedforward(lay, lay.layers[max(i - 1, 0)]),
         )
 
 
@@ -482,9 +482,8 @@ def _layer_rest(
         x = _settle(post, x, h)
         h = mlp(norm(x))
     else:
-        op = lay.gemv if decode and lay.gelu_tanh else None
-        if op is not None and not gemv.preferred("gate_up", rows, w.gate_up.shape):
-            op = None
+        on_op = decode and lay.gelu_tanh and gemv.preferred("gate_up", rows, w.gate_up.shape)
+        op = lay.gemv if on_op else None
         if op is not None and _folds(lay, "gate_up", w.gate_up.shape):
             act, x = _product_after(lay, post, x, h, w.gate_up, norm, act=True)
         elif op is not None:
@@ -831,10 +830,8 @@ class _Bucket:
         self.vocab = lay.vocab
         self.graphs: dict[_Sampler, Any] = {}
         self.pool: Any = None
-        #: (width, padded) -> (graph, ids, mask, logits) of captured prefills, and how
-        #: often each (width, padded) came
+        #: (width, padded) -> (graph, ids, mask, logits) of captured prefills
         self.prefills: OrderedDict[tuple[int, bool], tuple[Any, Any, Any, Any]] = OrderedDict()
-        self.prefill_uses: dict[tuple[int, bool], int] = {}
         self.prefill_pool: Any = None
 
     def configure(self, params: SamplingParams, how: _Sampler) -> None:
@@ -958,7 +955,6 @@ class _Engine:
         it (host time, about one more prefill's launches), then it is replayed with the
         inputs copied into its buffers."""
         key = (int(ids.shape[1]), padded)
-        b.prefill_uses[key] = b.prefill_uses.get(key, 0) + 1
         entry = b.prefills.get(key)
         if entry is None:
             if not self.use_graphs:

@@ -157,8 +157,10 @@ def test_prompts_padded_to_prefill_graph_widths_equal_plain_path(gemma3_path: Pa
     batch = prompts_of(10, seed=3)
     params = greedy(12, repetition_penalty=1.5)
     assert fast(model, batch, params).tokens == plain(model, batch, 12, repetition_penalty=1.5)
-    widths = {key for b in engine.buckets.values() for key in b.prefill_uses}
-    assert widths == {(fast_path.PREFILL_STEP, True)}  # every prompt padded to 64
+    # the last request's row was padded from 10 to 64 tokens, the one before from 64 and
+    # 30 (its bucket is still held)
+    assert engine.buckets[(1, 256)].pad.tolist() == [fast_path.PREFILL_STEP - 10]
+    assert engine.buckets[(2, 256)].pad.tolist() == [0, fast_path.PREFILL_STEP - 30]
     fast_path.release(model)
 
 
