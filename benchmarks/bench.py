@@ -526,7 +526,8 @@ class GpuBench:
             f"(prompt lengths {sorted({len(i) for i in ids})}); "
             f"tokens before the first difference per row: {prefixes}; decode step: "
             f"attention {ops.get('decode_attention')}, Triton products "
-            f"{ops.get('triton_products')}, rope/store {ops.get('rope_store')}"
+            f"{ops.get('triton_products')}, rope/store {ops.get('rope_store')}, "
+            f"PDL at one row {ops.get('pdl')}"
         )
         log(line)
         self.checks.append(line)

@@ -3,7 +3,7 @@
     python benchmarks/probe_attention.py            # three Gemma shapes, well under a minute
     python benchmarks/probe_attention.py --sweep    # also tile / split / warp settings of the kernel
 
-For each shape (D=256, S=512 cache slots, slots 400..511 masked, bf16) it prints
+For each shape (D=256, S=512 cache slots (``--slots``), the last 22% masked, bf16) it prints
 the max abs error of the op against ``reference`` (and of ``reference`` itself
 against fp32 math), then the time per call of
 
@@ -176,10 +176,15 @@ def probe(torch: Any, label: str, shape: tuple[int, int, int], sweep: bool) -> N
 
 
 def main() -> None:
+    global S, MASKED_FROM
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel settings")
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="only these")
+    parser.add_argument(
+        "--slots", type=int, default=S, help=f"cache slots S (default {S}; the last 22%% masked)"
+    )
     args = parser.parse_args()
+    S, MASKED_FROM = args.slots, args.slots * 25 // 32
     import torch
 
     if not da.available("cuda"):

@@ -102,8 +102,11 @@ def _split_kernel(
     ROW_MASK: tl.constexpr,
     SINGLE: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
+    if PDL:  # launched early: wait for q and the cache write
+        tl.extra.cuda.gdc_wait()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // KV).to(tl.int64)
@@ -175,6 +178,8 @@ def _split_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
+    if PDL:  # past the cache: the combine (or the next op) may launch
+        tl.extra.cuda.gdc_launch_dependents()
     if SINGLE:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -198,7 +203,11 @@ def _combine_kernel(
     nsplit,
     D: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, D)
@@ -275,12 +284,13 @@ def launch(
     nsplit: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    pdl: bool = False,
 ) -> Any:
     """Run the two kernels (``split_kernel``/``combine_kernel``: the JIT functions,
     wrapped by ``wrap_triton`` in the op, or interpreted ones in the tests).
 
     ``nsplit`` (default: :func:`plan`), ``block_s``, ``num_warps`` and ``num_stages``
-    are for tuning.
+    are for tuning. ``pdl``: both kernels launched with programmatic dependent launch.
     """
     check(q, keys, values, allowed)
     batch, heads, rows, dim = q.shape
@@ -325,8 +335,10 @@ def launch(
         ROW_MASK=allowed.stride(2) != 0,
         SINGLE=single,
         IEEE=q.dtype == torch.float32,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if not single:
         combine_kernel[(batch * heads * rows,)](
@@ -337,7 +349,9 @@ def launch(
             nsplit,
             D=dim,
             CHUNK=min(CHUNK, triton.next_power_of_2(nsplit)),
+            PDL=pdl,
             num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out
 
@@ -364,3 +378,38 @@ def decode_attention_op(
         wrap_triton(_combine_kernel),
         limit,
     )
+
+
+#: The kernels launched with programmatic dependent launch: a plain custom op, opaque to
+#: inductor (see ``core._gemv_triton``: inside a ``triton_op`` the ``griddepcontrol``
+#: assembly makes inductor copy every input).
+PDL_OP_NAME = "gemma_local::decode_attention_pdl"
+
+
+@torch.library.custom_op(PDL_OP_NAME, mutates_args=())
+def decode_attention_pdl_op(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    limit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention_op` launched with PDL."""
+    return launch(
+        q, keys, values, allowed, scale, softcap, _split_kernel, _combine_kernel, limit, pdl=True
+    )
+
+
+@decode_attention_pdl_op.register_fake
+def _decode_attention_pdl_fake(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    limit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return torch.empty_like(q)

@@ -101,8 +101,6 @@ def _gemv_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # launched early (programmatic dependent launch): let the next kernel launch too
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,6 +111,11 @@ def _gemv_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx_m  # [BM, 1]
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * sw_n  # [BN, 1]
     u_rows = w_ptr + (offs_n + UP).to(tl.int64)[:, None] * sw_n  # the up rows (ACT)
+    if PDL:
+        # Programmatic dependent launch: this kernel was launched while the one before
+        # it finishes (it let us, as we let the next one once our products are done);
+        # x is that kernel's output: wait for it.
+        tl.extra.cuda.gdc_wait()
 
     # NORM: rmsnorm(x) @ w.T = inv_rms(x) * ((x * (1 + norm_w)) @ w.T), inv_rms a scalar per
     # row: the squares are summed in the same pass as the product (no pass over x
@@ -125,8 +128,6 @@ def _gemv_kernel(
         h_ok = m_ok[:, None] & first[None, :]  # one column of programs writes h
         inv_rms_y = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
         if POST:  # mean(y^2) per row first: the post-norm scales y before the add
-            if PDL:
-                tl.extra.cuda.gdc_wait()
             y_squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             for p0 in range(0, K, PRE_K):
                 ps = p0 + tl.arange(0, PRE_K)
@@ -147,9 +148,6 @@ def _gemv_kernel(
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        if PDL:
-            # x is the previous kernel's output: wait for it (a no-op after the first time)
-            tl.extra.cuda.gdc_wait()
         # x before the weights: loading the weights first made the kernel up to 47% slower
         # (12b down 29.4 -> 43.2 us; scratch A/B on an H200)
         if EVEN_K:
@@ -214,6 +212,11 @@ def _gemv_kernel(
                 if ACT:
                     acc_up += tl.dot(xk, tl.trans(uk))
 
+    if PDL:
+        # every program past its weights: the next kernel may launch (launching it
+        # at the start instead filled the SMs with waiting programs: 12b 6.62 against
+        # 6.50 ms a step, probe 14)
+        tl.extra.cuda.gdc_launch_dependents()
     if BLOCK_M == 1:
         out = tl.sum(acc, 1)[None, :]  # [1, BN]
         up = tl.sum(acc_up, 1)[None, :]  # zeros unless ACT (and then dead code)
@@ -236,6 +239,39 @@ def _gemv_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
+
+
+@triton.jit
+def _residual_kernel(
+    y_ptr,
+    r_ptr,
+    post_ptr,
+    h_ptr,
+    K,
+    sy_m,
+    sr_m,
+    sh_m,
+    post_eps,
+    BLOCK_K: tl.constexpr,
+    POST: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One row: ``h = r + post_norm(y)`` (``r + y`` without ``POST``), rounded as the
+    ``RESID`` form rounds it: the residual add + norm between two products, as a kernel
+    of its own (the chain of PDL launches has no inductor kernel in it)."""
+    row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    ks = tl.arange(0, BLOCK_K)
+    ok = ks < K
+    y = tl.load(y_ptr + row * sy_m + ks, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * sr_m + ks, mask=ok, other=0.0)
+    if POST:
+        post = tl.load(post_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(y * y, 0) / K + post_eps)
+        y = _round(y * inv_rms * (1.0 + post), y_ptr)
+    tl.store(h_ptr + row * sh_m + ks, (r.to(tl.float32) + y).to(r.dtype), mask=ok)
 
 
 @functools.cache
@@ -319,7 +355,9 @@ def launch(
     num_stages)`` overrides :func:`config` (for tuning).
 
     With ``residual`` (the ``RESID`` form, x being the previous product's output):
-    returns ``(out, h)``, ``h = residual + post_norm(x)`` the input the product took."""
+    returns ``(out, h)``, ``h = residual + post_norm(x)`` the input the product took.
+
+    ``pdl``: launched with programmatic dependent launch (Hopper and later)."""
     check(x, weight, norm_weight, act)
     if residual is not None:
         check_residual(x, residual, post_weight)
@@ -373,6 +411,36 @@ def launch(
     return out if residual is None else (out, hidden)
 
 
+def launch_residual(
+    y: Any, residual: Any, post_weight: Any, post_eps: float, kernel: Any, *, pdl: bool = False
+) -> Any:
+    """``residual + post_norm(y)`` [M, K] by ``_residual_kernel`` (``kernel``: the JIT
+    function, or the interpreted one in the tests), a program a row."""
+    check_residual(y, residual, post_weight)
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"y must be [M, K], contiguous along K; got {tuple(y.shape)}")
+    rows, k = y.shape
+    hidden = torch.empty_like(residual)
+    block_k = max(16, triton.next_power_of_2(k))
+    kernel[(rows,)](
+        y,
+        residual,
+        y if post_weight is None else post_weight,
+        hidden,
+        k,
+        y.stride(0),
+        residual.stride(0),
+        hidden.stride(0),
+        float(post_eps),
+        BLOCK_K=block_k,
+        POST=post_weight is not None,
+        PDL=pdl,
+        num_warps=max(1, min(8, block_k // 512)),
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return hidden
+
+
 @triton_op(OP_NAME, mutates_args=())
 def gemv_op(
     x: torch.Tensor,
@@ -409,3 +477,99 @@ def gemv_residual_op(
         post_eps=post_eps,
     )
     return out, hidden
+
+
+# The same kernels launched with programmatic dependent launch (PDL_*_NAME): plain
+# custom ops, opaque to inductor. Inside a ``triton_op`` inductor reads the kernel to
+# find what it writes, cannot read the ``griddepcontrol`` assembly, takes every input
+# as written and copies them all (probe 11: 398 -> 878 launches a step).
+
+PDL_OP_NAME = "gemma_local::gemv_pdl"
+PDL_RESIDUAL_OP_NAME = "gemma_local::gemv_residual_pdl"
+PDL_ADD_OP_NAME = "gemma_local::residual_add_pdl"
+
+
+@torch.library.custom_op(PDL_OP_NAME, mutates_args=())
+def gemv_pdl_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+) -> torch.Tensor:
+    """:func:`gemv_op` launched with PDL."""
+    return launch(x, weight, norm_weight, eps, act, _gemv_kernel, pdl=True)
+
+
+@gemv_pdl_op.register_fake
+def _gemv_pdl_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0] // 2 if act else weight.shape[0]))
+
+
+@torch.library.custom_op(PDL_RESIDUAL_OP_NAME, mutates_args=())
+def gemv_residual_pdl_op(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    post_weight: torch.Tensor | None = None,
+    post_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gemv_residual_op` launched with PDL."""
+    out, hidden = launch(
+        y,
+        weight,
+        norm_weight,
+        eps,
+        act,
+        _gemv_kernel,
+        residual=residual,
+        post_weight=post_weight,
+        post_eps=post_eps,
+        pdl=True,
+    )
+    return out, hidden
+
+
+@gemv_residual_pdl_op.register_fake
+def _gemv_residual_pdl_fake(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    post_weight: torch.Tensor | None = None,
+    post_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = y.new_empty((y.shape[0], weight.shape[0] // 2 if act else weight.shape[0]))
+    return out, torch.empty_like(residual)
+
+
+@torch.library.custom_op(PDL_ADD_OP_NAME, mutates_args=())
+def residual_add_pdl_op(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor | None = None,
+    post_eps: float = 1e-6,
+) -> torch.Tensor:
+    """``residual + post_norm(y)`` launched with PDL."""
+    return launch_residual(y, residual, post_weight, post_eps, _residual_kernel, pdl=True)
+
+
+@residual_add_pdl_op.register_fake
+def _residual_add_pdl_fake(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor | None = None,
+    post_eps: float = 1e-6,
+) -> torch.Tensor:
+    return torch.empty_like(residual)

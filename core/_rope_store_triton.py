@@ -89,8 +89,12 @@ def _rope_store_kernel(
     eps,
     D: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
+    if PDL:  # launched early: let the next kernel launch, wait for the q/k/v product
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)  # a query head below H, else KV head h - H
     lo = tl.arange(0, HALF)
@@ -201,12 +205,13 @@ def launch(
     kernel: Any,
     *,
     num_warps: int | None = None,
+    pdl: bool = False,
 ) -> Any:
     """Run the kernel (``kernel``: the JIT function, wrapped by ``wrap_triton`` in the
     op, or an interpreted one in the tests) and return q [B, KV, R, D].
 
     ``num_warps`` (default: 1 up to D = 128, then one per 128 lanes, at most 4) is
-    for tuning.
+    for tuning. ``pdl``: launched with programmatic dependent launch.
     """
     check(qkv, cos, sin, keys, values, slot, heads, q_norm_weight, k_norm_weight)
     batch, kv, slots, dim = keys.shape
@@ -239,7 +244,9 @@ def launch(
         float(eps),
         D=dim,
         NORM=norm,
+        PDL=pdl,
         num_warps=num_warps or max(1, min(4, dim // 128)),
+        **({"launch_pdl": True} if pdl else {}),
     )
     return q
 
@@ -271,3 +278,56 @@ def rope_store_op(
         eps,
         wrap_triton(_rope_store_kernel),
     )
+
+
+#: The kernel launched with programmatic dependent launch: a plain custom op, opaque to
+#: inductor (see ``core._gemv_triton``: inside a ``triton_op`` the ``griddepcontrol``
+#: assembly makes inductor copy every input).
+PDL_OP_NAME = "gemma_local::rope_store_pdl"
+
+
+@torch.library.custom_op(PDL_OP_NAME, mutates_args={"keys", "values"})
+def rope_store_pdl_op(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    heads: int,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """:func:`rope_store_op` launched with PDL."""
+    return launch(
+        qkv,
+        cos,
+        sin,
+        keys,
+        values,
+        slot,
+        heads,
+        q_norm_weight,
+        k_norm_weight,
+        eps,
+        _rope_store_kernel,
+        pdl=True,
+    )
+
+
+@rope_store_pdl_op.register_fake
+def _rope_store_pdl_fake(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    heads: int,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    batch, kv, _, dim = keys.shape
+    return qkv.new_empty((batch, kv, heads // kv, dim))

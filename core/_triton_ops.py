@@ -51,3 +51,21 @@ def sm_count(device_type: str, index: int | None) -> int:
     import torch
 
     return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
+
+
+def pdl_available(device: Any) -> bool:
+    """Whether kernels can be launched with programmatic dependent launch on ``device``:
+    a CUDA GPU of compute capability 9 or more (Hopper) and a triton that has
+    ``launch_pdl`` and ``gdc_wait``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    if not hasattr(getattr(tl.extra, "cuda", None), "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9

@@ -49,7 +49,9 @@ def available(device: Any) -> bool:
     return _triton_ops.available(device, _op)
 
 
-def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
+def works(
+    q_shape: tuple[int, int, int, int], dtype: Any, device: Any, *, pdl: bool = False
+) -> bool:
     """Run the op once on small random inputs of this layout and compare with
     :func:`reference`: False (and a warning) where the kernel does not compile or
     disagrees on this GPU, so that the caller keeps its plain attention."""
@@ -65,7 +67,8 @@ def works(q_shape: tuple[int, int, int, int], dtype: Any, device: Any) -> bool:
         allowed[1, ..., :37] = False
         limit = torch.tensor([150], device=device)
         allowed[..., 150:] = False
-        got = decode_attention(q, keys, values, allowed, dim**-0.5, None, limit).float()
+        got = decode_attention(q, keys, values, allowed, dim**-0.5, None, limit, pdl=pdl)
+        got = got.float()
         want = reference(q.float(), keys.float(), values.float(), allowed, dim**-0.5)
         return float((got - want).abs().max().item())
 
@@ -85,6 +88,8 @@ def decode_attention(
     scale: float,
     softcap: float | None = None,
     limit: Any = None,
+    *,
+    pdl: bool = False,
 ) -> Any:
     """q [B, KV, R, D] (R = query heads per KV head, the query heads that share a KV head),
     keys/values [B, KV, S, D] (a KV cache, contiguous), allowed: bool, broadcastable from
@@ -100,9 +105,19 @@ def decode_attention(
 
     R is 1..16 and D one of 64, 128, 256; any S (the tail tile is masked). A row
     with no allowed slot gives zeros. CUDA only (see :func:`available`); ``ValueError``
-    on shapes or dtypes the kernel does not take.
+    on shapes or dtypes the kernel does not take. ``pdl``: both kernels launched with
+    programmatic dependent launch (``gemma_local::decode_attention_pdl``; Hopper and
+    later, see :func:`core.gemv.pdl_available`).
     """
-    return _op()(q, keys, values, allowed, scale, softcap, limit)
+    op = _pdl_op() if pdl else _op()
+    return op(q, keys, values, allowed, scale, softcap, limit)
+
+
+@functools.cache
+def _pdl_op() -> Any:
+    from . import _decode_attention_triton as kernels
+
+    return kernels.decode_attention_pdl_op
 
 
 def reference(

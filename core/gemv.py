@@ -129,10 +129,11 @@ def available(device: Any) -> bool:
     return _triton_ops.available(device, _op)
 
 
-def works(dtype: Any, device: Any) -> bool:
-    """Run the op once in each form (and the residual form) on small random inputs and
-    compare with :func:`reference`: False (and a warning) where the kernel does not
-    compile or disagrees on this GPU, so that the caller keeps its plain products."""
+def works(dtype: Any, device: Any, *, pdl: bool = False) -> bool:
+    """Run the op once in each form (and the residual form; with ``pdl``, the PDL forms
+    and :func:`residual_add`) on small random inputs and compare with :func:`reference`:
+    False (and a warning) where the kernel does not compile or disagrees on this GPU,
+    so that the caller keeps its plain products."""
     import torch
 
     def error() -> float:
@@ -144,13 +145,16 @@ def works(dtype: Any, device: Any) -> bool:
             w = (torch.randn(96, 320, generator=gen, device=device) * 0.05).to(dtype)
             norm = (torch.randn(320, generator=gen, device=device) * 0.1).to(dtype)
             for norm_weight, act in ((None, False), (norm, False), (norm, True)):
-                got = gemv(x, w, norm_weight, 1e-6, act).float()
+                got = gemv(x, w, norm_weight, 1e-6, act, pdl=pdl).float()
                 want = reference(x, w, norm_weight, 1e-6, act).float()
                 worst = max(worst, float((got - want).abs().max().item()))
             for post in (None, norm.flip(0)):
-                got_out, got_h = gemv_residual(x, r, w, norm, 1e-6, True, post, 1e-6)
+                got_out, got_h = gemv_residual(x, r, w, norm, 1e-6, True, post, 1e-6, pdl=pdl)
                 want_out, want_h = reference_residual(x, r, w, norm, 1e-6, True, post, 1e-6)
-                for a, b in ((got_out, want_out), (got_h, want_h)):
+                pairs = [(got_out, want_out), (got_h, want_h)]
+                if pdl:
+                    pairs.append((residual_add(x, r, post, 1e-6), want_h))
+                for a, b in pairs:
                     worst = max(worst, float((a.float() - b.float()).abs().max().item()))
         return worst
 
@@ -164,7 +168,15 @@ def _residual_op() -> Any:
     return kernels.gemv_residual_op
 
 
-def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: bool = False) -> Any:
+def gemv(
+    x: Any,
+    weight: Any,
+    norm_weight: Any = None,
+    eps: float = 1e-6,
+    act: bool = False,
+    *,
+    pdl: bool = False,
+) -> Any:
     """``x`` [M, K] (M tokens, best at 1..16) times ``weight`` [N, K] (``nn.Linear``'s
     layout) transposed: [M, N] in x's dtype, fp32 accumulation.
 
@@ -174,8 +186,13 @@ def gemv(x: Any, weight: Any, norm_weight: Any = None, eps: float = 1e-6, act: b
     gate first) and the result is ``gelu_tanh(gate) * up`` [M, F].
 
     CUDA only (see :func:`available`); ``ValueError`` on shapes or dtypes the
-    kernel does not take.
+    kernel does not take. ``pdl``: launched with programmatic dependent launch
+    (Hopper and later, see :func:`pdl_available`): the kernel is launched while the
+    one before it finishes and waits for it only before it reads x; it lets the next
+    kernel launch once its products are done (``gemma_local::gemv_pdl``).
     """
+    if pdl:
+        return _pdl_ops()[0](x, weight, norm_weight, eps, act)
     return _op()(x, weight, norm_weight, eps, act)
 
 
@@ -188,6 +205,8 @@ def gemv_residual(
     act: bool = False,
     post_weight: Any = None,
     post_eps: float = 1e-6,
+    *,
+    pdl: bool = False,
 ) -> tuple[Any, Any]:
     """:func:`gemv` of ``h = residual + post_norm(y)``; returns ``(product, h)``.
 
@@ -195,10 +214,35 @@ def gemv_residual(
     stream. ``post_weight`` [K]: y goes through Gemma's RMSNorm first (Gemma 2/3's
     post-attention / post-feedforward norm, ``post_eps``); None adds y as it is
     (Gemma 1). ``h`` is rounded to the dtype as the modules' add is; the product is
-    that of :func:`gemv` with ``norm_weight``, ``eps`` and ``act`` on h.
+    that of :func:`gemv` with ``norm_weight``, ``eps`` and ``act`` on h. ``pdl`` as
+    for :func:`gemv`.
     """
-    out, hidden = _residual_op()(y, residual, weight, norm_weight, eps, act, post_weight, post_eps)
+    op = _pdl_ops()[1] if pdl else _residual_op()
+    out, hidden = op(y, residual, weight, norm_weight, eps, act, post_weight, post_eps)
     return out, hidden
+
+
+def residual_add(y: Any, residual: Any, post_weight: Any = None, post_eps: float = 1e-6) -> Any:
+    """``residual + post_norm(y)`` (``residual + y`` without ``post_weight``) [M, K], as
+    :func:`gemv_residual`'s h, in one kernel launched with PDL
+    (``gemma_local::residual_add_pdl``): the residual add + norm between a chain of PDL
+    products, where inductor's kernel would break the chain (it cannot be launched
+    early). CUDA, Hopper and later."""
+    return _pdl_ops()[2](y, residual, post_weight, post_eps)
+
+
+@functools.cache
+def _pdl_ops() -> tuple[Any, Any, Any]:
+    from . import _gemv_triton as kernels
+
+    return kernels.gemv_pdl_op, kernels.gemv_residual_pdl_op, kernels.residual_add_pdl_op
+
+
+def pdl_available(device: Any) -> bool:
+    """Whether the ``pdl=True`` forms run on ``device``: :func:`available`, a GPU of
+    compute capability 9 or more (programmatic dependent launch) and a triton that
+    has it."""
+    return available(device) and _triton_ops.pdl_available(device)
 
 
 def reference(

@@ -49,7 +49,14 @@ def available(device: Any) -> bool:
 
 
 def works(
-    heads: int, kv_heads: int, head_dim: int, dtype: Any, device: Any, norm: bool = True
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: Any,
+    device: Any,
+    norm: bool = True,
+    *,
+    pdl: bool = False,
 ) -> bool:
     """Run the op once on small random inputs of this layout and compare q and the
     whole caches with :func:`reference`: False (and a warning) where the kernel
@@ -69,7 +76,7 @@ def works(
         weights = (randn(head_dim), randn(head_dim)) if norm else (None, None)
         slot = torch.tensor([5], device=device)
         want_k, want_v = keys.clone(), values.clone()
-        got = rope_store(qkv, cos, sin, keys, values, slot, heads, *weights)
+        got = rope_store(qkv, cos, sin, keys, values, slot, heads, *weights, pdl=pdl)
         want = reference(qkv, cos, sin, want_k, want_v, slot, heads, *weights)
         return max(
             float((a.float() - b.float()).abs().max().item())
@@ -95,6 +102,8 @@ def rope_store(
     q_norm_weight: Any = None,
     k_norm_weight: Any = None,
     eps: float = 1e-6,
+    *,
+    pdl: bool = False,
 ) -> Any:
     """Norm (Gemma 3) and rotate one token's q and k per row, store k and v in the cache.
 
@@ -114,9 +123,19 @@ def rope_store(
 
     Returns q [B, KV, R, D] (R = H // KV; query head h is ``[h // R, h % R]``) in
     qkv's dtype. D one of :data:`HEAD_DIMS`. CUDA only (see :func:`available`);
-    ``ValueError`` on shapes or dtypes the kernel does not take.
+    ``ValueError`` on shapes or dtypes the kernel does not take. ``pdl``: launched with
+    programmatic dependent launch (``gemma_local::rope_store_pdl``; Hopper and later,
+    see :func:`core.gemv.pdl_available`).
     """
-    return _op()(qkv, cos, sin, keys, values, slot, heads, q_norm_weight, k_norm_weight, eps)
+    op = _pdl_op() if pdl else _op()
+    return op(qkv, cos, sin, keys, values, slot, heads, q_norm_weight, k_norm_weight, eps)
+
+
+@functools.cache
+def _pdl_op() -> Any:
+    from . import _rope_store_triton as kernels
+
+    return kernels.rope_store_pdl_op
 
 
 def reference(

@@ -180,6 +180,27 @@ def test_prefill_graph_is_captured_on_first_use_and_replays(gemma3_path: Path) -
     fast_path.release(model)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "plain-launches"])
+def test_decode_ops_launched_with_pdl_give_generates_tokens(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch, pdl: str
+) -> None:
+    """On a Hopper GPU the decode step's Triton ops are launched with programmatic
+    dependent launch (``GEMMA_LOCAL_PDL=0``: plainly); either way, replayed in CUDA
+    graphs, batch 1 and a padded batch give ``generate``'s greedy tokens."""
+    from core import gemv
+
+    monkeypatch.setenv("GEMMA_LOCAL_PDL", pdl)
+    model = load(gemma3_path).cuda()
+    fast_path.release(model)
+    for batch in (prompts_of(13, seed=8), prompts_of(21, 5, 9, seed=9)):
+        assert fast(model, batch, greedy(12), compile=True).tokens == plain(model, batch, 12)
+    info = fast_path.describe(model)
+    assert info["pdl"] is (pdl == "1" and gemv.pdl_available(model.device))
+    assert not info["fallbacks"]
+    fast_path.release(model)
+
+
 def test_fused_projections_change_nothing(
     gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -179,6 +179,20 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     batch = prompts_of(13)
     assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
     assert not folded
+    # and the add + norms as the PDL chain's kernel (launched plainly here): one-row
+    # steps only (a padded batch keeps inductor's)
+    from core import _gemv_triton as kernels
+
+    added: list[int] = []
+
+    def residual_add(y: Any, r: Any, post: Any, eps: float) -> Any:
+        added.append(y.shape[0])
+        return kernels.launch_residual(y, r, post, eps, kernels._residual_kernel)
+
+    lay.residual_add = residual_add
+    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
+        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    assert set(added) == {1} and len(added) % (2 * len(lay.layers)) == 0
     fast_path.release(model)
 
 
@@ -232,6 +246,35 @@ def test_residual_form_matches_reference(
 
 
 @needs_triton
+@pytest.mark.parametrize("post", [False, True], ids=["add", "post-norm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows, k", [(1, 256), (3, 200), (16, 1152)])
+def test_residual_add_kernel_matches_the_residual_form(
+    device: str, rows: int, k: int, dtype: str, post: bool
+) -> None:
+    """The PDL chain's add + norm kernel (``core.gemv.residual_add``, here launched
+    plainly) gives the h of the residual form and of the modules' add."""
+    from core import _gemv_triton as kernels
+
+    y, w, _ = inputs(rows, 32, k, getattr(torch, dtype), device)
+    r, _, post_w = inputs(rows + 1, 32, k, getattr(torch, dtype), device)
+    r, post_w = 4 * r[:rows], post_w if post else None
+    got = kernels.launch_residual(y, r, post_w, 1e-5, kernels._residual_kernel)
+    _, want = run_residual(y, r, w, None, False, post_w, None)
+    assert got.shape == r.shape and got.dtype == r.dtype
+    # the sums of squares are taken in another order: fp32 a few ulps apart, bf16 at
+    # most one ulp where that moves a rounding boundary
+    if dtype == "float32":
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2**-7)
+    modules = r + (y if post_w is None else gemv.rms_norm(y, post_w, 1e-5))
+    torch.testing.assert_close(got.float(), modules.float(), atol=1e-5, rtol=2**-7)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.launch_residual(y, r[:, :16], post_w, 1e-5, kernels._residual_kernel)
+
+
+@needs_triton
 def test_residual_form_rejects_arguments_it_does_not_take(device: str) -> None:
     y, w, norm = inputs(2, 64, 128, torch.float32, device)
     cases = [
@@ -248,14 +291,15 @@ def test_residual_form_rejects_arguments_it_does_not_take(device: str) -> None:
 
 @needs_triton
 def test_programmatic_dependent_launch_gives_the_same_chain(device: str) -> None:
-    """``pdl=True``: each product may start before the one it reads has finished, and
-    waits for it inside (``griddepcontrol.wait``): a chain of products, each reading the
-    one before, captured in a CUDA graph and replayed, equals the chain without it."""
-    if device != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+    """``pdl=True``: each product may start before the one it reads has finished and
+    waits for it inside (``griddepcontrol.wait``): a chain of products and residual adds, each reading the one before, captured in a
+    CUDA graph and replayed, equals the chain launched plainly."""
+    if device != "cuda" or not gemv.pdl_available(device):
         pytest.skip("needs a Hopper (sm90+) GPU: PDL is a launch attribute of the hardware")
     k = 512
     gen = torch.Generator(device=device).manual_seed(0)
     ws = [(torch.randn(k, k, generator=gen, device=device) / k**0.5).bfloat16() for _ in range(8)]
+    gate_up = (torch.randn(2 * k, k, generator=gen, device=device) / k**0.5).bfloat16()
     norm = (0.1 * torch.randn(k, generator=gen, device=device)).bfloat16()
     x0 = torch.randn(1, k, generator=gen, device=device).bfloat16()
 
@@ -264,20 +308,16 @@ def test_programmatic_dependent_launch_gives_the_same_chain(device: str) -> None
     def chain(pdl: bool) -> Any:
         x, y = x0, torch.zeros_like(x0)
         for i, w in enumerate(ws):
-            if i % 2:
-                y, x = kernels.launch(
-                    y,
-                    w,
-                    norm,
-                    1e-6,
-                    False,
-                    kernels._gemv_kernel,
-                    residual=x,
-                    post_weight=norm,
-                    pdl=pdl,
-                )
+            if i % 3 == 1:
+                y, x = gemv.gemv_residual(y, x, w, norm, 1e-6, False, norm, 1e-6, pdl=pdl)
+            elif i % 3 == 2:
+                if pdl:
+                    x = gemv.residual_add(y, x, norm)
+                else:  # the same kernel, launched plainly
+                    x = kernels.launch_residual(y, x, norm, 1e-6, kernels._residual_kernel)
+                y = gemv.gemv(gemv.gemv(x, gate_up, norm, 1e-6, True, pdl=pdl), w, pdl=pdl)
             else:
-                y = kernels.launch(y + x, w, norm, 1e-6, False, kernels._gemv_kernel, pdl=pdl)
+                y = gemv.gemv(y + x, w, norm, 1e-6, pdl=pdl)
         return x, y
 
     want = chain(False)
