@@ -50,7 +50,10 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   (:mod:`core.rope_store`), and flash-decoding attention
   (:mod:`core.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
   layer on an H200). The rest (residual adds and norms, the logits) is
-  inductor's, with coordinate-descent tuning.
+  inductor's, with coordinate-descent tuning. At one row on a Hopper GPU the
+  ops are launched with programmatic dependent launch (:func:`_use_pdl`), the
+  residual add + norm between them a PDL kernel too: each is launched while the
+  one before finishes (12b: 6.71 -> 6.38 ms a step).
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
   prompt length (dynamo specialises on batch 1 vs more and on padding), in
@@ -78,7 +81,8 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0``: inductor's kernels
   instead of the Triton products / the q/k norm + RoPE + cache-write op;
   ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
-  (before q/k/v and gate/up) folded into the next product.
+  (before q/k/v and gate/up) folded into the next product;
+  ``GEMMA_LOCAL_PDL=0``: plain launches at one row too.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_PREFILL_GRAPHS=0``: no prefill graphs (nor their padding);
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.

@@ -22,6 +22,11 @@ add before it::
 so that the residual add + norm kernels between a layer's products (after the
 o projection; after the down projection, into the next layer's q/k/v) go too.
 
+``pdl=True`` (Hopper and later, :func:`pdl_available`) launches either form with
+programmatic dependent launch (ops ``gemma_local::gemv_pdl`` and
+``gemv_residual_pdl``), and :func:`residual_add` is the residual add + norm as a
+kernel of such a chain: the fast path's one-row decode step runs on them.
+
 The kernel lives in :mod:`core._gemv_triton`, imported (and the op registered)
 by :func:`available` or the first call; importing this module imports neither
 torch nor triton. Block sizes come from :data:`TUNED` (measured on an H200 by
