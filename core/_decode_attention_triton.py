@@ -1,7 +1,7 @@
 """Triton kernels behind :mod:`core.decode_attention` (imported lazily by it).
 
-Importing this module imports torch and triton and registers the custom op
-``gemma_local::decode_attention``; :mod:`core.decode_attention` does so on
+Importing this module imports torch and triton and registers the custom ops
+``gemma_local::decode_attention`` and ``decode_attention_pdl``; :mod:`core.decode_attention` does so on
 first use, never at ``import core``.
 
 Flash decoding in two launches:
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._triton_ops import sm_count
+from ._triton_ops import op_pair, sm_count
 from .decode_attention import HEAD_DIMS, MAX_R  # query heads are padded to a 16-row tl.dot
 
 OP_NAME = "gemma_local::decode_attention"
@@ -356,60 +356,26 @@ def launch(
     return out
 
 
-@triton_op(OP_NAME, mutates_args=())
-def decode_attention_op(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    allowed: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-    limit: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The custom op (its own fake implementation: ``triton_op`` traces it)."""
-    return launch(
-        q,
-        keys,
-        values,
-        allowed,
-        scale,
-        softcap,
-        wrap_triton(_split_kernel),
-        wrap_triton(_combine_kernel),
-        limit,
-    )
+def _decode_attention(pdl: bool) -> Any:
+    def decode_attention(
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+        softcap: float | None = None,
+        limit: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The custom op (the ``triton_op``'s own fake implementation: it traces it)."""
+        split, combine = (_split_kernel, _combine_kernel)
+        if not pdl:
+            split, combine = wrap_triton(split), wrap_triton(combine)
+        return launch(q, keys, values, allowed, scale, softcap, split, combine, limit, pdl=pdl)
+
+    return decode_attention
 
 
-#: The kernels launched with programmatic dependent launch: a plain custom op, opaque to
-#: inductor (see ``core._gemv_triton``: inside a ``triton_op`` the ``griddepcontrol``
-#: assembly makes inductor copy every input).
+#: The kernels launched with programmatic dependent launch (:func:`op_pair`).
 PDL_OP_NAME = "gemma_local::decode_attention_pdl"
 
-
-@torch.library.custom_op(PDL_OP_NAME, mutates_args=())
-def decode_attention_pdl_op(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    allowed: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-    limit: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`decode_attention_op` launched with PDL."""
-    return launch(
-        q, keys, values, allowed, scale, softcap, _split_kernel, _combine_kernel, limit, pdl=True
-    )
-
-
-@decode_attention_pdl_op.register_fake
-def _decode_attention_pdl_fake(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    allowed: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-    limit: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return torch.empty_like(q)
+decode_attention_op, decode_attention_pdl_op = op_pair(OP_NAME, PDL_OP_NAME, _decode_attention)

@@ -1,7 +1,8 @@
 """Triton kernels behind :mod:`core.gemv` (imported lazily by it).
 
-Importing this module imports torch and triton and registers the custom op
-``gemma_local::gemv``; :mod:`core.gemv` does so on first use, never at
+Importing this module imports torch and triton and registers the custom ops
+``gemma_local::gemv``, ``gemv_residual``, their PDL twins and
+``residual_add_pdl``; :mod:`core.gemv` does so on first use, never at
 ``import core``.
 
 One kernel, ``_gemv_kernel``, grid ``(cdiv(N_out, BLOCK_N), cdiv(M, BLOCK_M))``:
@@ -45,9 +46,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._triton_ops import sm_count
+from ._triton_ops import op_pair, sm_count
 
 OP_NAME = "gemma_local::gemv"
 RESIDUAL_OP_NAME = "gemma_local::gemv_residual"
@@ -441,119 +442,62 @@ def launch_residual(
     return hidden
 
 
-@triton_op(OP_NAME, mutates_args=())
-def gemv_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-) -> torch.Tensor:
-    """The custom op (its own fake implementation: ``triton_op`` traces it)."""
-    return launch(x, weight, norm_weight, eps, act, wrap_triton(_gemv_kernel))
+def _gemv(pdl: bool) -> Any:
+    def gemv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        act: bool = False,
+    ) -> torch.Tensor:
+        """The custom op (the ``triton_op``'s own fake implementation: it traces it)."""
+        kernel = _gemv_kernel if pdl else wrap_triton(_gemv_kernel)
+        return launch(x, weight, norm_weight, eps, act, kernel, pdl=pdl)
+
+    return gemv
 
 
-@triton_op(RESIDUAL_OP_NAME, mutates_args=())
-def gemv_residual_op(
-    y: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-    post_weight: torch.Tensor | None = None,
-    post_eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual form as a second op (its own schema: two outputs)."""
-    out, hidden = launch(
-        y,
-        weight,
-        norm_weight,
-        eps,
-        act,
-        wrap_triton(_gemv_kernel),
-        residual=residual,
-        post_weight=post_weight,
-        post_eps=post_eps,
-    )
-    return out, hidden
+def _gemv_residual(pdl: bool) -> Any:
+    def gemv_residual(
+        y: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        act: bool = False,
+        post_weight: torch.Tensor | None = None,
+        post_eps: float = 1e-6,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual form as a second op (its own schema: two outputs)."""
+        out, hidden = launch(
+            y,
+            weight,
+            norm_weight,
+            eps,
+            act,
+            _gemv_kernel if pdl else wrap_triton(_gemv_kernel),
+            residual=residual,
+            post_weight=post_weight,
+            post_eps=post_eps,
+            pdl=pdl,
+        )
+        return out, hidden
 
+    return gemv_residual
 
-# The same kernels launched with programmatic dependent launch (PDL_*_NAME): plain
-# custom ops, opaque to inductor. Inside a ``triton_op`` inductor reads the kernel to
-# find what it writes, cannot read the ``griddepcontrol`` assembly, takes every input
-# as written and copies them all (probe 11: 398 -> 878 launches a step).
 
 PDL_OP_NAME = "gemma_local::gemv_pdl"
 PDL_RESIDUAL_OP_NAME = "gemma_local::gemv_residual_pdl"
 PDL_ADD_OP_NAME = "gemma_local::residual_add_pdl"
 
-
-@torch.library.custom_op(PDL_OP_NAME, mutates_args=())
-def gemv_pdl_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-) -> torch.Tensor:
-    """:func:`gemv_op` launched with PDL."""
-    return launch(x, weight, norm_weight, eps, act, _gemv_kernel, pdl=True)
+gemv_op, gemv_pdl_op = op_pair(OP_NAME, PDL_OP_NAME, _gemv)
+gemv_residual_op, gemv_residual_pdl_op = op_pair(
+    RESIDUAL_OP_NAME, PDL_RESIDUAL_OP_NAME, _gemv_residual
+)
 
 
-@gemv_pdl_op.register_fake
-def _gemv_pdl_fake(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0] // 2 if act else weight.shape[0]))
-
-
-@torch.library.custom_op(PDL_RESIDUAL_OP_NAME, mutates_args=())
-def gemv_residual_pdl_op(
-    y: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-    post_weight: torch.Tensor | None = None,
-    post_eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gemv_residual_op` launched with PDL."""
-    out, hidden = launch(
-        y,
-        weight,
-        norm_weight,
-        eps,
-        act,
-        _gemv_kernel,
-        residual=residual,
-        post_weight=post_weight,
-        post_eps=post_eps,
-        pdl=True,
-    )
-    return out, hidden
-
-
-@gemv_residual_pdl_op.register_fake
-def _gemv_residual_pdl_fake(
-    y: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    act: bool = False,
-    post_weight: torch.Tensor | None = None,
-    post_eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out = y.new_empty((y.shape[0], weight.shape[0] // 2 if act else weight.shape[0]))
-    return out, torch.empty_like(residual)
-
-
+# The residual add + norm kernel exists for the chain of PDL launches only (without
+# it, inductor's kernel does the same).
 @torch.library.custom_op(PDL_ADD_OP_NAME, mutates_args=())
 def residual_add_pdl_op(
     y: torch.Tensor,

@@ -1,7 +1,7 @@
 """Triton kernel behind :mod:`core.rope_store` (imported lazily by it).
 
-Importing this module imports torch and triton and registers the custom op
-``gemma_local::rope_store``; :mod:`core.rope_store` does so on first use,
+Importing this module imports torch and triton and registers the custom ops
+``gemma_local::rope_store`` and ``rope_store_pdl``; :mod:`core.rope_store` does so on first use,
 never at ``import core``.
 
 One launch, grid ``(B, H + KV)``: each program takes one head of one row.
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
+from ._triton_ops import op_pair
 from .rope_store import HEAD_DIMS
 
 OP_NAME = "gemma_local::rope_store"
@@ -251,83 +252,41 @@ def launch(
     return q
 
 
-@triton_op(OP_NAME, mutates_args={"keys", "values"})
-def rope_store_op(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot: torch.Tensor,
-    heads: int,
-    q_norm_weight: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """The custom op (its own fake implementation: ``triton_op`` traces it)."""
-    return launch(
-        qkv,
-        cos,
-        sin,
-        keys,
-        values,
-        slot,
-        heads,
-        q_norm_weight,
-        k_norm_weight,
-        eps,
-        wrap_triton(_rope_store_kernel),
-    )
+def _rope_store(pdl: bool) -> Any:
+    def rope_store(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slot: torch.Tensor,
+        heads: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> torch.Tensor:
+        """The custom op (the ``triton_op``'s own fake implementation: it traces it)."""
+        return launch(
+            qkv,
+            cos,
+            sin,
+            keys,
+            values,
+            slot,
+            heads,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
+            _rope_store_kernel if pdl else wrap_triton(_rope_store_kernel),
+            pdl=pdl,
+        )
+
+    return rope_store
 
 
-#: The kernel launched with programmatic dependent launch: a plain custom op, opaque to
-#: inductor (see ``core._gemv_triton``: inside a ``triton_op`` the ``griddepcontrol``
-#: assembly makes inductor copy every input).
+#: The kernel launched with programmatic dependent launch (:func:`op_pair`).
 PDL_OP_NAME = "gemma_local::rope_store_pdl"
 
-
-@torch.library.custom_op(PDL_OP_NAME, mutates_args={"keys", "values"})
-def rope_store_pdl_op(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot: torch.Tensor,
-    heads: int,
-    q_norm_weight: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """:func:`rope_store_op` launched with PDL."""
-    return launch(
-        qkv,
-        cos,
-        sin,
-        keys,
-        values,
-        slot,
-        heads,
-        q_norm_weight,
-        k_norm_weight,
-        eps,
-        _rope_store_kernel,
-        pdl=True,
-    )
-
-
-@rope_store_pdl_op.register_fake
-def _rope_store_pdl_fake(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot: torch.Tensor,
-    heads: int,
-    q_norm_weight: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    batch, kv, _, dim = keys.shape
-    return qkv.new_empty((batch, kv, heads // kv, dim))
+rope_store_op, rope_store_pdl_op = op_pair(
+    OP_NAME, PDL_OP_NAME, _rope_store, mutates_args={"keys", "values"}
+)

@@ -69,3 +69,21 @@ def pdl_available(device: Any) -> bool:
     if not hasattr(getattr(tl.extra, "cuda", None), "gdc_wait"):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def op_pair(
+    name: str, pdl_name: str, make: Callable[[bool], Callable[..., Any]], mutates_args: Any = ()
+) -> tuple[Any, Any]:
+    """Register ``name``, the ``triton_op`` ``make(False)`` (inductor sees into it), and
+    ``pdl_name``, ``make(True)`` launching its kernels with programmatic dependent launch:
+    a plain custom op, opaque to inductor (inside a ``triton_op`` inductor reads the
+    kernel to find what it writes, cannot read the ``griddepcontrol`` assembly, takes
+    every input as written and copies them all: probe 11, 398 -> 878 launches a step),
+    whose fake (shapes) is the first op's."""
+    import torch
+    from torch.library import triton_op
+
+    op = triton_op(name, mutates_args=mutates_args)(make(False))
+    twin = torch.library.custom_op(pdl_name, make(True), mutates_args=mutates_args)
+    twin.register_fake(lambda *args, **kwargs: op(*args, **kwargs))
+    return op, twin
