@@ -1,12 +1,15 @@
-"""MLX batches split across CPU streams (``cpu_streams``).
+"""MLX batches spread over CPU streams (``cpu_streams``).
 
-MLX runs each stream's work on one core, so on a CPU device a batch is split
-into groups of rows, each prefilled and decoded on its own stream. These tests
-force the split (``cpu_streams`` set, whatever the machine's core count) and
-check that it gives exactly the tokens of one-by-one ``create()`` calls and of
-the one-stream batch, with stop strings, ``n``, rows of different lengths,
-prompts longer than Gemma 3's sliding window, grammars, seeds and a stream
-broken off early.
+MLX runs each stream's work on one core, so on a CPU device a batch's rows are
+prefilled on several streams, then a Gemma 3 batch decodes in one generator
+whose step gives each stream a share of every matmul and of the attention
+heads (``_SplitDecode``); other models and quantized ones decode each stream's
+rows in a generator of its own. These tests force the split (``cpu_streams``
+set, whatever the machine's core count) and check that it gives exactly the
+tokens of one-by-one ``create()`` calls and of the one-stream batch, with stop
+strings, ``n``, rows of different lengths, prompts longer than Gemma 3's
+sliding window, grammars, seeds and a stream broken off early; and that the
+split step's logits are mlx-lm's own, bit for bit.
 """
 
 from __future__ import annotations
@@ -121,6 +124,131 @@ def test_the_default_is_one_stream_per_core(monkeypatch) -> None:
     assert client._stream_groups(prompts_of(4, 5, 6)) == [[0, 1, 2]]
 
 
+# ------------------------------------------------------- the split decode step
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "streams", "shares"),
+    [
+        (8, 2, 2, [(0, 4, 0, 1, 0, 1), (4, 8, 1, 2, 1, 2)]),  # whole groups per stream
+        (2, 1, 2, [(0, 1, 0, 1, 0, 1), (1, 2, 1, 1, 0, 1)]),  # one group: its k/v on the first
+        (8, 4, 4, [(0, 2, 0, 1, 0, 1), (2, 4, 1, 2, 1, 2), (4, 6, 2, 3, 2, 3), (6, 8, 3, 4, 3, 4)]),
+        (8, 2, 3, [(0, 8, 0, 2, 0, 2)]),  # the heads do not split: all on the first stream
+        (6, 3, 2, [(0, 6, 0, 3, 0, 3)]),  # a share would read parts of two groups
+        (4, 2, 1, [(0, 4, 0, 2, 0, 2)]),
+    ],
+)
+def test_head_shares(heads, kv_heads, streams, shares) -> None:
+    assert mlx_backend._head_shares(heads, kv_heads, streams) == shares
+
+
+def test_even_cuts_are_whole_gemm_blocks() -> None:
+    assert mlx_backend._even_cuts(16384, 2) == [0, 8192, 16384]
+    assert mlx_backend._even_cuts(100, 3) == [0, 32, 64, 100]
+    assert mlx_backend._even_cuts(64, 1) == [0, 64]
+
+
+def small_gemma3(heads: int, kv_heads: int, *, tie: bool = True, **args):
+    """A random bfloat16 Gemma 3 (mlx-lm's own), with a short sliding window."""
+    from mlx_lm.models import gemma3_text
+
+    options = {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 96,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": 16,
+        "vocab_size": 97,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        **args,
+    }
+    mx.random.seed(heads * 10 + kv_heads)
+    model = gemma3_text.Model(gemma3_text.ModelArgs(**options))
+    model.set_dtype(mx.bfloat16)
+    model.tie_word_embeddings = tie
+    mx.eval(model.parameters())
+    return model
+
+
+def batch_cache(model, lengths: list[int]):
+    """Each row's prompt prefilled into its own cache, merged as ``BatchGenerator`` does."""
+    from mlx_lm.generate import _merge_caches
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = [make_prompt_cache(model) for _ in lengths]
+    for row, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
+        model(mx.array([(row * 7 + j * 3) % 97 for j in range(length)])[None], cache=cache)
+    mx.eval([c.state for cache in caches for c in cache])
+    return _merge_caches(caches)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "streams", "options"),
+    [
+        (4, 2, 2, {}),
+        (2, 1, 2, {"tie": False}),
+        (4, 1, 2, {"rope_scaling": {"factor": 8.0, "rope_type": "linear"}}),
+        (8, 2, 3, {"num_hidden_layers": 6, "sliding_window_pattern": 6}),
+        (4, 2, 1, {}),
+    ],
+)
+def test_split_decode_gives_the_models_logits_bit_for_bit(heads, kv_heads, streams, options):
+    """Rows of different lengths (left padding), the sliding window wrapping, rows leaving."""
+    model = small_gemma3(heads, kv_heads, **options)
+    step = mlx_backend.split_decode(model, [mx.new_stream(mx.cpu) for _ in range(streams)])
+    assert isinstance(step, mlx_backend._SplitDecode)
+    lengths = [5, 11, 3, 9]
+    ours, theirs = batch_cache(model, lengths), batch_cache(model, lengths)
+    tokens = mx.array([1, 2, 3, 4])
+    for i in range(14):
+        if i == 10:  # a row finishes: BatchGenerator filters the caches
+            for a, b in zip(ours, theirs, strict=True):
+                a.filter([0, 2, 3])
+                b.filter([0, 2, 3])
+            tokens = tokens[mx.array([0, 2, 3])]
+        expected = model(tokens[:, None], cache=theirs)
+        with mx.stream(step._streams[0]):
+            logits = step(tokens[:, None], cache=ours)
+        assert logits.shape == expected.shape
+        assert mx.array_equal(logits, expected).item(), f"step {i}"
+        tokens = mx.argmax(expected[:, -1], axis=-1)
+    # A prompt (several tokens) goes to the model itself.
+    assert mx.array_equal(
+        step(tokens[:, None] * mx.ones((1, 2), mx.int32), cache=ours),
+        model(tokens[:, None] * mx.ones((1, 2), mx.int32), cache=theirs),
+    ).item()
+
+
+def test_the_multimodal_gemma3_splits_its_language_model(gemma3_vision_path, generators) -> None:
+    client = make_client("mlx", gemma3_vision_path, cpu_streams=2)
+    try:
+        singles = [client.create(m, **GREEDY) for m in PROMPTS]
+        batch = client.create_batch(PROMPTS, **GREEDY)
+        [generator] = generators
+        assert isinstance(generator.model, mlx_backend._SplitDecode)
+        assert generator.model._text is client.model.language_model
+        assert choices(batch) == choices(singles)
+    finally:
+        client.close()
+
+
+def test_quantized_batches_keep_one_generator_per_stream(mlx_4bit_path, generators) -> None:
+    """Quantized projections are not split: each stream decodes its own rows."""
+    client = make_client("mlx", mlx_4bit_path, cpu_streams=2)
+    try:
+        singles = [client.create(m, **GREEDY) for m in PROMPTS]
+        batch = client.create_batch(PROMPTS, **GREEDY)
+        assert len(generators) == 2
+        assert all(g.model is client.model for g in generators)
+        assert choices(batch) == choices(singles)
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------ real generation
 
 
@@ -131,8 +259,10 @@ def test_split_batch_equals_one_by_one_and_the_one_stream_batch(
     singles = [split_client.create(m, **GREEDY) for m in conversations]
     assert generators == []  # one row: generate_step, no batch
     batch = split_client.create_batch(conversations, **GREEDY)
-    assert len(generators) == 2  # one BatchGenerator per stream
-    assert [g.stream for g in generators] == mlx_backend._CPU_STREAMS[:2]
+    [generator] = generators  # one batch, its step spread over both streams
+    assert generator.stream == mlx_backend._CPU_STREAMS[0]
+    assert isinstance(generator.model, mlx_backend._SplitDecode)
+    assert generator.model._streams == mlx_backend._CPU_STREAMS[:2]
     assert choices(batch) == choices(singles)
     assert [b["usage"] for b in batch] == [s["usage"] for s in singles]
     assert batch[3]["usage"]["prompt_tokens"] > 512  # past the sliding window
