@@ -26,6 +26,7 @@ own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -92,8 +93,6 @@ class _Tokens:
 
 def _on(stream: Any) -> Any:
     """``mx.stream(stream)``, or the current default stream for ``None``."""
-    import contextlib
-
     import mlx.core as mx
 
     return contextlib.nullcontext() if stream is None else mx.stream(stream)
