@@ -724,8 +724,9 @@ class GpuBench:
         write_results(self.args, "gpu", machine, self.rows, self.checks)
 
 
-def graph_step_ms(model: Any, batch: int) -> float | None:
-    """GPU time of one captured decode step, replayed back to back (no host work between)."""
+def graph_step_ms(model: Any, batch: int, position: int = 8) -> float | None:
+    """GPU time of one captured decode step, replayed back to back (no host work between),
+    from cache index ``position`` on (attention reads grow with it)."""
     import torch
 
     from core import fast_path
@@ -739,11 +740,12 @@ def graph_step_ms(model: Any, batch: int) -> float | None:
     bucket = buckets[-1]
     graph = next(iter(bucket.graphs.values()))
     with torch.inference_mode():
-        bucket.step.fill_(8)  # after the request: any start inside the bucket will do
+        position = min(position, bucket.length - 20)
+        bucket.step.fill_(position)  # after the request: any start inside the bucket will do
         for _ in range(3):
             graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        steps = min(100, bucket.length - 16)
+        steps = min(100, bucket.length - position - 4)
         start.record()
         for _ in range(steps):
             graph.replay()
@@ -752,8 +754,11 @@ def graph_step_ms(model: Any, batch: int) -> float | None:
     return start.elapsed_time(end) / steps
 
 
-def profile_steps(model: Any, batch: int, steps: int = 10, top: int = 14) -> None:
-    """Kernel time of the compiled decode step (run without the graph), top kernels first."""
+def profile_steps(
+    model: Any, batch: int, steps: int = 10, top: int = 14, position: int = 8
+) -> None:
+    """Kernel time of the compiled decode step (run without the graph) from cache index
+    ``position`` on, top kernels first."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -763,7 +768,7 @@ def profile_steps(model: Any, batch: int, steps: int = 10, top: int = 14) -> Non
     bucket = next(b for (bs, _), b in reversed(engine.buckets.items()) if bs == batch and b.graphs)
     how = next(iter(bucket.graphs))
     with torch.inference_mode():
-        bucket.step.fill_(8)
+        bucket.step.fill_(min(position, bucket.length - steps - 2))
         engine._step(bucket, how)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

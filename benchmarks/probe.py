@@ -17,7 +17,9 @@ design choice rests on a number::
   Triton op against matmul + softmax, SDPA and ``flex_attention``).
 * ``model[:SHAPE[:NAME=VALUE,...[:BATCH]]]``: a shape through ``create()``: first
   call, TTFT, tok/s, the bare graph replay, and every kernel of one step (count
-  and time), then ``create_batch()`` of BATCH prompts; ``NAME=VALUE`` set
+  and time), then ``create_batch()`` of BATCH prompts: tok/s, the prompts' cost
+  (``max_tokens=1``), the graph replay from four cache positions and the kernels
+  of a step at position 256 (``xBATCH``: the batch alone); ``NAME=VALUE`` set
   ``GEMMA_LOCAL_NAME`` for that model only, so that
   ``model:12b:GEMV=0,ROPE_STORE=0 model:12b`` is an A/B in one process.
 """
@@ -179,11 +181,12 @@ def splitk() -> None:
 
 
 def model(shape: str = "1b", settings: str = "", batch: str = "1") -> None:
+    """``batch`` ``N``: one prompt, then N; ``xN``: N only."""
     pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
     saved = {f"GEMMA_LOCAL_{k}": os.environ.get(f"GEMMA_LOCAL_{k}") for k, _ in pairs}
     os.environ.update({f"GEMMA_LOCAL_{k}": v for k, v in pairs})
     try:
-        _model(f"{shape} {settings}".strip(), shape, int(batch))
+        _model(f"{shape} {settings}".strip(), shape, int(batch.lstrip("x")), batch[0] != "x")
     finally:
         for key, value in saved.items():
             if value is None:
@@ -193,42 +196,67 @@ def model(shape: str = "1b", settings: str = "", batch: str = "1") -> None:
         torch.cuda.empty_cache()
 
 
-def _model(label: str, shape: str, batch: int) -> None:
-    from core import fast_path
-
+def _model(label: str, shape: str, batch: int, single: bool = True) -> None:
     work = Path(bench.tempfile.mkdtemp())
     m = bench.gpu_model(shape, torch.bfloat16)
     tokenizer, path = bench.tokenizer_for(shape, work)
     client = bench.bench_client(m, tokenizer, str(path))
     convos = bench.conversations(client, max(batch, 1), 128)
+    if single:
+        _single(label, m, client, convos[0])
+    if batch > 1:
+        _batch(label, m, client, convos)
+    client.close()
+
+
+def _single(label: str, m: Any, client: Any, convo: Any) -> None:
+    from core import fast_path
+
     start = time.perf_counter()
-    client.create(convos[0], temperature=0, max_tokens=256)
+    client.create(convo, temperature=0, max_tokens=256)
     bench.log(f"{label}: first call {time.perf_counter() - start:.1f} s; {fast_path.describe(m)}")
     for _ in range(3):
         start = time.perf_counter()
-        out = client.create(convos[0], temperature=0, max_tokens=256)
+        out = client.create(convo, temperature=0, max_tokens=256)
         seconds = time.perf_counter() - start
         bench.log(f"{label}: {out['usage']['completion_tokens'] / seconds:.1f} tok/s")
     ttft = []
     for _ in range(5):  # the prompt and one token: what a first token costs, whatever its text
         start = time.perf_counter()
-        client.create(convos[0], temperature=0, max_tokens=1)
+        client.create(convo, temperature=0, max_tokens=1)
         ttft.append((time.perf_counter() - start) * 1000)
     bench.log(f"{label}: prompt + first token ms {', '.join(f'{t:.1f}' for t in ttft)}")
     bench.log(f"{label}: graph replay {bench.graph_step_ms(m, 1):.3f} ms/step")
     bench.profile_steps(m, 1, top=60)
-    if batch > 1:
-        client.create_batch(convos, temperature=0, max_tokens=256)  # compile and capture
-        for _ in range(2):
-            start = time.perf_counter()
-            outs = client.create_batch(convos, temperature=0, max_tokens=256)
-            seconds = time.perf_counter() - start
-            rate = bench.completion_tokens(outs) / seconds
-            bench.log(f"{label}: batch {batch}: {rate:.1f} tok/s")
-        bench.log(
-            f"{label}: batch {batch} graph replay {bench.graph_step_ms(m, batch):.3f} ms/step"
-        )
-    client.close()
+
+
+def _batch(label: str, m: Any, client: Any, convos: list[Any]) -> None:
+    from core import fast_path
+
+    batch = len(convos)
+    start = time.perf_counter()
+    client.create_batch(convos, temperature=0, max_tokens=256)  # compile and capture
+    bench.log(
+        f"{label}: batch {batch} first call {time.perf_counter() - start:.1f} s; {fast_path.describe(m)}"
+    )
+    for _ in range(2):
+        start = time.perf_counter()
+        outs = client.create_batch(convos, temperature=0, max_tokens=256)
+        seconds = time.perf_counter() - start
+        rate = bench.completion_tokens(outs) / seconds
+        bench.log(f"{label}: batch {batch}: {rate:.1f} tok/s")
+    prefill = []
+    for _ in range(3):  # the prompts and one token each: the batch's prefill
+        start = time.perf_counter()
+        client.create_batch(convos, temperature=0, max_tokens=1)
+        prefill.append((time.perf_counter() - start) * 1000)
+    bench.log(
+        f"{label}: batch {batch}: prompts + first tokens ms {', '.join(f'{t:.1f}' for t in prefill)}"
+    )
+    for position in (8, 136, 256, 376):
+        replay = bench.graph_step_ms(m, batch, position)
+        bench.log(f"{label}: batch {batch} graph replay from {position}: {replay:.3f} ms/step")
+    bench.profile_steps(m, batch, top=40, position=256)
 
 
 def main() -> None:

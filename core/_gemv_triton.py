@@ -1,8 +1,8 @@
 """Triton kernels behind :mod:`core.gemv` (imported lazily by it).
 
 Importing this module imports torch and triton and registers the custom ops
-``gemma_local::gemv``, ``gemv_residual``, their PDL twins and
-``residual_add_pdl``; :mod:`core.gemv` does so on first use, never at
+``gemma_local::gemv``, ``gemv_residual``, their PDL twins,
+``residual_add_pdl`` and ``residual_norm``; :mod:`core.gemv` does so on first use, never at
 ``import core``.
 
 One kernel, ``_gemv_kernel``, grid ``(cdiv(N_out, BLOCK_N), cdiv(M, BLOCK_M))``:
@@ -248,18 +248,24 @@ def _residual_kernel(
     r_ptr,
     post_ptr,
     h_ptr,
+    norm_ptr,
+    n_ptr,
     K,
     sy_m,
     sr_m,
     sh_m,
+    sn_m,
     post_eps,
+    eps,
     BLOCK_K: tl.constexpr,
     POST: tl.constexpr,
+    NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One row: ``h = r + post_norm(y)`` (``r + y`` without ``POST``), rounded as the
     ``RESID`` form rounds it: the residual add + norm between two products, as a kernel
-    of its own (the chain of PDL launches has no inductor kernel in it)."""
+    of its own (the chain of PDL launches has no inductor kernel in it). ``NORM``: also
+    ``n = rmsnorm(h)``, the next product's input, rounded as the norm module rounds it."""
     row = tl.program_id(0).to(tl.int64)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -272,7 +278,13 @@ def _residual_kernel(
         post = tl.load(post_ptr + ks, mask=ok, other=0.0).to(tl.float32)
         inv_rms = 1.0 / tl.sqrt(tl.sum(y * y, 0) / K + post_eps)
         y = _round(y * inv_rms * (1.0 + post), y_ptr)
-    tl.store(h_ptr + row * sh_m + ks, (r.to(tl.float32) + y).to(r.dtype), mask=ok)
+    h = (r.to(tl.float32) + y).to(r.dtype)
+    tl.store(h_ptr + row * sh_m + ks, h, mask=ok)
+    if NORM:
+        hf = h.to(tl.float32)
+        scale = tl.load(norm_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+        inv_rms_h = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps)
+        tl.store(n_ptr + row * sn_m + ks, (hf * inv_rms_h * (1.0 + scale)).to(r.dtype), mask=ok)
 
 
 @functools.cache
@@ -413,33 +425,50 @@ def launch(
 
 
 def launch_residual(
-    y: Any, residual: Any, post_weight: Any, post_eps: float, kernel: Any, *, pdl: bool = False
+    y: Any,
+    residual: Any,
+    post_weight: Any,
+    post_eps: float,
+    kernel: Any,
+    *,
+    norm_weight: Any = None,
+    eps: float = 1e-6,
+    pdl: bool = False,
 ) -> Any:
-    """``residual + post_norm(y)`` [M, K] by ``_residual_kernel`` (``kernel``: the JIT
-    function, or the interpreted one in the tests), a program a row."""
+    """``h = residual + post_norm(y)`` [M, K] by ``_residual_kernel`` (``kernel``: the JIT
+    function, or the interpreted one in the tests), a program a row. With
+    ``norm_weight``: ``(h, rmsnorm(h))``, the norm Gemma's (``1 + norm_weight``, ``eps``)."""
     check_residual(y, residual, post_weight)
     if y.dim() != 2 or y.stride(1) != 1:
         raise ValueError(f"y must be [M, K], contiguous along K; got {tuple(y.shape)}")
     rows, k = y.shape
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must be [K] = [{k}]; got {tuple(norm_weight.shape)}")
     hidden = torch.empty_like(residual)
+    normed = hidden if norm_weight is None else torch.empty_like(residual)
     block_k = max(16, triton.next_power_of_2(k))
     kernel[(rows,)](
         y,
         residual,
         y if post_weight is None else post_weight,
         hidden,
+        y if norm_weight is None else norm_weight,
+        normed,
         k,
         y.stride(0),
         residual.stride(0),
         hidden.stride(0),
+        normed.stride(0),
         float(post_eps),
+        float(eps),
         BLOCK_K=block_k,
         POST=post_weight is not None,
+        NORM=norm_weight is not None,
         PDL=pdl,
         num_warps=max(1, min(8, block_k // 512)),
         **({"launch_pdl": True} if pdl else {}),
     )
-    return hidden
+    return hidden if norm_weight is None else (hidden, normed)
 
 
 def _gemv(pdl: bool) -> Any:
@@ -496,8 +525,34 @@ gemv_residual_op, gemv_residual_pdl_op = op_pair(
 )
 
 
-# The residual add + norm kernel exists for the chain of PDL launches only (without
-# it, inductor's kernel does the same).
+RESIDUAL_NORM_OP_NAME = "gemma_local::residual_norm"
+
+
+@torch.library.triton_op(RESIDUAL_NORM_OP_NAME, mutates_args=())
+def residual_norm_op(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor | None,
+    post_eps: float,
+    norm_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, rmsnorm(h))``, ``h = residual + post_norm(y)``: the residual add and both
+    norms in front of a cuBLAS product (the decode step at 2-16 rows)."""
+    out: tuple[torch.Tensor, torch.Tensor] = launch_residual(
+        y,
+        residual,
+        post_weight,
+        post_eps,
+        wrap_triton(_residual_kernel),
+        norm_weight=norm_weight,
+        eps=eps,
+    )
+    return out
+
+
+# At one row the residual add + norm kernel is the PDL chain's (without it, inductor's
+# kernel does the same); at 2-16 rows, with the next norm, it is residual_norm_op.
 @torch.library.custom_op(PDL_ADD_OP_NAME, mutates_args=())
 def residual_add_pdl_op(
     y: torch.Tensor,
@@ -506,7 +561,10 @@ def residual_add_pdl_op(
     post_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``residual + post_norm(y)`` launched with PDL."""
-    return launch_residual(y, residual, post_weight, post_eps, _residual_kernel, pdl=True)
+    hidden: torch.Tensor = launch_residual(
+        y, residual, post_weight, post_eps, _residual_kernel, pdl=True
+    )
+    return hidden
 
 
 @residual_add_pdl_op.register_fake

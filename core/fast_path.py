@@ -241,6 +241,7 @@ def describe(model: Any) -> dict[str, Any]:
         "folded_residuals": engine.layout.gemv_residual is not None,
         "rope_store": engine.layout.rope_store is not None,
         "pdl": engine.layout.pdl,
+        "residual_norm": engine.layout.residual_norm is not None,
         "compiled_prefill": engine.prefill_layer is not _prefill_layer,
         "prefill_graphs": sum(len(b.prefills) for b in engine.buckets.values()),
         "compile_seconds": dict(engine.compile_seconds),
@@ -313,6 +314,9 @@ class _Layout:
         #: the one-row step's residual add + norm between two of those ops, a kernel
         #: launched with PDL (:func:`core.gemv.residual_add`), set with :attr:`pdl`
         self.residual_add: Callable[..., Any] | None = None
+        #: the residual add + norm + next norm in front of a cuBLAS product at 2-16 rows
+        #: (:func:`core.gemv.residual_norm`), set with :attr:`gemv`
+        self.residual_norm: Callable[..., Any] | None = None
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -507,8 +511,8 @@ def _layer_rest(
             act = op(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True, **_pdl(lay, rows))
             act = act.view(*shape[:2], -1)
         else:
-            x = _settle(post, x, h)
-            gate, up = F.linear(norm(x), w.gate_up).chunk(2, dim=-1)
+            x, normed = _settle_norm(lay, post, x, h, norm, decode)
+            gate, up = F.linear(normed, w.gate_up).chunk(2, dim=-1)
             act = mlp.act_fn(gate) * up
         if stored is not None:
             stored.append(act)
@@ -536,6 +540,25 @@ def _settle_step(lay: _Layout, post: Any, x: Any, h: Any) -> Any:
     post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
     out = lay.residual_add(h.reshape(rows, -1), x.reshape(rows, -1), post_weight, post_eps)
     return out.view(shape)
+
+
+def _settle_norm(
+    lay: _Layout, post: Any, x: Any, h: Any, norm: Any, decode: bool = False
+) -> tuple[Any, Any]:
+    """``(x', norm(x'))`` for ``x' = x + post(h)`` (:func:`_settle`) in front of a cuBLAS
+    product: in a decode step of 2 to ``gemv.MAX_ROWS`` rows, one kernel of ours
+    (:func:`core.gemv.residual_norm`) where it is on, else the modules (inductor fuses
+    them into one reduction, slower there: 12b at 16 rows, H200, probe 18)."""
+    shape = x.shape
+    rows = shape[0] * shape[1]
+    if not decode or lay.residual_norm is None or not 1 < rows <= gemv.MAX_ROWS:
+        x = _settle(post, x, h)
+        return x, norm(x)
+    post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    x, normed = lay.residual_norm(
+        h.reshape(rows, -1), x.reshape(rows, -1), post_weight, post_eps, norm.weight, norm.eps
+    )
+    return x.view(shape), normed.view(shape)
 
 
 def _pdl(lay: _Layout, rows: int) -> dict[str, bool]:
@@ -749,12 +772,16 @@ def _decode_layer(
         # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
         # cache write
         attn, norm = w.layer.self_attn, w.layer.input_layernorm
-        if gemv.preferred("qkv", batch, w.qkv.shape) and _folds(lay, "qkv", w.qkv.shape):
+        on_op = lay.gemv is not None and gemv.preferred("qkv", batch, w.qkv.shape)
+        if on_op and _folds(lay, "qkv", w.qkv.shape):
             qkv, x = _product_after(lay, w.pending, x, y, w.qkv, norm)
             qkv = qkv.view(batch, -1)
-        else:
+        elif on_op:
             x = _settle_step(lay, w.pending, x, y)
             qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, norm)
+        else:
+            x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
+            qkv = F.linear(normed.view(batch, -1), w.qkv)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if lay.qk_norm else ()
         q = lay.rope_store(qkv, cos, sin, keys, values, slot, lay.heads, *norms, **_pdl(lay, batch))
     else:
@@ -1187,7 +1214,8 @@ def _flag(name: str, default: bool) -> bool:
 
 def _use_triton_products(lay: _Layout) -> None:
     """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
-    GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels.
+    GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels
+    (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows).
     ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
     gate/up, default where :func:`core.gemv.folded` says it pays."""
     device, dtype = lay.device, lay.dtype
@@ -1198,6 +1226,8 @@ def _use_triton_products(lay: _Layout) -> None:
             and gemv.works(dtype, device)
         ):
             lay.gemv = gemv.gemv
+            if _flag("GEMMA_LOCAL_RESIDUAL_NORM", True):
+                lay.residual_norm = gemv.residual_norm
             fold = os.environ.get("GEMMA_LOCAL_FOLD_RESIDUAL", "").strip().lower()
             if fold not in ("0", "off", "false"):
                 lay.gemv_residual = gemv.gemv_residual

@@ -193,6 +193,20 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
     assert set(added) == {1} and len(added) % (2 * len(lay.layers)) == 0
+    # and at 2-16 rows with cuBLAS's products (the op's dot form not preferred): both
+    # add + norms with the next norm as one kernel of ours (core.gemv.residual_norm)
+    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1)
+    normed: list[int] = []
+
+    def residual_norm(y: Any, r: Any, post: Any, post_eps: float, w: Any, eps: float) -> Any:
+        normed.append(y.shape[0])
+        kernel = kernels._residual_kernel
+        return kernels.launch_residual(y, r, post, post_eps, kernel, norm_weight=w, eps=eps)
+
+    lay.residual_norm = residual_norm
+    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
+        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
     fast_path.release(model)
 
 
@@ -272,6 +286,43 @@ def test_residual_add_kernel_matches_the_residual_form(
     torch.testing.assert_close(got.float(), modules.float(), atol=1e-5, rtol=2**-7)
     with pytest.raises(ValueError, match="residual must be"):
         kernels.launch_residual(y, r[:, :16], post_w, 1e-5, kernels._residual_kernel)
+
+
+@needs_triton
+@pytest.mark.parametrize("post", [False, True], ids=["add", "post-norm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows, k", [(2, 256), (3, 200), (16, 1152)])
+def test_residual_norm_kernel_matches_the_modules(
+    device: str, rows: int, k: int, dtype: str, post: bool
+) -> None:
+    """The add + norm kernel with the next norm (``core.gemv.residual_norm``: the op on
+    CUDA, the kernel interpreted on CPU) gives the residual form's h and the norm
+    module's output of that h."""
+    from core import _gemv_triton as kernels
+
+    y, w, norm_w = inputs(rows, 32, k, getattr(torch, dtype), device)
+    r, _, post_w = inputs(rows + 1, 32, k, getattr(torch, dtype), device)
+    r, post_w = 4 * r[:rows], post_w if post else None
+    if device == "cuda":
+        got_h, got_n = gemv.residual_norm(y, r, post_w, 1e-5, norm_w, 1e-6)
+    else:
+        got_h, got_n = kernels.launch_residual(
+            y, r, post_w, 1e-5, kernels._residual_kernel, norm_weight=norm_w, eps=1e-6
+        )
+    _, want_h = run_residual(y, r, w, None, False, post_w, None)
+    want_n = gemv.rms_norm(got_h, norm_w, 1e-6)
+    assert got_n.shape == r.shape and got_n.dtype == r.dtype
+    if dtype == "float32":
+        torch.testing.assert_close(got_h, want_h, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_n, want_n, atol=1e-5, rtol=1e-5)
+    else:  # at most one bf16 ulp where the sums of squares move a rounding boundary
+        torch.testing.assert_close(got_h.float(), want_h.float(), atol=0, rtol=2**-7)
+        torch.testing.assert_close(got_n.float(), want_n.float(), atol=1e-5, rtol=2**-7)
+    assert not torch.equal(got_n, got_h)  # the norm was applied
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        kernels.launch_residual(
+            y, r, post_w, 1e-5, kernels._residual_kernel, norm_weight=norm_w[:16]
+        )
 
 
 @needs_triton
