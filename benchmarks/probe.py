@@ -185,13 +185,14 @@ def model(shape: str = "1b", settings: str = "", batch: str = "1") -> None:
     pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
     saved = {f"GEMMA_LOCAL_{k}": os.environ.get(f"GEMMA_LOCAL_{k}") for k, _ in pairs}
     os.environ.update({f"GEMMA_LOCAL_{k}": v for k, v in pairs})
-    # Settings read while tracing must not meet a cached compile: dynamo's (reset) and
-    # inductor's graph caches, whose keys hold our ops' names, not what their Python
-    # launchers decide (probe 20 got the first setting's attention plan for both).
-    torch._dynamo.reset()
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
     try:
+        # Settings read while tracing must not meet a cached compile: dynamo's (reset)
+        # and inductor's graph caches, whose keys hold our ops' names, not what their
+        # Python launchers decide (probe 20 got the first setting's attention plan for
+        # both).
+        torch._dynamo.reset()
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
         _model(f"{shape} {settings}".strip(), shape, int(batch.lstrip("x")), batch[0] != "x")
     finally:
         for key, value in saved.items():

@@ -50,10 +50,12 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   (:mod:`core.rope_store`), and flash-decoding attention
   (:mod:`core.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
   layer on an H200). The rest (residual adds and norms, the logits) is
-  inductor's, with coordinate-descent tuning. At one row on a Hopper GPU the
-  ops are launched with programmatic dependent launch (:func:`_use_pdl`), the
-  residual add + norm between them a PDL kernel too: each is launched while the
-  one before finishes (12b: 6.71 -> 6.38 ms a step).
+  inductor's, with coordinate-descent tuning, but for two kernels of ours: at
+  one row on a Hopper GPU the ops are launched with programmatic dependent
+  launch (:func:`_use_pdl`), the residual add + norm between them a PDL kernel
+  too: each is launched while the one before finishes (12b: 6.71 -> 6.38 ms a
+  step); at 2-16 rows the residual add and norms in front of a cuBLAS product are
+  one kernel a row (:func:`_settle_norm`; 12b x16: 8.04 -> 7.90 ms a step).
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
   prompt length (dynamo specialises on batch 1 vs more and on padding), in
@@ -82,7 +84,8 @@ Environment (read when a model is first used, except the first):
   instead of the Triton products / the q/k norm + RoPE + cache-write op;
   ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
   (before q/k/v and gate/up) folded into the next product;
-  ``GEMMA_LOCAL_PDL=0``: plain launches at one row too.
+  ``GEMMA_LOCAL_PDL=0``: plain launches at one row too;
+  ``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_PREFILL_GRAPHS=0``: no prefill graphs (nor their padding);
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
@@ -528,6 +531,12 @@ def _settle(post: Any, x: Any, h: Any) -> Any:
     return x + (h if post is None else post(h))
 
 
+def _post_args(post: Any) -> tuple[Any, float]:
+    """``(post_weight, post_eps)`` of a post-norm module for our kernels: ``(None,
+    1e-6)`` without one (Gemma 1 adds y as it is)."""
+    return (None, 1e-6) if post is None else (post.weight, post.eps)
+
+
 def _settle_step(lay: _Layout, post: Any, x: Any, h: Any) -> Any:
     """:func:`_settle` between a decode step's Triton ops: at one row, the PDL chain's own
     kernel (:func:`core.gemv.residual_add`) where the ops are launched with PDL, as
@@ -537,7 +546,7 @@ def _settle_step(lay: _Layout, post: Any, x: Any, h: Any) -> Any:
     rows = shape[0] * shape[1]
     if lay.residual_add is None or rows > PDL_ROWS:
         return _settle(post, x, h)
-    post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    post_weight, post_eps = _post_args(post)
     out = lay.residual_add(h.reshape(rows, -1), x.reshape(rows, -1), post_weight, post_eps)
     return out.view(shape)
 
@@ -554,7 +563,7 @@ def _settle_norm(
     if not decode or lay.residual_norm is None or not 1 < rows <= gemv.MAX_ROWS:
         x = _settle(post, x, h)
         return x, norm(x)
-    post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    post_weight, post_eps = _post_args(post)
     x, normed = lay.residual_norm(
         h.reshape(rows, -1), x.reshape(rows, -1), post_weight, post_eps, norm.weight, norm.eps
     )
@@ -581,7 +590,7 @@ def _product_after(
     per token, as one gemv op: the residual add and both norms folded into the product."""
     shape = x.shape
     rows = shape[0] * shape[1]
-    post_weight, post_eps = (None, 1e-6) if post is None else (post.weight, post.eps)
+    post_weight, post_eps = _post_args(post)
     assert lay.gemv_residual is not None
     out, x = lay.gemv_residual(
         h.reshape(rows, -1),

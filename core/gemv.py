@@ -123,24 +123,25 @@ def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
 
 
 @functools.cache
-def _op() -> Any:
-    """The registered op (imports torch and triton and registers it the first time)."""
+def _kernels() -> Any:
+    """The kernels module with its ops (imports torch and triton and registers the ops
+    the first time)."""
     from . import _gemv_triton as kernels
 
-    return kernels.gemv_op
+    return kernels
 
 
 def available(device: Any) -> bool:
     """Whether :func:`gemv` runs on ``device``: CUDA, with triton importable and the op
     registered (registering it here when needed)."""
-    return _triton_ops.available(device, _op)
+    return _triton_ops.available(device, _kernels)
 
 
 def works(dtype: Any, device: Any, *, pdl: bool = False) -> bool:
-    """Run the op once in each form (and the residual form and :func:`residual_norm`; with
-    ``pdl``, the PDL forms and :func:`residual_add`) on small random inputs and compare with :func:`reference`:
-    False (and a warning) where the kernel does not compile or disagrees on this GPU,
-    so that the caller keeps its plain products."""
+    """Run the op once in each form (and the residual form and :func:`residual_norm`;
+    with ``pdl``, the PDL forms and :func:`residual_add`) on small random inputs and
+    compare with :func:`reference`: False (and a warning) where the kernel does not
+    compile or disagrees on this GPU, so that the caller keeps its plain products."""
     import torch
 
     def error() -> float:
@@ -162,20 +163,13 @@ def works(dtype: Any, device: Any, *, pdl: bool = False) -> bool:
                 if pdl:
                     pairs.append((residual_add(x, r, post, 1e-6), want_h))
                 else:
-                    got_h, got_n = residual_norm(x, r, post, 1e-6, norm, 1e-6)
-                    pairs += [(got_h, want_h), (got_n, rms_norm(want_h, norm, 1e-6))]
+                    norm_h, norm_n = residual_norm(x, r, post, 1e-6, norm, 1e-6)
+                    pairs += [(norm_h, want_h), (norm_n, rms_norm(want_h, norm, 1e-6))]
                 for a, b in pairs:
                     worst = max(worst, float((a.float() - b.float()).abs().max().item()))
         return worst
 
     return _triton_ops.self_check("gemv", error)
-
-
-@functools.cache
-def _residual_op() -> Any:
-    from . import _gemv_triton as kernels
-
-    return kernels.gemv_residual_op
 
 
 def gemv(
@@ -201,9 +195,8 @@ def gemv(
     one before it finishes and waits for it only before it reads x; it lets the next
     kernel launch once its products are done (``gemma_local::gemv_pdl``).
     """
-    if pdl:
-        return _pdl_ops()[0](x, weight, norm_weight, eps, act)
-    return _op()(x, weight, norm_weight, eps, act)
+    op = _kernels().gemv_pdl_op if pdl else _kernels().gemv_op
+    return op(x, weight, norm_weight, eps, act)
 
 
 def gemv_residual(
@@ -227,7 +220,7 @@ def gemv_residual(
     that of :func:`gemv` with ``norm_weight``, ``eps`` and ``act`` on h. ``pdl`` as
     for :func:`gemv`.
     """
-    op = _pdl_ops()[1] if pdl else _residual_op()
+    op = _kernels().gemv_residual_pdl_op if pdl else _kernels().gemv_residual_op
     out, hidden = op(y, residual, weight, norm_weight, eps, act, post_weight, post_eps)
     return out, hidden
 
@@ -238,7 +231,7 @@ def residual_add(y: Any, residual: Any, post_weight: Any = None, post_eps: float
     (``gemma_local::residual_add_pdl``): the residual add + norm between a chain of PDL
     products, where inductor's kernel would break the chain (it cannot be launched
     early). CUDA, Hopper and later."""
-    return _pdl_ops()[2](y, residual, post_weight, post_eps)
+    return _kernels().residual_add_pdl_op(y, residual, post_weight, post_eps)
 
 
 def residual_norm(
@@ -253,21 +246,7 @@ def residual_norm(
     Inductor fuses the same into one reduction kernel per layer boundary, which takes
     longer for want of parallelism (12b at 16 rows, H200, probe 18: 5.4 and 3.2 us a
     layer). CUDA (see :func:`available`)."""
-    return _residual_norm_op()(y, residual, post_weight, post_eps, norm_weight, eps)
-
-
-@functools.cache
-def _residual_norm_op() -> Any:
-    from . import _gemv_triton as kernels
-
-    return kernels.residual_norm_op
-
-
-@functools.cache
-def _pdl_ops() -> tuple[Any, Any, Any]:
-    from . import _gemv_triton as kernels
-
-    return kernels.gemv_pdl_op, kernels.gemv_residual_pdl_op, kernels.residual_add_pdl_op
+    return _kernels().residual_norm_op(y, residual, post_weight, post_eps, norm_weight, eps)
 
 
 def pdl_available(device: Any) -> bool:
