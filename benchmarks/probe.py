@@ -260,10 +260,42 @@ def _batch(label: str, m: Any, client: Any, convos: list[Any]) -> None:
     bench.log(
         f"{label}: batch {batch}: prompts + first tokens ms {', '.join(f'{t:.1f}' for t in prefill)}"
     )
+    _profile_call(
+        f"{label}: batch {batch} prompts + first tokens",
+        lambda: client.create_batch(convos, temperature=0, max_tokens=1),
+    )
     for position in (8, 136, 256, 376):
         replay = bench.graph_step_ms(m, batch, position)
         bench.log(f"{label}: batch {batch} graph replay from {position}: {replay:.3f} ms/step")
     bench.profile_steps(m, batch, top=40, position=256)
+
+
+def _profile_call(label: str, fn: Any, top: int = 25) -> None:
+    """One call of ``fn`` under the profiler: its wall time, the GPU's kernel time and the
+    top kernels (what the host adds is the difference)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000
+    events = prof.key_averages()
+    attr = (
+        "self_device_time_total"
+        if hasattr(events[0], "self_device_time_total")
+        else "self_cuda_time_total"
+    )
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in events if e.device_type == cuda and getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in kernels) / 1000
+    count = sum(e.count for e in kernels)
+    bench.log(
+        f"{label}: {wall:.1f} ms wall (profiled), {total:.1f} ms of kernels, {count} launches"
+    )
+    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:top]:
+        bench.log(f"   {getattr(e, attr) / 1000:8.3f} ms  x{e.count:4d}  {e.key[:110]}")
 
 
 def main() -> None:
