@@ -2,7 +2,6 @@
 
     python benchmarks/probe_attention.py            # three Gemma shapes, well under a minute
     python benchmarks/probe_attention.py --sweep    # also tile / split / warp settings of the kernel
-    python benchmarks/probe_attention.py --rope     # rope/store + op against the two as one op
 
 For each shape (D=256, S=512 cache slots (``--slots``), the last 22% masked, bf16) it prints
 the max abs error of the op against ``reference`` (and of ``reference`` itself
@@ -176,63 +175,10 @@ def probe(torch: Any, label: str, shape: tuple[int, int, int], sweep: bool) -> N
             )
 
 
-def probe_rope(torch: Any, label: str, shape: tuple[int, int, int]) -> None:
-    """``rope_store`` then the op (two launches) against ``rope_decode_attention`` (one),
-    with and without q/k norms and over a few kernel settings."""
-    from core import _decode_attention_triton as kernels
-    from core import rope_store as rs
-
-    batch, heads, rows = shape
-    scale, limit_at = D**-0.5, MASKED_FROM
-    q, kv, allowed = make_inputs(torch, batch, heads, rows)
-    kv_bytes = 2 * batch * heads * limit_at * D * 2
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    qkv = torch.randn(batch, (heads * rows + 2 * heads) * D, device="cuda", generator=gen)
-    qkv = qkv.to(torch.bfloat16)
-    cos, sin = (torch.rand(batch, D, device="cuda", generator=gen).to(qkv.dtype) for _ in "cs")
-    q_w, k_w = (torch.randn(D, device="cuda", generator=gen).to(qkv.dtype) for _ in "qk")
-    slot = torch.tensor([limit_at - 1], device="cuda")
-    limit = torch.tensor([limit_at], device="cuda")
-    print(f"{label} rope: B={batch} KV={heads} R={rows} D={D} limit {limit_at} of S={S}")
-
-    def two(q: Any, k: Any, v: Any, allowed: Any, norms: Any = (q_w, k_w)) -> Any:
-        q = rs.rope_store(qkv, cos, sin, k, v, slot, heads * rows, *norms)
-        return da.decode_attention(q, k, v, allowed, scale, None, limit)
-
-    def one(q: Any, k: Any, v: Any, allowed: Any, norms: Any = (q_w, k_w), **config: Any) -> Any:
-        if not config:
-            return da.rope_decode_attention(
-                qkv, cos, sin, k, v, slot, heads * rows, *norms, 1e-6, allowed, scale, None, limit
-            )
-        rope = kernels.Rope(qkv, cos, sin, slot, heads * rows, *norms)
-        split, combine = kernels._split_kernel, kernels._combine_kernel
-        return kernels.launch(
-            None, k, v, allowed, scale, None, split, combine, limit, rope=rope, **config
-        )
-
-    variants: dict[str, Callable[..., Any]] = {
-        "rope_store + op": two,
-        "rope_store + op, no q/k norm": lambda *a: two(*a, norms=(None, None)),
-        "one op": one,
-        "one op, no q/k norm": lambda *a: one(*a, norms=(None, None)),
-    }
-    for warps, stages, nsplit in itertools.product((4, 8), (2, 3), (None, 2, 4)):
-        config = {"num_warps": warps, "num_stages": stages, "nsplit": nsplit}
-        variants[f"one op w={warps} st={stages} nsplit={nsplit}"] = lambda *a, c=config: one(
-            *a, **c
-        )
-    for name, fn in variants.items():
-        attempt(
-            name,
-            lambda name=name, fn=fn: report(name, time_graph(fn, q, kv, allowed), kv_bytes),
-        )
-
-
 def main() -> None:
     global S, MASKED_FROM
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel settings")
-    parser.add_argument("--rope", action="store_true", help="the rope/store + attention op")
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="only these")
     parser.add_argument(
         "--slots", type=int, default=S, help=f"cache slots S (default {S}; the last 22%% masked)"
@@ -245,10 +191,7 @@ def main() -> None:
         sys.exit("needs a CUDA GPU with triton (core.decode_attention.available('cuda') is False)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for label in args.shape or SHAPES:
-        if args.rope:
-            attempt(label, lambda label=label: probe_rope(torch, label, SHAPES[label]))
-        else:
-            attempt(label, lambda label=label: probe(torch, label, SHAPES[label], args.sweep))
+        attempt(label, lambda label=label: probe(torch, label, SHAPES[label], args.sweep))
 
 
 if __name__ == "__main__":

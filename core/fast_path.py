@@ -49,9 +49,7 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   says it beats cuBLAS), q/k norms + RoPE + the KV-cache write in one launch
   (:mod:`core.rope_store`), and flash-decoding attention
   (:mod:`core.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
-  layer on an H200), the last two as one launch where both are on (the
-  attention's programs norm and rotate q and k themselves and one writes the
-  cache: :func:`core.decode_attention.rope_decode_attention`). The rest (residual adds and norms, the logits) is
+  layer on an H200). The rest (residual adds and norms, the logits) is
   inductor's, with coordinate-descent tuning, but for two kernels of ours: at
   one row on a Hopper GPU the ops are launched with programmatic dependent
   launch (:func:`_use_pdl`), the residual add + norm between them a PDL kernel
@@ -87,8 +85,7 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
   (before q/k/v and gate/up) folded into the next product;
   ``GEMMA_LOCAL_PDL=0``: plain launches at one row too;
-  ``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows;
-  ``GEMMA_LOCAL_ROPE_ATTENTION=0``: the rope/store op launched on its own.
+  ``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_PREFILL_GRAPHS=0``: no prefill graphs (nor their padding);
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
@@ -246,7 +243,6 @@ def describe(model: Any) -> dict[str, Any]:
         "triton_products": engine.layout.gemv is not None,
         "folded_residuals": engine.layout.gemv_residual is not None,
         "rope_store": engine.layout.rope_store is not None,
-        "rope_attention": engine.layout.rope_attention is not None,
         "pdl": engine.layout.pdl,
         "residual_norm": engine.layout.residual_norm is not None,
         "compiled_prefill": engine.prefill_layer is not _prefill_layer,
@@ -315,9 +311,6 @@ class _Layout:
         #: which products take the residual form: "auto" (:func:`core.gemv.folded`), "all"
         self.fold = "auto"
         self.rope_store: Callable[..., Any] | None = None
-        #: rope/store and decode attention as one launch
-        #: (:func:`core.decode_attention.rope_decode_attention`), set with both
-        self.rope_attention: Callable[..., Any] | None = None
         #: whether the decode step's Triton ops are launched with programmatic dependent
         #: launch at one row (:func:`_use_pdl`)
         self.pdl = False
@@ -783,7 +776,6 @@ def _decode_layer(
     next layer computes (one kernel with the input norm, not two).
     """
     batch = x.shape[0]
-    out = None  # the attention's output, where the rope/store op returns it
     if lay.rope_store is not None and w.qkv is not None:
         # the Triton ops: the q/k/v product with the input norm (and the residual add
         # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
@@ -800,16 +792,7 @@ def _decode_layer(
             x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
             qkv = F.linear(normed.view(batch, -1), w.qkv)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if lay.qk_norm else ()
-        if lay.rope_attention is not None:  # one launch for rope/store and attention
-            q_w, k_w, eps = norms or (None, None, 1e-6)
-            out = lay.rope_attention(
-                qkv, cos, sin, keys, values, slot, lay.heads, q_w, k_w, eps,
-                allowed, w.scaling, lay.attn_softcap, limit, **_pdl(lay, batch),
-            )  # fmt: skip
-        else:
-            q = lay.rope_store(
-                qkv, cos, sin, keys, values, slot, lay.heads, *norms, **_pdl(lay, batch)
-            )
+        q = lay.rope_store(qkv, cos, sin, keys, values, slot, lay.heads, *norms, **_pdl(lay, batch))
     else:
         x = _settle(w.pending, x, y)
         h = w.layer.input_layernorm(x)
@@ -819,11 +802,11 @@ def _decode_layer(
         values.index_copy_(2, slot, v)
         # The query heads that share a KV head become rows of one attention call.
         q = q.reshape(batch, lay.kv_heads, lay.rep, lay.head_dim)
-    if out is None and lay.decode_kernel is not None:
+    if lay.decode_kernel is not None:
         out = lay.decode_kernel(
             q, keys, values, allowed, w.scaling, lay.attn_softcap, limit, **_pdl(lay, batch)
         )
-    elif out is None:
+    else:
         out = _attention(lay, w.scaling, q, keys, values, allowed, sdpa=lay.decode_sdpa)
     stored: list[Any] = []
     x, y = _layer_rest(lay, w, x, out.reshape(batch, 1, -1), stored, decode=True)
@@ -1241,9 +1224,7 @@ def _flag(name: str, default: bool) -> bool:
 def _use_triton_products(lay: _Layout) -> None:
     """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
     GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels
-    (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows;
-    ``GEMMA_LOCAL_ROPE_ATTENTION=0``: the rope/store op launched on its own, not by the
-    decode attention op).
+    (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows).
     ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
     gate/up, default where :func:`core.gemv.folded` says it pays."""
     device, dtype = lay.device, lay.dtype
@@ -1267,14 +1248,6 @@ def _use_triton_products(lay: _Layout) -> None:
             and rope_store.works(lay.heads, lay.kv_heads, lay.head_dim, dtype, device, lay.qk_norm)
         ):
             lay.rope_store = rope_store.rope_store
-            if (
-                lay.decode_kernel is not None
-                and _flag("GEMMA_LOCAL_ROPE_ATTENTION", True)
-                and decode_attention.rope_works(
-                    lay.heads, lay.kv_heads, lay.head_dim, dtype, device, lay.qk_norm
-                )
-            ):
-                lay.rope_attention = decode_attention.rope_decode_attention
 
 
 def _use_pdl(lay: _Layout) -> None:
@@ -1308,10 +1281,6 @@ def _use_pdl(lay: _Layout) -> None:
         shape = (1, lay.kv_heads, lay.rep, lay.head_dim)
         if lay.decode_kernel is not None and not decode_attention.works(
             shape, dtype, device, pdl=True
-        ):
-            return
-        if lay.rope_attention is not None and not decode_attention.rope_works(
-            lay.heads, lay.kv_heads, lay.head_dim, dtype, device, lay.qk_norm, pdl=True
         ):
             return
     lay.pdl = True

@@ -147,7 +147,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     """The decode step on the gemv and rope/store ops (and the attention op; interpreted
     on CPU) gives ``model.generate``'s greedy tokens: batch 1 (the reduction form) and a
     left-padded batch of 3 in a bucket of 4 (the dot form), every product through the
-    op, a sliding window that wraps; then with rope/store and attention as one op."""
+    op, a sliding window that wraps."""
     from core import decode_attention, fast_path, rope_store
     from tests.test_fast_path import fast, greedy, load, plain, prompts_of
 
@@ -207,18 +207,6 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
-    # and rope/store folded into the attention op: one launch a layer for both
-    fused: list[int] = []
-
-    def rope_attention(qkv: Any, *args: Any) -> Any:
-        fused.append(qkv.shape[0])
-        return decode_attention.rope_decode_attention(qkv, *args)
-
-    lay.rope_attention = rope_attention
-    lay.rope_store = lambda *args, **kwargs: pytest.fail("rope/store launched on its own")
-    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
-        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
-    assert set(fused) == {1, 4} and len(fused) % len(lay.layers) == 0
     fast_path.release(model)
 
 
