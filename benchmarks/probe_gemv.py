@@ -2,6 +2,7 @@
 for the same piece of a decode step, and the block-size sweep behind ``core.gemv.TUNED``::
 
     python benchmarks/probe_gemv.py [--shapes 1b,12b] [--rows 1,16] [--quick] [--seconds 400]
+        [--only 12b:o,12b:down] [--deep]
 
 For each product of a Gemma layer (1b and 12b shapes: q/k/v with the input norm,
 o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
@@ -68,6 +69,14 @@ DOT_GRID = {
     "warps": (4,),
     "stages": (3, 4),
 }
+#: ``--deep``: the 2-16-row sweep with more bytes in flight a program (longer chunks,
+#: deeper pipelines, more warps)
+DEEP_GRID = {
+    "block_n": (16, 32, 64),
+    "block_k": (256, 512, 1024),
+    "warps": (4, 8),
+    "stages": (2, 3, 4, 5, 6),
+}
 
 
 def main() -> None:
@@ -76,6 +85,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--quick", action="store_true", help="only the current configs")
     parser.add_argument("--wide", action="store_true", help="the one-row sweep over WIDE_GRID")
+    parser.add_argument("--deep", action="store_true", help="the 2-16-row sweep over DEEP_GRID")
     parser.add_argument("--only", default="", help="e.g. 12b:gate_up,12b:qkv")
     parser.add_argument("--seconds", type=float, default=400.0, help="stop sweeping after")
     parser.add_argument(
@@ -145,6 +155,7 @@ def main() -> None:
                 configs = [current]
                 if not args.quick:
                     grid = (WIDE_GRID if args.wide else GEMV_GRID) if rows == 1 else DOT_GRID
+                    grid = DEEP_GRID if args.deep and rows > 1 else grid
                     configs += [c for c in itertools.product(*grid.values()) if c != current]
                 timed = []
                 for config in configs:

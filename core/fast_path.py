@@ -673,10 +673,13 @@ def _prefill_layer(
     q, k, v = _project(lay, w, h)
     q, k = _rope(q, k, cos, sin)
     slots = keys.shape[2]
-    keep = min(width, slots)
-    index = torch.arange(width - keep, width, device=x.device) % slots
-    keys.index_copy_(2, index, k[:, :, width - keep :])
-    values.index_copy_(2, index, v[:, :, width - keep :])
+    if width <= slots:  # slots 0..width-1: a strided copy (index_copy_ a scatter, ~6x slower)
+        keys[:, :, :width].copy_(k)
+        values[:, :, :width].copy_(v)
+    else:  # a sliding window's ring shorter than the prompt keeps the last slots' worth
+        index = torch.arange(width - slots, width, device=x.device) % slots
+        keys.index_copy_(2, index, k[:, :, width - slots :])
+        values.index_copy_(2, index, v[:, :, width - slots :])
     if lay.rep > 1:
         k = k.repeat_interleave(lay.rep, dim=1)
         v = v.repeat_interleave(lay.rep, dim=1)

@@ -48,26 +48,28 @@ MAX_ROWS = 16
 
 #: (form, N out, K, act) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), measured on an
 #: H200 by ``benchmarks/probe_gemv.py`` (form: "gemv" at one row, "dot" at 2-16; log
-#: ``benchmarks/runs/2026-11-26-probe-gemv-3-eviction.log``); other shapes get a heuristic.
+#: ``benchmarks/runs/2026-11-26-probe-gemv-3-eviction.log``, the 12b's o and down at 16
+#: rows and the 1b's ``--deep``: ``...-probe-gemv-8-deep.log``, ``-9-deep``); other shapes
+#: get a heuristic.
 TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     # gemma-3-12b: q/k/v, o, gate/up (+ activation), down
     ("gemv", 8192, 3840, False): (8, 1024, 4, 1),
     ("dot", 8192, 3840, False): (64, 256, 4, 3),
     ("gemv", 3840, 4096, False): (2, 4096, 4, 1),
-    ("dot", 3840, 4096, False): (32, 256, 4, 4),
+    ("dot", 3840, 4096, False): (32, 512, 4, 4),  # 10.6 us (256-wide chunks: 11.0)
     ("gemv", 15360, 3840, True): (16, 256, 2, 2),  # probe-gemv-4-wide: 58.4 us
     ("dot", 15360, 3840, True): (128, 128, 4, 3),
     ("gemv", 3840, 15360, False): (16, 1024, 8, 1),
-    ("dot", 3840, 15360, False): (32, 256, 4, 4),
+    ("dot", 3840, 15360, False): (32, 512, 4, 4),  # 30.9 us (256-wide chunks: 32.7)
     # gemma-3-1b
     ("gemv", 1536, 1152, False): (4, 2048, 8, 1),
     ("dot", 1536, 1152, False): (32, 256, 4, 4),
     ("gemv", 1152, 1024, False): (2, 2048, 4, 1),
-    ("dot", 1152, 1024, False): (32, 256, 4, 4),
+    ("dot", 1152, 1024, False): (16, 512, 4, 4),  # 3.8 us (4.1)
     ("gemv", 6912, 1152, True): (8, 128, 4, 1),
     ("dot", 6912, 1152, True): (64, 128, 4, 3),
     ("gemv", 1152, 6912, False): (2, 2048, 8, 1),
-    ("dot", 1152, 6912, False): (32, 256, 4, 4),
+    ("dot", 1152, 6912, False): (16, 512, 4, 4),  # 11.2 us (13.5; cuBLAS 9.9 runs it)
 }
 
 
@@ -105,10 +107,12 @@ def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
       same kernel every time: inductor's coordinate-descent tuning does not pick
       the same configurations twice, and five compiles of the same step gave
       q/k/v 16.6-26.8 us, down 28.3-39.5 and gate/up 52-70 (127 to 148 tok/s);
-    * 2-16 rows (the op's dot form): it wins the long reductions (12b down 32.4
-      against cuBLAS's 35.3 us, o 10.9 against 12.8) where there are enough
-      programs to fill the GPU (N >= 2048 for down); cuBLAS wins the wide products
-      (q/k/v 17.4 against 31.2, gate/up 58.7 against 68.7).
+    * 2-16 rows (the op's dot form): it wins the long reductions (12b down 30.8
+      against cuBLAS's 34.9 us, o 10.6 against 12.9, with 512-wide chunks: probe-gemv
+      8 and 9) where there are enough programs to fill the GPU (N >= 2048 for down;
+      the 1b's down, N = 1152: cuBLAS 9.9 against 11.2); cuBLAS wins the wide
+      products (q/k/v 17.7 against 30.1, gate/up 61.0 against 69.3, and further with
+      the residual add folded in: 28.5 and 86.7; probe-gemv 10 and 11).
     """
     n = shape[0]
     if rows == 1:
