@@ -55,11 +55,14 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   launch (:func:`_use_pdl`), the residual add + norm between them a PDL kernel
   too: each is launched while the one before finishes (12b: 6.71 -> 6.38 ms a
   step); at 2-16 rows the residual add and norms in front of a cuBLAS product are
-  one kernel a row (:func:`_settle_norm`; 12b x16: 8.04 -> 7.90 ms a step).
+  one kernel a row (:func:`_settle_norm`; 12b x16: 8.04 -> 7.90 ms a step), and
+  the o and down products stream 512-wide chunks of K (7.90 -> 7.78 ms).
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
-  prompt length (dynamo specialises on batch 1 vs more and on padding), in
-  seconds where a whole-model compile takes minutes. With CUDA graphs, prompts
+  prompt length (dynamo specialises on batch 1 vs more, on padding, and on a
+  prompt longer than a sliding window's ring, whose cache write is a scatter
+  rather than a slice copy), in seconds where a whole-model compile takes
+  minutes. With CUDA graphs, prompts
   of up to ``PREFILL_GRAPH_MAX`` tokens are left-padded to a multiple of
   ``PREFILL_STEP`` and that prefill is captured the first time its (batch,
   width, padding) comes to a bucket, then replayed: those 26-48 layer calls
