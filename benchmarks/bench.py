@@ -775,6 +775,14 @@ def profile_steps(
             for _ in range(steps):
                 engine._step(bucket, how)
             torch.cuda.synchronize()
+    log_kernels(prof, "profile:", "per step", steps, top)
+
+
+def log_kernels(prof: Any, label: str, unit: str, calls: int, top: int) -> None:
+    """The GPU kernels a ``torch.profiler`` run recorded, per one of its ``calls``: their
+    total time and launches, then the ``top`` kernels by time."""
+    import torch
+
     events = prof.key_averages()
     attr = (
         "self_device_time_total"
@@ -783,11 +791,11 @@ def profile_steps(
     )
     cuda = torch.autograd.DeviceType.CUDA  # not the CPU-side records of the same launches
     kernels = [e for e in events if e.device_type == cuda and getattr(e, attr, 0) > 0]
-    total = sum(getattr(e, attr) for e in kernels) / steps / 1000
-    count = sum(e.count for e in kernels) / steps
-    log(f"profile: {total:.3f} ms of kernels per step, {count:.0f} kernel launches per step")
+    total = sum(getattr(e, attr) for e in kernels) / calls / 1000
+    count = sum(e.count for e in kernels) / calls
+    log(f"{label} {total:.3f} ms of kernels {unit}, {count:.0f} kernel launches {unit}")
     for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:top]:
-        log(f"   {getattr(e, attr) / steps / 1000:8.4f} ms  x{e.count / steps:5.1f}  {e.key[:110]}")
+        log(f"   {getattr(e, attr) / calls / 1000:8.4f} ms  x{e.count / calls:5.1f}  {e.key[:110]}")
 
 
 def quantize_nf4(model: Any, device: str = "cuda") -> None:

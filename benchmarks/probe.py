@@ -281,21 +281,7 @@ def _profile_call(label: str, fn: Any, top: int = 25) -> None:
         fn()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) * 1000
-    events = prof.key_averages()
-    attr = (
-        "self_device_time_total"
-        if hasattr(events[0], "self_device_time_total")
-        else "self_cuda_time_total"
-    )
-    cuda = torch.autograd.DeviceType.CUDA
-    kernels = [e for e in events if e.device_type == cuda and getattr(e, attr, 0) > 0]
-    total = sum(getattr(e, attr) for e in kernels) / 1000
-    count = sum(e.count for e in kernels)
-    bench.log(
-        f"{label}: {wall:.1f} ms wall (profiled), {total:.1f} ms of kernels, {count} launches"
-    )
-    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:top]:
-        bench.log(f"   {getattr(e, attr) / 1000:8.3f} ms  x{e.count:4d}  {e.key[:110]}")
+    bench.log_kernels(prof, f"{label}: {wall:.1f} ms wall (profiled),", "in the call", 1, top)
 
 
 def main() -> None:
