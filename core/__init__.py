@@ -20,7 +20,7 @@ from .factory import create_gemma_client, create_gemma_transformers_client, reso
 from .messages import normalize_messages
 from .mlx_backend import GemmaMLXChatCompletion
 from .params import SamplingParams
-from .stream import Delta, Prompt
+from .stream import Delta, Prompt, fold_deltas
 from .transformers_backend import GemmaTransformersChatCompletion
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "UnsupportedPlatformError",
     "create_gemma_client",
     "create_gemma_transformers_client",
+    "fold_deltas",
     "normalize_messages",
     "resolve_backend",
 ]

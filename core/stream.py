@@ -22,8 +22,8 @@ adapters all consume these deltas; nothing else detokenises or counts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from .constrained import ToolCall, ToolCallParser, tool_call_parser
 from .params import SamplingParams
@@ -58,6 +58,20 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
+
+
+def fold_deltas(deltas: Iterable[Delta]) -> Delta:
+    """One row's deltas as one: the text joined, every tool call in order, and the
+    finish reason and token counts of the last (what summing their chunks gives)."""
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    last: Delta | None = None
+    for last in deltas:
+        texts.append(last.text)
+        calls.extend(last.tool_calls)
+    if last is None or last.finish_reason is None:
+        raise RuntimeError("the generation ended without a finish reason")
+    return replace(last, text="".join(texts), tool_calls=tuple(calls))
 
 
 class IncrementalDetokenizer:

@@ -59,6 +59,7 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
     ToolMessage,
+    message_chunk_to_message,
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -68,7 +69,7 @@ from langchain_core.output_parsers import (
     PydanticOutputParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
 from langchain_core.tools import BaseTool
@@ -77,7 +78,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from typing_extensions import Self, is_typeddict
 
-from core import BaseGemmaChatCompletion, Delta, SamplingParams, normalize_messages
+from core import BaseGemmaChatCompletion, Delta, SamplingParams, fold_deltas, normalize_messages
 from core.factory import DEFAULT_MODELS, create_gemma_client, resolve_backend
 
 # --------------------------------------------------------------- messages
@@ -1118,7 +1119,11 @@ class ChatGemmaLocal(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        if run_manager is not None and run_manager.handlers:  # they get every piece of text
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        # No one listens: fold the deltas first, not one message chunk per token.
+        with closing(self._deltas(messages, stop, kwargs)) as deltas:  # type: ignore[type-var]
+            return self._result(fold_deltas(deltas))
 
     async def _agenerate(
         self,
@@ -1127,7 +1132,19 @@ class ChatGemmaLocal(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        if run_manager is not None and run_manager.handlers:
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        deltas = self._adeltas(messages, stop, kwargs)
+        async with aclosing(deltas):  # type: ignore[type-var]
+            return self._result(fold_deltas([delta async for delta in deltas]))
+
+    def _result(self, delta: Delta) -> ChatResult:
+        """A whole reply (one folded delta) as the result ``generate_from_stream`` builds."""
+        chunk = self._chunk(delta)
+        message = message_chunk_to_message(chunk.message)
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info=chunk.generation_info)]
+        )
 
     # ------------------------------------------------------------ tools and structured output
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from core import Delta, Prompt, SamplingParams
+from core import Delta, Prompt, SamplingParams, ToolCall, fold_deltas
 from core.base import byte_and_special_ids
 from core.stream import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher, TokenSink
 from core.worker import ModelWorker, astream_job, stream_job
@@ -424,3 +424,19 @@ async def test_astream_job_does_not_block_the_event_loop() -> None:
     task.cancel()
     assert items == list(range(20)) and ticks >= 10
     worker.close()
+
+
+def test_fold_deltas_joins_a_rows_text_and_calls() -> None:
+    first, second = ToolCall(0, "call_0", "f", "{}"), ToolCall(1, "call_1", "g", '{"a": 1}')
+    deltas = [
+        Delta(3, "a"),
+        Delta(3, "", tool_calls=(first,)),
+        Delta(3, "bc", "stop", 9, 4, (second,)),
+    ]
+    assert fold_deltas(iter(deltas)) == Delta(3, "abc", "stop", 9, 4, (first, second))
+
+
+@pytest.mark.parametrize("deltas", [[], [Delta(0, "a")]], ids=["empty", "unfinished"])
+def test_fold_deltas_needs_a_finished_row(deltas: list[Delta]) -> None:
+    with pytest.raises(RuntimeError, match="without a finish reason"):
+        fold_deltas(deltas)

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import jsonschema
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableBinding
@@ -514,6 +515,50 @@ async def test_async_deltas_become_the_same_tool_calls() -> None:
     async for chunk in model.astream("hi"):
         total = chunk if total is None else total + chunk
     assert isinstance(total, AIMessageChunk) and total.tool_calls == sync.tool_calls
+
+
+class Listener(BaseCallbackHandler):
+    """A callback handler that takes every piece of text (so invoke streams internally)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+TEXT_SCRIPT = [Delta(0, "Hel"), Delta(0, "lo"), Delta(0, " there", "length", 5, 3)]
+
+
+@pytest.mark.parametrize("script", [SCRIPT, TEXT_SCRIPT], ids=["tool_calls", "text"])
+async def test_invoke_folds_deltas_into_the_message_streaming_builds(
+    script: list[Delta], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without listeners invoke folds the deltas (core's fold_deltas) instead of building a
+    chunk per token; the message is the one the chunk-by-chunk path builds."""
+    chunks: list[Delta] = []
+    to_chunk = ChatGemmaLocal._chunk
+
+    def counted(self: ChatGemmaLocal, delta: Delta) -> Any:
+        chunks.append(delta)
+        return to_chunk(self, delta)
+
+    monkeypatch.setattr(ChatGemmaLocal, "_chunk", counted)
+    model = ChatGemmaLocal(client=ScriptedCalls([script])).bind_tools([get_weather, ping])
+    listener = Listener()
+    streamed = model.invoke("hi", config={"callbacks": [listener]})
+    assert len(listener.tokens) == len(chunks) == len(script)
+    for folded in (model.invoke("hi"), await model.ainvoke("hi")):
+        for field in (
+            "content",
+            "tool_calls",
+            "invalid_tool_calls",
+            "usage_metadata",
+            "response_metadata",
+        ):
+            assert getattr(folded, field) == getattr(streamed, field), field
+        assert type(folded) is type(streamed) is AIMessage
+    assert len(chunks) == len(script) + 2  # one chunk for each folded reply
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["batch", "abatch"])
