@@ -213,6 +213,39 @@ def first_token_seconds(client: Any, convo: Any) -> float:
     return time.perf_counter() - start
 
 
+def langchain_inputs(client: Any, convos: list[Any], n: int) -> tuple[Any, list[Any]]:
+    """A greedy ``ChatGemmaLocal`` over ``client`` and the conversations as LangChain messages."""
+    from langchain_core.messages import HumanMessage
+
+    from langchain_gemma_local import ChatGemmaLocal
+
+    chat = ChatGemmaLocal(client=client, temperature=0, max_tokens=n)
+    return chat, [[HumanMessage(c[0]["content"])] for c in convos]
+
+
+def chat_huggingface(model: Any, tokenizer: Any, model_id: str, n: int) -> Any:
+    """The peer: ``ChatHuggingFace`` over a greedy ``HuggingFacePipeline`` on the same model."""
+    from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
+    from transformers import pipeline
+
+    pipe = pipeline(
+        "text-generation",
+        model=model,
+        tokenizer=tokenizer,
+        max_new_tokens=n,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        return_full_text=False,
+    )
+    return ChatHuggingFace(
+        llm=HuggingFacePipeline(pipeline=pipe, model_id=model_id),
+        tokenizer=tokenizer,
+        model_id=model_id,
+    )
+
+
 def completion_tokens(results: list[dict[str, Any]]) -> int:
     return sum(r["usage"]["completion_tokens"] for r in results)
 
@@ -473,6 +506,35 @@ class GpuBench:
             note=note.strip(),
         )
 
+    def langchain_row(self, client: Any, convos: list[Any], n: int, section: str) -> Row:
+        """``ChatGemmaLocal.invoke()`` (one prompt) or ``.batch()`` over the same client."""
+        chat, messages = langchain_inputs(client, convos, n)
+
+        def call() -> list[Any]:
+            if len(messages) == 1:
+                return [chat.invoke(messages[0])]
+            return chat.batch(messages)
+
+        call()  # warm-up
+        timed = []
+        for _ in range(self.args.repeats):
+            seconds, out = self.clock(call)
+            timed.append(seconds)
+        tokens = sum(m.usage_metadata["output_tokens"] for m in out)
+        note = "" if tokens == n * len(convos) else f"generated {tokens} tokens"
+        return Row(section, "", len(convos), tok_s=tokens / median(timed), tokens=tokens, note=note)
+
+    def huggingface_row(self, model: Any, client: Any, convos: list[Any], n: int) -> Row:
+        """The peer on one prompt (its pipeline returns text only: greedy with the end ids
+        zeroed runs to ``n`` tokens, which our rows' usage confirms)."""
+        from langchain_core.messages import HumanMessage
+
+        hf = chat_huggingface(model, client.tokenizer, client.model_name, n)
+        messages = [HumanMessage(convos[0][0]["content"])]
+        self.clock(lambda: hf.invoke(messages))
+        timed = [self.clock(lambda: hf.invoke(messages))[0] for _ in range(self.args.repeats)]
+        return Row("", "", 1, tok_s=n / median(timed), tokens=n)
+
     def sequential_row(self, client: Any, convos: list[Any], n: int, section: str) -> Row:
         seconds, outs = self.clock(
             lambda: [client.create(c, temperature=0, max_tokens=n) for c in convos]
@@ -635,6 +697,24 @@ class GpuBench:
                 ours.ratios["x static+compile"] = ours.tok_s / static.tok_s
             if ours.tok_s and self.limits.get(section) and batch == 1:
                 ours.ratios["of limit"] = ours.tok_s / self.limits[section]
+            chat = self.row(
+                section,
+                "ours: ChatGemmaLocal.invoke()" if batch == 1 else "ours: ChatGemmaLocal.batch()",
+                batch,
+                lambda b_convos=b_convos: self.langchain_row(client, b_convos, n, section),
+            )
+            if chat.tok_s and ours.tok_s:
+                key = "x create()" if batch == 1 else "x create_batch()"
+                chat.ratios[key] = chat.tok_s / ours.tok_s
+            if batch == 1 and not ours_only and not nf4:
+                peer = self.row(
+                    section,
+                    "ChatHuggingFace(HuggingFacePipeline)",
+                    1,
+                    lambda b_convos=b_convos: self.huggingface_row(model, client, b_convos, n),
+                )
+                if chat.tok_s and peer.tok_s:
+                    chat.ratios["x ChatHuggingFace"] = chat.tok_s / peer.tok_s
             if batch == 1:
                 self.bs1[section] = ours
             elif section in self.bs1:
@@ -647,8 +727,10 @@ class GpuBench:
                         client, convos[:seq_calls], n, section
                     ),
                 )
-                if ours.tok_s and seq.tok_s:
-                    ours.ratios["x sequential"] = ours.tok_s / seq.tok_s
+                if seq.tok_s:
+                    for row in (ours, chat):
+                        if row.tok_s:
+                            row.ratios["x sequential"] = row.tok_s / seq.tok_s
             if args.record and not nf4:
                 self.equality(f"{section} bs{batch}", client, model, b_convos, n)
 
@@ -975,11 +1057,13 @@ class CpuBench:
             os.environ.pop("GEMMA_LOCAL_FAST_PATH", None)
             fast_path.release(model)
 
+        chat, messages = langchain_inputs(client, convos, n)
         b8 = self.pairs(
             {
                 "batch": lambda: client.create_batch(convos, temperature=0, max_tokens=n),
                 "seq": lambda: [client.create(c, temperature=0, max_tokens=n) for c in convos],
                 "raw8": lambda: raw_generate(model, ids, n),
+                "chat": lambda: chat.batch(messages),
             },
             max(1, reps // 2),
         )
@@ -1004,6 +1088,7 @@ class CpuBench:
         )
         batch.ratios["x sequential"] = b8["seq"] / b8["batch"]
         batch.ratios["x raw"] = b8["raw8"] / b8["batch"]
+        self.chat_batch_row(section, chat, messages, b8, total)
         del raw8, seq
 
         fp32 = GemmaTransformersChatCompletion(
@@ -1038,54 +1123,38 @@ class CpuBench:
         self.mlx(path, convos, n)
         self.write()
 
+    def chat_batch_row(
+        self, section: str, chat: Any, messages: list[Any], t: dict[str, float], total: int
+    ) -> None:
+        """The ``ChatGemmaLocal.batch()`` row of a batch section (``t``: :meth:`pairs`' times)."""
+        tokens = sum(m.usage_metadata["output_tokens"] for m in chat.batch(messages))
+        row = self.add(
+            section,
+            f"ours: ChatGemmaLocal.batch({len(messages)})",
+            len(messages),
+            lambda: Row(section, "", len(messages), tok_s=tokens / t["chat"], tokens=tokens),
+        )
+        row.ratios["x sequential"] = t["seq"] / t["chat"] * tokens / total
+        row.ratios["x create_batch()"] = t["batch"] / t["chat"] * tokens / total
+
     def langchain(self, client: Any, model: Any, path: Path, convo: Any, n: int) -> None:
         section = "LangChain layer (transformers, same model and prompt)"
         reps = self.args.repeats
         try:
-            from langchain_core.messages import HumanMessage
+            ours, (messages,) = langchain_inputs(client, [convo], n)
         except ImportError as exc:
             self.rows.append(Row(section, "LangChain", 1, note=f"skipped: {exc}"))
             return
-        messages = [HumanMessage(convo[0]["content"])]
-        fns: dict[str, Callable[[], Any]] = {}
+        fns: dict[str, Callable[[], Any]] = {"ours": lambda: ours.invoke(messages)}
         notes = {}
         try:
-            from langchain_gemma_local import ChatGemmaLocal
-
-            ours = ChatGemmaLocal(client=client, temperature=0, max_tokens=n)
-            fns["ours"] = lambda: ours.invoke(messages)
-        except Exception as exc:
-            notes["ours"] = (
-                f"skipped: ChatGemmaLocal not importable yet ({type(exc).__name__}: {exc})"
-            )
-        try:
-            from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
-            from transformers import pipeline
-
-            pipe = pipeline(
-                "text-generation",
-                model=model,
-                tokenizer=client.tokenizer,
-                max_new_tokens=n,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                return_full_text=False,
-            )
-            hf = ChatHuggingFace(
-                llm=HuggingFacePipeline(pipeline=pipe, model_id=str(path)),
-                tokenizer=client.tokenizer,
-                model_id=str(path),
-            )
+            hf = chat_huggingface(model, client.tokenizer, str(path), n)
             fns["hf"] = lambda: hf.invoke(messages)
         except Exception as exc:
             notes["hf"] = f"skipped: {type(exc).__name__}: {exc}"
-        t = self.pairs(fns, reps) if fns else {}
+        t = self.pairs(fns, reps)
         cpu = self.cpu
-        counts = {}
-        if "ours" in fns:
-            counts["ours"] = fns["ours"]().usage_metadata["output_tokens"]
+        counts = {"ours": fns["ours"]().usage_metadata["output_tokens"]}
         if "hf" in fns:
             # The pipeline returns text only; greedy with the end ids zeroed always runs
             # to max_new_tokens (ChatGemmaLocal's usage confirms the same count).
@@ -1177,6 +1246,7 @@ class CpuBench:
             )
             return sum(len(t) for t in result.token_ids)
 
+        chat, messages = langchain_inputs(client, convos, n)
         # Interleaved repeats (the machine may be shared): each is ~1 minute on 2 cores.
         b = self.pairs(
             {
@@ -1184,6 +1254,7 @@ class CpuBench:
                 "seq": lambda: [client.create(c, temperature=0, max_tokens=n) for c in convos],
                 "raw8": raw_batch,
                 "one": lambda: one_stream.create_batch(convos, temperature=0, max_tokens=n),
+                "chat": lambda: chat.batch(messages),
             },
             max(1, reps // 3),
         )
@@ -1220,6 +1291,7 @@ class CpuBench:
         row.ratios["x sequential"] = b["seq"] / b["batch"]
         row.ratios["x raw"] = b["raw8"] / b["batch"] * total / raw8_tokens
         row.note = f"default cpu_streams: {usable_cores()} streams (one per core)"
+        self.chat_batch_row(section, chat, messages, b, total)
         one_stream.close()
         client.close()
 
