@@ -526,12 +526,12 @@ class GpuBench:
 
     def huggingface_row(self, model: Any, client: Any, convos: list[Any], n: int) -> Row:
         """The peer on one prompt (its pipeline returns text only: greedy with the end ids
-        zeroed runs to ``n`` tokens, which our rows' usage confirms)."""
+        zeroed runs to ``n`` tokens, which our rows' usage confirms). No warm-up call:
+        the raw rows before it ran ``generate`` on this model."""
         from langchain_core.messages import HumanMessage
 
         hf = chat_huggingface(model, client.tokenizer, client.model_name, n)
         messages = [HumanMessage(convos[0][0]["content"])]
-        self.clock(lambda: hf.invoke(messages))
         timed = [self.clock(lambda: hf.invoke(messages))[0] for _ in range(self.args.repeats)]
         return Row("", "", 1, tok_s=n / median(timed), tokens=n)
 
