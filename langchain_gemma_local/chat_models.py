@@ -13,7 +13,8 @@ Data flow in and out, all on the core token stream::
         ──Delta──▶ ChatGenerationChunk ──▶ _stream / _astream
             (Delta.tool_calls → AIMessageChunk.tool_call_chunks, one whole
             call per chunk, so the chunks add up to the invoke result)
-        ──merged──▶ ChatResult ──▶ _generate / _agenerate
+        ──merged──▶ ChatResult ──▶ _generate / _agenerate   (with callback handlers)
+        ──core.fold_deltas──▶ one chunk ──▶ ChatResult      (without: no chunk per token)
 
 Tool calls and JSON output are guaranteed by core's constrained decoding
 (a grammar masks every token that would break the format), so the parsers
