@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 
 from .constrained import (
     GrammarMatchers,
-    ToolCall,
     grammar_for,
     grammar_tokenizer,
     system_instructions,
@@ -40,7 +39,7 @@ from .constrained import (
 from .errors import ContextWindowExceededError, translate_load_error, translate_oom
 from .messages import normalize_messages
 from .params import SamplingParams
-from .stream import Delta, Prompt, TokenSink
+from .stream import Delta, Prompt, TokenSink, fold_deltas
 from .worker import Emit, ModelWorker, astream_job, stream_job
 
 logger = logging.getLogger("gemma_local")
@@ -675,15 +674,10 @@ class _Completion:
         self.model = model
         self.n = n
         self.rows = conversations * n
-        self.texts: list[list[str]] = [[] for _ in range(self.rows)]
-        self.calls: list[list[ToolCall]] = [[] for _ in range(self.rows)]
-        self.last: list[Delta | None] = [None] * self.rows
+        self.deltas: list[list[Delta]] = [[] for _ in range(self.rows)]
 
     def add(self, delta: Delta) -> None:
-        self.texts[delta.index].append(delta.text)
-        self.calls[delta.index].extend(delta.tool_calls)
-        if delta.finish_reason is not None:
-            self.last[delta.index] = delta
+        self.deltas[delta.index].append(delta)
 
     def collect(self, deltas: Iterable[Delta]) -> list[dict[str, Any]]:
         for delta in deltas:
@@ -702,21 +696,19 @@ class _Completion:
             choices = []
             prompt_tokens = completion_tokens = 0
             for row in range(start, start + self.n):
-                last = self.last[row]
-                if last is None:  # pragma: no cover - the sink always finishes rows
-                    raise RuntimeError("generation ended without a finish reason")
-                prompt_tokens = last.prompt_tokens
-                completion_tokens += last.completion_tokens
-                message: dict[str, Any] = {"role": "assistant", "content": "".join(self.texts[row])}
-                if self.calls[row]:
+                reply = fold_deltas(self.deltas[row])  # the sink always finishes rows
+                prompt_tokens = reply.prompt_tokens
+                completion_tokens += reply.completion_tokens
+                message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+                if reply.tool_calls:
                     message["content"] = None
-                    message["tool_calls"] = [c.to_openai() for c in self.calls[row]]
+                    message["tool_calls"] = [c.to_openai() for c in reply.tool_calls]
                 choices.append(
                     {
                         "index": row - start,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": last.finish_reason,
+                        "finish_reason": reply.finish_reason,
                     }
                 )
             out.append(
