@@ -36,38 +36,31 @@ import triton.language as tl
 
 from core import decode_attention, gemv, rope_store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe import graph_us
+
 HIDDEN, HEADS, KV, D, INTER, LAYERS, ROWS, SLOTS = 3840, 16, 8, 256, 15360, 48, 16, 512
 CHUNK = 64 * 1024  # bytes one bulk prefetch asks for
 
 
+#: One bulk prefetch (TMA) per lane, without and with an L2 evict_last policy.
+BULK_ASM = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;"
+BULK_EVICT_LAST_ASM = (
+    "{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
+    "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }"
+)
+
+
 @triton.jit
 def _prefetch_kernel(
-    ptr, chunks, CHUNK_BYTES: tl.constexpr, BLOCK: tl.constexpr, HINT: tl.constexpr
+    ptr, chunks, ASM: tl.constexpr, CHUNK_BYTES: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Each lane asks for one CHUNK_BYTES piece of ``ptr`` (bytes) to be brought into L2."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs = tl.minimum(offs, chunks - 1)  # spare lanes repeat the last chunk
     addr = (ptr + offs.to(tl.int64) * CHUNK_BYTES).to(tl.int64)
     size = tl.full([BLOCK], CHUNK_BYTES, tl.int32)
-    if HINT:
-        tl.inline_asm_elementwise(
-            "{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-            "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-            "=r,l,r",
-            [addr, size],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    else:
-        tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
-            "=r,l,r",
-            [addr, size],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+    tl.inline_asm_elementwise(ASM, "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -87,27 +80,24 @@ def _prefetch_lines_kernel(ptr, lines, PER: tl.constexpr, BLOCK: tl.constexpr):
         )
 
 
-LINES = False
-
-
-def prefetch(weight: torch.Tensor, mb: float, hint: bool) -> None:
-    if LINES:
-        nbytes = min(int(mb * 2**20), weight.numel() * weight.element_size())
-        lines = max(1, nbytes // 128)
-        per, block = 8, 128
-        grid = (triton.cdiv(lines, per * block),)
-        _prefetch_lines_kernel[grid](
-            weight.view(torch.uint8), lines, PER=per, BLOCK=block, num_warps=4
-        )
-        return
+def prefetch(weight: torch.Tensor, mb: float, hint: bool, lines: bool) -> None:
     nbytes = min(int(mb * 2**20), weight.numel() * weight.element_size())
-    chunks = nbytes // CHUNK
-    if chunks == 0:
-        chunks = 1  # "empty": one chunk, the cost of the launch
+    data = weight.view(torch.uint8)
+    if lines:
+        count = max(1, nbytes // 128)
+        per, block = 8, 128
+        grid = (triton.cdiv(count, per * block),)
+        _prefetch_lines_kernel[grid](data, count, PER=per, BLOCK=block, num_warps=4)
+        return
+    chunks = max(1, nbytes // CHUNK)  # "empty": one chunk, the cost of the launch
     block = 32
-    grid = (triton.cdiv(chunks, block),)
-    _prefetch_kernel[grid](
-        weight.view(torch.uint8), chunks, CHUNK_BYTES=CHUNK, BLOCK=block, HINT=hint, num_warps=1
+    _prefetch_kernel[(triton.cdiv(chunks, block),)](
+        data,
+        chunks,
+        ASM=BULK_EVICT_LAST_ASM if hint else BULK_ASM,
+        CHUNK_BYTES=CHUNK,
+        BLOCK=block,
+        num_warps=1,
     )
 
 
@@ -132,7 +122,9 @@ def act(gu: torch.Tensor) -> torch.Tensor:
     return F.gelu(gu[:, :INTER], approximate="tanh") * gu[:, INTER:]
 
 
-def make_step(layers: list[Layer], plan: dict[str, float], hint: bool, position: int) -> Any:
+def make_step(
+    layers: list[Layer], plan: dict[str, float], hint: bool, lines: bool, position: int
+) -> Any:
     gen = torch.Generator(device="cuda").manual_seed(1)
     x0 = torch.randn(ROWS, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16)
     cos = torch.randn(ROWS, D, device="cuda", generator=gen).to(torch.bfloat16)
@@ -145,11 +137,11 @@ def make_step(layers: list[Layer], plan: dict[str, float], hint: bool, position:
         x, y = x0, torch.zeros_like(x0)
         for w in layers:
             if "qkv" in plan:
-                prefetch(w.qkv, plan["qkv"], hint)
+                prefetch(w.qkv, plan["qkv"], hint, lines)
             x, h = gemv.residual_norm(y, x, w.norms[3], 1e-6, w.norms[0], 1e-6)
             qkv = F.linear(h, w.qkv)
             if "o" in plan:
-                prefetch(w.o, plan["o"], hint)
+                prefetch(w.o, plan["o"], hint, lines)
             q = rope_store.rope_store(
                 qkv, cos, sin, w.keys, w.values, slot, HEADS, *w.qk_norm, 1e-6
             )
@@ -158,11 +150,11 @@ def make_step(layers: list[Layer], plan: dict[str, float], hint: bool, position:
             )
             y = gemv.gemv(out.reshape(ROWS, -1), w.o)
             if "gate_up" in plan:
-                prefetch(w.gate_up, plan["gate_up"], hint)
+                prefetch(w.gate_up, plan["gate_up"], hint, lines)
             x, h = gemv.residual_norm(y, x, w.norms[1], 1e-6, w.norms[2], 1e-6)
             a = act(F.linear(h, w.gate_up))
             if "down" in plan:
-                prefetch(w.down, plan["down"], hint)
+                prefetch(w.down, plan["down"], hint, lines)
             y = gemv.gemv(a, w.down)
         return x + y
 
@@ -170,26 +162,8 @@ def make_step(layers: list[Layer], plan: dict[str, float], hint: bool, position:
 
 
 def time_step(step: Any, replays: int = 30) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    """Milliseconds per replay of one captured ``step`` (:func:`probe.graph_us`)."""
+    return graph_us(lambda _: step(), 1, replays) / 1000
 
 
 def main() -> None:
@@ -201,8 +175,6 @@ def main() -> None:
         "--lines", action="store_true", help="per-line prefetch.global.L2 instead of bulk"
     )
     args = parser.parse_args()
-    global LINES
-    LINES = args.lines
     sizes = [float(s) for s in args.mb.split(",")]
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.inference_mode():
@@ -226,7 +198,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, plan, hint in variants:
                 try:
-                    ms = time_step(make_step(layers, plan, hint, args.position))
+                    ms = time_step(make_step(layers, plan, hint, args.lines, args.position))
                 except Exception as exc:  # a variant that does not build: say so, go on
                     print(f"{label}: failed: {type(exc).__name__}: {str(exc)[-600:]}", flush=True)
                     continue
