@@ -2,7 +2,7 @@
 for the same piece of a decode step, and the block-size sweep behind ``core.gemv.TUNED``::
 
     python benchmarks/probe_gemv.py [--shapes 1b,12b] [--rows 1,16] [--quick] [--seconds 400]
-        [--only 12b:o,12b:down] [--deep]
+        [--only 12b:o,12b:down] [--deep] [--swap]
 
 For each product of a Gemma layer (1b and 12b shapes: q/k/v with the input norm,
 o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
@@ -12,6 +12,10 @@ o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
   a kernel of its own), ``cuBLAS``: eager ``F.linear`` of the plain product;
 * ``ours``: the op at every block configuration of the sweep (``--quick``: the
   current :func:`core._gemv_triton.config` only), the best printed with TB/s.
+
+``--swap``: the 2-16-row sweep of the swapped dot form (``W @ x.T``), the products
+taken as the 16-row decode step takes them (no norm: the residual_norm kernel hands over
+the normed x), and ``cuBLAS + act``: cuBLAS and inductor's activation kernel after it.
 
 Each call reads a different copy of the weights (copies larger than L2), captured in
 a CUDA graph and replayed (``probe.graph_us``). Ends with the best configurations
@@ -77,6 +81,14 @@ DEEP_GRID = {
     "warps": (4, 8),
     "stages": (2, 3, 4, 5, 6),
 }
+#: ``--swap``: the swapped dot form (W @ x.T: BLOCK_N is wgmma's M, at least 64)
+SWAP_GRID = {
+    "block_n": (64, 128),
+    "block_k": (64, 128, 256),
+    "warps": (4, 8),
+    "stages": (2, 3, 4, 5),
+    "swap": (True,),
+}
 
 
 def main() -> None:
@@ -86,6 +98,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the current configs")
     parser.add_argument("--wide", action="store_true", help="the one-row sweep over WIDE_GRID")
     parser.add_argument("--deep", action="store_true", help="the 2-16-row sweep over DEEP_GRID")
+    parser.add_argument("--swap", action="store_true", help="the 2-16-row swapped form's sweep")
     parser.add_argument("--only", default="", help="e.g. 12b:gate_up,12b:qkv")
     parser.add_argument("--seconds", type=float, default=400.0, help="stop sweeping after")
     parser.add_argument(
@@ -134,6 +147,9 @@ def main() -> None:
             ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
             nw = torch.randn(k, device="cuda", dtype=dtype) * 0.1
             for rows in (int(r) for r in args.rows.split(",")):
+                if args.swap and rows == 1:
+                    continue
+                norm = SHAPES[shape][name][2] and not args.swap  # the step's normed x
                 x = torch.randn(rows, k, device="cuda", dtype=dtype)
                 r = torch.randn(rows, k, device="cuda", dtype=dtype)
                 extra = {"residual": r, "post_weight": nw.flip(0)} if resid else {}
@@ -142,10 +158,18 @@ def main() -> None:
                 compiled = torch.compile(
                     lambda x, w: model_math(x, w, nw, norm, act), dynamic=False, options=tune
                 )
-                for what, fn in (
+                timings = [
                     ("inductor", lambda i: compiled(x, ws[i % copies])),
                     ("cuBLAS", lambda i: F.linear(x, ws[i % copies])),
-                ):
+                ]
+                if args.swap and act:
+                    after = torch.compile(
+                        lambda out: F.gelu(out[:, : n // 2], approximate="tanh") * out[:, n // 2 :],
+                        dynamic=False,
+                        options=tune,
+                    )
+                    timings.append(("cuBLAS + act", lambda i: after(F.linear(x, ws[i % copies]))))
+                for what, fn in timings:
                     us = graph_us(fn, copies * 2)
                     results.append(f"{what} {us:6.1f} us {nbytes / us / 1e6:4.2f} TB/s")
                 want = model_math(x.float(), ws[0].float(), nw.float(), norm, act)
@@ -156,6 +180,7 @@ def main() -> None:
                 if not args.quick:
                     grid = (WIDE_GRID if args.wide else GEMV_GRID) if rows == 1 else DOT_GRID
                     grid = DEEP_GRID if args.deep and rows > 1 else grid
+                    grid = SWAP_GRID if args.swap else grid
                     configs += [c for c in itertools.product(*grid.values()) if c != current]
                 timed = []
                 for config in configs:

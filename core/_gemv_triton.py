@@ -14,7 +14,12 @@ chunks, once. Two ways to multiply, chosen by ``BLOCK_M``:
   ``[BLOCK_N, BLOCK_K]`` fp32 tile and summed once at the end (a reduction;
   ``tl.dot`` needs 16 rows);
 * ``BLOCK_M == 16`` (a batch of up to 16 tokens): ``tl.dot`` of the x tile
-  with the transposed weight tile, fp32 accumulation.
+  with the transposed weight tile, fp32 accumulation; with ``SWAP`` the same
+  products the other way round, ``W_tile @ x_tile.T`` (``BLOCK_N >= 64``): the weight
+  is the MMA's M side, which on Hopper takes wgmma (an M of at least 64 a
+  warpgroup) where 16 rows of x take ``mma.sync``. The 12b's gate/up product with
+  the activation runs 56.9 us that way against 69.6 the other way and 63.2 for
+  cuBLAS + inductor's activation kernel (probe-gemv 12 and 12a).
 
 Optional prologue and epilogue, each worth a launch (and an HBM round trip)
 per layer in the decode step:
@@ -101,6 +106,7 @@ def _gemv_kernel(
     EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -143,6 +149,9 @@ def _gemv_kernel(
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    elif SWAP:  # out.T: [BLOCK_N, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -203,6 +212,15 @@ def _gemv_kernel(
             acc += wk.to(tl.float32) * xf
             if ACT:
                 acc_up += uk.to(tl.float32) * xf
+        elif SWAP:
+            if IEEE:
+                acc += tl.dot(wk, tl.trans(xk), input_precision="ieee")
+                if ACT:
+                    acc_up += tl.dot(uk, tl.trans(xk), input_precision="ieee")
+            else:
+                acc += tl.dot(wk, tl.trans(xk))
+                if ACT:
+                    acc_up += tl.dot(uk, tl.trans(xk))
         else:
             if IEEE:
                 acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
@@ -221,6 +239,9 @@ def _gemv_kernel(
     if BLOCK_M == 1:
         out = tl.sum(acc, 1)[None, :]  # [1, BN]
         up = tl.sum(acc_up, 1)[None, :]  # zeros unless ACT (and then dead code)
+    elif SWAP:
+        out = tl.trans(acc)
+        up = tl.trans(acc_up)
     else:
         out = acc
         up = acc_up
@@ -288,10 +309,11 @@ def _residual_kernel(
 
 
 @functools.cache
-def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`);
-    the residual form takes its product's (its sweeps, probe-gemv 5 and 6, found the
-    same best blocks for q/k/v)."""
+def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, ...]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for one product (see :func:`launch`),
+    with a fifth element ``True`` where the 2-16-row form runs swapped (``SWAP``); the
+    residual form takes its product's (its sweeps, probe-gemv 5 and 6, found the same
+    best blocks for q/k/v)."""
     from .gemv import TUNED
 
     if not sms:  # the interpreter: the fewest, largest programs
@@ -360,12 +382,13 @@ def launch(
     residual: Any = None,
     post_weight: Any = None,
     post_eps: float = 1e-6,
-    block: tuple[int, int, int, int] | None = None,
+    block: tuple[int, ...] | None = None,
     pdl: bool = False,
 ) -> Any:
     """Run the kernel (``kernel``: the JIT function, wrapped by ``wrap_triton`` in the op,
     or the interpreted one in the tests). ``block`` = ``(BLOCK_N, BLOCK_K, num_warps,
-    num_stages)`` overrides :func:`config` (for tuning).
+    num_stages[, swap])`` overrides :func:`config` (for tuning); ``swap`` (2-16 rows,
+    ``BLOCK_N`` >= 64) runs the dot form as ``W @ x.T``.
 
     With ``residual`` (the ``RESID`` form, x being the previous product's output):
     returns ``(out, h)``, ``h = residual + post_norm(x)`` the input the product took.
@@ -377,10 +400,11 @@ def launch(
     rows, k = x.shape
     n_out = weight.shape[0] // 2 if act else weight.shape[0]
     sms = sm_count(x.device.type, x.device.index)
-    block_n, block_k, warps, stages = block or config(rows, n_out, k, act, sms)
+    block_n, block_k, warps, stages, *swapped = block or config(rows, n_out, k, act, sms)
     block_m = 1 if rows == 1 else DOT_ROWS
+    swap = block_m > 1 and bool(swapped) and bool(swapped[0])
     if block_m > 1:
-        block_n = max(block_n, 16)  # tl.dot's minimum
+        block_n = max(block_n, 64 if swap else 16)  # tl.dot's minimum; wgmma's M
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
     hidden = out if residual is None else torch.empty_like(residual)
@@ -417,6 +441,7 @@ def launch(
         EVEN_N=n_out % block_n == 0,
         IEEE=x.dtype == torch.float32,
         PDL=pdl,
+        SWAP=swap,
         num_warps=warps,
         num_stages=stages,
         **({"launch_pdl": True} if pdl else {}),

@@ -54,9 +54,12 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   one row on a Hopper GPU the ops are launched with programmatic dependent
   launch (:func:`_use_pdl`), the residual add + norm between them a PDL kernel
   too: each is launched while the one before finishes (12b: 6.71 -> 6.38 ms a
-  step); at 2-16 rows the residual add and norms in front of a cuBLAS product are
-  one kernel a row (:func:`_settle_norm`; 12b x16: 8.04 -> 7.90 ms a step), and
-  the o and down products stream 512-wide chunks of K (7.90 -> 7.78 ms).
+  step); at 2-16 rows the residual add and norms in front of a wide product are
+  one kernel a row (:func:`_settle_norm`; 12b x16: 8.04 -> 7.90 ms a step), the o
+  and down products stream 512-wide chunks of K (7.90 -> 7.78 ms), and the q/k/v
+  and gate/up products run as the op's swapped form (``W @ x.T``, wgmma; the
+  activation in the gate/up one) where it was tuned faster than cuBLAS (12b x16
+  at cache position 256: 7.76 -> 7.43 ms; ``GEMMA_LOCAL_SWAP=0`` keeps cuBLAS).
 * **Prefill.** One decoder layer is compiled with dynamic shapes and called
   for every layer (regional compilation): one compile serves every layer and
   prompt length (dynamo specialises on batch 1 vs more, on padding, and on a
@@ -88,7 +91,9 @@ Environment (read when a model is first used, except the first):
   ``GEMMA_LOCAL_FOLD_RESIDUAL`` = ``0`` / ``all``: the residual add never / always
   (before q/k/v and gate/up) folded into the next product;
   ``GEMMA_LOCAL_PDL=0``: plain launches at one row too;
-  ``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows.
+  ``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows;
+  ``GEMMA_LOCAL_SWAP=0``: the 2-16-row q/k/v and gate/up products on cuBLAS
+  (+ inductor's activation) instead of the gemv op's swapped form.
 * ``GEMMA_LOCAL_COMPILE_PREFILL=0``: the prompt runs eagerly;
   ``GEMMA_LOCAL_PREFILL_GRAPHS=0``: no prefill graphs (nor their padding);
   ``GEMMA_LOCAL_REGIONAL=0``: the decode step compiles as one graph.
@@ -132,8 +137,10 @@ PREFILL_STEP = 64
 MAX_PREFILL_GRAPHS = 8
 #: Tokens a decode step up to which its Triton ops are launched with programmatic
 #: dependent launch (:func:`_use_pdl`). At one row every product is the gemv op and the
-#: whole layer is one chain of them; at 2-16 rows the wide products are cuBLAS GEMMs,
+#: whole layer is one chain of them; at 2-16 rows the wide products were cuBLAS GEMMs,
 #: which break it, and PDL measured slower (12b x16 step 7.45 -> 7.66 ms, probe 15).
+#: Since the swapped forms, the 12b's 16-row layer is ours end to end (not yet tried
+#: with PDL: its add + norms kernel has no PDL form).
 PDL_ROWS = 1
 #: Model types whose decoder this module knows.
 MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
@@ -320,9 +327,13 @@ class _Layout:
         #: the one-row step's residual add + norm between two of those ops, a kernel
         #: launched with PDL (:func:`core.gemv.residual_add`), set with :attr:`pdl`
         self.residual_add: Callable[..., Any] | None = None
-        #: the residual add + norm + next norm in front of a cuBLAS product at 2-16 rows
+        #: the residual add + norm + next norm in front of a wide product at 2-16 rows
         #: (:func:`core.gemv.residual_norm`), set with :attr:`gemv`
         self.residual_norm: Callable[..., Any] | None = None
+        #: whether the 2-16-row q/k/v and gate/up products may run as the gemv op's
+        #: swapped form (the activation in the gate/up one) where
+        #: :func:`core.gemv.preferred` says so
+        self.swap = False
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -508,14 +519,22 @@ def _layer_rest(
         x = _settle(post, x, h)
         h = mlp(norm(x))
     else:
-        on_op = decode and lay.gelu_tanh and gemv.preferred("gate_up", rows, w.gate_up.shape)
+        on_op = (
+            decode
+            and lay.gelu_tanh
+            and (rows == 1 or lay.swap)
+            and gemv.preferred("gate_up", rows, w.gate_up.shape)
+        )
         op = lay.gemv if on_op else None
         if op is not None and _folds(lay, "gate_up", w.gate_up.shape):
             act, x = _product_after(lay, post, x, h, w.gate_up, norm, act=True)
-        elif op is not None:
+        elif op is not None and rows == 1:
             x = _settle_step(lay, post, x, h)
             act = op(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True, **_pdl(lay, rows))
             act = act.view(*shape[:2], -1)
+        elif op is not None:  # 2-16 rows: our add + norms kernel, then product + activation
+            x, normed = _settle_norm(lay, post, x, h, norm, decode)
+            act = op(normed.view(rows, -1), w.gate_up, None, 1e-6, True).view(*shape[:2], -1)
         else:
             x, normed = _settle_norm(lay, post, x, h, norm, decode)
             gate, up = F.linear(normed, w.gate_up).chunk(2, dim=-1)
@@ -787,13 +806,20 @@ def _decode_layer(
         # before it, where the op takes it), then one kernel for q/k norms, RoPE and the
         # cache write
         attn, norm = w.layer.self_attn, w.layer.input_layernorm
-        on_op = lay.gemv is not None and gemv.preferred("qkv", batch, w.qkv.shape)
+        on_op = (
+            lay.gemv is not None
+            and (batch == 1 or lay.swap)
+            and gemv.preferred("qkv", batch, w.qkv.shape)
+        )
         if on_op and _folds(lay, "qkv", w.qkv.shape):
             qkv, x = _product_after(lay, w.pending, x, y, w.qkv, norm)
             qkv = qkv.view(batch, -1)
-        elif on_op:
+        elif on_op and batch == 1:
             x = _settle_step(lay, w.pending, x, y)
             qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, norm)
+        elif on_op:  # 2-16 rows: our add + norms kernel, then the product
+            x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
+            qkv = _product(lay, "qkv", normed.view(batch, -1), w.qkv)
         else:
             x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
             qkv = F.linear(normed.view(batch, -1), w.qkv)
@@ -1230,7 +1256,8 @@ def _flag(name: str, default: bool) -> bool:
 def _use_triton_products(lay: _Layout) -> None:
     """Switch on the gemv and rope/store ops where they run (and ran right) on the model's
     GPU; ``GEMMA_LOCAL_GEMV=0`` / ``GEMMA_LOCAL_ROPE_STORE=0`` keep inductor's kernels
-    (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows).
+    (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows;
+    ``GEMMA_LOCAL_SWAP=0``: the 2-16-row q/k/v and gate/up products on cuBLAS).
     ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
     gate/up, default where :func:`core.gemv.folded` says it pays."""
     device, dtype = lay.device, lay.dtype
@@ -1241,6 +1268,7 @@ def _use_triton_products(lay: _Layout) -> None:
             and gemv.works(dtype, device)
         ):
             lay.gemv = gemv.gemv
+            lay.swap = _flag("GEMMA_LOCAL_SWAP", True)
             if _flag("GEMMA_LOCAL_RESIDUAL_NORM", True):
                 lay.residual_norm = gemv.residual_norm
             fold = os.environ.get("GEMMA_LOCAL_FOLD_RESIDUAL", "").strip().lower()

@@ -27,7 +27,8 @@ programmatic dependent launch (ops ``gemma_local::gemv_pdl`` and
 ``gemv_residual_pdl``), and :func:`residual_add` is the residual add + norm as a
 kernel of such a chain: the fast path's one-row decode step runs on them.
 :func:`residual_norm` is that kernel with the next product's norm as well, for the
-steps of 2-16 rows, whose wide products are cuBLAS's.
+steps of 2-16 rows, whose wide products (q/k/v, gate/up) are cuBLAS's or, where
+:data:`TUNED` says so, the op's swapped form (``W @ x.T``, see :func:`preferred`).
 
 The kernel lives in :mod:`core._gemv_triton`, imported (and the op registered)
 by :func:`available` or the first call; importing this module imports neither
@@ -46,19 +47,20 @@ from . import _triton_ops
 #: Most rows (tokens) the op is meant for; more is a GEMM (cuBLAS does it well).
 MAX_ROWS = 16
 
-#: (form, N out, K, act) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), measured on an
-#: H200 by ``benchmarks/probe_gemv.py`` (form: "gemv" at one row, "dot" at 2-16; log
+#: (form, N out, K, act) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, swap]), measured
+#: on an H200 by ``benchmarks/probe_gemv.py`` (form: "gemv" at one row, "dot" at 2-16; log
 #: ``benchmarks/runs/2026-11-26-probe-gemv-3-eviction.log``, the 12b's o and down at 16
-#: rows and the 1b's ``--deep``: ``...-probe-gemv-8-deep.log``, ``-9-deep``); other shapes
-#: get a heuristic.
-TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
+#: rows and the 1b's ``--deep``: ``...-probe-gemv-8-deep.log``, ``-9-deep``; the swapped
+#: gate/up forms ``--swap``: ``2026-12-01-probe-gemv-12-swap.log``); other shapes get a
+#: heuristic. ``swap``: the dot form as ``W @ x.T`` (wgmma on Hopper).
+TUNED: dict[tuple[str, int, int, bool], tuple[int, ...]] = {
     # gemma-3-12b: q/k/v, o, gate/up (+ activation), down
     ("gemv", 8192, 3840, False): (8, 1024, 4, 1),
-    ("dot", 8192, 3840, False): (64, 256, 4, 3),
+    ("dot", 8192, 3840, False): (64, 128, 4, 5, True),  # 17.1 us (cuBLAS 17.8)
     ("gemv", 3840, 4096, False): (2, 4096, 4, 1),
     ("dot", 3840, 4096, False): (32, 512, 4, 4),  # 10.6 us (256-wide chunks: 11.0)
     ("gemv", 15360, 3840, True): (16, 256, 2, 2),  # probe-gemv-4-wide: 58.4 us
-    ("dot", 15360, 3840, True): (128, 128, 4, 3),
+    ("dot", 15360, 3840, True): (128, 128, 4, 3, True),  # 56.9 us (cuBLAS + act 63.2)
     ("gemv", 3840, 15360, False): (16, 1024, 8, 1),
     ("dot", 3840, 15360, False): (32, 512, 4, 4),  # 30.9 us (256-wide chunks: 32.7)
     # gemma-3-1b
@@ -67,7 +69,7 @@ TUNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("gemv", 1152, 1024, False): (2, 2048, 4, 1),
     ("dot", 1152, 1024, False): (16, 512, 4, 4),  # 3.8 us (4.1)
     ("gemv", 6912, 1152, True): (8, 128, 4, 1),
-    ("dot", 6912, 1152, True): (64, 128, 4, 3),
+    ("dot", 6912, 1152, True): (64, 64, 4, 5, True),  # 10.1 us (cuBLAS + act 12.3)
     ("gemv", 1152, 6912, False): (2, 2048, 8, 1),
     ("dot", 1152, 6912, False): (16, 512, 4, 4),  # 11.2 us (13.5; cuBLAS 9.9 runs it)
 }
@@ -112,7 +114,12 @@ def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
       8 and 9) where there are enough programs to fill the GPU (N >= 2048 for down;
       the 1b's down, N = 1152: cuBLAS 9.9 against 11.2); cuBLAS wins the wide
       products (q/k/v 17.7 against 30.1, gate/up 61.0 against 69.3, and further with
-      the residual add folded in: 28.5 and 86.7; probe-gemv 10 and 11).
+      the residual add folded in: 28.5 and 86.7; probe-gemv 10 and 11), but for the
+      q/k/v and gate/up products in the swapped form (``W @ x.T``, wgmma; the
+      activation in the gate/up one), where :data:`TUNED` has it: the 12b's gate/up
+      56.9 us against 63.2 for cuBLAS and inductor's activation kernel, the 1b's 10.1
+      against 12.3, the 12b's q/k/v 17.1 against 17.8 (probe-gemv 12, the products
+      taken without the norm, which the residual_norm kernel before them applies).
     """
     n = shape[0]
     if rows == 1:
@@ -123,7 +130,15 @@ def preferred(name: str, rows: int, shape: tuple[int, int]) -> bool:
         return n >= 2048
     if name == "o":
         return n >= 1024
-    return False
+    if name == "gate_up":
+        return swapped(n // 2, shape[1], act=True)
+    return swapped(n, shape[1], act=False) if name == "qkv" else False
+
+
+def swapped(n_out: int, k: int, act: bool) -> bool:
+    """Whether :data:`TUNED` runs the 2-16-row product of ``n_out`` outputs and ``K`` in the
+    swapped form."""
+    return TUNED.get(("dot", n_out, k, act), ())[4:] == (True,)
 
 
 @functools.cache
@@ -142,7 +157,8 @@ def available(device: Any) -> bool:
 
 
 def works(dtype: Any, device: Any, *, pdl: bool = False) -> bool:
-    """Run the op once in each form (and the residual form and :func:`residual_norm`;
+    """Run the op once in each form (the 2-16-row one both ways round, and the residual
+    form and :func:`residual_norm`;
     with ``pdl``, the PDL forms and :func:`residual_add`) on small random inputs and
     compare with :func:`reference`: False (and a warning) where the kernel does not
     compile or disagrees on this GPU, so that the caller keeps its plain products."""
@@ -160,6 +176,13 @@ def works(dtype: Any, device: Any, *, pdl: bool = False) -> bool:
                 got = gemv(x, w, norm_weight, 1e-6, act, pdl=pdl).float()
                 want = reference(x, w, norm_weight, 1e-6, act).float()
                 worst = max(worst, float((got - want).abs().max().item()))
+            if rows > 1 and not pdl:  # the swapped dot form, which TUNED picks for some
+                kernels = _kernels()
+                for act in (False, True):
+                    block = (64, 64, 4, 2, True)
+                    got = kernels.launch(x, w, None, 1e-6, act, kernels._gemv_kernel, block=block)
+                    want = reference(x, w, None, 1e-6, act)
+                    worst = max(worst, float((got.float() - want.float()).abs().max().item()))
             for post in (None, norm.flip(0)):
                 got_out, got_h = gemv_residual(x, r, w, norm, 1e-6, True, post, 1e-6, pdl=pdl)
                 want_out, want_h = reference_residual(x, r, w, norm, 1e-6, True, post, 1e-6)
@@ -242,7 +265,7 @@ def residual_norm(
     y: Any, residual: Any, post_weight: Any, post_eps: float, norm_weight: Any, eps: float
 ) -> tuple[Any, Any]:
     """``(h, rmsnorm(h))`` for ``h = residual + post_norm(y)`` [M, K], in one kernel, a
-    program a row (``gemma_local::residual_norm``): what stands between two cuBLAS
+    program a row (``gemma_local::residual_norm``): what stands between two wide
     products of a decode step at 2-16 rows (after the o projection, into gate/up; after
     the down projection, into the next layer's q/k/v). ``rmsnorm`` is Gemma's
     (``1 + norm_weight``, ``eps``), h and the normed h rounded as the modules round them.

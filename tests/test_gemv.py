@@ -3,7 +3,7 @@
 Each case runs the real op (``gemma_local::gemv``): on CUDA when there is a
 GPU, else through Triton's interpreter on CPU tensors, patched to compute
 bfloat16 as a GPU does (``tests/triton_interpreter.py``). Both forms of the
-kernel are covered (one row: a reduction; 2-16 rows: ``tl.dot``), with and
+kernel are covered (one row: a reduction; 2-16 rows: ``tl.dot``, either way round), with and
 without the folded norm and activation, shapes whose N and K are not
 multiples of the blocks, and the fast path's decode step running on it.
 """
@@ -35,6 +35,8 @@ CASES = [
     (3, 96, 256, None),  # the dot form, rows padded to 16
     (16, 64, 320, (32, 128, 4, 2)),
     (5, 40, 200, (16, 64, 4, 1)),
+    (16, 128, 320, (64, 64, 4, 2, True)),  # the swapped dot form (W @ x.T)
+    (5, 100, 200, (64, 64, 4, 1, True)),  # swapped, ragged N and K, rows padded to 16
 ]
 
 
@@ -115,8 +117,12 @@ def test_preferred_products() -> None:
         assert gemv.preferred(name, 1, (30720, 3840))  # one row: every product
     assert gemv.preferred("down", 16, (3840, 15360)) and gemv.preferred("o", 16, (3840, 4096))
     assert not gemv.preferred("down", 16, (1152, 6912))  # too few programs
-    assert not gemv.preferred("qkv", 16, (8192, 3840))  # cuBLAS
-    assert not gemv.preferred("gate_up", 16, (30720, 3840))
+    # the wide products where the swapped form is tuned (the activation in gate/up's)
+    assert gemv.preferred("qkv", 16, (8192, 3840)) and gemv.swapped(8192, 3840, act=False)
+    assert gemv.preferred("gate_up", 16, (30720, 3840)) and gemv.swapped(15360, 3840, act=True)
+    assert gemv.preferred("gate_up", 16, (13824, 1152))
+    assert not gemv.preferred("qkv", 16, (1536, 1152))  # not tuned swapped: cuBLAS
+    assert not gemv.swapped(3840, 15360, act=False)
     assert not gemv.preferred("down", 17, (3840, 15360))  # a GEMM: cuBLAS
 
 
@@ -159,7 +165,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     engine = fast_path._engine(model, compile=False, cuda_graphs=False)
     lay = engine.layout  # what the engine sets when it compiles on CUDA
     assert lay.fused
-    lay.gemv, lay.rope_store = gemv.gemv, rope_store.rope_store
+    lay.gemv, lay.rope_store, lay.swap = gemv.gemv, rope_store.rope_store, True
     folded: list[int] = []  # rows of each residual add folded into a product
 
     def gemv_residual(y: Any, *args: Any) -> Any:
@@ -206,6 +212,24 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     lay.residual_norm = residual_norm
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
+    # and the 2-16-row gate/up product on the op's swapped form after that kernel, the
+    # activation in it (the form the 12b's TUNED entry picks)
+    real_config = kernels.config
+    swapped: list[int] = []
+
+    def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, ...]:
+        if rows > 1 and act:
+            swapped.append(rows)
+            return (64, 64, 4, 1, True)
+        return real_config(rows, n_out, k, act, sms)
+
+    monkeypatch.setattr(kernels, "config", config)
+    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1 or name == "gate_up")
+    normed.clear()
+    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
+        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    assert set(swapped) == {4} and len(swapped) % len(lay.layers) == 0
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
     fast_path.release(model)
 
