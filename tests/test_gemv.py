@@ -213,23 +213,25 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
-    # and the 2-16-row gate/up product on the op's swapped form after that kernel, the
-    # activation in it (the form the 12b's TUNED entry picks)
+    # and the 2-16-row q/k/v and gate/up products on the op's swapped form after that
+    # kernel, the activation in gate/up's (the form the 12b's TUNED entries pick)
     real_config = kernels.config
-    swapped: list[int] = []
+    swapped: list[tuple[int, bool]] = []  # (rows, act) of each swapped product
 
     def config(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, ...]:
-        if rows > 1 and act:
-            swapped.append(rows)
+        if rows > 1:
+            swapped.append((rows, act))
             return (64, 64, 4, 1, True)
         return real_config(rows, n_out, k, act, sms)
 
     monkeypatch.setattr(kernels, "config", config)
-    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1 or name == "gate_up")
+    wide = ("qkv", "gate_up")
+    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1 or name in wide)
     normed.clear()
     for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
         assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
-    assert set(swapped) == {4} and len(swapped) % len(lay.layers) == 0
+    assert set(swapped) == {(4, False), (4, True)}
+    assert len(swapped) % (2 * len(lay.layers)) == 0
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
     fast_path.release(model)
 
