@@ -363,7 +363,11 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def raw_generate(model: Any, ids: list[list[int]], n: int, *, static: bool = False) -> Any:
+def raw_generate(
+    model: Any, ids: list[list[int]], n: int, *, static: bool = False, **extra: Any
+) -> Any:
+    """Greedy ``model.generate`` of ``n`` new tokens for ``ids`` (no padding); ``extra``:
+    more ``generate`` options (e.g. ``stopping_criteria``)."""
     import torch
 
     inputs = torch.tensor(ids, device=model.device)
@@ -378,6 +382,7 @@ def raw_generate(model: Any, ids: list[list[int]], n: int, *, static: bool = Fal
     )
     if static:
         options["cache_implementation"] = "static"
+    options.update(extra)
     with torch.inference_mode():
         out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **options)
     return out[:, inputs.shape[1] :].tolist()

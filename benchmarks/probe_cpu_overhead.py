@@ -65,28 +65,10 @@ def main() -> None:
             return false
 
     def raw(criterion: type[StoppingCriteria] | None = None) -> Callable[[], Any]:
-        def run() -> Any:
-            inputs = torch.tensor(ids)
-            extra = (
-                {}
-                if criterion is None
-                else {"stopping_criteria": StoppingCriteriaList([criterion()])}
-            )
-            with torch.inference_mode():
-                return model.generate(
-                    input_ids=inputs,
-                    attention_mask=torch.ones_like(inputs),
-                    max_new_tokens=n,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=list(bench.EOS),
-                    pad_token_id=0,
-                    **extra,
-                )
-
-        return run
+        extra = (
+            {} if criterion is None else {"stopping_criteria": StoppingCriteriaList([criterion()])}
+        )
+        return lambda: bench.raw_generate(model, ids, n, **extra)
 
     variants: dict[str, Callable[[], Any]] = {
         "raw": raw(),

@@ -15,7 +15,8 @@ o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
 
 ``--swap``: the 2-16-row sweep of the swapped dot form (``W @ x.T``), the products
 taken as the 16-row decode step takes them (no norm: the residual_norm kernel hands over
-the normed x), and ``cuBLAS + act``: cuBLAS and inductor's activation kernel after it.
+the normed x); ``inductor`` is then cuBLAS and, for gate/up, inductor's activation
+kernel after it (``probe-gemv-12`` printed that a second time as ``cuBLAS + act``).
 
 Each call reads a different copy of the weights (copies larger than L2), captured in
 a CUDA graph and replayed (``probe.graph_us``). Ends with the best configurations
@@ -158,18 +159,10 @@ def main() -> None:
                 compiled = torch.compile(
                     lambda x, w: model_math(x, w, nw, norm, act), dynamic=False, options=tune
                 )
-                timings = [
+                for what, fn in (
                     ("inductor", lambda i: compiled(x, ws[i % copies])),
                     ("cuBLAS", lambda i: F.linear(x, ws[i % copies])),
-                ]
-                if args.swap and act:
-                    after = torch.compile(
-                        lambda out: F.gelu(out[:, : n // 2], approximate="tanh") * out[:, n // 2 :],
-                        dynamic=False,
-                        options=tune,
-                    )
-                    timings.append(("cuBLAS + act", lambda i: after(F.linear(x, ws[i % copies]))))
-                for what, fn in timings:
+                ):
                     us = graph_us(fn, copies * 2)
                     results.append(f"{what} {us:6.1f} us {nbytes / us / 1e6:4.2f} TB/s")
                 want = model_math(x.float(), ws[0].float(), nw.float(), norm, act)

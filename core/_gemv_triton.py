@@ -75,6 +75,23 @@ def _round(x, like_ptr):
 
 
 @triton.jit
+def _mma(x, w, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """The dot form's product of an x tile [BM, BK] and a weight tile [BN, BK]: ``x @ w.T``
+    [BM, BN], or with ``SWAP`` ``w @ x.T`` [BN, BM]; exact fp32 products for fp32 inputs
+    (not TF32)."""
+    # constexpr branches (Triton compiles only the taken side)
+    if SWAP:
+        a, b = w, tl.trans(x)
+    else:
+        a, b = x, tl.trans(w)
+    if IEEE:  # noqa: SIM108
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -212,24 +229,10 @@ def _gemv_kernel(
             acc += wk.to(tl.float32) * xf
             if ACT:
                 acc_up += uk.to(tl.float32) * xf
-        elif SWAP:
-            if IEEE:
-                acc += tl.dot(wk, tl.trans(xk), input_precision="ieee")
-                if ACT:
-                    acc_up += tl.dot(uk, tl.trans(xk), input_precision="ieee")
-            else:
-                acc += tl.dot(wk, tl.trans(xk))
-                if ACT:
-                    acc_up += tl.dot(uk, tl.trans(xk))
         else:
-            if IEEE:
-                acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
-                if ACT:
-                    acc_up += tl.dot(xk, tl.trans(uk), input_precision="ieee")
-            else:
-                acc += tl.dot(xk, tl.trans(wk))
-                if ACT:
-                    acc_up += tl.dot(xk, tl.trans(uk))
+            acc += _mma(xk, wk, SWAP, IEEE)
+            if ACT:
+                acc_up += _mma(xk, uk, SWAP, IEEE)
 
     if PDL:
         # every program past its weights: the next kernel may launch (launching it
@@ -402,7 +405,7 @@ def launch(
     sms = sm_count(x.device.type, x.device.index)
     block_n, block_k, warps, stages, *swapped = block or config(rows, n_out, k, act, sms)
     block_m = 1 if rows == 1 else DOT_ROWS
-    swap = block_m > 1 and bool(swapped) and bool(swapped[0])
+    swap = block_m > 1 and any(swapped)
     if block_m > 1:
         block_n = max(block_n, 64 if swap else 16)  # tl.dot's minimum; wgmma's M
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))

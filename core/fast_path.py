@@ -532,13 +532,14 @@ def _layer_rest(
             x = _settle_step(lay, post, x, h)
             act = op(x.view(rows, -1), w.gate_up, norm.weight, norm.eps, True, **_pdl(lay, rows))
             act = act.view(*shape[:2], -1)
-        elif op is not None:  # 2-16 rows: our add + norms kernel, then product + activation
-            x, normed = _settle_norm(lay, post, x, h, norm, decode)
-            act = op(normed.view(rows, -1), w.gate_up, None, 1e-6, True).view(*shape[:2], -1)
         else:
             x, normed = _settle_norm(lay, post, x, h, norm, decode)
-            gate, up = F.linear(normed, w.gate_up).chunk(2, dim=-1)
-            act = mlp.act_fn(gate) * up
+            if op is not None:  # 2-16 rows: the op's product with the activation in it
+                act = op(normed.view(rows, -1), w.gate_up, None, 1e-6, True)
+                act = act.view(*shape[:2], -1)
+            else:
+                gate, up = F.linear(normed, w.gate_up).chunk(2, dim=-1)
+                act = mlp.act_fn(gate) * up
         if stored is not None:
             stored.append(act)
         if decode:
@@ -817,12 +818,10 @@ def _decode_layer(
         elif on_op and batch == 1:
             x = _settle_step(lay, w.pending, x, y)
             qkv = _product(lay, "qkv", x.view(batch, -1), w.qkv, norm)
-        elif on_op:  # 2-16 rows: our add + norms kernel, then the product
+        else:  # the add + norms (our kernel at 2-16 rows), then the op or cuBLAS
             x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
-            qkv = _product(lay, "qkv", normed.view(batch, -1), w.qkv)
-        else:
-            x, normed = _settle_norm(lay, w.pending, x, y, norm, decode=True)
-            qkv = F.linear(normed.view(batch, -1), w.qkv)
+            normed = normed.view(batch, -1)
+            qkv = lay.gemv(normed, w.qkv) if lay.gemv and on_op else F.linear(normed, w.qkv)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if lay.qk_norm else ()
         q = lay.rope_store(qkv, cos, sin, keys, values, slot, lay.heads, *norms, **_pdl(lay, batch))
     else:
