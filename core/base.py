@@ -580,7 +580,7 @@ class BaseGemmaChatCompletion:
         * ``response_format={"type": "json_object"}`` or ``{"type":
           "json_schema", "json_schema": {"name", "schema", "strict"}}``.
         """
-        stream = bool(kwargs.pop("stream", False))
+        stream = _stream_flag(kwargs.pop("stream", None))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
         params = self._check([messages], model, options)
         deltas = self.stream_deltas([messages], params)
@@ -616,7 +616,7 @@ class BaseGemmaChatCompletion:
         **kwargs: Any,
     ) -> Any:
         """Async :meth:`create`; with ``stream=True`` returns an async iterator of chunks."""
-        stream = bool(kwargs.pop("stream", False))
+        stream = _stream_flag(kwargs.pop("stream", None))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
         params = self._check([messages], model, options)
         deltas = self.astream_deltas([messages], params)
@@ -645,6 +645,15 @@ class BaseGemmaChatCompletion:
     def __repr__(self) -> str:
         state = "loaded" if self._loaded else "not loaded"
         return f"{type(self).__name__}(model_name={self.model_name!r}, {state})"
+
+
+def _stream_flag(stream: Any) -> bool:
+    """``create(stream=...)``: a bool (``None`` means the default, ``False``)."""
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be True or False, got {stream!r}")
+    return stream
 
 
 class _NeverCancelled:
