@@ -30,7 +30,13 @@ import json
 import shutil
 from pathlib import Path
 
-ARCHS = ("gemma3_text", "gemma3", "gemma2", "gemma")
+#: Gemma 1/2/3 checkpoints (Gemma 3 tokenizer and token ids).
+GEMMA3_ARCHS = ("gemma3_text", "gemma3", "gemma2", "gemma")
+#: Gemma 4 checkpoints (Gemma 4 tokenizer, control tokens and template):
+#: ``gemma4_text`` dense E-like, ``gemma4_moe`` (model_type ``gemma4_text`` with
+#: ``enable_moe_block``) and the multimodal ``gemma4``.
+GEMMA4_ARCHS = ("gemma4_text", "gemma4_moe", "gemma4")
+ARCHS = (*GEMMA3_ARCHS, *GEMMA4_ARCHS, "gemma3n")
 
 #: Special tokens at the ids they have in the real Gemma tokenizers.
 SPECIAL_TOKENS = {
@@ -48,6 +54,63 @@ IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 #: Stop tokens written to generation_config.json (``<eos>``, ``<end_of_turn>``).
 EOS_TOKEN_IDS = (1, 106)
 
+#: Gemma 4's control tokens at their real ids (all special).
+GEMMA4_SPECIAL_TOKENS = {
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<unk>": 3,
+    "<mask>": 4,
+    "<|tool>": 46,
+    "<tool|>": 47,
+    "<|tool_call>": 48,
+    "<tool_call|>": 49,
+    "<|tool_response>": 50,
+    "<tool_response|>": 51,
+    '<|"|>': 52,
+    "<|think|>": 98,
+    "<|channel>": 100,
+    "<channel|>": 101,
+    "<|turn>": 105,
+    "<turn|>": 106,
+}
+#: Gemma 4's media tokens, in the order of their real ids (255999, 256000,
+#: 258880-258884); they take the last ids of the tiny vocabulary.
+GEMMA4_MEDIA_TOKENS = (
+    "<|image>",
+    "<|audio>",
+    "<|image|>",
+    "<|audio|>",
+    "<image|>",
+    "<audio|>",
+    "<|video|>",
+)
+#: The named special tokens of the real Gemma 4 tokenizer_config.json
+#: (``tokenizer.image_token``, ``.soc_token`` ...; Gemma4Processor reads some).
+GEMMA4_NAMED_TOKENS = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+    "escape_token": '<|"|>',
+    "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>",
+    "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>",
+    "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+}
+#: Gemma 4's stop tokens: ``<eos>``, ``<turn|>`` and ``<|tool_response>`` (the
+#: model writes it after a tool call and waits for the result).
+GEMMA4_EOS_TOKEN_IDS = (1, 106, 50)
+
 #: Vision tower of the multimodal checkpoint: 64 px images in 16 px patches
 #: (4 x 4 patches), average-pooled 2 x 2 into MM_TOKENS_PER_IMAGE soft tokens.
 IMAGE_SIZE = 64
@@ -61,6 +124,11 @@ _TEMPLATE_FILES = {
     "gemma3": "gemma3_chat_template.jinja",
     "gemma2": "gemma2_chat_template.jinja",
     "gemma": "gemma2_chat_template.jinja",
+    "gemma4_text": "gemma4_chat_template.jinja",
+    "gemma4_moe": "gemma4_chat_template.jinja",
+    "gemma4": "gemma4_chat_template.jinja",
+    # Gemma 3n uses the Gemma 3 template and token ids.
+    "gemma3n": "gemma3_chat_template.jinja",
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 # Gemma 3: every 2nd layer global (the real models use 6; with 2 tiny layers
@@ -119,9 +187,25 @@ def chat_template(arch: str) -> str:
     return (_TEMPLATE_DIR / _TEMPLATE_FILES[arch]).read_text(encoding="utf-8")
 
 
+def is_gemma4(arch: str) -> bool:
+    """Whether ``arch`` uses the Gemma 4 tokenizer, template and stop ids."""
+    return arch in GEMMA4_ARCHS
+
+
+def eos_token_ids(arch: str) -> tuple[int, ...]:
+    """The ``eos_token_id`` list of the checkpoint's generation_config.json."""
+    _check_arch(arch)
+    return GEMMA4_EOS_TOKEN_IDS if is_gemma4(arch) else EOS_TOKEN_IDS
+
+
 def special_token_ids(arch: str = "gemma3_text", vocab_size: int = 512) -> dict[str, int]:
     """Token string -> id for every special token of the tiny tokenizer."""
     _check_arch(arch)
+    if is_gemma4(arch):
+        ids = dict(GEMMA4_SPECIAL_TOKENS)
+        for i, tok in enumerate(GEMMA4_MEDIA_TOKENS):
+            ids[tok] = vocab_size - len(GEMMA4_MEDIA_TOKENS) + i
+        return ids
     ids = dict(SPECIAL_TOKENS)
     if arch == "gemma3":
         for i, tok in enumerate(IMAGE_TOKENS):
@@ -182,8 +266,13 @@ def _make_tokenizer(arch: str, vocab_size: int):
     if len(vocab) != vocab_size:
         raise AssertionError("duplicate token in the tiny vocabulary")
 
-    kwargs = {}
-    if arch == "gemma3":
+    kwargs: dict = {}
+    if is_gemma4(arch):
+        # As the real Gemma 4 tokenizer: no BOS added (the template writes it),
+        # left padding, the control tokens named.
+        kwargs["extra_special_tokens"] = dict(GEMMA4_NAMED_TOKENS)
+        kwargs["padding_side"] = "left"
+    elif arch == "gemma3":
         # Named like the real Gemma 3 tokenizer_config.json, so that
         # tokenizer.boi_token / .eoi_token / .image_token(_id) exist (the
         # Gemma3Processor needs them).
@@ -193,7 +282,7 @@ def _make_tokenizer(arch: str, vocab_size: int):
     tok = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
-        add_bos_token=True,
+        add_bos_token=not is_gemma4(arch),
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
         **kwargs,
@@ -215,6 +304,11 @@ def build_tokenizer(path, *, arch: str = "gemma3_text", vocab_size: int = 512) -
     ``chat_template.jinja`` (where transformers 5 puts it) and
     ``special_tokens_map.json``.  The vocabulary has exactly ``vocab_size``
     entries, so it matches the embedding size.
+
+    For the Gemma 4 archs (:data:`GEMMA4_ARCHS`) it is a Gemma 4 tokenizer:
+    every control token of :data:`GEMMA4_SPECIAL_TOKENS` at its real id, the
+    media tokens at the last ids, ``add_bos_token`` false (the Gemma 4
+    template writes ``<bos>``), left padding and the Gemma 4 chat template.
     """
     _check_arch(arch)
     path = Path(path)
@@ -227,8 +321,13 @@ def build_tokenizer(path, *, arch: str = "gemma3_text", vocab_size: int = 512) -
     cfg["chat_template"] = chat_template(arch)
     # Explicit, as in the real tokenizer_config.json; transformers 5 rebuilds
     # the "<bos> $A" post-processor from these flags.
-    cfg["add_bos_token"] = True
+    cfg["add_bos_token"] = not is_gemma4(arch)
     cfg["add_eos_token"] = False
+    if is_gemma4(arch):
+        cfg["padding_side"] = "left"
+        # The real file lists <|video|> here (it has no named slot).
+        cfg["extra_special_tokens"] = ["<|video|>"]
+        cfg.update(GEMMA4_NAMED_TOKENS)
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     # transformers 5 no longer writes it; older loaders still read it.
@@ -407,6 +506,8 @@ def build_tiny_checkpoint(
     weights (transformers initialises them to 0, i.e. scale 1).
     """
     _check_arch(arch)
+    if arch not in GEMMA3_ARCHS:
+        raise ValueError(f"build_tiny_checkpoint does not build {arch!r} yet (tokenizer only)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
     import torch
@@ -458,7 +559,9 @@ def build_tiny_checkpoint(
             hf_logging.enable_progress_bar()
     _patch_config_json(path, arch, dtype, vocab_size)
 
-    generation = GenerationConfig(bos_token_id=2, eos_token_id=list(EOS_TOKEN_IDS), pad_token_id=0)
+    generation = GenerationConfig(
+        bos_token_id=2, eos_token_id=list(eos_token_ids(arch)), pad_token_id=0
+    )
     if arch.startswith("gemma3"):
         # The real Gemma 3 defaults: sampling unless the caller says otherwise.
         generation.do_sample = True

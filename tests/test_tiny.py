@@ -37,7 +37,7 @@ MULTIBYTE = "café naïve — 日本語のテキスト 🙂🎉"
 # fixtures
 
 
-@pytest.fixture(scope="module", params=tiny.ARCHS)
+@pytest.fixture(scope="module", params=tiny.GEMMA3_ARCHS)
 def arch(request):
     return request.param
 
@@ -97,7 +97,11 @@ def _prompt_ids(tok, messages=MESSAGES) -> list[int]:
 def test_packaged_templates_identical_to_fixtures():
     fixtures = sorted(p.name for p in FIXTURES.glob("*.jinja"))
     packaged = sorted(p.name for p in PACKAGED.glob("*.jinja"))
-    assert fixtures == packaged == ["gemma2_chat_template.jinja", "gemma3_chat_template.jinja"]
+    assert (
+        fixtures
+        == packaged
+        == ["gemma2_chat_template.jinja", "gemma3_chat_template.jinja", "gemma4_chat_template.jinja"]
+    )
     for name in fixtures:
         assert (PACKAGED / name).read_bytes() == (FIXTURES / name).read_bytes(), name
 
