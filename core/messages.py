@@ -1,10 +1,15 @@
 """OpenAI-style messages in, Gemma-ready turns out: the one place that normalises them.
 
-Input: a non-empty sequence of ``{"role": "system"|"user"|"assistant",
-"content": str | [{"type": "text", "text": str}, ...]}`` mappings, plus the
-OpenAI tool-calling shapes: ``{"role": "assistant", "content": None | str,
+Input: a non-empty sequence of ``{"role": "system"|"developer"|"user"|"assistant",
+"content": str | [{"type": "text", "text": str}, ...]}`` mappings (``developer``
+is OpenAI's newer name for ``system`` and is treated as one), plus the OpenAI
+tool-calling shapes: ``{"role": "assistant", "content": None | str,
 "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}``
-and ``{"role": "tool", "tool_call_id": str, "content": ...}``.
+and ``{"role": "tool", "tool_call_id": str, "content": ...}``, which must
+follow the assistant message whose call it answers (other tool results of
+that message may come between) and name one of its call ids. Every string
+must be valid Unicode (no lone surrogates, which no tokenizer can encode):
+:func:`check_text` says where one is, before anything loads.
 
 Output: a new list of ``{"role", "content": str}`` dicts that every Gemma chat
 template accepts: leading system messages merged into one (or folded into the
@@ -24,24 +29,58 @@ from typing import Any
 
 from .constrained import render_tool_calls, render_tool_output
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+#: Roles that are read as another: ``developer`` is OpenAI's newer name for ``system``.
+ROLE_ALIASES = {"developer": "system"}
 TURN_SEPARATOR = "\n\n"
 
 
+def check_text(value: Any, where: str) -> None:
+    """Raise ``ValueError`` if a string anywhere in ``value`` is not valid Unicode.
+
+    Walks strings, mappings (keys and values) and lists/tuples. A lone UTF-16
+    surrogate (``"\\udc80"``, e.g. from ``bytes.decode(errors="surrogateescape")``)
+    cannot be encoded as UTF-8, so a tokenizer would fail on it after the
+    model loaded; this names where it is instead, before any load.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where} holds a lone surrogate {value[exc.start]!r} at index {exc.start}; "
+                "text must be valid Unicode (encodable as UTF-8): decode bytes with "
+                "errors='replace' or remove the character"
+            ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_text(key, f"{where} key {key!r}")
+            check_text(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
+
+
 def content_to_text(content: Any, *, where: str = "content") -> str:
-    """Flatten a message's content (a string or a list of text parts) to a string."""
+    """Flatten a message's content (a string or a list of text parts) to a string.
+
+    Parts are ``{"type": "text", "text": str}`` dicts, as OpenAI's API takes
+    them; a bare string inside the list is refused (OpenAI refuses it too).
+    """
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
         texts = []
         for i, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-                continue
             if not isinstance(part, Mapping):
+                hint = (
+                    f" (write {{'type': 'text', 'text': {part!r}}})"
+                    if isinstance(part, str)
+                    else ""
+                )
                 raise ValueError(
                     f"{where}[{i}] must be a text part {{'type': 'text', 'text': ...}}, "
-                    f"got {type(part).__name__}"
+                    f"got {type(part).__name__}{hint}"
                 )
             kind = part.get("type")
             if kind != "text":
@@ -82,6 +121,36 @@ def _message_text(message: Mapping[str, Any], role: str, i: int) -> str:
     return text
 
 
+def _call_ids(message: Mapping[str, Any]) -> list[str | None] | None:
+    """The ids of an assistant message's tool calls (``None`` for one without), if it has calls."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return None
+    ids: list[str | None] = []
+    for call in calls:  # already checked to be a list of call mappings
+        call_id = call.get("id")
+        ids.append(call_id if isinstance(call_id, str) and call_id else None)
+    return ids
+
+
+def _check_tool_result(
+    message: Mapping[str, Any], open_calls: list[str | None] | None, i: int
+) -> None:
+    """A tool result must answer a call of the assistant message just before it."""
+    call_id = message["tool_call_id"]  # checked by _message_text
+    if open_calls is None:
+        raise ValueError(
+            f"messages[{i}] is a tool result (tool_call_id {call_id!r}) with no assistant tool "
+            "call before it; a 'tool' message must follow the assistant message whose "
+            "'tool_calls' it answers (other tool results of that message may come between)"
+        )
+    if call_id not in open_calls and None not in open_calls:
+        raise ValueError(
+            f"messages[{i}] has tool_call_id {call_id!r}, which matches no call of the "
+            f"preceding assistant message; its call ids are {open_calls}"
+        )
+
+
 def normalize_messages(
     messages: Any, *, system_role: bool = True, instructions: str | None = None
 ) -> list[dict[str, str]]:
@@ -110,6 +179,9 @@ def normalize_messages(
 
     system_parts: list[str] = []
     turns: list[dict[str, str]] = []
+    # The call ids of the assistant message that tool results may answer now
+    # (None: no such message right before; an id-less call matches any id).
+    open_calls: list[str | None] | None = None
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(
@@ -119,9 +191,14 @@ def normalize_messages(
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{i}] has role {role!r}; allowed roles: {', '.join(ROLES)}")
+        check_text(message, f"messages[{i}]")
+        role = ROLE_ALIASES.get(role, role)
         text = _message_text(message, role, i)
         if role == "tool":
+            _check_tool_result(message, open_calls, i)
             role = "user"  # a tool's result is the next thing the model reads
+        else:
+            open_calls = _call_ids(message) if role == "assistant" else None
         if role == "system":
             if turns:
                 raise ValueError(

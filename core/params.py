@@ -24,6 +24,7 @@ from .constrained import (
     parse_tool_choice,
     parse_tools,
 )
+from .messages import check_text
 
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
@@ -190,6 +191,12 @@ class SamplingParams:
         if unknown:
             allowed = ", ".join(sorted(ACCEPTED_OPTIONS))
             raise TypeError(f"unexpected option(s) {sorted(unknown)}; allowed options: {allowed}")
+        # Text the tokenizer or the grammar will read must be valid Unicode (a
+        # lone surrogate would fail inside the tokenizer, after the model loaded).
+        check_text(stop, "stop")
+        check_text(tools, "tools")
+        check_text(tool_choice, "tool_choice")
+        check_text(response_format, "response_format")
         changes: dict[str, Any] = {}
         if temperature is not None:
             changes["temperature"] = _number("temperature", temperature, 0.0, 2.0)

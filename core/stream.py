@@ -21,12 +21,15 @@ adapters all consume these deltas; nothing else detokenises or counts.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from .constrained import ToolCall, ToolCallParser, tool_call_parser
 from .params import SamplingParams
+
+logger = logging.getLogger("gemma_local")
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -185,6 +188,7 @@ class _Row:
         self.detok = IncrementalDetokenizer(decode, byte_ids, skipped_ids)
         self.stops = StopMatcher(params.stop)
         self.calls: ToolCallParser | None = tool_call_parser(params)
+        self.json_output = params.response_format is not None
 
     def delta(self, text: str) -> Delta | None:
         calls: tuple[ToolCall, ...] = ()
@@ -226,6 +230,18 @@ class _Row:
     def finish(self, reason: str, text: str = "") -> Delta | None:
         tail, stopped = self.stops.feed(self.detok.flush())
         self.finish_reason = "stop" if stopped else reason  # a stop string in held-back text
+        if self.finish_reason == "length" and (
+            self.json_output or (self.calls is not None and self.calls.calling)
+        ):
+            what = "JSON reply" if self.json_output else "tool call"
+            logger.warning(
+                "a constrained %s was cut off after %d tokens, at its token limit of %d "
+                "(max_tokens, or what the context window left after the prompt), before it was "
+                "complete: it will not parse or validate (finish_reason 'length'); raise max_tokens",
+                what,
+                self.completion_tokens,
+                self.max_tokens,
+            )
         return self.delta(text + tail + self.stops.flush())
 
 

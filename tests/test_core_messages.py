@@ -9,7 +9,7 @@ from types import MappingProxyType
 import pytest
 
 from core import normalize_messages
-from core.messages import content_to_text
+from core.messages import check_text, content_to_text
 
 
 def u(text: str) -> dict[str, str]:
@@ -23,6 +23,20 @@ def a(text: str) -> dict[str, str]:
 def s(text: str) -> dict[str, str]:
     return {"role": "system", "content": text}
 
+
+def tool(call_id: str, text: str) -> dict[str, str]:
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def out(text: str) -> str:
+    return f"```tool_output\n{text}\n```"
+
+
+CALL_1 = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+CALL_2 = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+CALLS = {"role": "assistant", "content": None, "tool_calls": [CALL_1, CALL_2]}
+CALL_1_TEXT = '{"name": "f", "parameters": {"x": 1}}'
+CALLS_TEXT = CALL_1_TEXT + '\n{"name": "g", "parameters": {}}'
 
 VALID = [
     pytest.param([u("hi")], [u("hi")], id="one-user"),
@@ -53,7 +67,27 @@ VALID = [
         id="one-part",
     ),
     pytest.param(
-        [{"role": "user", "content": ["plain", "strings"]}], [u("plain\nstrings")], id="str-parts"
+        [{"role": "developer", "content": "dev"}, u("hi")], [s("dev"), u("hi")], id="developer"
+    ),
+    pytest.param(
+        [s("a"), {"role": "developer", "content": "b"}, u("hi")],
+        [s("a\n\nb"), u("hi")],
+        id="system-and-developer-merged",
+    ),
+    pytest.param(
+        [u("q"), CALLS, tool("c1", "r1"), tool("c2", "r2")],
+        [u("q"), a(CALLS_TEXT), u(f"{out('r1')}\n\n{out('r2')}")],
+        id="tool-results-answer-the-calls",
+    ),
+    pytest.param(
+        [u("q"), CALLS, tool("c2", "r2"), u("more"), a("ok"), u("q2")],
+        [u("q"), a(CALLS_TEXT), u(f"{out('r2')}\n\nmore"), a("ok"), u("q2")],
+        id="one-result-then-user",
+    ),
+    pytest.param(
+        [u("q"), {**CALLS, "tool_calls": [{**CALL_1, "id": ""}]}, tool("any", "r")],
+        [u("q"), a(CALL_1_TEXT), u(out("r"))],
+        id="id-less-call-matches-any-id",
     ),
     pytest.param([u("")], [u("")], id="empty-string-content"),
     pytest.param(
@@ -95,7 +129,71 @@ INVALID = [
     pytest.param(["hi"], r"messages\[0\] must be a dict", id="non-dict-message"),
     pytest.param([u("hi"), 42], r"messages\[1\] must be a dict", id="non-dict-later"),
     pytest.param([{"role": "tool", "content": "x"}], "role 'tool'", id="unknown-role"),
-    pytest.param([{"role": "developer", "content": "x"}], "allowed roles", id="developer-role"),
+    pytest.param([{"role": "bot", "content": "x"}], "allowed roles: .*developer", id="bot-role"),
+    pytest.param(
+        [u("q"), a("r"), {"role": "developer", "content": "late"}, u("q2")],
+        r"messages\[2\] is a system message after",
+        id="developer-after-start",
+    ),
+    pytest.param(
+        [{"role": "user", "content": ["hi"]}],
+        r"content'\]\[0\] must be a text part .*got str \(write \{'type': 'text', 'text': 'hi'\}\)",
+        id="bare-string-part",
+    ),
+    pytest.param(
+        [tool("c1", "r")],
+        r"messages\[0\] is a tool result .* no assistant tool call",
+        id="tool-first",
+    ),
+    pytest.param(
+        [u("q"), tool("c1", "r")],
+        r"messages\[1\] is a tool result .*must follow the assistant message",
+        id="tool-after-user",
+    ),
+    pytest.param(
+        [u("q"), a("plain"), tool("c1", "r")],
+        r"messages\[2\] is a tool result",
+        id="tool-after-assistant-without-calls",
+    ),
+    pytest.param(
+        [u("q"), CALLS, tool("c1", "r"), u("more"), tool("c2", "late")],
+        r"messages\[4\] is a tool result",
+        id="tool-after-the-user-spoke-again",
+    ),
+    pytest.param(
+        [u("q"), CALLS, tool("c1", "r"), tool("nope", "r")],
+        r"messages\[3\] has tool_call_id 'nope', which matches no call .* \['c1', 'c2'\]",
+        id="tool-call-id-matches-no-call",
+    ),
+    pytest.param(
+        [u("bad \udc80 x")],
+        r"messages\[0\]\['content'\] holds a lone surrogate '\\udc80' at index 4",
+        id="surrogate-in-content",
+    ),
+    pytest.param(
+        [u("ok"), a("ok"), {"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
+        r"messages\[2\]\['content'\]\[0\]\['text'\] holds a lone surrogate",
+        id="surrogate-in-text-part",
+    ),
+    pytest.param(
+        [
+            u("q"),
+            {
+                **CALLS,
+                "tool_calls": [
+                    {**CALL_1, "function": {"name": "f", "arguments": '{"x": "\udc80"}'}}
+                ],
+            },
+            tool("c1", "r"),
+        ],
+        r"messages\[1\]\['tool_calls'\]\[0\]\['function'\]\['arguments'\] holds a lone",
+        id="surrogate-in-call-arguments",
+    ),
+    pytest.param(
+        [u("q"), CALLS, {**tool("c1", "r"), "tool_call_id": "c\udc801"}],
+        r"messages\[2\]\['tool_call_id'\] holds a lone surrogate",
+        id="surrogate-in-tool-call-id",
+    ),
     pytest.param([{"content": "x"}], "role None", id="missing-role"),
     pytest.param([{"role": "user"}], "has no content", id="missing-content"),
     pytest.param([{"role": "user", "content": None}], "has no content", id="none-content"),
@@ -154,4 +252,12 @@ def test_output_is_plain_str_dicts() -> None:
 
 def test_content_to_text_names_where() -> None:
     with pytest.raises(ValueError, match=r"here\[1\]"):
-        content_to_text(["ok", {"type": "audio"}], where="here")
+        content_to_text([{"type": "text", "text": "ok"}, {"type": "audio"}], where="here")
+
+
+def test_check_text_walks_keys_values_and_lists() -> None:
+    check_text({"a": ["ok", ("fine", 3, None)], "b": {"c": "é 😀"}}, "x")  # valid: no error
+    with pytest.raises(ValueError, match=r"x\['a'\]\[1\]\[0\] holds a lone surrogate"):
+        check_text({"a": ["ok", ("\udfff",)]}, "x")
+    with pytest.raises(ValueError, match=r"x key 'k\\udc80' holds a lone surrogate"):
+        check_text({"k\udc80": 1}, "x")
