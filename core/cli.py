@@ -22,7 +22,7 @@ from typing import Any
 
 from .base import BaseGemmaChatCompletion
 from .errors import GemmaLocalError
-from .factory import BACKENDS, create_gemma_client
+from .factory import BACKENDS, create_gemma_client, resolve_backend
 from .params import SamplingParams
 
 DEMO_PROMPTS = [
@@ -63,8 +63,30 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+#: Command-line options that only the transformers backend has.
+TRANSFORMERS_ONLY = {"four_bit": "--4bit", "device_map": "--device-map", "dtype": "--dtype"}
+
+
+def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
+    """Refuse transformers-only options on MLX, naming them (before anything loads)."""
+    if backend != "mlx":
+        return
+    given = [
+        flag for dest, flag in TRANSFORMERS_ONLY.items() if getattr(args, dest) not in (None, False)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} {'is not an option' if len(given) == 1 else 'are not options'} "
+            "of the MLX backend (transformers only); MLX checkpoints carry their own "
+            "quantisation and dtype (e.g. mlx-community/gemma-3-1b-it-4bit): drop "
+            f"{'it' if len(given) == 1 else 'them'} or pass --backend transformers"
+        )
+
+
 def _client(args: argparse.Namespace) -> BaseGemmaChatCompletion:
-    return create_gemma_client(args.backend, args.model, **_client_options(args))
+    backend = resolve_backend(args.backend)
+    _check_backend_options(args, backend)
+    return create_gemma_client(backend, args.model, **_client_options(args))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -270,20 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(chat)
     chat.add_argument("--system", default=None, help="system instructions")
     chat.add_argument("prompt", nargs="*", help="omit for an interactive loop")
-    chat.set_defaults(func=cmd_chat)
+    chat.set_defaults(func=cmd_chat, subparser=chat)
     info = sub.add_parser("info", help="what is known about a model")
     _add_model_options(info)
     info.add_argument("--load", action="store_true", help="load the weights first")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, subparser=info)
     demo = sub.add_parser("demo", help="offline demo on a tiny model (or --model NAME)")
     _add_model_options(demo)
     demo.add_argument("--max-tokens", type=int, default=32)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, subparser=demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Unknown options are reported by the subcommand's parser, with its usage
+    # (parse_args would report them with the top-level usage).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except (ValueError, TypeError, GemmaLocalError) as exc:
