@@ -188,11 +188,11 @@ def normalize_messages(
                 f"messages[{i}] must be a dict with 'role' and 'content', "
                 f"got {type(message).__name__}"
             )
-        role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}] has role {role!r}; allowed roles: {', '.join(ROLES)}")
+        given = message.get("role")
+        if not isinstance(given, str) or given not in ROLES:
+            raise ValueError(f"messages[{i}] has role {given!r}; allowed roles: {', '.join(ROLES)}")
         check_text(message, f"messages[{i}]")
-        role = ROLE_ALIASES.get(role, role)
+        role: str = ROLE_ALIASES.get(given, given)
         text = _message_text(message, role, i)
         if role == "tool":
             _check_tool_result(message, open_calls, i)

@@ -19,7 +19,8 @@ Data flow in and out, all on the core token stream::
 Tool calls and JSON output are guaranteed by core's constrained decoding
 (a grammar masks every token that would break the format), so the parsers
 that ``with_structured_output`` chains on never see malformed output unless
-``max_tokens`` cuts it short.
+``max_tokens`` cuts it short; they then raise an ``OutputParserException``
+saying so (the token count and the partial output) rather than a schema error.
 
 ``batch()`` / ``abatch()`` start ONE batched generation over every input
 (``stream_deltas(conversations, params)``) and then run LangChain's ordinary
@@ -48,6 +49,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
@@ -70,7 +72,7 @@ from langchain_core.output_parsers import (
     PydanticOutputParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
 from langchain_core.tools import BaseTool
@@ -369,6 +371,80 @@ def convert_to_response_format(
     if strict is not None:
         spec["strict"] = strict
     return {"type": "json_schema", "json_schema": spec}
+
+
+# ------------------------------------------------------------ cut-off structured replies
+
+
+def _cut_off_error(result: Sequence[Generation], what: str, *, call: bool) -> None:
+    """Raise if a structured reply ended at ``max_tokens`` before it was complete.
+
+    Under the grammar a reply always parses and validates once it is complete;
+    one cut short by ``max_tokens`` (``finish_reason == "length"``) is not, and
+    would otherwise surface as a schema error about an auto-closed object, or,
+    for a forced tool call that never finished, as ``None``. ``call``: the
+    reply is a tool call (complete iff ``tool_calls`` holds one), else JSON
+    text (complete iff it parses). Checked on partial (streamed) results too:
+    the last chunk carries the finish reason.
+    """
+    for generation in result:
+        message = getattr(generation, "message", None)
+        if not isinstance(message, AIMessage):
+            continue
+        if message.response_metadata.get("finish_reason") != "length":
+            continue
+        text = message.text if isinstance(message.content, list) else str(message.content)
+        if call:
+            if message.tool_calls:
+                continue
+        else:
+            try:
+                json.loads(text)
+                continue  # complete, just at the limit
+            except ValueError:
+                pass
+        used = message.usage_metadata["output_tokens"] if message.usage_metadata else None
+        subject = f"the call of {what}" if call else f"the {what} JSON"
+        raise OutputParserException(
+            f"{subject} was cut off after {used} tokens, before it was complete (max_tokens, or "
+            "what the context window left after the prompt); raise max_tokens (e.g. "
+            f"ChatGemmaLocal(max_tokens=...)). Partial output: {text!r}",
+            llm_output=text,
+        )
+
+
+class _JsonParser(JsonOutputParser):
+    """``JsonOutputParser`` that reports a reply cut off by ``max_tokens`` as such."""
+
+    label: str = "reply"
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _cut_off_error(result, self.label, call=False)
+        return super().parse_result(result, partial=partial)
+
+
+class _PydanticParser(PydanticOutputParser):
+    """``PydanticOutputParser`` that reports a reply cut off by ``max_tokens`` as such."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _cut_off_error(result, self.pydantic_object.__name__, call=False)
+        return super().parse_result(result, partial=partial)
+
+
+class _PydanticToolParser(PydanticToolsParser):
+    """``PydanticToolsParser`` that reports a call cut off by ``max_tokens`` as such."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _cut_off_error(result, " or ".join(t.__name__ for t in self.tools), call=True)
+        return super().parse_result(result, partial=partial)
+
+
+class _KeyToolParser(JsonOutputKeyToolsParser):
+    """``JsonOutputKeyToolsParser`` that reports a call cut off by ``max_tokens`` as such."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _cut_off_error(result, self.key_name, call=True)
+        return super().parse_result(result, partial=partial)
 
 
 # ------------------------------------------------------------ deltas → LangChain
@@ -1228,8 +1304,7 @@ class ChatGemmaLocal(BaseChatModel):
                 (``{"type": "json_object"}``); say in the prompt which keys you
                 want. Parsed with the schema if one is given.
             include_raw: return ``{"raw": AIMessage, "parsed": ..., "parsing_error":
-                ...}`` instead of raising when parsing fails (e.g. a reply cut at
-                ``max_tokens``).
+                ...}`` instead of raising when parsing fails.
             strict: whether objects are closed (no keys the schema does not
                 list). Default ``None``: closed, as tool arguments always are;
                 ``False`` leaves ``json_schema`` objects open where the schema
@@ -1239,6 +1314,12 @@ class ChatGemmaLocal(BaseChatModel):
             ValueError: an unknown method, unexpected arguments, a missing
                 schema, or a schema constrained decoding cannot handle (before
                 anything loads).
+
+        A complete reply always parses and validates (the grammar sees to it).
+        One cut off by ``max_tokens`` (``finish_reason == "length"``) does not:
+        the runnable raises an ``OutputParserException`` saying so, with the
+        token count and the partial output, or with ``include_raw=True``
+        returns it as ``parsing_error`` (``parsed`` is ``None``).
         """
         if kwargs:
             raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
@@ -1263,9 +1344,9 @@ class ChatGemmaLocal(BaseChatModel):
             name = tool["function"]["name"]
             llm = self.bind_tools([tool], tool_choice=name, parallel_tool_calls=False, **tracing)
             if _is_pydantic_class(schema):
-                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                parser = _PydanticToolParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
             else:
-                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+                parser = _KeyToolParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
             if method == "json_schema":
                 assert schema is not None
@@ -1277,9 +1358,11 @@ class ChatGemmaLocal(BaseChatModel):
             self._sampling_params(None, {"response_format": response_format})  # check it now
             llm = self.bind(response_format=response_format, **tracing)
             if _is_pydantic_class(schema):
-                parser = PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                parser = _PydanticParser(pydantic_object=schema)  # type: ignore[arg-type]
+            elif method == "json_schema":
+                parser = _JsonParser(label=response_format["json_schema"]["name"])
             else:
-                parser = JsonOutputParser()
+                parser = _JsonParser(label="json_mode")
         else:
             raise ValueError(
                 f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}"
