@@ -131,6 +131,65 @@ _TEMPLATE_FILES = {
     "gemma3n": "gemma3_chat_template.jinja",
 }
 _DTYPES = ("float32", "bfloat16", "float16")
+#: Default model dimensions per arch (build_tiny_checkpoint's keyword arguments).
+_GEMMA3_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+)
+_DIMS = {
+    **dict.fromkeys(GEMMA3_ARCHS, _GEMMA3_DIMS),
+    # E-like: 4 layers (sliding, full, sliding, full), the last 2 KV-shared.
+    "gemma4_text": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    ),
+    "gemma4": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    ),
+    # 26B-A4B-like: 3 layers (sliding, sliding, full), MoE block in every layer.
+    "gemma4_moe": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    # E-like Gemma 3n: 4 layers (sliding, full, sliding, full), the last 2 KV-shared.
+    "gemma3n": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    ),
+}
+# Gemma 4 specifics (see _make_gemma4_config).  The real models: head_dim 256,
+# global_head_dim 512, per-layer input 256, sliding window 512 (E) / 1024.
+_GEMMA4_GLOBAL_HEAD_DIM = {"gemma4_text": 64, "gemma4": 64, "gemma4_moe": 32}
+_GEMMA4_SLIDING_WINDOW = 512
+_GEMMA4_SOFTCAP = 30.0
+_GEMMA4_PER_LAYER_INPUT = 64  # E models' hidden_size_per_layer_input (bnb needs %64)
+_GEMMA4_KV_SHARED = 2
+_GEMMA4_NUM_EXPERTS = 4
+_GEMMA4_TOP_K = 2
+_GEMMA4_MOE_INTERMEDIATE = 64  # expert width (real 704); MLX 4-bit needs %64
+_GEMMA4_GLOBAL_KV_HEADS = 1
+_GEMMA4_VISION_POSITIONS = 64  # patch positions per side (real: 10240)
 # Gemma 3: every 2nd layer global (the real models use 6; with 2 tiny layers
 # that would make every layer local).
 _SLIDING_WINDOW_PATTERN = 2
@@ -141,7 +200,16 @@ _ROPE_LOCAL = 10_000.0
 # Default init std per arch.  Gemma 1 has no post-attention / post-MLP norms,
 # so with std 0.02 the (scaled) token embedding dominates the residual stream
 # and greedy decoding just repeats the last prompt token; 0.2 gives varied output.
-_INIT_STD = {"gemma3_text": 0.02, "gemma3": 0.02, "gemma2": 0.02, "gemma": 0.2}
+_INIT_STD = {
+    "gemma3_text": 0.02,
+    "gemma3": 0.02,
+    "gemma2": 0.02,
+    "gemma": 0.2,
+    "gemma4_text": 0.02,
+    "gemma4_moe": 0.02,
+    "gemma4": 0.02,
+    "gemma3n": 0.05,  # 0.02 decodes greedily into one repeated token
+}
 # Gemma 2 has no q/k RMSNorm (Gemma 3 does): with std 0.02 its attention is
 # nearly uniform and greedy decoding repeats one token.  Scaling q_proj and
 # k_proj gives sharp attention (and large enough scores to exercise the
@@ -452,6 +520,100 @@ def _make_config(arch: str, vocab_size: int, **dims):
     )
 
 
+def _gemma4_layer_types(arch: str, n: int) -> list[str]:
+    # E-like: alternate (the KV-shared tail needs both kinds before it);
+    # MoE: full attention every 3rd layer.  The last layer is always full.
+    pattern = 3 if arch == "gemma4_moe" else 2
+    return _layer_types(n, min(pattern, n))
+
+
+def _gemma4_text_config(arch: str, vocab_size: int, **dims):
+    """A Gemma4TextConfig with every field explicit (mlx-lm's defaults differ)."""
+    from transformers import Gemma4TextConfig
+
+    n = dims["num_hidden_layers"]
+    moe = arch == "gemma4_moe"
+    per_layer = 0 if moe else _GEMMA4_PER_LAYER_INPUT
+    shared = 0 if moe else min(_GEMMA4_KV_SHARED, max(n - 2, 0))
+    return Gemma4TextConfig(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=_GEMMA4_SLIDING_WINDOW,
+        layer_types=_gemma4_layer_types(arch, n),
+        rope_parameters={
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": _ROPE_GLOBAL,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": _ROPE_LOCAL},
+        },
+        final_logit_softcapping=_GEMMA4_SOFTCAP,
+        attention_bias=False,
+        # per-layer embeddings (E models)
+        hidden_size_per_layer_input=per_layer,
+        vocab_size_per_layer_input=vocab_size,
+        # KV sharing and the double-wide MLP of the KV-shared layers (E models)
+        num_kv_shared_layers=shared,
+        use_double_wide_mlp=not moe,
+        # MoE + K=V global attention (26B-A4B / 31B)
+        enable_moe_block=moe,
+        num_experts=_GEMMA4_NUM_EXPERTS if moe else None,
+        top_k_experts=_GEMMA4_TOP_K if moe else None,
+        moe_intermediate_size=_GEMMA4_MOE_INTERMEDIATE if moe else None,
+        attention_k_eq_v=moe,
+        global_head_dim=_GEMMA4_GLOBAL_HEAD_DIM[arch],
+        num_global_key_value_heads=_GEMMA4_GLOBAL_KV_HEADS if moe else None,
+        **dims,
+    )
+
+
+def _make_gemma4_config(arch: str, vocab_size: int, **dims):
+    if arch != "gemma4":
+        return _gemma4_text_config(arch, vocab_size, **dims)
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    ids = special_token_ids(arch, vocab_size)
+    # A one-layer vision tower (the real E2B's: 16 layers, hidden 768): cheap,
+    # so the checkpoint has the real layout; mlx-lm drops it on load.  No
+    # audio tower.
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        patch_size=PATCH_SIZE,
+        pooling_kernel_size=2,
+        position_embedding_size=_GEMMA4_VISION_POSITIONS,
+        use_clipped_linears=False,
+        standardize=False,
+        initializer_range=dims["initializer_range"],
+    )
+    return Gemma4Config(
+        text_config=_gemma4_text_config(arch, vocab_size, **dims),
+        vision_config=vision,
+        audio_config=None,
+        boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"],
+        image_token_id=ids["<|image|>"],
+        video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"],
+        eoa_token_index=ids["<audio|>"],
+        audio_token_id=ids["<|audio|>"],
+        initializer_range=dims["initializer_range"],
+        tie_word_embeddings=True,
+    )
+
+
 def _patch_config_json(path: Path, arch: str, dtype: str, vocab_size: int) -> None:
     """Write the keys real hub configs carry and mlx-lm reads, but transformers 5 omits.
 
@@ -474,9 +636,135 @@ def _patch_config_json(path: Path, arch: str, dtype: str, vocab_size: int) -> No
         text["rope_theta"] = _ROPE_GLOBAL
         text["rope_local_base_freq"] = _ROPE_LOCAL
         text["rope_scaling"] = None
+    elif is_gemma4(arch):
+        _patch_gemma4_text(text)
+        if arch == "gemma4":
+            cfg["vocab_size"] = vocab_size  # mlx-lm copies it into text_config
+            text["torch_dtype"] = dtype
+    elif arch == "gemma3n":
+        # mlx-lm's gemma3n TextConfig has these as required fields.
+        text["rope_theta"] = _ROPE_GLOBAL
+        text["rope_local_base_freq"] = _ROPE_LOCAL
+        text["rope_scaling"] = None
+        text["torch_dtype"] = dtype
     else:
         text["rope_theta"] = _ROPE_LOCAL
     file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _make_gemma3n_config(vocab_size: int, **dims):
+    """The text config of the tiny Gemma 3n (E-like), every field explicit."""
+    from transformers import Gemma3nTextConfig
+
+    n = dims["num_hidden_layers"]
+    return Gemma3nTextConfig(
+        vocab_size=vocab_size,
+        vocab_size_per_layer_input=vocab_size,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=_GEMMA4_SLIDING_WINDOW,
+        layer_types=_layer_types(n, min(2, n)),
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": _ROPE_GLOBAL},
+            "sliding_attention": {"rope_type": "default", "rope_theta": _ROPE_LOCAL},
+        },
+        final_logit_softcapping=_GEMMA4_SOFTCAP,
+        hidden_size_per_layer_input=_GEMMA4_PER_LAYER_INPUT,
+        num_kv_shared_layers=min(_GEMMA4_KV_SHARED, max(n - 2, 0)),
+        # The real E2B/E4B: the first 10 layers keep the top 5% of the gate
+        # activations (gelu_topk); here the first layer.
+        activation_sparsity_pattern=[0.95] + [0.0] * (n - 1),
+        altup_num_inputs=4,
+        altup_active_idx=0,
+        altup_coef_clip=120.0,
+        altup_correct_scale=True,
+        laurel_rank=16,
+        attention_bias=False,
+        **dims,
+    )
+
+
+def _save_gemma3n(path: Path, model, dtype: str) -> None:
+    """Save a Gemma3nForCausalLM as the real (multimodal) Gemma 3n checkpoints are laid out.
+
+    ``config.json`` is a ``gemma3n`` config (text + the default vision / audio
+    configs; no tower weights: this checkpoint is for text), the weights sit
+    under ``model.language_model.``, and the KV-shared layers keep their own
+    (unused) k/v projections and k-norm as in the published files: mlx-lm's
+    gemma3n loads them strictly, transformers ignores them.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nVisionConfig
+
+    text = model.config
+    gen = torch.Generator().manual_seed(1234)
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding
+            continue
+        weights["model.language_model." + name.removeprefix("model.")] = tensor
+    kv_dim = text.num_key_value_heads * text.head_dim
+    for i, layer in enumerate(model.model.layers):
+        if not layer.self_attn.is_kv_shared_layer:
+            continue
+        prefix = f"model.language_model.layers.{i}.self_attn."
+        std = text.initializer_range
+        for proj in ("k_proj", "v_proj"):
+            w = torch.randn((kv_dim, text.hidden_size), generator=gen) * std
+            weights[prefix + proj + ".weight"] = w.to(model.dtype)
+        weights[prefix + "k_norm.weight"] = torch.ones(text.head_dim, dtype=model.dtype)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    ids = special_token_ids("gemma3n")
+    config = Gemma3nConfig(
+        text_config=text,
+        vision_config=Gemma3nVisionConfig(),
+        audio_config=Gemma3nAudioConfig(),
+        # The tiny vocabulary has no media tokens: point them at <unk>.
+        boi_token_id=ids["<unk>"],
+        eoi_token_id=ids["<unk>"],
+        image_token_id=ids["<unk>"],
+        boa_token_id=ids["<unk>"],
+        eoa_token_id=ids["<unk>"],
+        audio_token_id=ids["<unk>"],
+        initializer_range=text.initializer_range,
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    config.dtype = dtype
+    config.save_pretrained(str(path))
+
+
+def _patch_gemma4_text(text: dict) -> None:
+    """The Gemma 4 keys mlx-lm reads from the top of the text config.
+
+    transformers keeps ``global_head_dim`` / ``num_global_key_value_heads`` only
+    inside ``per_layer_config``; mlx-lm reads them from the top (defaults 512 /
+    None), and derives nothing from ``per_layer_config``.
+    """
+    full = [o for o in text.get("per_layer_config", {}).values() if "head_dim" in o]
+    text["global_head_dim"] = full[0]["head_dim"] if full else text["head_dim"]
+    kv = {o.get("num_key_value_heads") for o in full} - {None}
+    text["num_global_key_value_heads"] = kv.pop() if kv else None
+    # Unused by mlx-lm when layer_types is given, but its default (5) would
+    # describe another model; this is the tiny one's pattern.
+    types = text["layer_types"]
+    text["sliding_window_pattern"] = types.index("full_attention") + 1
+    text["global_partial_rotary_factor"] = text["rope_parameters"]["full_attention"][
+        "partial_rotary_factor"
+    ]
+    # The rest of mlx-lm's ModelArgs, explicit (the per-layer-type RoPE is in
+    # rope_parameters; these two only describe it).
+    text["partial_rotary_factor"] = 1.0
+    text["rope_traditional"] = False
 
 
 def build_tiny_checkpoint(
@@ -486,87 +774,132 @@ def build_tiny_checkpoint(
     dtype: str = "float32",
     seed: int = 0,
     vocab_size: int = 512,
-    hidden_size: int = 128,
-    intermediate_size: int = 256,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    num_key_value_heads: int = 1,
-    head_dim: int = 64,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    head_dim: int | None = None,
     max_position_embeddings: int = 2048,
     initializer_range: float | None = None,
-    norm_std: float = 1.0,
+    norm_std: float | None = None,
 ) -> Path:
     """Build a random-weight Gemma checkpoint of ``arch`` in ``path``; return the path.
 
-    ``path`` is emptied first.  Writes ``config.json``, ``model.safetensors``
-    (``save_pretrained``), ``generation_config.json`` and the tokenizer files
-    (and, for ``gemma3``, ``processor_config.json`` + the image processor).
-    ``initializer_range`` is the std of the random Linear/Embedding weights
-    (default per arch, see _INIT_STD); ``norm_std`` the std of the RMSNorm
-    weights (transformers initialises them to 0, i.e. scale 1).
+    ``arch`` is one of :data:`ARCHS`.  ``path`` is emptied first.  Writes
+    ``config.json``, ``model.safetensors`` (``save_pretrained``),
+    ``generation_config.json`` and the tokenizer files (and, for ``gemma3``,
+    ``processor_config.json`` + the image processor).  The model dimensions
+    default per arch (Gemma 1-3: hidden 128, 2 layers; Gemma 4 / 3n: hidden 64,
+    3-4 layers); ``None`` means that default.  ``initializer_range`` is the std
+    of the random Linear/Embedding weights (default per arch, see _INIT_STD);
+    ``norm_std`` the spread of the random RMSNorm scales (default 1.0 for Gemma
+    1-3, whose norms scale by ``1 + w`` with ``w`` ~ N(0, norm_std); 0.5 for
+    Gemma 4 / 3n, whose norms scale by ``w`` ~ 1 + N(0, norm_std)).
     """
     _check_arch(arch)
-    if arch not in GEMMA3_ARCHS:
-        raise ValueError(f"build_tiny_checkpoint does not build {arch!r} yet (tokenizer only)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.utils import logging as hf_logging
 
-    if initializer_range is None:
-        initializer_range = _INIT_STD[arch]
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-    config = _make_config(
-        arch,
-        vocab_size,
+    given = dict(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
     )
+    dims = {k: _DIMS[arch][k] if v is None else v for k, v in given.items()}
+    if initializer_range is None:
+        initializer_range = _INIT_STD[arch]
+    scale_norms_by_w = arch not in GEMMA3_ARCHS  # Gemma 4 / 3n: x * w, not x * (1 + w)
+    if norm_std is None:
+        norm_std = 0.5 if scale_norms_by_w else 1.0
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+    if is_gemma4(arch):
+        config = _make_gemma4_config(
+            arch,
+            vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            initializer_range=initializer_range,
+            **dims,
+        )
+    elif arch == "gemma3n":
+        config = _make_gemma3n_config(
+            vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            initializer_range=initializer_range,
+            **dims,
+        )
+    else:
+        config = _make_config(
+            arch,
+            vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            initializer_range=initializer_range,
+            **dims,
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
+
+    def around_one(shape) -> torch.Tensor:
+        return 1.0 + torch.randn(shape, generator=gen) * norm_std
+
     with torch.no_grad():
         for name, param in model.named_parameters():
+            towers = "vision_tower" in name or "audio_tower" in name
             # Random norm scales make greedy decoding much less repetitive and
-            # check that every backend applies Gemma's (1 + w) scaling.
-            if norm_std and name.endswith("norm.weight") and "vision_tower" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * norm_std)
+            # check that every backend applies the right scaling.
+            if norm_std and name.endswith("norm.weight") and not towers:
+                if scale_norms_by_w:
+                    param.copy_(around_one(param.shape))
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen) * norm_std)
+            # Ones by default: random, so that a backend that ignores them shows.
+            elif name.endswith(("router.scale", "router.per_expert_scale", "correct_output_scale")):
+                param.copy_(around_one(param.shape))
             # Zero-initialised by transformers: images would have no effect.
             elif name.endswith("mm_input_projection_weight"):
                 param.copy_(torch.randn(param.shape, generator=gen) * initializer_range)
-            elif name.endswith(("q_proj.weight", "k_proj.weight")) and "vision_tower" not in name:
+            elif name.endswith(("q_proj.weight", "k_proj.weight")) and not towers:
                 param.mul_(_QK_GAIN.get(arch, 1.0))
+        for name, buf in model.named_buffers():
+            # Gemma 4's per-layer output scale (a saved buffer, ones by default).
+            if name.endswith("layer_scalar"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype
 
-    progress_bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(path))
-    finally:
-        if progress_bar:
-            hf_logging.enable_progress_bar()
+    if arch == "gemma3n":
+        _save_gemma3n(path, model, dtype)
+    else:
+        progress_bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(str(path))
+        finally:
+            if progress_bar:
+                hf_logging.enable_progress_bar()
     _patch_config_json(path, arch, dtype, vocab_size)
 
     generation = GenerationConfig(
         bos_token_id=2, eos_token_id=list(eos_token_ids(arch)), pad_token_id=0
     )
-    if arch.startswith("gemma3"):
-        # The real Gemma 3 defaults: sampling unless the caller says otherwise.
+    if arch != "gemma2" and arch != "gemma":
+        # The real Gemma 3 / 3n / 4 defaults: sampling unless the caller says otherwise.
         generation.do_sample = True
         generation.top_k = 64
         generation.top_p = 0.95
+        if is_gemma4(arch):
+            generation.temperature = 1.0
     generation.save_pretrained(str(path))
 
     if arch == "gemma3":

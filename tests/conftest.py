@@ -122,3 +122,31 @@ def backend_name(client) -> str:
 
 
 USER = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.fixture(scope="session")
+def gemma4_path(tiny_dir: Path) -> Path:
+    """Gemma 4 dense E-like text checkpoint (``gemma4_text``: per-layer embeddings,
+    KV-shared layers, double-wide MLP; like gemma-4-E2B/E4B), float32."""
+    return _build(tiny_dir, "gemma4_text")
+
+
+@pytest.fixture(scope="session")
+def gemma4_moe_path(tiny_dir: Path) -> Path:
+    """Gemma 4 MoE checkpoint (``gemma4_text`` with ``enable_moe_block`` and
+    ``attention_k_eq_v``; like gemma-4-26B-A4B), float32."""
+    return _build(tiny_dir, "gemma4_moe")
+
+
+@pytest.fixture(scope="session")
+def gemma4_vision_path(tiny_dir: Path) -> Path:
+    """Gemma 4 multimodal checkpoint (``gemma4``, ``Gemma4ForConditionalGeneration``,
+    a one-layer vision tower, no processor yet), float32."""
+    return _build(tiny_dir, "gemma4")
+
+
+@pytest.fixture(scope="session")
+def gemma3n_path(tiny_dir: Path) -> Path:
+    """Gemma 3n checkpoint (``gemma3n``, text weights only: transformers loads it with
+    ``Gemma3nForCausalLM``; ``AutoModelForCausalLM`` needs timm), float32."""
+    return _build(tiny_dir, "gemma3n")
