@@ -1,0 +1,65 @@
+"""Model families: what differs between Gemma generations, one module each.
+
+:func:`family_for` picks the family from a checkpoint's ``config.json``
+``model_type``; the engine asks the family how messages become the chat
+template's input, which tokens end a reply, how text is decoded, which
+grammar constrains tools / JSON output and how the output splits into
+content, reasoning and tool calls (the :class:`Family` protocol).
+
+=========  ===============================================  =====================
+family     model types                                      module
+=========  ===============================================  =====================
+gemma2     ``gemma``, ``gemma2``                            :mod:`.gemma2`
+gemma3     ``gemma3``, ``gemma3_text``, ``gemma3n``,        :mod:`.gemma3`
+           ``gemma3n_text``; any other model type
+gemma4     ``gemma4``, ``gemma4_text``, ``gemma4_unified``  :mod:`.gemma4`
+=========  ===============================================  =====================
+
+Adding a family: a module with a frozen dataclass that answers
+:class:`Family` and a ``FAMILY`` instance, and its model types in
+:data:`MODEL_TYPES`. Importing this package is cheap (no torch,
+transformers, mlx or llguidance).
+"""
+
+from __future__ import annotations
+
+from . import gemma2, gemma3, gemma4
+from .interface import Family, Messages, OutputParser, Parsed
+
+#: Every family by name.
+FAMILIES: dict[str, Family] = {
+    "gemma2": gemma2.FAMILY,
+    "gemma3": gemma3.FAMILY,
+    "gemma4": gemma4.FAMILY,
+}
+#: ``config.json`` ``model_type`` -> family name.
+MODEL_TYPES = {
+    "gemma": "gemma2",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "gemma3n": "gemma3",
+    "gemma3n_text": "gemma3",
+    "gemma4": "gemma4",
+    "gemma4_text": "gemma4",
+    "gemma4_unified": "gemma4",
+}
+#: The family of a model type this table does not know.
+DEFAULT_FAMILY = "gemma3"
+
+
+def family_for(model_type: str | None) -> Family:
+    """The family of a checkpoint's ``model_type`` (Gemma 3's for unknown or ``None``)."""
+    return FAMILIES[MODEL_TYPES.get(model_type or "", DEFAULT_FAMILY)]
+
+
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "MODEL_TYPES",
+    "Family",
+    "Messages",
+    "OutputParser",
+    "Parsed",
+    "family_for",
+]

@@ -1,0 +1,106 @@
+"""The Gemma 3 family (``gemma3``, ``gemma3_text``, ``gemma3n``; also the default).
+
+No control tokens for tools or thinking: a call is JSON text in the format
+the system prompt asks for, constrained by the grammar of
+:mod:`core.constrained`, and tool results are ```` ```tool_output ````
+blocks in a user turn (see :mod:`core.messages`). This module only delegates
+to those functions, so Gemma 1/2/3 behave exactly as before; Gemma 2 is the
+same family with a template that rejects the system role
+(:mod:`core.families.gemma2`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..constrained import (
+    ToolCall,
+    ToolCallParser,
+    grammar_for,
+    system_instructions,
+    tool_call_parser,
+)
+from ..messages import normalize_messages
+from .interface import Messages, Parsed
+
+if TYPE_CHECKING:
+    from ..params import SamplingParams
+
+
+class TextOutputParser:
+    """Text as it comes, or JSON tool calls through :class:`~core.constrained.ToolCallParser`."""
+
+    def __init__(self, calls: ToolCallParser | None) -> None:
+        self._calls = calls
+
+    def feed(self, text: str) -> Parsed:
+        calls: tuple[ToolCall, ...] = ()
+        if self._calls is not None:
+            text, calls = self._calls.feed(text)
+        return Parsed(text, "", calls)
+
+    def finish(self) -> Parsed:
+        return Parsed()  # ToolCallParser holds back nothing but a call cut short
+
+
+def _developer_as_system(messages: Any) -> Any:
+    """``developer`` (OpenAI's newer name for ``system``) read as ``system``; a new list.
+
+    Anything but a list goes on unchanged: :func:`normalize_messages` says what is wrong.
+    """
+    if not isinstance(messages, (list, tuple)):
+        return messages
+    return [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+        for m in messages
+    ]
+
+
+@dataclass(frozen=True)
+class Gemma3Family:
+    """Gemma 1/2/3: the system text folded or passed as a system message, JSON calls.
+
+    ``system_role``: whether the chat template accepts a leading system
+    message (the engine may ``dataclasses.replace`` it with what it probed on
+    the checkpoint's own template).
+    """
+
+    name: str = "gemma3"
+    chat_template: str = "gemma3_chat_template.jinja"
+    system_role: bool = True
+    end_tokens: tuple[str, ...] = ("<end_of_turn>", "<eos>")
+    keep_special_tokens: bool = False
+    can_think: bool = False
+
+    def check(self, params: SamplingParams, thinking: bool | None) -> None:
+        if thinking:
+            raise ValueError(
+                f"thinking=True needs a model that can think; {self.name} models cannot "
+                "(use a Gemma 4 model, or leave thinking unset)"
+            )
+
+    def render_inputs(
+        self, messages: Messages, params: SamplingParams, thinking: bool | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        self.check(params, thinking)
+        turns = normalize_messages(
+            _developer_as_system(messages),
+            system_role=self.system_role,
+            instructions=system_instructions(params),
+        )
+        return [dict(t) for t in turns], {}
+
+    def grammar(self, params: SamplingParams, thinking: bool | None) -> str | None:
+        self.check(params, thinking)
+        return grammar_for(params)
+
+    def free_prose(self, params: SamplingParams, thinking: bool | None) -> bool:
+        return bool(params.tools) and params.tool_choice == "auto"
+
+    def output_parser(self, params: SamplingParams, thinking: bool | None) -> TextOutputParser:
+        self.check(params, thinking)
+        return TextOutputParser(tool_call_parser(params))
+
+
+FAMILY = Gemma3Family()

@@ -1,0 +1,133 @@
+"""What every model family answers: the :class:`Family` and :class:`OutputParser` protocols.
+
+A family is a small frozen dataclass (see :mod:`core.families.gemma3` and
+:mod:`core.families.gemma4`); the engine only ever talks to it through this
+interface, so adding a family touches neither the others nor the adapters.
+
+The data flow of one request, with the calls the engine makes::
+
+    family = family_for(model_type)                        # once per client
+    family.check(params, thinking)                         # at the API boundary, before any load
+    messages, kwargs = family.render_inputs(conversation, params, thinking)
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=True, **kwargs)
+    grammar = family.grammar(params, thinking)             # llguidance Lark, or None
+    parser = family.output_parser(params, thinking)        # one per row
+    for piece in detokenised text (special tokens kept if family.keep_special_tokens):
+        parsed = parser.feed(piece)    # -> Parsed(content, reasoning, calls)
+    parsed = parser.finish()           # held-back text; a call cut short is dropped
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..constrained import ToolCall
+
+if TYPE_CHECKING:
+    from ..params import SamplingParams
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What one piece of a row's output turned out to be.
+
+    ``content`` is answer text (never a control token), ``reasoning`` the
+    text of the model's thinking channel and ``calls`` the tool calls this
+    piece completed (each reported once, numbered by ``ToolCall.index``
+    within the row).
+    """
+
+    content: str = ""
+    reasoning: str = ""
+    calls: tuple[ToolCall, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.calls)
+
+    def __add__(self, other: Parsed) -> Parsed:
+        return Parsed(
+            self.content + other.content,
+            self.reasoning + other.reasoning,
+            self.calls + other.calls,
+        )
+
+
+class OutputParser(Protocol):
+    """Turns one row's streamed text into content, reasoning and tool calls.
+
+    ``feed`` may hold text back (a half-received marker, undecided prose);
+    ``finish`` releases it at the end of the row. Concatenating every
+    result's fields gives the same answer however the text was split.
+    """
+
+    def feed(self, text: str) -> Parsed: ...
+
+    def finish(self) -> Parsed: ...
+
+
+class Family(Protocol):
+    """Everything that differs between model generations.
+
+    Attributes:
+        name: ``"gemma2"``, ``"gemma3"`` or ``"gemma4"``.
+        chat_template: file name of the packaged fallback template in
+            ``core/chat_templates`` (used when a checkpoint ships none).
+        end_tokens: the token strings that end a reply, the preferred one
+            first (the engine maps them to ids and adds the generation
+            config's ``eos_token_id``).
+        keep_special_tokens: decode with ``skip_special_tokens=False``; the
+            output parser then removes every control token.
+        can_think: whether ``thinking=True`` is allowed.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def chat_template(self) -> str: ...
+
+    @property
+    def end_tokens(self) -> tuple[str, ...]: ...
+
+    @property
+    def keep_special_tokens(self) -> bool: ...
+
+    @property
+    def can_think(self) -> bool: ...
+
+    def check(self, params: SamplingParams, thinking: bool | None) -> None:
+        """Raise ``ValueError`` for what this family cannot serve (no model needed)."""
+        ...
+
+    def render_inputs(
+        self, messages: Messages, params: SamplingParams, thinking: bool | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """``(messages, extra keyword arguments)`` for the chat template.
+
+        The caller's messages are validated (``ValueError`` naming the
+        message) and never mutated. The caller adds
+        ``add_generation_prompt=True``.
+        """
+        ...
+
+    def grammar(self, params: SamplingParams, thinking: bool | None) -> str | None:
+        """The Lark grammar (llguidance dialect) the reply must match, or ``None``."""
+        ...
+
+    def free_prose(self, params: SamplingParams, thinking: bool | None) -> bool:
+        """Whether a row may drop its grammar once its first token starts prose.
+
+        True only where prose is told apart by its first character being
+        something other than ``{`` (:class:`core.constrained.GrammarMatchers`'
+        ``free_prose``).
+        """
+        ...
+
+    def output_parser(self, params: SamplingParams, thinking: bool | None) -> OutputParser:
+        """A fresh parser for one row."""
+        ...
