@@ -20,6 +20,26 @@ The checkpoints mimic the real Gemma releases where it matters to a loader:
   writes (see :func:`_patch_config_json`);
 * ``generation_config.json`` stops on ``[<eos>, <end_of_turn>]`` like Gemma 3.
 
+Gemma 4 (:data:`GEMMA4_ARCHS`) and Gemma 3n follow their own releases:
+
+* ``gemma4_text``: dense and E-like (gemma-4-E2B/E4B): per-layer embeddings,
+  the last two of four layers KV-shared with a double-wide MLP, a global
+  (full-attention) head dim twice the sliding one, proportional RoPE;
+  ``gemma4_moe``: ``model_type`` ``gemma4_text`` with ``enable_moe_block`` (32
+  experts, top 4) and ``attention_k_eq_v`` with one global KV head (like
+  26B-A4B / 31B); ``gemma4``: the multimodal ``Gemma4ForConditionalGeneration``
+  (a one-layer vision tower, no audio tower, no processor yet) used for text;
+* the Gemma 4 tokenizer has every control token at its real id
+  (:data:`GEMMA4_SPECIAL_TOKENS`), the media tokens at the last ids,
+  ``add_bos_token`` false and left padding, and the real Gemma 4 template;
+  generation stops on ``[<eos>, <turn|>, <|tool_response>]``;
+* ``gemma3n`` is laid out like the real (multimodal) Gemma 3n checkpoints but
+  holds text weights only: mlx-lm loads it, transformers loads it with
+  ``Gemma3nForCausalLM`` (``AutoModelForCausalLM`` builds the full model,
+  whose vision tower needs ``timm``).  Gemma 3 tokenizer, template and stop ids;
+* their ``config.json`` writes every field mlx-lm reads, because mlx-lm's
+  defaults are those of the real models (see :func:`_patch_gemma4_text`).
+
 Heavy libraries (torch, transformers, tokenizers) are imported lazily, inside
 the functions, so importing this module is cheap.
 """
@@ -185,8 +205,10 @@ _GEMMA4_SLIDING_WINDOW = 512
 _GEMMA4_SOFTCAP = 30.0
 _GEMMA4_PER_LAYER_INPUT = 64  # E models' hidden_size_per_layer_input (bnb needs %64)
 _GEMMA4_KV_SHARED = 2
-_GEMMA4_NUM_EXPERTS = 4
-_GEMMA4_TOP_K = 2
+# 32 experts (real: 128, top 8): the fewest for which bitsandbytes' CPU 4-bit
+# kernel can pack router.proj (it needs out_features % 32 == 0).
+_GEMMA4_NUM_EXPERTS = 32
+_GEMMA4_TOP_K = 4
 _GEMMA4_MOE_INTERMEDIATE = 64  # expert width (real 704); MLX 4-bit needs %64
 _GEMMA4_GLOBAL_KV_HEADS = 1
 _GEMMA4_VISION_POSITIONS = 64  # patch positions per side (real: 10240)
@@ -682,7 +704,7 @@ def _make_gemma3n_config(vocab_size: int, **dims):
         altup_active_idx=0,
         altup_coef_clip=120.0,
         altup_correct_scale=True,
-        laurel_rank=16,
+        laurel_rank=64,
         attention_bias=False,
         **dims,
     )

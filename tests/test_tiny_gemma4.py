@@ -183,7 +183,7 @@ def test_config_files(arch, ckpt):
     assert text["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
     if arch == "gemma4_moe":
         assert text["enable_moe_block"] and text["attention_k_eq_v"]
-        assert (text["num_experts"], text["top_k_experts"]) == (4, 2)
+        assert (text["num_experts"], text["top_k_experts"]) == (32, 4)
         assert text["num_global_key_value_heads"] == 1 < text["num_key_value_heads"]
         assert text["num_kv_shared_layers"] == 0 and text["hidden_size_per_layer_input"] == 0
     else:
@@ -443,6 +443,46 @@ def test_bfloat16_gemma4(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.bfloat16
     model, _ = mlx_lm.load(str(path))
     assert model.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+
+
+def test_mlx_4bit_convert_loads_and_generates(arch, ckpt, tmp_path):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    out = tmp_path / "mlx-4bit"
+    mlx_lm.convert(str(ckpt), str(out), quantize=True, q_bits=4, q_group_size=64)
+    model, wrapper = mlx_lm.load(str(out))
+    q_proj = model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == 4
+    prompt = mx.array(wrapper.encode("<bos><|turn>user\nHi", add_special_tokens=False))
+    toks = [
+        int(t) for t, _ in generate_step(prompt, model, max_tokens=4, sampler=make_sampler(0.0))
+    ]
+    assert len(toks) == 4 and all(0 <= t < 512 for t in toks)
+
+
+@pytest.mark.parametrize("bnb_arch", ["gemma4_text", "gemma4_moe", "gemma4"])
+def test_bnb_nf4_on_cpu(bnb_arch, request):
+    """Every Linear but the tied lm_head is 4-bit (the router too: 32 experts pack on CPU)."""
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = request.getfixturevalue(CHECKPOINTS[bnb_arch][0])
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, device_map="cpu")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert linears - quantized == {"lm_head"} and len(quantized) >= 20
+    x = torch.tensor([[2, 105, 50, 60]])
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=3)
+    assert out.shape[1] == 4 + 3
 
 
 # --------------------------------------------------------------------------
