@@ -155,6 +155,12 @@ def test_gemma3_cannot_think(name: str) -> None:
     family.check(params, None)
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gemma4"])
+def test_thinking_must_be_a_bool_or_none(name: str) -> None:
+    with pytest.raises(TypeError, match="thinking must be True, False or None, got 'yes'"):
+        FAMILIES[name].check(SamplingParams.build(), "yes")  # type: ignore[arg-type]
+
+
 def test_gemma3_parser_is_the_json_call_parser() -> None:
     params = SamplingParams.build(tools=[WEATHER])
     parser = FAMILIES["gemma3"].output_parser(params, None)

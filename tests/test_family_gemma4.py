@@ -31,12 +31,12 @@ import pytest
 from core import SamplingParams
 from core.constrained import ToolSpec
 from core.families import Parsed, family_for
-from core.families.gemma4 import (
+from core.families.gemma4_grammar import build_grammar
+from core.families.gemma4_syntax import (
     CONTROL_TOKENS,
     TOKEN_IDS,
     CallSyntaxError,
     Gemma4OutputParser,
-    build_grammar,
     format_call,
     format_value,
     parse_call,

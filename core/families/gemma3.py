@@ -22,7 +22,7 @@ from ..constrained import (
     tool_call_parser,
 )
 from ..messages import normalize_messages
-from .interface import Messages, Parsed
+from .interface import Messages, Parsed, check_thinking
 
 if TYPE_CHECKING:
     from ..params import SamplingParams
@@ -74,11 +74,7 @@ class Gemma3Family:
     can_think: bool = False
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:
-        if thinking:
-            raise ValueError(
-                f"thinking=True needs a model that can think; {self.name} models cannot "
-                "(use a Gemma 4 model, or leave thinking unset)"
-            )
+        check_thinking(thinking, self.name, self.can_think)
 
     def render_inputs(
         self, messages: Messages, params: SamplingParams, thinking: bool | None

@@ -57,6 +57,17 @@ class Parsed:
         )
 
 
+def check_thinking(thinking: Any, name: str, can_think: bool) -> None:
+    """``thinking`` must be ``None`` (the default: off), ``False`` or ``True`` where allowed."""
+    if thinking is not None and not isinstance(thinking, bool):
+        raise TypeError(f"thinking must be True, False or None, got {thinking!r}")
+    if thinking and not can_think:
+        raise ValueError(
+            f"thinking=True needs a model that can think; {name} models cannot "
+            "(use a Gemma 4 model, or leave thinking unset)"
+        )
+
+
 class OutputParser(Protocol):
     """Turns one row's streamed text into content, reasoning and tool calls.
 
