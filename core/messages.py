@@ -7,7 +7,8 @@ tool-calling shapes: ``{"role": "assistant", "content": None | str,
 "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}``
 and ``{"role": "tool", "tool_call_id": str, "content": ...}``, which must
 follow the assistant message whose call it answers (other tool results of
-that message may come between) and name one of its call ids. Every string
+that message may come between) and name one of its call ids (a call
+without an id matches any). Every string
 must be valid Unicode (no lone surrogates, which no tokenizer can encode):
 :func:`check_text` says where one is, before anything loads.
 
