@@ -745,18 +745,12 @@ def _save_gemma3n(path: Path, model, dtype: str) -> None:
         str(path / "model.safetensors"),
         metadata={"format": "pt"},
     )
-    ids = special_token_ids("gemma3n")
+    # The media token ids keep their real values (outside the tiny vocabulary,
+    # like the towers' vocab_offset): this checkpoint is for text.
     config = Gemma3nConfig(
         text_config=text,
         vision_config=Gemma3nVisionConfig(),
         audio_config=Gemma3nAudioConfig(),
-        # The tiny vocabulary has no media tokens: point them at <unk>.
-        boi_token_id=ids["<unk>"],
-        eoi_token_id=ids["<unk>"],
-        image_token_id=ids["<unk>"],
-        boa_token_id=ids["<unk>"],
-        eoa_token_id=ids["<unk>"],
-        audio_token_id=ids["<unk>"],
         initializer_range=text.initializer_range,
         tie_word_embeddings=True,
     )
