@@ -177,6 +177,7 @@ def test_gemma3_parser_is_the_json_call_parser() -> None:
     ]
     prose = FAMILIES["gemma3"].output_parser(SamplingParams.build(), None)
     assert prose.feed("Hello") + prose.finish() == Parsed("Hello")
+    assert not prose.in_reasoning
 
 
 def test_parsed_adds_and_is_falsy_when_empty() -> None:

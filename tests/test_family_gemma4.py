@@ -81,7 +81,7 @@ SEARCH = tool(
             "required": ["exact"],
         },
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "score": {"type": "number"},
+        "score": {"type": "number", "exclusiveMinimum": -1, "maximum": 100},
         "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
         "meta": {"type": "object", "additionalProperties": {"type": "integer"}},
     },
@@ -126,7 +126,7 @@ CALLS: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "search",
-        {"filters": {"after": 2024, "exact": False}, "limit": 10, "query": "q", "score": 1e-05},
+        {"filters": {"after": 2024, "exact": False}, "limit": 10, "query": "q", "score": 0.001},
     ),
     ("search", {"query": "q", "tags": [], "meta": {}}),
     ("plant", {"root": {"name": "a"}}),
@@ -524,6 +524,18 @@ def test_parser_holds_a_half_marker_and_releases_plain_text() -> None:
     assert parser.finish() == Parsed("<|cha")  # never completed: it was text
 
 
+def test_parser_says_when_the_thinking_channel_is_open() -> None:
+    tokens = ["<|channel>", "thought", "\n", "Hm", "<channel|>", "Yes", "<|tool_call>"]
+    parser = Gemma4OutputParser(None)
+    counted = 0
+    for token in tokens:
+        before = parser.in_reasoning
+        parser.feed(token)
+        counted += before or parser.in_reasoning
+    assert counted == 5  # the channel's markers, its label and its text
+    assert not parser.in_reasoning
+
+
 def test_parser_call_cut_short_is_not_reported() -> None:
     parser = Gemma4OutputParser(frozenset({"get_weather"}))
     assert parser.feed('<|tool_call>call:get_weather{city:<|"|>Tok') == Parsed()
@@ -636,6 +648,8 @@ def test_off_format_and_invalid_calls_are_rejected(tokenizer, ll_tokenizer, text
         ("search", f"{{query:{Q}q{Q},tags:[1]}}"),  # items
         ("search", f"{{meta:{{a:{Q}x{Q}}},query:{Q}q{Q}}}"),  # additionalProperties schema
         ("search", f"{{limit:1.5,query:{Q}q{Q}}}"),  # anyOf
+        ("search", f"{{query:{Q}q{Q},score:-1}}"),  # exclusiveMinimum
+        ("search", f"{{query:{Q}q{Q},score:100.5}}"),  # maximum
         ("plant", f"{{root:{{kids:[{{kids:[]}}],name:{Q}a{Q}}}}}"),  # $ref: name required
         ("ping", f"{{x:{Q}y{Q}}}"),  # no parameters
     ],
@@ -643,6 +657,22 @@ def test_off_format_and_invalid_calls_are_rejected(tokenizer, ll_tokenizer, text
 def test_schema_violations_are_rejected(tokenizer, ll_tokenizer, name: str, bad: str) -> None:
     text = f"<|tool_call>call:{name}{bad}<tool_call|>"
     assert not accepts(tokenizer, ll_tokenizer, grammar(tools=ALL_TOOLS), text)
+
+
+def test_nullable_and_free_values(tokenizer, ll_tokenizer) -> None:
+    note = tool(
+        "note",
+        {"text": {"type": "string", "nullable": True}, "extra": {}, "blob": {"type": "object"}},
+        ["text"],
+    )
+    g = grammar(tools=[note], tool_choice="required")
+    ok = lambda t: accepts(tokenizer, ll_tokenizer, g, t)  # noqa: E731
+    assert ok("<|tool_call>call:note{text:null}<tool_call|>")
+    assert ok(
+        format_call("note", {"text": "a", "extra": [1, {"k": None}], "blob": {"z": "y", "a": 1}})
+    )
+    assert not ok("<|tool_call>call:note{text:1}<tool_call|>")
+    assert not ok(f"<|tool_call>call:note{{blob:[],text:{Q}a{Q}}}<tool_call|>")
 
 
 def test_tool_choice_and_parallel_calls(tokenizer, ll_tokenizer) -> None:

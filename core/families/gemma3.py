@@ -40,6 +40,10 @@ class TextOutputParser:
             text, calls = self._calls.feed(text)
         return Parsed(text, "", calls)
 
+    @property
+    def in_reasoning(self) -> bool:
+        return False  # Gemma 1/2/3 cannot think
+
     def finish(self) -> Parsed:
         return Parsed()  # ToolCallParser holds back nothing but a call cut short
 

@@ -10,7 +10,8 @@ call can only be written with them. The reply is::
 
 and a tool's arguments follow its JSON schema (:class:`_Rules`): strings
 (``enum`` / ``const``, ``minLength`` / ``maxLength``) between ``<|"|>``
-tokens, integers and numbers (bounds through llguidance's ``%json``),
+tokens, integers and numbers (bounds through llguidance's ``%json``, which then
+writes no exponent),
 booleans, ``null``, closed objects whose properties come in the template's
 order (required ones always, optional ones may), free objects
 (``additionalProperties``), arrays (``items``, ``minItems`` / ``maxItems``),

@@ -238,6 +238,11 @@ class Gemma4OutputParser:
         self._out: dict[str, list[str]] = {"content": [], "reasoning": []}
         self._calls: list[ToolCall] = []
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the thinking channel is open (for counting reasoning tokens)."""
+        return self._state in ("label", "reasoning")
+
     def feed(self, text: str) -> Parsed:
         buf, self._held = self._held + text, ""
         pos = 0

@@ -76,6 +76,16 @@ class OutputParser(Protocol):
     result's fields gives the same answer however the text was split.
     """
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the thinking channel is open now.
+
+        A token whose text was fed while it was open before or after the
+        feed is a reasoning token (``completion_tokens_details.reasoning_tokens``;
+        the channel's markers count as reasoning).
+        """
+        ...
+
     def feed(self, text: str) -> Parsed: ...
 
     def finish(self) -> Parsed: ...
