@@ -28,6 +28,11 @@ from .messages import check_text
 
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
+#: The smallest temperature and repetition penalty backends divide logits by. A
+#: smaller one is 0 in float32 (or overflows the logits it divides), which makes
+#: the probabilities NaN (transformers raises mid-generation, MLX draws garbage);
+#: at this size the draw is already the argmax (a logit gap of 1e-4 weighs e^100).
+MIN_DIVISOR = 1e-6
 
 #: Options ``create()`` accepts besides the sampling ones (OpenAI names that
 #: have no effect locally are accepted and ignored, like the OpenAI server does
@@ -241,6 +246,16 @@ class SamplingParams:
 
     def with_max_tokens(self, max_tokens: int) -> SamplingParams:
         return replace(self, max_tokens=max_tokens)
+
+    def in_float32(self) -> SamplingParams:
+        """These options with a positive temperature / repetition penalty of at least
+        :data:`MIN_DIVISOR`, what backends sample with (see there)."""
+        changes: dict[str, Any] = {}
+        if 0.0 < self.temperature < MIN_DIVISOR:
+            changes["temperature"] = MIN_DIVISOR
+        if self.repetition_penalty is not None and self.repetition_penalty < MIN_DIVISOR:
+            changes["repetition_penalty"] = MIN_DIVISOR
+        return replace(self, **changes) if changes else self
 
 
 ACCEPTED_OPTIONS = frozenset(
