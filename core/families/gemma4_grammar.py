@@ -4,16 +4,16 @@ Control tokens are named by id (``<[48]>`` is ``<|tool_call>``): text can
 never match them, so prose, thoughts and strings cannot contain one, and a
 call can only be written with them. The reply is::
 
-    [<|channel> "thought\n" text <channel|>]      only with thinking on
+    [<|channel> "thought\\n" text <channel|>]     only with thinking on
     then   prose | call+ | call | JSON              as tool_choice / response_format say
     call:  <|tool_call> "call:NAME" arguments <tool_call|>
 
 and a tool's arguments follow its JSON schema (:class:`_Rules`): strings
 (``enum`` / ``const``, ``minLength`` / ``maxLength``) between ``<|"|>``
-tokens, integers and numbers (bounds through llguidance's ``%json``, which then
-writes no exponent),
-booleans, ``null``, closed objects whose properties come in the template's
-order (required ones always, optional ones may), free objects
+tokens, integers and numbers (bounds through llguidance's ``%json``, which
+then writes no exponent), booleans, ``null``, closed objects whose
+properties come in the template's order (required ones always, optional
+ones may), free objects
 (``additionalProperties``), arrays (``items``, ``minItems`` / ``maxItems``),
 ``anyOf``, type lists, ``nullable`` and local ``$ref`` (recursion included).
 Anything else is a ``ValueError`` naming the keyword, raised when the grammar

@@ -5,7 +5,7 @@ keys unquoted and in the order the chat template's ``dictsort`` gives them
 (case-insensitive), every string between ``<|"|>`` tokens (no escapes),
 numbers, ``true``/``false``/``null`` bare, objects ``{…}`` and arrays ``[…]``;
 parallel calls simply follow each other. Thinking is
-``<|channel>thought\n…<channel|>`` before the answer.
+``<|channel>thought\\n…<channel|>`` before the answer.
 
 * :func:`format_value` / :func:`format_call`: the canonical text (what the
   grammar of :mod:`core.families.gemma4_grammar` makes the model write);
