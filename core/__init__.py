@@ -7,6 +7,7 @@ first model.
 from .base import BaseGemmaChatCompletion
 from .constrained import ToolCall
 from .errors import (
+    ClientClosedError,
     ContextWindowExceededError,
     GatedModelError,
     GemmaLocalError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseGemmaChatCompletion",
+    "ClientClosedError",
     "ContextWindowExceededError",
     "Delta",
     "GatedModelError",

@@ -14,14 +14,26 @@ top_p, **kwargs)`` returning the whole text (then streaming yields one chunk).
 Tools and JSON output (``params.constrained``) need a backend that masks
 logits every step (``supports_constraints``): it asks :meth:`_grammar_matchers`
 for the rows' matchers and applies them (see :mod:`core.constrained`).
+
+Lifecycle: every load in the process, of any client and backend, runs under
+one lock (:data:`LOAD_LOCK`), because transformers swaps
+``PreTrainedModel.tie_weights`` process-wide while it loads and two
+concurrent loads undo each other's swap (leaving ``lm_head`` untied and
+random); each backend then checks what it loaded (:meth:`_check_loaded`).
+``close()`` cancels the client's queued and running requests: their readers
+get :class:`~core.errors.ClientClosedError`, and the next request loads again.
+``seed`` is the backend's business inside ``_generate``: a private generator
+per request, never the process's global random state.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import gc
 import json
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -36,11 +48,16 @@ from .constrained import (
     grammar_tokenizer,
     system_instructions,
 )
-from .errors import ContextWindowExceededError, translate_load_error, translate_oom
+from .errors import (
+    ClientClosedError,
+    ContextWindowExceededError,
+    translate_load_error,
+    translate_oom,
+)
 from .messages import normalize_messages
 from .params import SamplingParams
 from .stream import Delta, Prompt, TokenSink, fold_deltas
-from .worker import Emit, ModelWorker, astream_job, stream_job
+from .worker import Emit, InFlight, ModelWorker, astream_job, stream_job
 
 logger = logging.getLogger("gemma_local")
 
@@ -54,6 +71,13 @@ FALLBACK_TEMPLATES = {
     "gemma": "gemma2_chat_template.jinja",
 }
 END_OF_TURN = "<end_of_turn>"
+
+#: Held by every client's load, whatever its backend (mlx-lm loads its tokenizer
+#: through transformers too): transformers patches shared classes while loading
+#: (``initialization.no_tie_weights`` replaces ``PreTrainedModel.tie_weights``),
+#: so two loads at once leave each other's ``lm_head`` untied, and the process
+#: poisoned for every later load. Re-entrant, for a load that builds another client.
+LOAD_LOCK = threading.RLock()
 
 
 def packaged_chat_template(model_type: str | None) -> str:
@@ -162,6 +186,7 @@ class BaseGemmaChatCompletion:
         self._context_window: int | None = None
         self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
         self._worker = self._new_worker()
+        self._in_flight = InFlight()  # what close() cancels
         _LIVE_CLIENTS.add(self)
 
     # ------------------------------------------------------------------ hooks
@@ -171,8 +196,14 @@ class BaseGemmaChatCompletion:
         return ModelWorker(f"gemma-local:{type(self).__name__}")
 
     def _load_model_and_tokenizer(self) -> None:
-        """Load ``self.model`` and ``self.tokenizer`` (runs on the model thread)."""
+        """Load ``self.model`` and ``self.tokenizer`` (runs on the model thread, under :data:`LOAD_LOCK`)."""
         raise NotImplementedError
+
+    def _check_loaded(self) -> None:
+        """Check what :meth:`_load_model_and_tokenizer` loaded; raise if it is unusable.
+
+        Runs right after it, still under :data:`LOAD_LOCK`.
+        """
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         """Push sampled tokens for every prompt into ``sink`` (runs on the model thread).
@@ -227,9 +258,6 @@ class BaseGemmaChatCompletion:
         sink.close()
         return "".join(chunks)
 
-    def _set_seed(self, seed: int) -> None:
-        """Seed the backend's sampler (runs on the model thread)."""
-
     def _eos_token_ids(self) -> set[int]:
         """End-of-turn ids from the model's generation config (backends add theirs)."""
         return set()
@@ -251,7 +279,10 @@ class BaseGemmaChatCompletion:
         return self._loaded
 
     def load(self) -> BaseGemmaChatCompletion:
-        """Load the model now (otherwise the first request does). Returns ``self``."""
+        """Load the model now (otherwise the first request does). Returns ``self``.
+
+        Loads of every client in the process run one at a time (see :data:`LOAD_LOCK`).
+        """
         if not self._loaded:
             self._worker.call(self._load_on_worker)
         return self
@@ -262,7 +293,9 @@ class BaseGemmaChatCompletion:
         self._check_hooks()
         started = time.perf_counter()
         try:
-            self._load_model_and_tokenizer()
+            with LOAD_LOCK:
+                self._load_model_and_tokenizer()
+                self._check_loaded()
             self._after_load()
         except BaseException as exc:
             self.model = self.tokenizer = None
@@ -330,9 +363,32 @@ class BaseGemmaChatCompletion:
         return model_type
 
     def close(self) -> None:
-        """Release the model and stop the model thread. The client can be used again later."""
-        if self._worker.alive or self._loaded:  # loaded on a thread a racing close() ended
-            self._worker.call(self._unload_on_worker)
+        """Cancel every request in flight, release the model and stop the model thread.
+
+        Requests made before ``close()`` (sync, streamed or async, queued or
+        generating) end at their next step: their callers get
+        :class:`~core.errors.ClientClosedError` (a stream being read raises it
+        at its next item). A loading model finishes loading first. The client
+        can be used again later: the next request loads the model again.
+        """
+        name = self.model_name
+
+        def closed() -> ClientClosedError:
+            return ClientClosedError(
+                f"the request was cancelled: close() was called on the {name} client while it "
+                "was queued or generating. The client stays usable; a new request loads the "
+                "model again."
+            )
+
+        def unload() -> concurrent.futures.Future[None] | None:
+            if self._worker.alive or self._loaded:  # loaded on a thread a racing close() ended
+                return self._worker.submit(self._unload_on_worker)
+            return None
+
+        # Requests made from here on queue behind the unload (and load again).
+        unloading = self._in_flight.cancel_all(closed, then=unload)
+        if unloading is not None:
+            unloading.result()
         self._worker.close()
 
     def _unload_on_worker(self) -> None:
@@ -475,8 +531,6 @@ class BaseGemmaChatCompletion:
                 byte_ids=self._byte_ids,
                 skipped_ids=self._skipped_ids,
             )
-            if params.seed is not None:
-                self._set_seed(params.seed)
             try:
                 self._generate(prompts, params, sink)
             except Exception as exc:
@@ -534,7 +588,7 @@ class BaseGemmaChatCompletion:
         """The raw :class:`Delta` stream of a request (what adapters build on)."""
         self._check_constraints(params)
         self.load()
-        return stream_job(self._worker, self._job(conversations, params))
+        return stream_job(self._worker, self._job(conversations, params), self._in_flight)
 
     async def astream_deltas(
         self, conversations: Sequence[Messages], params: SamplingParams
@@ -545,7 +599,7 @@ class BaseGemmaChatCompletion:
             import asyncio
 
             await asyncio.wrap_future(self._worker.submit(self._load_on_worker))
-        job = astream_job(self._worker, self._job(conversations, params))
+        job = astream_job(self._worker, self._job(conversations, params), self._in_flight)
         try:
             async for delta in job:
                 yield delta
@@ -579,6 +633,12 @@ class BaseGemmaChatCompletion:
           ``finish_reason="tool_calls"``; streamed as ``delta.tool_calls``.
         * ``response_format={"type": "json_object"}`` or ``{"type":
           "json_schema", "json_schema": {"name", "schema", "strict"}}``.
+
+        ``seed`` makes sampling reproducible (same seed, prompt and options,
+        same reply on the same machine and backend) with a random generator
+        of the request's own: Python's, numpy's, torch's and MLX's global
+        random state are left as they were. A :meth:`close` from another
+        thread ends the request with :class:`~core.errors.ClientClosedError`.
         """
         stream = _stream_flag(kwargs.pop("stream", None))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)

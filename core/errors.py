@@ -38,6 +38,18 @@ class ContextWindowExceededError(GemmaLocalError, ValueError):
     """The prompt does not leave room for a single new token."""
 
 
+class ClientClosedError(GemmaLocalError, RuntimeError):
+    """``close()`` cancelled this request (queued or generating); the client itself stays usable."""
+
+
+class TiedWeightsError(GemmaLocalError, RuntimeError):
+    """Weights the model's config ties (``lm_head`` to the embeddings) came back untied from a load.
+
+    Such a model would answer with a randomly initialised output layer, so the
+    load fails instead.
+    """
+
+
 EXTRAS = {
     "torch": "transformers",
     "transformers": "transformers",

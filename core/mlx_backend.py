@@ -5,7 +5,9 @@ client's one model thread (see :mod:`core.worker`). The token primitive loops
 over ``mlx_lm.generate.generate_step`` (what ``mlx_lm.stream_generate`` is
 built on) with ``make_sampler`` / ``make_logits_processors`` and pushes each
 token into the sink; stop strings, end ids and counts are the sink's work,
-since mlx-lm has no stop strings. Constrained requests (tools, JSON output)
+since mlx-lm has no stop strings. A seeded sampled request draws from a
+chain of MLX keys of its own (:func:`make_request_sampler`), never from
+``mx.random``'s global state. Constrained requests (tools, JSON output)
 add one grammar logits processor per row
 (:func:`~core.constrained.mlx_grammar_processor`), in ``generate_step`` and
 per row in ``BatchGenerator``.
@@ -425,6 +427,46 @@ def quantization_from_config(config: dict[str, Any] | None) -> str | None:
     return f"mlx {q['bits']}-bit (group size {q.get('group_size', 64)})"
 
 
+def make_request_sampler(params: SamplingParams) -> Callable[[Any], Any]:
+    """mlx-lm's sampler for ``params``; a seeded sampled request gets a key chain of its own.
+
+    Unseeded requests use ``make_sampler`` (``mx.random``'s global key). A
+    seed starts a key of the request's own (``mx.random.key(seed)``) that is
+    split at every step, and each step draws with its half; the filters are
+    mlx-lm's, in ``make_sampler``'s order (top-p, then top-k), so the same
+    tokens stay allowed. The global MLX random state is neither read nor
+    changed.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p, categorical_sampling, make_sampler
+
+    top_p = params.top_p if params.top_p < 1.0 else 0.0
+    if params.greedy:
+        return make_sampler(temp=0.0)
+
+    def filtered(logprobs: Any) -> Any:
+        if 0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        # mlx-lm raises for a k >= the vocabulary, inside a compiled function whose
+        # failure leaves mx.random's state unusable for every later request; such a
+        # k keeps every token anyway.
+        if 0 < params.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, params.top_k)
+        return logprobs
+
+    if params.seed is None:
+        return lambda logprobs: categorical_sampling(filtered(logprobs), params.temperature)
+    key = mx.random.key(params.seed)
+    scale = 1.0 / params.temperature
+
+    def sampler(logprobs: Any) -> Any:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(filtered(logprobs) * scale, key=draw)
+
+    return sampler
+
+
 class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
     """Gemma through Apple MLX (mlx-lm).
 
@@ -515,21 +557,13 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
     def _eos_token_ids(self) -> set[int]:
         return {int(t) for t in getattr(self._wrapper, "eos_token_ids", ()) or ()}
 
-    def _set_seed(self, seed: int) -> None:
-        import mlx.core as mx
-
-        mx.random.seed(seed)
-
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import mlx.core as mx
         from mlx_lm.generate import generate_step, wired_limit
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
-        sampler = make_sampler(
-            temp=params.temperature,
-            top_p=params.top_p if params.top_p < 1.0 else 0.0,
-            top_k=params.top_k,
-        )
+        params = params.in_float32()
+        sampler = make_request_sampler(params)
         from .constrained import mlx_grammar_processor
 
         shared = make_logits_processors(

@@ -9,6 +9,18 @@ that went away), so no helper thread and no streamer are needed.
 Constrained requests (tools, JSON output) add one ``LogitsProcessor``
 (:class:`~core.constrained.TorchGrammarMask`); the same ``StoppingCriteria``
 feeds each row's new token to the row's grammar matcher.
+
+A seeded sampled request runs ``generate`` greedily with :class:`SeededSampler`
+as its last logits processor (after the grammar mask): it applies
+temperature / top-k / top-p with transformers' own warpers and draws from a
+``torch.Generator`` of the request's own, so the process's random state
+(``transformers.set_seed`` would reset Python's, numpy's and torch's) is left
+alone. Unseeded sampling uses ``generate``'s own sampling (torch's default
+generator).
+
+After every load, :meth:`GemmaTransformersChatCompletion._check_loaded`
+makes sure the weights the config ties (``lm_head`` to the input embeddings)
+share storage, and raises :class:`~core.errors.TiedWeightsError` otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from typing import Any
 
 from . import fast_path
 from .base import BaseGemmaChatCompletion, read_model_config
-from .errors import UnsupportedPlatformError, require
+from .errors import TiedWeightsError, UnsupportedPlatformError, require
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 
@@ -38,6 +50,86 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def untied_weights(model: Any) -> list[tuple[str, str]]:
+    """The ``(target, source)`` parameter pairs the model should tie but does not.
+
+    What should be tied is transformers' own record of it
+    (``all_tied_weights_keys``, transformers 5: the config's
+    ``tie_word_embeddings``, of the text config too for multimodal models, minus
+    pairs it deliberately left untied because the checkpoint holds both with
+    different values). Without that record: the output embeddings against the
+    input embeddings when the (text) config says ``tie_word_embeddings``.
+    """
+    pairs: dict[str, str] | None = getattr(model, "all_tied_weights_keys", None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if pairs is None:
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        tie = getattr(text, "tie_word_embeddings", None)
+        if tie is None:
+            tie = getattr(config, "tie_word_embeddings", False)
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if not tie or out is None or inp is None:
+            return []
+        by_id = {id(p): n for n, p in params.items()}
+        target = by_id.get(id(out.weight), "output embeddings")
+        source = by_id.get(id(inp.weight), "input embeddings")
+        return [] if _shared(out.weight, inp.weight) else [(target, source)]
+    bad = []
+    for target, source in pairs.items():
+        a, b = params.get(target), params.get(source)
+        if a is None or b is None or not _shared(a, b):
+            bad.append((target, source))
+    return bad
+
+
+def _shared(a: Any, b: Any) -> bool:
+    """Whether two parameters are one tensor (or views of one storage, or both offloaded)."""
+    if a is b:
+        return True
+    if a.device.type == "meta" and b.device.type == "meta":  # disk-offloaded together
+        return True
+    return bool(a.shape == b.shape and a.data_ptr() == b.data_ptr())
+
+
+class SeededSampler:
+    """The last logits processor of a seeded sampled request: draws each row's token itself.
+
+    ``generate`` runs greedily (``do_sample=False``). This applies
+    temperature, top-k and top-p with transformers' own warpers, in the order
+    its sampling does, draws one token per row from a ``torch.Generator``
+    seeded for this request, and returns scores where only the drawn token is
+    finite, which greedy's argmax then picks. Processors before it (penalties,
+    biases, the grammar mask) shape the distribution as they would for
+    ``generate``'s own sampling; torch's global generator is never used.
+    """
+
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers: list[Any] = []
+        if params.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=params.top_k))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        self.seed = seed
+        self.generator: Any = None  # made on the scores' device at the first step
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = scores.float().softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=self.generator)
+        drawn = torch.full_like(scores, float("-inf"))
+        return drawn.scatter_(1, tokens, 0.0)
 
 
 class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
@@ -176,6 +268,30 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._context_window = getattr(text_config, "max_position_embeddings", None)
 
+    def _check_loaded(self) -> None:
+        """Fail loudly if weights the config ties came back untied (a random ``lm_head``)."""
+        bad = untied_weights(self.model)
+        if not bad:
+            return
+        from transformers import PreTrainedModel
+
+        pairs = ", ".join(f"{target} -> {source}" for target, source in bad)
+        patched = getattr(PreTrainedModel.tie_weights, "__name__", "") == "empty_func"
+        cause = (
+            "transformers' PreTrainedModel.tie_weights is still replaced by its loading-time "
+            "no-op: a from_pretrained outside gemma-local ran at the same time as another "
+            "load and left the process in that state. Restart the Python process, and load "
+            "models one at a time."
+            if patched
+            else "If code outside gemma-local was loading a transformers model in another thread "
+            "at that moment, load again (or restart the process); otherwise check that the "
+            "checkpoint holds the weights its config describes."
+        )
+        raise TiedWeightsError(
+            f"{self.model_name} loaded with weights untied that its config ties ({pairs}); "
+            f"its replies would come from a randomly initialised output layer. {cause}"
+        )
+
     def _eos_token_ids(self) -> set[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -183,11 +299,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
     # -------------------------------------------------------------- generation
-
-    def _set_seed(self, seed: int) -> None:
-        from transformers import set_seed
-
-        set_seed(seed)
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch
@@ -197,7 +308,11 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
-        if fast_path.supported(self.model, params):  # CUDA: static cache + CUDA graphs
+        params = params.in_float32()
+        seed = None if params.greedy else params.seed
+        # CUDA: static cache + CUDA graphs; its sampling draws from torch's default
+        # generator, so seeded sampling takes generate() with its own generator.
+        if seed is None and fast_path.supported(self.model, params):
             fast_path.generate(self.model, prompts, params, sink, pad_id=pad)
             return
 
@@ -235,8 +350,11 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             "repetition_penalty": params.repetition_penalty or 1.0,
             "stopping_criteria": StoppingCriteriaList([FeedSink()]),
         }
-        if params.greedy:
+        processors: list[Any] = [] if grammar is None else [TorchGrammarMask(grammar)]
+        if params.greedy or seed is not None:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if seed is not None:
+                processors.append(SeededSampler(params, seed))  # last: after the mask
         else:
             options.update(
                 do_sample=True,
@@ -246,8 +364,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             )
         if params.logit_bias:
             options["sequence_bias"] = {(t,): b for t, b in params.logit_bias}
-        if grammar is not None:
-            options["logits_processor"] = LogitsProcessorList([TorchGrammarMask(grammar)])
+        if processors:
+            options["logits_processor"] = LogitsProcessorList(processors)
         with torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
 

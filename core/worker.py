@@ -6,6 +6,12 @@ thread-local streams need, lets many caller threads (and an event loop) share
 one client safely, and gives each generation a clear owner: the consumer side
 (:func:`stream_job` / :func:`astream_job`) cancels and waits for its job when
 it stops reading, and the job's exception is re-raised in the caller.
+
+Each stream job's cancel flag is a :class:`Cancel`. A client keeps the flags
+of its queued and running jobs in an :class:`InFlight` set, so that
+``close()`` can cancel every one of them with an error (:meth:`InFlight.cancel_all`):
+the job stops at its next step, and its reader gets that error at its next
+read, even with items still buffered.
 """
 
 from __future__ import annotations
@@ -26,6 +32,69 @@ class _Done:
 
 
 _DONE = _Done()
+
+
+class Cancel(threading.Event):
+    """A job's cancel flag; :attr:`error` is what its reader gets when someone else cancelled it.
+
+    Set with no error when the reader itself went away (it is not listening);
+    :meth:`cancel` with an error when another party (``close()``) ended the job.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: BaseException | None = None
+
+    def cancel(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.set()
+
+
+class InFlight:
+    """The cancel flags of one client's queued and running stream jobs.
+
+    A job is added and submitted in one step (:meth:`submit`), and
+    :meth:`cancel_all` cancels and submits its follow-up in one step, so every
+    job is either cancelled or queued after that follow-up (``close()``'s
+    unload), never left running in between.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: set[Cancel] = set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._flags)
+
+    def submit(self, worker: ModelWorker, fn: Callable[[], None], flag: Cancel) -> None:
+        """Track ``flag`` and run ``fn`` on ``worker``."""
+        if worker.on_worker():  # runs inline: not under the lock
+            with self._lock:
+                self._flags.add(flag)
+            worker.submit(fn)
+            return
+        with self._lock:
+            self._flags.add(flag)
+            worker.submit(fn)
+
+    def discard(self, flag: Cancel) -> None:
+        with self._lock:
+            self._flags.discard(flag)
+
+    def cancel_all(
+        self, make_error: Callable[[], BaseException], then: Callable[[], T]
+    ) -> T:
+        """Cancel every job submitted so far, each with its own ``make_error()``, then call ``then``.
+
+        No job is submitted in between; returns what ``then`` returns.
+        """
+        with self._lock:
+            flags, self._flags = self._flags, set()
+            for flag in flags:
+                flag.cancel(make_error())
+            return then()
 
 
 class ModelWorker:
@@ -105,37 +174,59 @@ def shared_worker(name: str) -> ModelWorker:
         return worker
 
 
-def _run_emitting(
-    body: Callable[[Emit, threading.Event], None], emit: Emit, cancel: threading.Event
-) -> None:
+def _run_emitting(body: Callable[[Emit, threading.Event], None], emit: Emit, cancel: Cancel) -> None:
     try:
-        body(emit, cancel)
+        if cancel.error is None:  # a job cancelled while queued never starts
+            body(emit, cancel)
     except BaseException as exc:
-        emit(exc)
+        if cancel.error is None:
+            emit(exc)
     finally:
+        if cancel.error is not None:  # cancelled by close(): the reader learns why
+            emit(cancel.error)
         emit(_DONE)
 
 
+def _checked(item: Any, cancel: Cancel) -> Any:
+    """``item``, or raise the job's error (its own, or the one it was cancelled with)."""
+    if cancel.error is not None:
+        raise cancel.error
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
 def stream_job(
-    worker: ModelWorker, body: Callable[[Emit, threading.Event], None]
+    worker: ModelWorker,
+    body: Callable[[Emit, threading.Event], None],
+    in_flight: InFlight | None = None,
 ) -> Generator[Any, None, None]:
     """Run ``body(emit, cancel)`` on the worker and yield what it emits.
 
     Leaving the loop early (``break``, an exception, garbage collection) sets
     ``cancel`` and waits until the job has returned, so no generation outlives
-    its reader. An exception raised by ``body`` is re-raised here.
+    its reader. An exception raised by ``body`` is re-raised here. With
+    ``in_flight``, the job's flag is in that set from submission to its end,
+    and a :meth:`InFlight.cancel_all` ends the job and raises its error here
+    at the next read.
     """
     out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    cancel = threading.Event()
-    worker.submit(lambda: _run_emitting(body, out.put, cancel))
+    cancel = Cancel()
+    def job() -> None:
+        _run_emitting(body, out.put, cancel)
+
+    if in_flight is None:
+        worker.submit(job)
+    else:
+        in_flight.submit(worker, job, cancel)
     finished = False
     try:
         while (item := out.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            yield _checked(item, cancel)
         finished = True
     finally:
+        if in_flight is not None:
+            in_flight.discard(cancel)
         if not finished:
             cancel.set()
             while out.get() is not _DONE:
@@ -143,7 +234,9 @@ def stream_job(
 
 
 async def astream_job(
-    worker: ModelWorker, body: Callable[[Emit, threading.Event], None]
+    worker: ModelWorker,
+    body: Callable[[Emit, threading.Event], None],
+    in_flight: InFlight | None = None,
 ) -> AsyncGenerator[Any, None]:
     """The async twin of :func:`stream_job`: the event loop never blocks.
 
@@ -152,7 +245,7 @@ async def astream_job(
     """
     loop = asyncio.get_running_loop()
     out: asyncio.Queue[Any] = asyncio.Queue()
-    cancel = threading.Event()
+    cancel = Cancel()
 
     def emit(item: Any) -> None:
         try:
@@ -160,15 +253,21 @@ async def astream_job(
         except RuntimeError:  # the loop is closed: nobody is listening any more
             cancel.set()
 
-    worker.submit(lambda: _run_emitting(body, emit, cancel))
+    def job() -> None:
+        _run_emitting(body, emit, cancel)
+
+    if in_flight is None:
+        worker.submit(job)
+    else:
+        in_flight.submit(worker, job, cancel)
     finished = False
     try:
         while (item := await out.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            yield _checked(item, cancel)
         finished = True
     finally:
+        if in_flight is not None:
+            in_flight.discard(cancel)
         if not finished:
             cancel.set()
             while await out.get() is not _DONE:

@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from core import BaseGemmaChatCompletion, SamplingParams, create_gemma_client
 from core.errors import MissingDependencyError
+from core.factory import DEFAULT_MODELS, resolve_backend
 
 try:
     import llama_index.core.instrumentation as instrument
@@ -450,6 +453,33 @@ def parse_structured(output_cls: type[Model], response: ChatResponse) -> Model:
 # ----------------------------------------------------------------------- the LLM
 
 
+#: Clients made by GemmaLocal itself, by (backend, model, client_kwargs).
+_SHARED_CLIENTS: weakref.WeakValueDictionary[tuple[str, str, str], BaseGemmaChatCompletion] = (
+    weakref.WeakValueDictionary()
+)
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_client(
+    backend: str, model: str | None, options: Mapping[str, Any]
+) -> BaseGemmaChatCompletion:
+    """The core client for these settings, shared by every GemmaLocal built with them.
+
+    As ``ChatGemmaLocal`` does: creating a client loads nothing, and sharing
+    makes sure that two ``GemmaLocal(model=same)`` (say, under
+    ``asyncio.gather``) never load two copies of the same weights.
+    """
+    chosen = resolve_backend(backend)
+    name = model if model is not None else DEFAULT_MODELS[chosen]
+    key = (chosen, name, repr(sorted(options.items())))
+    with _SHARED_LOCK:
+        client = _SHARED_CLIENTS.get(key)
+        if client is None:
+            client = create_gemma_client(chosen, name, **options)
+            _SHARED_CLIENTS[key] = client
+        return client
+
+
 class GemmaLocal(FunctionCallingLLM):
     """A local Gemma chat model as a LlamaIndex ``FunctionCallingLLM`` (transformers or Apple MLX).
 
@@ -463,7 +493,9 @@ class GemmaLocal(FunctionCallingLLM):
         ``pip install "gemma-local[transformers,llama-index]"`` (or ``[mlx,llama-index]``
         on Apple Silicon).
 
-    Instantiate (constructing never loads weights; the first call does)::
+    Instantiate (constructing never loads weights; the first call does). Every
+    ``GemmaLocal`` built with the same ``backend``, ``model`` and
+    ``client_kwargs`` shares one core client, so the weights load once::
 
         from llama_index_gemma_local import GemmaLocal
 
@@ -611,8 +643,8 @@ class GemmaLocal(FunctionCallingLLM):
         super().__init__(**data)
         # Validate the sampling fields now, with core's bounds and messages.
         SamplingParams.build(**self._field_options())
-        if client is None:
-            client = create_gemma_client(self.backend, self.model, **self.client_kwargs)
+        if client is None:  # one client per (backend, model, client_kwargs) in the process
+            client = _shared_client(self.backend, self.model, self.client_kwargs)
             self.model = client.model_name
         self._client = client
 

@@ -3,11 +3,14 @@ quantised checkpoints (bitsandbytes NF4, MLX 4-bit) and the factories."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from test_core_support import END_OF_TURN, EOS, USER, content
 
 import core
 from core import (
+    ClientClosedError,
     ContextWindowExceededError,
     GemmaMLXChatCompletion,
     GemmaTransformersChatCompletion,
@@ -151,6 +155,98 @@ def test_context_manager_closes(gemma3_path, backend) -> None:
     with make_client(backend, gemma3_path) as never_used:
         pass
     assert not never_used.is_loaded
+
+
+ENDLESS = {"temperature": 0, "max_tokens": 2000, "logit_bias": {EOS: -100, END_OF_TURN: -100}}
+
+
+def close_soon(client) -> float:
+    """Close ``client`` from another thread; how long close() took."""
+    took: list[float] = []
+
+    def closer() -> None:
+        started = time.perf_counter()
+        client.close()
+        took.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=closer)
+    thread.start()
+    thread.join(30)
+    assert took, "close() did not return"
+    return took[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_cancels_a_stream_being_read(gemma3_path, backend) -> None:
+    fresh = make_client(backend, gemma3_path)
+    stream = fresh.create(USER, stream=True, **ENDLESS)
+    for _ in zip(range(4), stream, strict=False):  # role chunk and three tokens
+        pass
+    assert close_soon(fresh) < 2.0
+    with pytest.raises(ClientClosedError, match="close\\(\\) was called"):
+        for _ in stream:  # whatever was still buffered is not delivered
+            pytest.fail("the stream delivered a chunk after close()")
+    assert not fresh.is_loaded
+    again = fresh.create(USER, temperature=0, max_tokens=3)  # usable again: loads anew
+    assert again["usage"]["completion_tokens"] == 3
+    fresh.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_cancels_running_and_queued_requests(gemma3_path, backend) -> None:
+    fresh = make_client(backend, gemma3_path).load()
+    pushed = threading.Event()
+    generate = fresh._generate
+
+    def signalled(prompts, params, sink):
+        push_row, push = sink.push_row, sink.push
+
+        def row(index, token):
+            pushed.set()
+            push_row(index, token)
+
+        def rows(tokens):
+            pushed.set()
+            push(tokens)
+
+        sink.push_row, sink.push = row, rows
+        generate(prompts, params, sink)
+
+    fresh._generate = signalled
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(fresh.create, USER, **ENDLESS)
+        assert pushed.wait(30)
+        queued = pool.submit(fresh.create, USER, **ENDLESS)
+        while len(fresh._in_flight) < 2:  # the second request waits for the model thread
+            time.sleep(0.01)
+        assert close_soon(fresh) < 2.0
+        for future in (running, queued):
+            with pytest.raises(ClientClosedError):
+                future.result(5)
+    assert content(fresh.create(USER, temperature=0, max_tokens=4))
+    fresh.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_close_cancels_async_requests(gemma3_path, backend) -> None:
+    fresh = make_client(backend, gemma3_path)
+    await fresh.acreate(USER, temperature=0, max_tokens=1)
+    stream = await fresh.acreate(USER, stream=True, **ENDLESS)
+    for _ in range(3):  # the stream is generating
+        await stream.__anext__()
+    request = asyncio.ensure_future(fresh.acreate(USER, **ENDLESS))
+    while len(fresh._in_flight) < 2:  # the request waits for the model thread
+        await asyncio.sleep(0.01)
+    closer = asyncio.get_running_loop().run_in_executor(None, close_soon, fresh)
+    with pytest.raises(ClientClosedError):
+        async for _ in stream:
+            pass
+    with pytest.raises(ClientClosedError):
+        await request
+    assert await closer < 2.0
+    out = await fresh.acreate(USER, temperature=0, max_tokens=2)
+    assert out["usage"]["completion_tokens"] == 2
+    fresh.close()
 
 
 def test_transformers_defaults_load_on_this_machine(gemma3_path) -> None:

@@ -77,8 +77,6 @@ def generated_ids(
             byte_ids=client._byte_ids,
             skipped_ids=client._skipped_ids,
         )
-        if params.seed is not None:
-            client._set_seed(params.seed)
         client._generate([prompt], params, sink)
         sink.close()
         return sink.ids[0]
