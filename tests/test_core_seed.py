@@ -19,44 +19,49 @@ from test_core_support import USER, content
 SAMPLED = {"temperature": 1.0, "max_tokens": 12}
 
 
-def global_states(backend: str) -> list:
-    states = [random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()]
-    if backend == "mlx":
+def global_states(client) -> list:
+    """numpy's and torch's state, and for MLX the global key of the MLX thread.
+
+    MLX keeps its global key per thread; every MLX request runs on the one MLX
+    thread, so that is where a global seed would land.
+    """
+    states = [np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()]
+    if client.implementation == "mlx":
         import mlx.core as mx
 
-        states.append(np.array(mx.random.state[0]).tolist())
+        states.append(client._worker.call(lambda: np.array(mx.random.state[0]).tolist()))
     return states
 
 
-def reseed_globals(backend: str, seed: int) -> None:
+def reseed_globals(client, seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if backend == "mlx":
+    if client.implementation == "mlx":
         import mlx.core as mx
 
-        mx.random.seed(seed)
+        client._worker.call(lambda: mx.random.seed(seed))
 
 
-def test_seeded_requests_leave_the_global_random_state_alone(client, backend_name) -> None:
+def test_seeded_requests_leave_the_global_random_state_alone(client) -> None:
     client.load()
     random.seed(1234)
     expected = [random.random() for _ in range(3)]
     random.seed(1234)
     got = [random.random()]
-    before = global_states(backend_name)
+    before = global_states(client)
     client.create(USER, seed=5, **SAMPLED)
     list(client.create(USER, seed=5, stream=True, **SAMPLED))
     client.create_batch([USER, USER], seed=5, **SAMPLED)
-    assert global_states(backend_name)[1:] == before[1:]  # numpy, torch (and MLX)
+    assert global_states(client) == before
     got += [random.random() for _ in range(2)]
     assert got == expected
 
 
-def test_a_seeded_reply_does_not_depend_on_the_global_random_state(client, backend_name) -> None:
+def test_a_seeded_reply_does_not_depend_on_the_global_random_state(client) -> None:
     replies = set()
     for global_seed in (1, 2):
-        reseed_globals(backend_name, global_seed)
+        reseed_globals(client, global_seed)
         replies.add(content(client.create(USER, seed=9, **SAMPLED)))
     assert len(replies) == 1
 
