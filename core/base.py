@@ -2,9 +2,17 @@
 
 Data flow, in one place for every backend::
 
-    messages ──normalize_messages──▶ turns ──chat template──▶ Prompt(text, ids)
+    messages ──family.render_inputs──▶ template messages + kwargs
+        ──chat template──▶ Prompt(text, ids)
         ──backend._generate(prompts, params, sink) on the model's own thread──▶
-    TokenSink ──Delta records──▶ create() / create(stream=True) / create_batch() / acreate()
+    TokenSink (family.output_parser per row) ──Delta records──▶
+        create() / create(stream=True) / create_batch() / acreate()
+        (the OpenAI shapes: :mod:`core.openai_format`)
+
+What differs between Gemma generations (how messages become the template's
+input, the end tokens, special-token decoding, the tool-call grammar and
+parser, the thinking channel) is the model family's (:mod:`core.families`),
+chosen from the checkpoint's ``model_type``.
 
 A backend implements ``_load_model_and_tokenizer()`` and either the token
 primitive ``_generate(prompts, params, sink)`` (the built-in backends) or, as in
@@ -30,47 +38,35 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import logging
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .constrained import (
-    GrammarMatchers,
-    grammar_for,
-    grammar_tokenizer,
-    system_instructions,
-)
+from .constrained import GrammarMatchers, grammar_tokenizer
 from .errors import (
     ClientClosedError,
     ContextWindowExceededError,
     translate_load_error,
     translate_oom,
 )
-from .messages import normalize_messages
+from .families import Family, family_for, model_type_from_name
+from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
-from .stream import Delta, Prompt, TokenSink, fold_deltas
+from .stream import Delta, Prompt, TokenSink
 from .worker import Emit, InFlight, ModelWorker, astream_job, stream_job
 
 logger = logging.getLogger("gemma_local")
 
 Messages = Sequence[Mapping[str, Any]]
 
-#: Packaged copies of the real Gemma chat templates, used when a checkpoint ships none.
-FALLBACK_TEMPLATES = {
-    "gemma3": "gemma3_chat_template.jinja",
-    "gemma3_text": "gemma3_chat_template.jinja",
-    "gemma2": "gemma2_chat_template.jinja",
-    "gemma": "gemma2_chat_template.jinja",
-}
-END_OF_TURN = "<end_of_turn>"
 
 #: Held by every client's load, whatever its backend (mlx-lm loads its tokenizer
 #: through transformers too): transformers patches shared classes while loading
@@ -81,7 +77,8 @@ LOAD_LOCK = threading.RLock()
 
 
 def packaged_chat_template(model_type: str | None) -> str:
-    name = FALLBACK_TEMPLATES.get(model_type or "", "gemma3_chat_template.jinja")
+    """The packaged copy of the real chat template of ``model_type``'s family."""
+    name = family_for(model_type).chat_template
     return resources.files("core").joinpath("chat_templates", name).read_text(encoding="utf-8")
 
 
@@ -180,9 +177,12 @@ class BaseGemmaChatCompletion:
         self.tokenizer: Any = None
         self._loaded = False
         self._system_role = True
+        self._loaded_family: Family | None = None  # the loaded checkpoint's (system role probed)
+        self._named_family: Family | None = None  # before a load: from config.json or the name
         self._eos_ids: frozenset[int] = frozenset()
         self._byte_ids: frozenset[int] = frozenset()
         self._skipped_ids: frozenset[int] = frozenset()
+        self._end_ids: list[int] = []  # the family's end tokens, its end of turn first
         self._context_window: int | None = None
         self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
         self._worker = self._new_worker()
@@ -329,31 +329,54 @@ class BaseGemmaChatCompletion:
                 f"{type(self).__name__}._load_model_and_tokenizer must set self.tokenizer "
                 "(a tokenizer with encode/decode; token counts come from it)"
             )
+        model_type = self._model_type()
+        family = family_for(model_type or model_type_from_name(self.model_name))
         if hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
             logger.warning(
                 "%s ships no chat template; using the packaged Gemma one", self.model_name
             )
-            tok.chat_template = packaged_chat_template(self._model_type())
-        try:
-            self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
-            self._system_role = True
-        except Exception:
-            self._system_role = False
+            tok.chat_template = packaged_chat_template(model_type or family.name)
+        if hasattr(family, "system_role"):  # Gemma 1-3: does this template take a system turn?
+            try:
+                self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+                self._system_role = True
+            except Exception:
+                self._system_role = False
+            family = dataclasses.replace(family, system_role=self._system_role)  # type: ignore[type-var]
+        self._loaded_family = family
         eos = set(self._eos_token_ids())
         if getattr(tok, "eos_token_id", None) is not None:
             eos.add(int(tok.eos_token_id))
-        end_of_turn = (
-            tok.convert_tokens_to_ids(END_OF_TURN)
-            if hasattr(tok, "convert_tokens_to_ids")
-            else None
-        )
-        if isinstance(end_of_turn, int) and end_of_turn != getattr(tok, "unk_token_id", None):
-            eos.add(end_of_turn)
+        self._end_ids = self._token_ids(family.end_tokens)
+        eos.update(self._end_ids)
         self._eos_ids = frozenset(eos)
         self._byte_ids, self._skipped_ids = byte_and_special_ids(tok)
+        if family.keep_special_tokens:  # the family's parser removes control tokens itself
+            self._skipped_ids = frozenset()
         self._context_window = self._context_window or context_window_from_config(
             read_model_config(self.model_name)
         )
+
+    def _token_ids(self, tokens: Sequence[str]) -> list[int]:
+        """The ids of the ``tokens`` the tokenizer knows (as a special token), in order."""
+        tok = self.tokenizer
+        if not hasattr(tok, "convert_tokens_to_ids"):
+            return []
+        unk = getattr(tok, "unk_token_id", None)
+        ids = (tok.convert_tokens_to_ids(t) for t in tokens)
+        return [int(i) for i in ids if isinstance(i, int) and i != unk]
+
+    @property
+    def family(self) -> Family:
+        """The model family (:mod:`core.families`): the loaded checkpoint's, or before a
+        load the one its ``config.json`` (or failing that, its name) says; never loads."""
+        if self._loaded_family is not None:
+            return self._loaded_family
+        if self._named_family is None:
+            config = read_model_config(self.model_name) or {}
+            model_type = config.get("model_type") or model_type_from_name(self.model_name)
+            self._named_family = family_for(model_type)
+        return self._named_family
 
     def _model_type(self) -> str | None:
         config = getattr(self.model, "config", None)
@@ -396,6 +419,7 @@ class BaseGemmaChatCompletion:
         self._grammar_tokenizer = None
         self.model = self.tokenizer = None
         self._loaded = False
+        self._loaded_family = None
         gc.collect()
         self._clear_accelerator_cache()
 
@@ -432,10 +456,15 @@ class BaseGemmaChatCompletion:
 
     # ------------------------------------------------------------- formatting
 
-    def _render(self, turns: list[dict[str, str]]) -> str:
+    def _render(self, turns: list[dict[str, Any]], **template_kwargs: Any) -> str:
+        """The chat template applied to ``turns`` (with the family's extra ``template_kwargs``)."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) and hasattr(tok, "apply_chat_template"):
-            return str(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+            return str(
+                tok.apply_chat_template(
+                    turns, tokenize=False, add_generation_prompt=True, **template_kwargs
+                )
+            )
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -445,7 +474,9 @@ class BaseGemmaChatCompletion:
         env.globals["raise_exception"] = raise_exception
         template = env.from_string(packaged_chat_template(self._model_type()))
         bos = getattr(tok, "bos_token", None) or "<bos>"
-        return template.render(messages=turns, bos_token=bos, add_generation_prompt=True)
+        return template.render(
+            messages=turns, bos_token=bos, add_generation_prompt=True, **template_kwargs
+        )
 
     def _encode(self, text: str, *, special: bool | None = None) -> list[int]:
         """Token ids of ``text``; a prompt that already starts with ``<bos>`` gets no second one."""
@@ -456,7 +487,10 @@ class BaseGemmaChatCompletion:
         return list(tok.encode(text, add_special_tokens=special))
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        # Gemma 4's control tokens are special: skipping them would delete the
+        # markers its output parser needs (and leak thoughts into the answer).
+        skip = not self.family.keep_special_tokens
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip))
 
     def format_prompt(
         self,
@@ -466,20 +500,22 @@ class BaseGemmaChatCompletion:
         tool_choice: Any = None,
         parallel_tool_calls: Any = None,
         response_format: Any = None,
+        thinking: Any = None,
     ) -> Prompt:
         """The exact prompt (text and ids) the model reads for ``messages``; loads the model.
 
         ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` /
-        ``response_format`` add what the model is told about them, as in
-        :meth:`create`.
+        ``response_format`` / ``thinking`` add what the model is told about
+        them, as in :meth:`create`.
         """
         params = SamplingParams.build(
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
+            thinking=thinking,
         )
-        normalize_messages(messages)
+        self._check_messages([messages], params)
         self.load()
 
         def job() -> Prompt:
@@ -489,11 +525,9 @@ class BaseGemmaChatCompletion:
         return self._worker.call(job)
 
     def _prompt(self, messages: Messages, params: SamplingParams | None = None) -> Prompt:
-        instructions = None if params is None else system_instructions(params)
-        turns = normalize_messages(
-            messages, system_role=self._system_role, instructions=instructions
-        )
-        text = self._render(turns)
+        params = params or SamplingParams()
+        turns, template_kwargs = self.family.render_inputs(messages, params, params.thinking)
+        text = self._render(turns, **template_kwargs)
         ids = tuple(self._encode(text))
         window = self._context_window
         if window is not None and len(ids) >= window:
@@ -520,6 +554,7 @@ class BaseGemmaChatCompletion:
                         f"logit_bias token ids {bad} are outside the vocabulary (0..{vocab - 1})"
                     )
             prompts = [self._prompt(c, params) for c in conversations for _ in range(params.n)]
+            family = self.family
             sink = TokenSink(
                 prompts,
                 params,
@@ -530,6 +565,7 @@ class BaseGemmaChatCompletion:
                 self._context_window,
                 byte_ids=self._byte_ids,
                 skipped_ids=self._skipped_ids,
+                parser=lambda: family.output_parser(params, params.thinking),
             )
             try:
                 self._generate(prompts, params, sink)
@@ -554,12 +590,19 @@ class BaseGemmaChatCompletion:
                 "create a client for that model instead"
             )
         params = SamplingParams.build(**options)
-        for conversation in conversations:
-            normalize_messages(conversation)
+        self._check_messages(conversations, params)
         self._check_constraints(params)
         return params
 
+    def _check_messages(self, conversations: Sequence[Messages], params: SamplingParams) -> None:
+        """Validate each conversation as this model's family reads it (no load)."""
+        family = self.family
+        for conversation in conversations:
+            family.render_inputs(conversation, params, params.thinking)
+
     def _check_constraints(self, params: SamplingParams) -> None:
+        """What this client cannot serve (``thinking`` on a family that cannot think, ...)."""
+        self.family.check(params, params.thinking)
         if params.constrained and not self.supports_constraints:
             raise NotImplementedError(
                 f"{type(self).__name__} cannot constrain decoding, so it cannot serve tools or "
@@ -571,15 +614,15 @@ class BaseGemmaChatCompletion:
 
         llguidance's tokenizer is built on first use and kept until :meth:`close`.
         """
-        grammar = grammar_for(params)
+        family = self.family
+        grammar = family.grammar(params, params.thinking)
         if grammar is None:
             return None
         if self._grammar_tokenizer is None:
-            tok = self.tokenizer
-            end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN)
-            ends = sorted(self._eos_ids, key=lambda t: (t != end_of_turn, t))
-            self._grammar_tokenizer = grammar_tokenizer(tok, ends)
-        free_prose = params.tool_choice == "auto"  # prose may follow a first non-"{" token
+            preferred = self._end_ids[0] if self._end_ids else None  # the family's end of turn
+            ends = sorted(self._eos_ids, key=lambda t: (t != preferred, t))
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, ends)
+        free_prose = family.free_prose(params, params.thinking)
         return GrammarMatchers(self._grammar_tokenizer, grammar, rows, free_prose=free_prose)
 
     def stream_deltas(
@@ -645,8 +688,8 @@ class BaseGemmaChatCompletion:
         params = self._check([messages], model, options)
         deltas = self.stream_deltas([messages], params)
         if stream:
-            return _chunks(deltas, self.model_name, params.n)
-        return _Completion(self.model_name, 1, params.n).collect(deltas)[0]
+            return chunks(deltas, self.model_name, params.n)
+        return Completion(self.model_name, 1, params.n).collect(deltas)[0]
 
     def create_batch(
         self,
@@ -663,7 +706,7 @@ class BaseGemmaChatCompletion:
             return []
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
         params = self._check(conversations, model, options)
-        collector = _Completion(self.model_name, len(conversations), params.n)
+        collector = Completion(self.model_name, len(conversations), params.n)
         return collector.collect(self.stream_deltas(conversations, params))
 
     async def acreate(
@@ -681,8 +724,8 @@ class BaseGemmaChatCompletion:
         params = self._check([messages], model, options)
         deltas = self.astream_deltas([messages], params)
         if stream:
-            return _achunks(deltas, self.model_name, params.n)
-        return (await _Completion(self.model_name, 1, params.n).acollect(deltas))[0]
+            return achunks(deltas, self.model_name, params.n)
+        return (await Completion(self.model_name, 1, params.n).acollect(deltas))[0]
 
     async def acreate_batch(
         self,
@@ -699,7 +742,7 @@ class BaseGemmaChatCompletion:
             return []
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
         params = self._check(conversations, model, options)
-        collector = _Completion(self.model_name, len(conversations), params.n)
+        collector = Completion(self.model_name, len(conversations), params.n)
         return await collector.acollect(self.astream_deltas(conversations, params))
 
     def __repr__(self) -> str:
@@ -722,189 +765,3 @@ class _NeverCancelled:
 
 
 _NEVER_CANCELLED: Any = _NeverCancelled()
-
-
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-class _Completion:
-    """Folds deltas of ``conversations x n`` rows into ``chat.completion`` dicts."""
-
-    def __init__(self, model: str, conversations: int, n: int) -> None:
-        self.model = model
-        self.n = n
-        self.rows = conversations * n
-        self.deltas: list[list[Delta]] = [[] for _ in range(self.rows)]
-
-    def add(self, delta: Delta) -> None:
-        self.deltas[delta.index].append(delta)
-
-    def collect(self, deltas: Iterable[Delta]) -> list[dict[str, Any]]:
-        for delta in deltas:
-            self.add(delta)
-        return self.result()
-
-    async def acollect(self, deltas: AsyncIterator[Delta]) -> list[dict[str, Any]]:
-        async for delta in deltas:
-            self.add(delta)
-        return self.result()
-
-    def result(self) -> list[dict[str, Any]]:
-        created = int(time.time())
-        out = []
-        for start in range(0, self.rows, self.n):
-            choices = []
-            prompt_tokens = completion_tokens = 0
-            for row in range(start, start + self.n):
-                reply = fold_deltas(self.deltas[row])  # the sink always finishes rows
-                prompt_tokens = reply.prompt_tokens
-                completion_tokens += reply.completion_tokens
-                message: dict[str, Any] = {"role": "assistant", "content": reply.text}
-                if reply.tool_calls:
-                    message["content"] = None
-                    message["tool_calls"] = [c.to_openai() for c in reply.tool_calls]
-                choices.append(
-                    {
-                        "index": row - start,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": reply.finish_reason,
-                    }
-                )
-            out.append(
-                {
-                    "id": new_completion_id(),
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": self.model,
-                    "choices": choices,
-                    "usage": usage_dict(prompt_tokens, completion_tokens),
-                }
-            )
-        return out
-
-
-class _ChunkBuilder:
-    """Turns deltas of one request into ``chat.completion.chunk`` dicts."""
-
-    def __init__(self, model: str, n: int) -> None:
-        self.id = new_completion_id()
-        self.created = int(time.time())
-        self.model = model
-        self.n = n
-        self.started = False
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-
-    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def on_delta(self, delta: Delta) -> list[dict[str, Any]]:
-        out = []
-        if not self.started:
-            self.started = True
-            out += [
-                self.chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-                for i in range(self.n)
-            ]
-        if delta.text:
-            out.append(
-                self.chunk(
-                    [
-                        {
-                            "index": delta.index,
-                            "delta": {"content": delta.text},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            )
-        if delta.tool_calls:
-            out.append(
-                self.chunk(
-                    [
-                        {
-                            "index": delta.index,
-                            "delta": {
-                                "tool_calls": [
-                                    {"index": c.index, **c.to_openai()} for c in delta.tool_calls
-                                ]
-                            },
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            )
-        if delta.finish_reason is not None:
-            self.prompt_tokens = delta.prompt_tokens
-            self.completion_tokens += delta.completion_tokens
-            out.append(
-                self.chunk(
-                    [
-                        {
-                            "index": delta.index,
-                            "delta": {},
-                            "logprobs": None,
-                            "finish_reason": delta.finish_reason,
-                        }
-                    ]
-                )
-            )
-        return out
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return self.chunk([], usage=usage_dict(self.prompt_tokens, self.completion_tokens))
-
-
-def _chunks(deltas: Iterator[Delta], model: str, n: int) -> Iterator[dict[str, Any]]:
-    builder = _ChunkBuilder(model, n)
-    try:
-        for delta in deltas:
-            yield from builder.on_delta(delta)
-    finally:
-        close = getattr(deltas, "close", None)
-        if close is not None:
-            close()
-    yield builder.usage_chunk()
-
-
-async def _achunks(
-    deltas: AsyncIterator[Delta], model: str, n: int
-) -> AsyncIterator[dict[str, Any]]:
-    builder = _ChunkBuilder(model, n)
-    try:
-        async for delta in deltas:
-            for chunk in builder.on_delta(delta):
-                yield chunk
-    finally:
-        aclose = getattr(deltas, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    yield builder.usage_chunk()

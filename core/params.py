@@ -94,6 +94,28 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+#: OpenAI's ``reasoning_effort`` values: ``"none"`` turns thinking off, any other on.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _thinking(thinking: Any, reasoning_effort: Any) -> bool:
+    if thinking is not None and not isinstance(thinking, bool):
+        raise TypeError(f"thinking must be True, False or None, got {thinking!r}")
+    if reasoning_effort is None:
+        return bool(thinking)
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(
+            f"reasoning_effort must be one of {', '.join(map(repr, REASONING_EFFORTS))}, "
+            f"got {reasoning_effort!r}"
+        )
+    effort_on = reasoning_effort != "none"
+    if thinking is not None and thinking != effort_on:
+        raise ValueError(
+            f"thinking={thinking!r} contradicts reasoning_effort={reasoning_effort!r}; pass one"
+        )
+    return effort_on
+
+
 def _inherited_tool_choice(base: SamplingParams, tools: tuple[ToolSpec, ...]) -> Any:
     """``defaults``' tool choice in ``parse_tool_choice``'s input form, if it still applies."""
     if not base.tools or not tools:
@@ -129,6 +151,12 @@ class SamplingParams:
         parallel_tool_calls: several calls in one reply (default ``True``).
         response_format: JSON output (``json_object`` / ``json_schema``), or
             ``None`` for text.
+        thinking: let a model that can think (Gemma 4) reason before it
+            answers; ``None`` (the default) and ``False`` keep thinking off.
+            The thought comes back apart from the answer
+            (``reasoning_content``) and counts against ``max_tokens``.
+            ``reasoning_effort`` sets it as OpenAI spells it: ``"none"`` is
+            off, any other effort on.
 
     With tools (``tool_choice`` other than ``"none"``) or a JSON
     ``response_format``, decoding is constrained by a grammar
@@ -149,6 +177,7 @@ class SamplingParams:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    thinking: bool | None = None
 
     @property
     def greedy(self) -> bool:
@@ -180,6 +209,8 @@ class SamplingParams:
         tool_choice: Any = None,
         parallel_tool_calls: Any = None,
         response_format: Any = None,
+        thinking: Any = None,
+        reasoning_effort: Any = None,
         defaults: SamplingParams | None = None,
         **unknown: Any,
     ) -> SamplingParams:
@@ -232,6 +263,8 @@ class SamplingParams:
             changes["parallel_tool_calls"] = parallel_tool_calls
         if response_format is not None:
             changes["response_format"] = parse_response_format(response_format)
+        if thinking is not None or reasoning_effort is not None:
+            changes["thinking"] = _thinking(thinking, reasoning_effort)
         if tools is not None or tool_choice is not None:
             all_tools = changes.get("tools", base.tools)
             if tool_choice is None:
@@ -273,6 +306,8 @@ ACCEPTED_OPTIONS = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "response_format",
+        "thinking",
+        "reasoning_effort",
     }
     | IGNORED_OPENAI_OPTIONS
 )

@@ -11,9 +11,10 @@ turns them into :class:`Delta` records, in one place for every backend:
   (:class:`StopMatcher`; the stop text is trimmed, even across tokens),
 * truthful ``finish_reason`` (``"stop"`` / ``"length"`` / ``"tool_calls"``)
   and token counts,
-* tool calls: with tools, each row's text goes through a
-  :class:`~core.constrained.ToolCallParser`, so call text is never emitted as
-  text but as :class:`~core.constrained.ToolCall` records on the deltas.
+* the model family's output parser (:meth:`core.families.Family.output_parser`):
+  each row's text is split into answer text, reasoning (Gemma 4's thinking
+  channel) and :class:`~core.constrained.ToolCall` records, so neither call
+  text nor a control token is ever emitted as text.
 
 ``create()``, ``create(stream=True)``, batching and the LangChain / LlamaIndex
 adapters all consume these deltas; nothing else detokenises or counts.
@@ -26,7 +27,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .constrained import ToolCall, ToolCallParser, tool_call_parser
+from .constrained import ToolCall
+from .families import OutputParser, Parsed, family_for
 from .params import SamplingParams
 
 logger = logging.getLogger("gemma_local")
@@ -53,6 +55,11 @@ class Delta:
     in order; ``ToolCall.index`` numbers them within the row): a row that calls
     tools emits no text, and its finish reason is ``"tool_calls"`` when the
     reply ended normally.
+
+    ``reasoning`` is text of the model's thinking channel (Gemma 4 with
+    ``thinking=True``), never part of ``text``; ``reasoning_tokens`` counts
+    the row's tokens spent thinking so far (on the last delta: all of them,
+    included in ``completion_tokens``).
     """
 
     index: int
@@ -61,20 +68,27 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
+    reasoning_tokens: int = 0
 
 
 def fold_deltas(deltas: Iterable[Delta]) -> Delta:
-    """One row's deltas as one: the text joined, every tool call in order, and the
-    finish reason and token counts of the last (what summing their chunks gives)."""
+    """One row's deltas as one: the text and reasoning joined, every tool call in
+    order, and the finish reason and token counts of the last (what summing their
+    chunks gives)."""
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list[ToolCall] = []
     last: Delta | None = None
     for last in deltas:
         texts.append(last.text)
+        thoughts.append(last.reasoning)
         calls.extend(last.tool_calls)
     if last is None or last.finish_reason is None:
         raise RuntimeError("the generation ended without a finish reason")
-    return replace(last, text="".join(texts), tool_calls=tuple(calls))
+    return replace(
+        last, text="".join(texts), reasoning="".join(thoughts), tool_calls=tuple(calls)
+    )
 
 
 class IncrementalDetokenizer:
@@ -165,6 +179,11 @@ class StopMatcher:
         return held
 
 
+def default_parser(params: SamplingParams) -> OutputParser:
+    """The Gemma 1-3 parser: text as it comes, or JSON tool calls."""
+    return family_for(None).output_parser(params, None)
+
+
 class _Row:
     """One choice being generated: counts, text and the reason it ended."""
 
@@ -176,6 +195,7 @@ class _Row:
         params: SamplingParams,
         decode: Callable[[list[int]], str],
         eos_ids: frozenset[int],
+        parser: OutputParser,
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
     ) -> None:
@@ -184,40 +204,54 @@ class _Row:
         self.max_tokens = max_tokens
         self.eos_ids = eos_ids
         self.completion_tokens = 0
+        self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.detok = IncrementalDetokenizer(decode, byte_ids, skipped_ids)
         self.stops = StopMatcher(params.stop)
-        self.calls: ToolCallParser | None = tool_call_parser(params)
+        self.parser = parser
+        self.calls = 0
         self.json_output = params.response_format is not None
 
     def delta(self, text: str) -> Delta | None:
-        calls: tuple[ToolCall, ...] = ()
-        if self.calls is not None:
-            text, calls = self.calls.feed(text)
-            if self.calls.calls and self.finish_reason == "stop":
-                self.finish_reason = "tool_calls"
-        if not text and not calls and self.finish_reason is None:
+        parsed = self.parser.feed(text) if text else Parsed()
+        if self.finish_reason is not None:
+            parsed += self.parser.finish()
+        self.calls += len(parsed.calls)
+        if self.calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        if not parsed and self.finish_reason is None:
             return None
         return Delta(
             self.index,
-            text,
+            parsed.content,
             self.finish_reason,
             self.prompt_tokens,
             self.completion_tokens,
-            calls,
+            parsed.calls,
+            parsed.reasoning,
+            self.reasoning_tokens,
         )
 
     def push_token(self, token: int) -> Delta | None:
         self.completion_tokens += 1
+        thinking = self.parser.in_reasoning
         if token in self.eos_ids:
             return self.finish("stop")
         text, stopped = self.stops.feed(self.detok.add(token))
         if stopped:
             self.finish_reason = "stop"
-            return self.delta(text)
+            return self._count(thinking, self.delta(text))
         if self.completion_tokens >= self.max_tokens:
-            return self.finish("length", text)
-        return self.delta(text)
+            return self._count(thinking, self.finish("length", text))
+        return self._count(thinking, self.delta(text))
+
+    def _count(self, thinking: bool, delta: Delta | None) -> Delta | None:
+        """Count the token just pushed as reasoning if the thinking channel was open
+        before or after it (its markers count as reasoning)."""
+        if not (thinking or self.parser.in_reasoning):
+            return delta
+        self.reasoning_tokens += 1
+        return None if delta is None else replace(delta, reasoning_tokens=self.reasoning_tokens)
 
     def push_text(self, text: str, completion_tokens: int, finish_reason: str) -> Delta | None:
         self.completion_tokens = completion_tokens
@@ -231,7 +265,7 @@ class _Row:
         tail, stopped = self.stops.feed(self.detok.flush())
         self.finish_reason = "stop" if stopped else reason  # a stop string in held-back text
         if self.finish_reason == "length" and (
-            self.json_output or (self.calls is not None and self.calls.calling)
+            self.json_output or self.parser.calling
         ):
             what = "JSON reply" if self.json_output else "tool call"
             logger.warning(
@@ -269,14 +303,16 @@ class TokenSink:
         *,
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
+        parser: Callable[[], OutputParser] | None = None,
     ) -> None:
         def room(prompt: Prompt) -> int:
             if context_window is None:
                 return params.max_tokens
             return max(1, min(params.max_tokens, context_window - len(prompt.ids)))
 
+        new_parser = parser or (lambda: default_parser(params))
         self.rows = [
-            _Row(i, len(p.ids), room(p), params, decode, eos_ids, byte_ids, skipped_ids)
+            _Row(i, len(p.ids), room(p), params, decode, eos_ids, new_parser(), byte_ids, skipped_ids)
             for i, p in enumerate(prompts)
         ]
         self._emit = emit

@@ -48,6 +48,30 @@ MODEL_TYPES = {
 DEFAULT_FAMILY = "gemma3"
 
 
+#: Hub-name spellings of each generation, for a model whose config.json is not on disk yet
+#: (``google/gemma-4-E4B-it``, ``mlx-community/gemma-3-12b-it-4bit``, ``gemma-3n-E2B``).
+_NAMED_TYPES = (
+    ("gemma-4", "gemma4"),
+    ("gemma4", "gemma4"),
+    ("gemma-3n", "gemma3n"),
+    ("gemma3n", "gemma3n"),
+    ("gemma-3", "gemma3"),
+    ("gemma3", "gemma3"),
+    ("gemma-2", "gemma2"),
+    ("gemma2", "gemma2"),
+)
+
+
+def model_type_from_name(model_name: str) -> str | None:
+    """The ``model_type`` a model's name spells (``"gemma4"`` for ``google/gemma-4-E4B-it``), or
+    ``None``: what the engine goes by before the checkpoint's ``config.json`` can be read."""
+    name = model_name.lower().rsplit("/", 1)[-1]
+    for spelling, model_type in _NAMED_TYPES:
+        if spelling in name:
+            return model_type
+    return None
+
+
 def family_for(model_type: str | None) -> Family:
     """The family of a checkpoint's ``model_type`` (Gemma 3's for unknown or ``None``)."""
     return FAMILIES[MODEL_TYPES.get(model_type or "", DEFAULT_FAMILY)]
@@ -62,4 +86,5 @@ __all__ = [
     "OutputParser",
     "Parsed",
     "family_for",
+    "model_type_from_name",
 ]

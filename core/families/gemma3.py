@@ -44,6 +44,10 @@ class TextOutputParser:
     def in_reasoning(self) -> bool:
         return False  # Gemma 1/2/3 cannot think
 
+    @property
+    def calling(self) -> bool:
+        return self._calls is not None and self._calls.calling
+
     def finish(self) -> Parsed:
         return Parsed()  # ToolCallParser holds back nothing but a call cut short
 

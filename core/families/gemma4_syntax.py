@@ -243,6 +243,11 @@ class Gemma4OutputParser:
         """Whether the thinking channel is open (for counting reasoning tokens)."""
         return self._state in ("label", "reasoning")
 
+    @property
+    def calling(self) -> bool:
+        """Whether a call is being written (between ``<|tool_call>`` and ``<tool_call|>``)."""
+        return self._state == "call"
+
     def feed(self, text: str) -> Parsed:
         buf, self._held = self._held + text, ""
         pos = 0
