@@ -473,7 +473,13 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
     Args:
         model_name: an MLX checkpoint on the hub (e.g. the default 4-bit DWQ
             Gemma 3 12B), a Hugging Face checkpoint (converted on load) or a
-            local folder, e.g. one written by ``mlx_lm.convert``.
+            local folder, e.g. one written by ``mlx_lm.convert``, or a GGUF file
+            (``path/to/model.gguf``, Gemma 2/3/4 from llama.cpp or Ollama). MLX
+            cannot read GGUF: the first load converts it once (transformers
+            dequantises it to float32) into a Hugging Face folder cached in
+            ``$GEMMA_LOCAL_CACHE/gguf/`` (default ``~/.cache/gemma-local/gguf/``;
+            see :mod:`core.gguf`), which later loads reuse. Converting needs
+            ``gemma-local[gguf]``.
         trust_remote_code: passed to the tokenizer loader; Gemma needs none.
         adapter_path: optional LoRA adapters to apply.
         max_kv_size: cap the KV cache (rotating cache) for long generations.
@@ -500,6 +506,10 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         cpu_streams: int | None = None,
     ) -> None:
         super().__init__(model_name)
+        from .gguf import check_model_path
+
+        #: A local GGUF file, loaded through its converted folder (``None``: folder or hub id).
+        self._gguf = check_model_path(model_name)
         if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
             raise ValueError(f"max_kv_size must be a positive integer or None, got {max_kv_size!r}")
         if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -538,8 +548,13 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         _import_mlx()
         from mlx_lm import load
 
+        path = self.model_name
+        if self._gguf is not None:
+            from .gguf import converted_folder
+
+            path = str(converted_folder(self._gguf))
         model, wrapper, config = load(
-            self.model_name,
+            path,
             tokenizer_config={"trust_remote_code": self.trust_remote_code},
             adapter_path=self.adapter_path,
             return_config=True,

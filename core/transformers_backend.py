@@ -136,7 +136,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     """Gemma through Hugging Face transformers.
 
     Args:
-        model_name: hub id (``google/gemma-3-12b-it``) or a local folder.
+        model_name: hub id (``google/gemma-3-12b-it``), a local folder, or a
+            GGUF file (``path/to/model.gguf``, from llama.cpp or Ollama: Gemma 2,
+            3 or 4), which transformers dequantises on load (needs
+            ``gemma-local[gguf]``).
         use_4bit_quantization: load with bitsandbytes NF4 + double quantisation
             (about a quarter of the bf16 memory). Needs ``gemma-local[quantization]``.
         device_map: where weights go: ``"auto"`` (GPU if any, else CPU),
@@ -150,6 +153,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         bnb_4bit_compute_dtype: compute dtype of the 4-bit layers (default bfloat16).
         attn_implementation: e.g. ``"sdpa"`` or ``"eager"`` (default: transformers').
         revision, token, local_files_only: passed to ``from_pretrained``.
+        gguf_file: the name of a GGUF file inside the folder (or hub repository)
+            ``model_name``, as ``from_pretrained(..., gguf_file=...)`` takes it.
     """
 
     implementation = "transformers"
@@ -169,8 +174,22 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         revision: str | None = None,
         token: str | None = None,
         local_files_only: bool | None = None,
+        gguf_file: str | None = None,
     ) -> None:
         super().__init__(model_name)
+        from .gguf import check_model_path
+
+        #: A local GGUF file to load (``None``: a folder or hub id, or ``gguf_file`` on the hub).
+        self._gguf = check_model_path(model_name, gguf_file)
+        self.gguf_file = gguf_file
+        if (self._gguf is not None or gguf_file is not None) and (
+            use_4bit_quantization or use_8bit_quantization
+        ):
+            raise ValueError(
+                "a GGUF file is dequantised on load; it cannot be combined with "
+                "use_4bit_quantization / use_8bit_quantization (load a Hugging Face folder "
+                "for bitsandbytes, or keep the GGUF in a bf16/float32 torch_dtype)"
+            )
         if torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype must be one of {DTYPES}, got {torch_dtype!r}")
         if bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
@@ -250,19 +269,32 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
         dtype = self._resolve_dtype()
         quantization = self._quantization_config(dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            self.model_name, trust_remote_code=self.trust_remote_code, **self.hub_kwargs
-        )
+        source = self.model_name
+        gguf: str | None = self.gguf_file
+        if self._gguf is not None or gguf is not None:
+            from .gguf import require_gguf
+
+            require_gguf()
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
+        if self._gguf is not None:  # a local GGUF: dequantised by transformers
+            from .gguf import load_tokenizer
+
+            source, gguf = str(self._gguf.folder), self._gguf.file
+            self.tokenizer = load_tokenizer(self._gguf, trust_remote_code=self.trust_remote_code)
+        else:
+            extra = {} if gguf is None else {"gguf_file": gguf}
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=self.trust_remote_code, **extra, **self.hub_kwargs
+            )
+        if gguf is not None:
+            kwargs["gguf_file"] = gguf
         if self.device_map is not None:
             kwargs["device_map"] = self.device_map
         if quantization is not None:
             kwargs["quantization_config"] = quantization
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_name, **kwargs, **self.hub_kwargs
-        )
+        self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **self.hub_kwargs)
         self.model.eval()
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
