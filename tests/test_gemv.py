@@ -153,11 +153,27 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     """The decode step on the gemv and rope/store ops (and the attention op; interpreted
     on CPU) gives ``model.generate``'s greedy tokens: batch 1 (the reduction form) and a
     left-padded batch of 3 in a bucket of 4 (the dot form), every product through the
-    op, a sliding window that wraps."""
+    op, a sliding window that wraps.
+
+    Sized for the interpreter: each way of wiring the ops runs at the row counts where it
+    differs from the one before (no one-row run that repeats the last), 10 tokens (9
+    steps: every slot of the 8-slot window rewritten), a 128-slot cache (the attention
+    op still splits it and combines the splits, as it does the default 256 slots) and,
+    interpreted, blocks of 128 outputs (two programs for q/k/v and gate/up: the residual
+    form's h written by one of them)."""
+    from core import _gemv_triton as kernels
     from core import decode_attention, fast_path, rope_store
     from tests.test_fast_path import fast, greedy, load, plain, prompts_of
 
     monkeypatch.setenv("GEMMA_LOCAL_FUSE", "1")  # the ops need the stacked projections
+    monkeypatch.setattr(fast_path, "MIN_CACHE_LEN", 128)
+    if device == "cpu":
+        interpreted = kernels.config
+
+        def wide(rows: int, n_out: int, k: int, act: bool, sms: int) -> tuple[int, ...]:
+            return (128, *interpreted(rows, n_out, k, act, sms)[1:])
+
+        monkeypatch.setattr(kernels, "config", wide)
     monkeypatch.setattr(gemv, "preferred", lambda *args: True)
     window = {} if arch == "gemma1_path" else {"sliding_window": 8}
     model = load(request.getfixturevalue(arch), **window).to(device)
@@ -166,6 +182,11 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     lay = engine.layout  # what the engine sets when it compiles on CUDA
     assert lay.fused
     lay.gemv, lay.rope_store, lay.swap = gemv.gemv, rope_store.rope_store, True
+    one, three = prompts_of(13), prompts_of(11, 4, 9, seed=3)
+
+    def check(batch: list[list[int]]) -> None:
+        assert fast(model, batch, greedy(10)).tokens == plain(model, batch, 10)
+
     folded: list[int] = []  # rows of each residual add folded into a product
 
     def gemv_residual(y: Any, *args: Any) -> Any:
@@ -174,21 +195,19 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
 
     lay.gemv_residual, lay.fold = gemv_residual, "all"
     lay.decode_kernel = decode_attention.decode_attention
-    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
-        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    check(one)
+    check(three)
     # both of a layer's add + norms (before q/k/v, before gate/up) at 1 and 4 rows
     assert set(folded) == {1, 4}
     assert len(folded) % (2 * len(lay.layers)) == 0
     # and without the residual form: the add + norms as torch ops, the products on the op
+    # (at 4 rows in the next run, as its kernel runs at one row only)
     lay.gemv_residual, lay.fold = None, "auto"
     folded.clear()
-    batch = prompts_of(13)
-    assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    check(one)
     assert not folded
     # and the add + norms as the PDL chain's kernel (launched plainly here): one-row
     # steps only (a padded batch keeps inductor's)
-    from core import _gemv_triton as kernels
-
     added: list[int] = []
 
     def residual_add(y: Any, r: Any, post: Any, eps: float) -> Any:
@@ -196,11 +215,12 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
         return kernels.launch_residual(y, r, post, eps, kernels._residual_kernel)
 
     lay.residual_add = residual_add
-    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
-        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    check(one)
+    check(three)
     assert set(added) == {1} and len(added) % (2 * len(lay.layers)) == 0
     # and at 2-16 rows with cuBLAS's products (the op's dot form not preferred): both
-    # add + norms with the next norm as one kernel of ours (core.gemv.residual_norm)
+    # add + norms with the next norm as one kernel of ours (core.gemv.residual_norm);
+    # one row runs as in the run before
     monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1)
     normed: list[int] = []
 
@@ -210,8 +230,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
         return kernels.launch_residual(y, r, post, post_eps, kernel, norm_weight=w, eps=eps)
 
     lay.residual_norm = residual_norm
-    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
-        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    check(three)
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
     # and the 2-16-row q/k/v and gate/up products on the op's swapped form after that
     # kernel, the activation in gate/up's (the form the 12b's TUNED entries pick)
@@ -225,11 +244,12 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
         return real_config(rows, n_out, k, act, sms)
 
     monkeypatch.setattr(kernels, "config", config)
-    wide = ("qkv", "gate_up")
-    monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1 or name in wide)
+    wide_products = ("qkv", "gate_up")
+    monkeypatch.setattr(
+        gemv, "preferred", lambda name, rows, shape: rows == 1 or name in wide_products
+    )
     normed.clear()
-    for batch in (prompts_of(13), prompts_of(11, 4, 9, seed=3)):
-        assert fast(model, batch, greedy(16)).tokens == plain(model, batch, 16)
+    check(three)
     assert set(swapped) == {(4, False), (4, True)}
     assert len(swapped) % (2 * len(lay.layers)) == 0
     assert set(normed) == {4} and len(normed) % (2 * len(lay.layers)) == 0
