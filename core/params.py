@@ -84,10 +84,13 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
         raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
     out = []
     for key, bias in value.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        # OpenAI's JSON spells the ids as strings ("106"); a float or bool key is no id.
+        is_id = isinstance(key, int) and not isinstance(key, bool)
+        if not is_id and not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise ValueError(
+                f"logit_bias keys must be token ids (an int, or its digits as a string), got {key!r}"
+            )
+        token = int(key)
         if token < 0:
             raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
         out.append((token, _number(f"logit_bias[{key!r}]", bias, -100.0, 100.0)))

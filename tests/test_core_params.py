@@ -123,6 +123,8 @@ BAD = [
     ("logit_bias", {5: True}, "must be a number"),
     ("logit_bias", {-1: 5}, "token ids must be >= 0"),
     ("logit_bias", {"abc": 5}, "keys must be token ids"),
+    ("logit_bias", {1.5: 5}, "keys must be token ids"),  # not silently token 1
+    ("logit_bias", {True: 5}, "keys must be token ids"),
     ("logit_bias", [(5, 1)], "must be a mapping"),
     ("n", 0, "n must be in"),
     ("n", MAX_N + 1, "n must be in"),
