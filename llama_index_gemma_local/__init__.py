@@ -6,12 +6,14 @@ no torch, transformers or mlx: those load with the first model.
 """
 
 from .base import (
+    DeltaFolder,
     GemmaLocal,
     StreamFolder,
     assistant_message,
     chat_to_completion_response,
     completion_to_chat_response,
     json_schema_format,
+    reply_response,
     resolve_tool_choice,
     to_openai_message,
     to_openai_messages,
@@ -20,12 +22,14 @@ from .base import (
 )
 
 __all__ = [
+    "DeltaFolder",
     "GemmaLocal",
     "StreamFolder",
     "assistant_message",
     "chat_to_completion_response",
     "completion_to_chat_response",
     "json_schema_format",
+    "reply_response",
     "resolve_tool_choice",
     "to_openai_message",
     "to_openai_messages",

@@ -1,10 +1,15 @@
 """``GemmaLocal``: a LlamaIndex ``FunctionCallingLLM`` over a local Gemma chat model.
 
-Data flow, chat-first::
+Data flow, chat-first, on core's token stream (as the LangChain adapter)::
 
     ChatMessage[] ──to_openai_messages()──▶ OpenAI-style message dicts
-        ──client.create() / client.acreate() (stream or not)──▶ chat.completion(.chunk) dicts
-        ──completion_to_chat_response() / StreamFolder──▶ ChatResponse
+        (validated by the model family before anything loads)
+    fields + per-call kwargs ──SamplingParams.build──▶ frozen, validated params (once)
+    client.stream_deltas([conversation], params)     (sync, on the model thread)
+    client.astream_deltas([conversation], params)    (async, never blocks the loop)
+        ──core.fold_deltas──▶ one Delta ──reply_response()──▶ ChatResponse   (chat)
+        ──DeltaFolder──▶ one ChatResponse per Delta, then a last one with the
+            usage                                                     (stream_chat)
     complete(prompt) = chat([user: prompt]) ──▶ CompletionResponse
 
 Tools and structured output ride the same path, as OpenAI-style options that
@@ -18,22 +23,32 @@ schema-valid arguments, and JSON always validates, whatever the model)::
     structured_predict(Model, prompt) ──chat(messages, response_format=json_schema(Model))──▶
         Model.model_validate_json(reply)
 
-Everything model-side happens in ``core``: ``create``/``acreate`` are core's one
-fold of the token primitive (``stream_deltas`` / ``astream_deltas``) into the
-OpenAI format, so this module neither renders prompts (the Gemma chat template,
-the tool instructions and the rendering of tool calls / results into Gemma
-turns are core's), nor counts tokens, nor re-folds deltas. It maps LlamaIndex
-types to OpenAI-style dicts and back, and merges options.
+Thinking (Gemma 4, ``thinking=True`` or a ``reasoning_effort`` other than
+``"none"``): the model's thought comes as ``Delta.reasoning``, apart from the
+answer; it becomes a ``ThinkingBlock`` (``content``, ``num_tokens`` = the
+reasoning tokens) before the text in the message's blocks, and, when
+streaming, each response's ``additional_kwargs["thinking_delta"]`` (how
+LlamaIndex's Ollama and Anthropic integrations expose it, and what its agents
+read into ``AgentStream.thinking_delta``). A ``ThinkingBlock`` of an earlier
+assistant message goes back to core as ``reasoning_content``.
 
-* ``raw`` of every response is the OpenAI-style dict it came from: the
-  ``chat.completion`` for ``chat``/``complete``; each ``chat.completion.chunk``
-  when streaming (the last streamed response carries the final usage chunk).
+Everything model-side happens in ``core``: this module neither renders
+prompts (the Gemma chat template, the tool declarations and the rendering of
+tool calls / results into Gemma turns are core's family's), nor counts
+tokens, nor parses output. It maps LlamaIndex types to OpenAI-style dicts,
+:class:`~core.Delta` records to LlamaIndex types, and merges options.
+
+* ``raw`` of every response is the OpenAI-style dict of what it carries,
+  written by :mod:`core.openai_format`: the ``chat.completion`` for
+  ``chat``/``complete``; a ``chat.completion.chunk`` per streamed response
+  (the last streamed response carries the final usage chunk).
 * ``additional_kwargs`` holds ``prompt_tokens``, ``completion_tokens``,
-  ``total_tokens`` and ``finish_reason`` (on the last streamed response).
-* The async methods await core's async API, which runs loading and generation
-  on the client's model thread and hands results to the event loop with
-  ``call_soon_threadsafe``; the loop is never blocked (unlike ``CustomLLM``'s
-  async defaults, which call the sync methods).
+  ``total_tokens``, ``reasoning_tokens`` (when the model thought) and
+  ``finish_reason`` (on the last streamed response).
+* The async methods read core's async stream, which runs loading and
+  generation on the client's model thread and hands deltas to the event loop
+  with ``call_soon_threadsafe``; the loop is never blocked (unlike
+  ``CustomLLM``'s async defaults, which call the sync methods).
 """
 
 from __future__ import annotations
@@ -42,12 +57,14 @@ import json
 import re
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
+from contextlib import aclosing, closing
 from typing import TYPE_CHECKING, Any, Literal
 
-from core import BaseGemmaChatCompletion, SamplingParams, create_gemma_client
+from core import BaseGemmaChatCompletion, Delta, SamplingParams, create_gemma_client, fold_deltas
 from core.errors import MissingDependencyError
 from core.factory import DEFAULT_MODELS, resolve_backend
+from core.openai_format import ChunkBuilder, Completion
 
 try:
     import llama_index.core.instrumentation as instrument
@@ -63,6 +80,7 @@ try:
         LLMMetadata,
         MessageRole,
         TextBlock,
+        ThinkingBlock,
         ToolCallBlock,
     )
     from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
@@ -113,6 +131,8 @@ CALL_OPTIONS = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "response_format",
+        "thinking",
+        "reasoning_effort",
     }
 )
 
@@ -124,20 +144,22 @@ TOOL_CHOICE_MODES = ("none", "auto", "required")
 
 
 def _block_texts(message: ChatMessage, role: str) -> list[str]:
-    """The text of a message's ``TextBlock``s; tool-call blocks only in assistant turns."""
+    """The text of a message's ``TextBlock``s; tool-call and thinking blocks only in
+    assistant turns."""
     texts = []
     for block in message.blocks:
         if isinstance(block, TextBlock):
             texts.append(block.text)
-        elif isinstance(block, ToolCallBlock) and role == "assistant":
-            continue  # mapped to tool_calls by _tool_calls_of
+        elif isinstance(block, (ToolCallBlock, ThinkingBlock)) and role == "assistant":
+            continue  # mapped to tool_calls / reasoning_content by to_openai_message
         else:
             hint = (
                 " (images are not supported yet)" if "image" in type(block).__name__.lower() else ""
             )
             raise TypeError(
                 f"GemmaLocal supports only TextBlock content, got {type(block).__name__} "
-                f"in a {role} message{hint}"
+                f"in a {role} message{hint} (assistant messages may also hold "
+                "ToolCallBlock and ThinkingBlock)"
             )
     return texts
 
@@ -182,13 +204,16 @@ def to_openai_message(message: ChatMessage) -> dict[str, Any]:
     joins them), none gives ``""``. An assistant message's tool calls
     (``ToolCallBlock``s, or OpenAI ``tool_calls`` in ``additional_kwargs``)
     become ``tool_calls`` (``content`` is then ``None`` when there is no
-    text); a ``tool`` message needs ``additional_kwargs["tool_call_id"]`` and
-    becomes ``{"role": "tool", "tool_call_id", "content"}``. Core renders both
-    into Gemma turns. The input is never mutated.
+    text); its ``ThinkingBlock``s' text becomes ``reasoning_content`` (Gemma 4's
+    template shows it where the model's own format keeps it; Gemma 1-3 ignore
+    it). A ``tool`` message needs ``additional_kwargs["tool_call_id"]`` and
+    becomes ``{"role": "tool", "tool_call_id", "content"}``. Core renders all
+    of it into Gemma turns. The input is never mutated.
 
     Raises:
         TypeError: ``message`` is not a ``ChatMessage``, or holds a block other
-            than ``TextBlock`` (and, in assistant messages, ``ToolCallBlock``).
+            than ``TextBlock`` (and, in assistant messages, ``ToolCallBlock``
+            and ``ThinkingBlock``).
         ValueError: a role other than system, user, assistant or tool; a tool
             message without ``tool_call_id``.
     """
@@ -219,6 +244,9 @@ def to_openai_message(message: ChatMessage) -> dict[str, Any]:
             out["tool_calls"] = calls
             if not texts:
                 out["content"] = None
+        thoughts = [b.content for b in message.blocks if isinstance(b, ThinkingBlock) and b.content]
+        if thoughts:
+            out["reasoning_content"] = "\n".join(thoughts)
     return out
 
 
@@ -281,9 +309,14 @@ def resolve_tool_choice(tool_choice: Any, tool_required: bool = False) -> Any:
 
 
 def usage_kwargs(usage: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Token counts of an OpenAI ``usage`` record, for ``additional_kwargs``."""
+    """Token counts of an OpenAI ``usage`` record, for ``additional_kwargs``
+    (``reasoning_tokens`` only when the model thought)."""
     keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {k: usage[k] for k in keys if usage and k in usage}
+    counts = {k: usage[k] for k in keys if usage and k in usage}
+    details = (usage or {}).get("completion_tokens_details") or {}
+    if details.get("reasoning_tokens"):
+        counts["reasoning_tokens"] = details["reasoning_tokens"]
+    return counts
 
 
 def _tool_kwargs(arguments: str) -> dict[str, Any] | str:
@@ -294,17 +327,30 @@ def _tool_kwargs(arguments: str) -> dict[str, Any] | str:
     return value if isinstance(value, dict) else arguments
 
 
-def assistant_message(text: str | None, tool_calls: Sequence[Mapping[str, Any]]) -> ChatMessage:
-    """The assistant ``ChatMessage`` of a reply: text, and its tool calls if any.
+def assistant_message(
+    text: str | None,
+    tool_calls: Sequence[Mapping[str, Any]],
+    reasoning: str | None = None,
+    reasoning_tokens: int | None = None,
+) -> ChatMessage:
+    """The assistant ``ChatMessage`` of a reply: its thought, text and tool calls.
 
-    Tool calls are carried twice, as LlamaIndex's OpenAI integration does: as
+    A thought (``reasoning``, Gemma 4's thinking channel) comes first, as a
+    ``ThinkingBlock`` with ``num_tokens=reasoning_tokens`` (as LlamaIndex's
+    Ollama integration puts it), followed by the text block. Tool calls are
+    carried twice, as LlamaIndex's OpenAI integration does: as
     ``ToolCallBlock``s (what llama-index-core's agents and memory read; their
     ``tool_kwargs`` are the parsed arguments) and as the OpenAI ``tool_calls``
     dicts in ``additional_kwargs`` (what OpenAI-style code reads).
     """
+    thought: list[ContentBlock] = []
+    if reasoning:
+        thought.append(ThinkingBlock(content=reasoning, num_tokens=reasoning_tokens or None))
     if not tool_calls:
-        return ChatMessage(role=MessageRole.ASSISTANT, content=text or "")
-    blocks: list[ContentBlock] = [TextBlock(text=text)] if text else []
+        if not thought:
+            return ChatMessage(role=MessageRole.ASSISTANT, content=text or "")
+        return ChatMessage(role=MessageRole.ASSISTANT, blocks=[*thought, TextBlock(text=text or "")])
+    blocks: list[ContentBlock] = [*thought, *([TextBlock(text=text)] if text else [])]
     for call in tool_calls:
         function = call.get("function") or {}
         blocks.append(
@@ -322,11 +368,22 @@ def assistant_message(text: str | None, tool_calls: Sequence[Mapping[str, Any]])
 
 
 def completion_to_chat_response(completion: Mapping[str, Any]) -> ChatResponse:
-    """A ``chat.completion`` dict (one choice) as a ``ChatResponse``; ``raw`` is the dict."""
+    """A ``chat.completion`` dict (one choice) as a ``ChatResponse``; ``raw`` is the dict.
+
+    For OpenAI-style dicts from elsewhere (a server speaking core's format);
+    ``GemmaLocal`` itself builds its responses from core's deltas
+    (:func:`reply_response`).
+    """
     choice = completion["choices"][0]
     message = choice["message"]
+    details = (completion.get("usage") or {}).get("completion_tokens_details") or {}
     return ChatResponse(
-        message=assistant_message(message.get("content"), message.get("tool_calls") or ()),
+        message=assistant_message(
+            message.get("content"),
+            message.get("tool_calls") or (),
+            message.get("reasoning_content"),
+            details.get("reasoning_tokens"),
+        ),
         raw=completion,
         additional_kwargs={
             **usage_kwargs(completion.get("usage")),
@@ -369,17 +426,20 @@ def tool_selections(message: ChatMessage) -> list[ToolSelection]:
 class StreamFolder:
     """Folds ``chat.completion.chunk`` dicts into streamed ``ChatResponse`` records.
 
-    One response per chunk that carries text or tool calls (``message`` holds
-    the text and the calls so far, ``delta`` the new text, ``raw`` the chunk)
-    and a last one, with an empty ``delta``, for core's final usage chunk: its
-    ``additional_kwargs`` hold the token counts and ``finish_reason``. Tool
-    call deltas are accumulated by ``index`` as OpenAI clients do (core sends
-    each call whole, once complete). Shared by the sync and async streams so
-    both behave the same.
+    For OpenAI-style chunks from elsewhere (a server speaking core's format);
+    ``GemmaLocal`` itself streams from core's deltas (:class:`DeltaFolder`).
+    One response per chunk that carries text, reasoning or tool calls
+    (``message`` holds the thought, text and calls so far, ``delta`` the new
+    text, ``additional_kwargs["thinking_delta"]`` the new reasoning, ``raw``
+    the chunk) and a last one, with an empty ``delta``, for the final usage
+    chunk: its ``additional_kwargs`` hold the token counts and
+    ``finish_reason``. Tool call deltas are accumulated by ``index`` as OpenAI
+    clients do (core sends each call whole, once complete).
     """
 
     def __init__(self) -> None:
         self.text = ""
+        self.reasoning = ""
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
 
@@ -399,10 +459,12 @@ class StreamFolder:
         for part in calls:
             self._add_call(part)
         text = delta.get("content") or ""
-        if not text and not calls:  # the role chunk and the finish chunk carry nothing
+        thought = delta.get("reasoning_content") or ""
+        if not text and not calls and not thought:  # the role and finish chunks carry nothing
             return None
         self.text += text
-        return self._response(text, chunk, {})
+        self.reasoning += thought
+        return self._response(text, chunk, {"thinking_delta": thought} if thought else {})
 
     def _add_call(self, part: Mapping[str, Any]) -> None:
         slot = self.tool_calls.setdefault(
@@ -416,10 +478,104 @@ class StreamFolder:
 
     def _response(self, delta: str, chunk: Any, extra: dict[str, Any]) -> ChatResponse:
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        tokens = extra.get("reasoning_tokens")
         return ChatResponse(
-            message=assistant_message(self.text, calls),
+            message=assistant_message(self.text, calls, self.reasoning, tokens),
             delta=delta,
             raw=chunk,
+            additional_kwargs=extra,
+        )
+
+
+def _counts(reply: Delta) -> dict[str, Any]:
+    """A finished row's token counts and finish reason, for ``additional_kwargs``."""
+    counts: dict[str, Any] = {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
+    if reply.reasoning_tokens:
+        counts["reasoning_tokens"] = reply.reasoning_tokens
+    counts["finish_reason"] = reply.finish_reason
+    return counts
+
+
+def reply_response(reply: Delta, model: str) -> ChatResponse:
+    """A whole reply (the row's deltas folded by :func:`core.fold_deltas`) as a ``ChatResponse``.
+
+    ``raw`` is the ``chat.completion`` core's :meth:`create` would return for it
+    (written by :mod:`core.openai_format`); ``additional_kwargs`` hold the token
+    counts and ``finish_reason``.
+    """
+    if reply.finish_reason is None:
+        raise ValueError("reply_response needs a finished reply (core.fold_deltas of a row)")
+    return ChatResponse(
+        message=assistant_message(
+            reply.text,
+            [c.to_openai() for c in reply.tool_calls],
+            reply.reasoning,
+            reply.reasoning_tokens,
+        ),
+        raw=Completion(model, 1, 1).collect([reply])[0],
+        additional_kwargs=_counts(reply),
+    )
+
+
+class DeltaFolder:
+    """Turns one row's :class:`~core.Delta` stream into streamed ``ChatResponse`` records.
+
+    One response per delta that carries text, reasoning or tool calls:
+    ``message`` holds the thought (a ``ThinkingBlock``), the text and the calls
+    so far, ``delta`` the new text, ``additional_kwargs["thinking_delta"]``
+    the new reasoning (only when there is some), ``raw`` the delta as one
+    ``chat.completion.chunk``. Then a last one, with an empty ``delta``, once
+    the row has finished: ``raw`` is the usage chunk and ``additional_kwargs``
+    hold the token counts and ``finish_reason`` (what
+    ``stream_structured_predict`` and token counters look for). Core sends
+    each tool call whole, once complete. Shared by the sync and async streams
+    so both behave the same.
+    """
+
+    def __init__(self, model: str) -> None:
+        self.text = ""
+        self.reasoning = ""
+        self.reasoning_tokens = 0
+        self.tool_calls: list[dict[str, Any]] = []
+        self._chunks = ChunkBuilder(model, 1)
+
+    def feed(self, delta: Delta) -> list[ChatResponse]:
+        """The responses of one delta (none, one, or two for a row's last delta)."""
+        chunk = self._chunk(delta)  # always: the builder counts the row's tokens
+        self.text += delta.text
+        self.reasoning += delta.reasoning
+        self.reasoning_tokens = delta.reasoning_tokens
+        self.tool_calls += [c.to_openai() for c in delta.tool_calls]
+        out = []
+        if delta.text or delta.reasoning or delta.tool_calls:
+            extra = {"thinking_delta": delta.reasoning} if delta.reasoning else {}
+            out.append(self._response(delta.text, chunk, extra))
+        if delta.finish_reason is not None:
+            out.append(self._response("", self._chunks.usage_chunk(), _counts(delta)))
+        return out
+
+    def _chunk(self, delta: Delta) -> dict[str, Any]:
+        """The delta as one ``chat.completion.chunk`` (core's chunks for it, merged)."""
+        merged: dict[str, Any] = {}
+        finish = None
+        for part in self._chunks.on_delta(delta):
+            choice = part["choices"][0]
+            merged.update(choice["delta"])
+            finish = choice["finish_reason"] or finish
+        choice = {"index": 0, "delta": merged, "logprobs": None, "finish_reason": finish}
+        return self._chunks.chunk([choice])
+
+    def _response(self, delta: str, raw: dict[str, Any], extra: dict[str, Any]) -> ChatResponse:
+        return ChatResponse(
+            message=assistant_message(
+                self.text, self.tool_calls, self.reasoning, self.reasoning_tokens
+            ),
+            delta=delta,
+            raw=raw,
             additional_kwargs=extra,
         )
 
@@ -532,6 +688,16 @@ class GemmaLocal(FunctionCallingLLM):
         llm.predict_and_call([tool], user_msg="What is 2 + 3?")  # calls add(...)
         FunctionAgent(tools=[tool], llm=llm).run("What is 2 + 3?")
 
+    Thinking (Gemma 4; off by default; ``thinking=True`` on a model that cannot
+    think raises ``ValueError`` before anything loads)::
+
+        llm = GemmaLocal(model="google/gemma-4-E4B-it", thinking=True)
+        response = llm.chat(messages)  # or per call: llm.chat(messages, thinking=True)
+        thought = response.message.blocks[0]  # ThinkingBlock(content=..., num_tokens=...)
+        response.message.content  # the answer only
+        for r in llm.stream_chat(messages, reasoning_effort="high"):
+            print(r.additional_kwargs.get("thinking_delta", ""), r.delta, end="")
+
     Structured output (constrained to the class's JSON schema)::
 
         song = llm.structured_predict(Song, PromptTemplate("A song about {topic}."), topic="sea")
@@ -544,9 +710,10 @@ class GemmaLocal(FunctionCallingLLM):
         index.as_query_engine(streaming=True).query("...")
 
     Per-call options (``temperature``, ``max_tokens``, ``top_p``, ``top_k``,
-    ``stop``, ``seed``, ``repetition_penalty``, ``logit_bias``, and core's
-    ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``)
-    override the fields for that call. ``messages_to_prompt`` /
+    ``stop``, ``seed``, ``repetition_penalty``, ``logit_bias``, ``thinking``,
+    ``reasoning_effort`` (OpenAI's spelling: ``"none"`` is off, any other
+    effort on), and core's ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+    ``response_format``) override the fields for that call. ``messages_to_prompt`` /
     ``completion_to_prompt`` are not used: the Gemma chat template always
     formats the prompt.
     """
@@ -602,6 +769,15 @@ class GemmaLocal(FunctionCallingLLM):
     repetition_penalty: float | None = Field(
         default=None, description="> 0; 1.0 is off. Default: None (off)."
     )
+    thinking: bool | None = Field(
+        default=None,
+        description=(
+            "Let a model that can think (Gemma 4) think before it answers; the thought comes "
+            "back as a ThinkingBlock before the answer (and as additional_kwargs['thinking_delta'] "
+            "when streaming) and counts against max_tokens. True on a model that cannot think "
+            "(Gemma 1-3) raises ValueError. Default: None (off)."
+        ),
+    )
     context_window: int | None = Field(
         default=None,
         description=(
@@ -642,11 +818,13 @@ class GemmaLocal(FunctionCallingLLM):
             data["callback_manager"] = callback_manager
         super().__init__(**data)
         # Validate the sampling fields now, with core's bounds and messages.
-        SamplingParams.build(**self._field_options())
+        params = SamplingParams.build(**self._field_options())
         if client is None:  # one client per (backend, model, client_kwargs) in the process
             client = _shared_client(self.backend, self.model, self.client_kwargs)
             self.model = client.model_name
         self._client = client
+        # thinking=True on a family that cannot think (config.json or the name; no load)
+        client.family.check(params, params.thinking)
 
     @classmethod
     def class_name(cls) -> str:
@@ -689,6 +867,7 @@ class GemmaLocal(FunctionCallingLLM):
             "stop": self.stop,
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
+            "thinking": self.thinking,
         }
 
     def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -700,7 +879,10 @@ class GemmaLocal(FunctionCallingLLM):
                 f"allowed per-call options: {', '.join(sorted(CALL_OPTIONS))}"
             )
         options = self._field_options()
-        options.update({k: v for k, v in kwargs.items() if v is not None})
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if "thinking" in given or "reasoning_effort" in given:
+            options.pop("thinking")  # the call decides, whichever way it spells it
+        options.update(given)
         if "tools" in options:
             tools = options["tools"]
             if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
@@ -709,6 +891,30 @@ class GemmaLocal(FunctionCallingLLM):
         if "tool_choice" in options:
             options["tool_choice"] = resolve_tool_choice(options["tool_choice"])
         return options
+
+    def _request(
+        self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], SamplingParams]:
+        """The conversation and params of one call, validated before anything loads.
+
+        The options become one :class:`~core.SamplingParams` here; the model's
+        family checks what it cannot serve (``thinking`` on Gemma 1-3) and
+        reads the conversation as it will render it, so bad input fails now,
+        at call time, even for a stream that has not been read yet.
+        """
+        conversation = to_openai_messages(messages)
+        params = SamplingParams.build(**self._options(kwargs))
+        client = self._client
+        if params.constrained and not client.supports_constraints:
+            raise NotImplementedError(
+                f"the client {type(client).__name__} cannot constrain decoding, so GemmaLocal "
+                "cannot serve tools or structured output with it; use a transformers or MLX "
+                "client"
+            )
+        family = client.family
+        family.check(params, params.thinking)
+        family.render_inputs(conversation, params, params.thinking)
+        return conversation, params
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
         """``complete``'s conversation: the prompt as one user turn.
@@ -723,26 +929,28 @@ class GemmaLocal(FunctionCallingLLM):
 
     # ---------------------------------------------------------------- sync
 
+    def _deltas(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> Iterator[Delta]:
+        conversation, params = self._request(messages, kwargs)
+        return self._client.stream_deltas([conversation], params)  # loads if needed
+
     def _chat(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> ChatResponse:
-        completion = self._client.create(to_openai_messages(messages), **self._options(kwargs))
-        return completion_to_chat_response(completion)
+        deltas = self._deltas(messages, kwargs)
+        with closing(deltas):  # type: ignore[type-var]
+            reply = fold_deltas(deltas)
+        return reply_response(reply, self._client.model_name)
 
     def _stream_chat(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
     ) -> ChatResponseGen:
         # Validate now, at call time; generation starts with the first read.
-        chunks = self._client.create(
-            to_openai_messages(messages), stream=True, **self._options(kwargs)
-        )
+        deltas = self._deltas(messages, kwargs)
+        model = self._client.model_name
 
         def gen() -> ChatResponseGen:
-            folder = StreamFolder()
-            try:
-                for chunk in chunks:
-                    if (response := folder.feed(chunk)) is not None:
-                        yield response
-            finally:
-                chunks.close()  # a reader that stops early stops the generation
+            folder = DeltaFolder(model)
+            with closing(deltas):  # type: ignore[type-var]  # an early stop stops generating
+                for delta in deltas:
+                    yield from folder.feed(delta)
 
         return gen()
 
@@ -777,29 +985,32 @@ class GemmaLocal(FunctionCallingLLM):
 
     # --------------------------------------------------------------- async
 
+    def _adeltas(
+        self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
+    ) -> AsyncIterator[Delta]:
+        conversation, params = self._request(messages, kwargs)
+        return self._client.astream_deltas([conversation], params)  # loads on the model thread
+
     async def _achat(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
     ) -> ChatResponse:
-        completion = await self._client.acreate(
-            to_openai_messages(messages), **self._options(kwargs)
-        )
-        return completion_to_chat_response(completion)
+        deltas = self._adeltas(messages, kwargs)
+        async with aclosing(deltas):  # type: ignore[type-var]  # a cancelled task stops it
+            reply = fold_deltas([delta async for delta in deltas])
+        return reply_response(reply, self._client.model_name)
 
     async def _astream_chat(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
     ) -> ChatResponseAsyncGen:
-        chunks = await self._client.acreate(
-            to_openai_messages(messages), stream=True, **self._options(kwargs)
-        )
+        deltas = self._adeltas(messages, kwargs)
+        model = self._client.model_name
 
         async def gen() -> ChatResponseAsyncGen:
-            folder = StreamFolder()
-            try:
-                async for chunk in chunks:
-                    if (response := folder.feed(chunk)) is not None:
+            folder = DeltaFolder(model)
+            async with aclosing(deltas):  # type: ignore[type-var]
+                async for delta in deltas:
+                    for response in folder.feed(delta):
                         yield response
-            finally:
-                await chunks.aclose()
 
         return gen()
 
