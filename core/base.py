@@ -443,6 +443,8 @@ class BaseGemmaChatCompletion:
         info: dict[str, Any] = {
             "model_name": self.model_name,
             "implementation": self.implementation,
+            "family": self.family.name,  # core.families: gemma2 / gemma3 / gemma4
+            "model_type": self._model_type(),
             "loaded": self._loaded,
             "quantization": None,
             "device": None,
@@ -501,12 +503,14 @@ class BaseGemmaChatCompletion:
         parallel_tool_calls: Any = None,
         response_format: Any = None,
         thinking: Any = None,
+        reasoning_effort: Any = None,
     ) -> Prompt:
         """The exact prompt (text and ids) the model reads for ``messages``; loads the model.
 
         ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` /
-        ``response_format`` / ``thinking`` add what the model is told about
-        them, as in :meth:`create`.
+        ``response_format`` / ``thinking`` / ``reasoning_effort`` add what the
+        model is told about them, as in :meth:`create` (and are checked as
+        there, before any load).
         """
         params = SamplingParams.build(
             tools=tools,
@@ -514,8 +518,10 @@ class BaseGemmaChatCompletion:
             parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             thinking=thinking,
+            reasoning_effort=reasoning_effort,
         )
         self._check_messages([messages], params)
+        self.family.check(params, params.thinking)
         self.load()
 
         def job() -> Prompt:

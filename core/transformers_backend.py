@@ -294,11 +294,25 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             kwargs["quantization_config"] = quantization
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **self.hub_kwargs)
+        model_class = self._text_model_class() if gguf is None else AutoModelForCausalLM
+        self.model = model_class.from_pretrained(source, **kwargs, **self.hub_kwargs)
         self.model.eval()
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._context_window = getattr(text_config, "max_position_embeddings", None)
+
+    def _text_model_class(self) -> Any:
+        """The class to load the text model with: the one :mod:`core.families` names for the
+        checkpoint's ``model_type`` (``Gemma3nForCausalLM`` for ``gemma3n``), else
+        ``AutoModelForCausalLM``."""
+        import transformers
+
+        from .families import model_type_from_name, transformers_text_class
+
+        config = read_model_config(self.model_name) or {}
+        model_type = config.get("model_type") or model_type_from_name(self.model_name)
+        name = transformers_text_class(model_type)
+        return transformers.AutoModelForCausalLM if name is None else getattr(transformers, name)
 
     def _check_loaded(self) -> None:
         """Fail loudly if weights the config ties came back untied (a random ``lm_head``)."""

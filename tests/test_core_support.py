@@ -133,3 +133,40 @@ class ScriptedClient(BaseGemmaChatCompletion):
                 self.on_token(0, step)
             sink.push([token] * len(prompts))
             self.pushed += 1
+
+
+class Gemma4ScriptedClient(ScriptedClient):
+    """:class:`ScriptedClient` on a Gemma 4 checkpoint folder: its real tokenizer (control
+    tokens at their real ids), and its ``config.json`` picks the Gemma 4 family.
+
+    It accepts tools and ``response_format`` (``supports_constraints``): the script
+    stands for what the grammar lets the model write, so tests script canonical
+    calls. :meth:`ids` and :meth:`spelled` build scripts.
+    """
+
+    supports_constraints = True
+
+    def ids(self, *parts: str | int) -> list[int]:
+        """Token ids of ``parts``: an int as it is, a control token (``"<|channel>"``) as
+        its id, any other string as the tokenizer encodes it (no special tokens added)."""
+        self.load()
+        tok = self.tokenizer
+        out: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                out.append(part)
+            elif part in tok.get_added_vocab():
+                out.append(int(tok.convert_tokens_to_ids(part)))
+            else:
+                out += tok.encode(part, add_special_tokens=False)
+        return out
+
+    def spelled(self, text: str) -> list[int]:
+        """``text`` one plain token per character (a space is ``▁``): a marker such as
+        ``<channel|>`` written as ordinary text, split across many tokens."""
+        self.load()
+        vocab = self.tokenizer.get_vocab()
+        missing = [c for c in text if ("▁" if c == " " else c) not in vocab]
+        if missing:
+            raise ValueError(f"characters without a token of their own: {missing!r}")
+        return [int(vocab["▁" if c == " " else c]) for c in text]

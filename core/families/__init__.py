@@ -46,6 +46,13 @@ MODEL_TYPES = {
 }
 #: The family of a model type this table does not know.
 DEFAULT_FAMILY = "gemma3"
+#: ``model_type`` -> the transformers class its text model loads with, where
+#: ``AutoModelForCausalLM``'s choice does not serve text: for ``gemma3n`` it builds
+#: ``Gemma3nForConditionalGeneration``, whose vision tower needs ``timm``, while
+#: ``Gemma3nForCausalLM`` loads the multimodal checkpoint's language model by itself.
+#: (Multimodal ``gemma3`` / ``gemma4`` load as ``...ForConditionalGeneration``, which
+#: serves text as it is.)
+TRANSFORMERS_TEXT_CLASSES = {"gemma3n": "Gemma3nForCausalLM"}
 
 
 #: Hub-name spellings of each generation, for a model whose config.json is not on disk yet
@@ -72,6 +79,12 @@ def model_type_from_name(model_name: str) -> str | None:
     return None
 
 
+def transformers_text_class(model_type: str | None) -> str | None:
+    """The transformers class name to load ``model_type``'s text model with, or ``None``
+    for ``AutoModelForCausalLM``'s choice (:data:`TRANSFORMERS_TEXT_CLASSES`)."""
+    return TRANSFORMERS_TEXT_CLASSES.get(model_type or "")
+
+
 def family_for(model_type: str | None) -> Family:
     """The family of a checkpoint's ``model_type`` (Gemma 3's for unknown or ``None``)."""
     return FAMILIES[MODEL_TYPES.get(model_type or "", DEFAULT_FAMILY)]
@@ -81,10 +94,12 @@ __all__ = [
     "DEFAULT_FAMILY",
     "FAMILIES",
     "MODEL_TYPES",
+    "TRANSFORMERS_TEXT_CLASSES",
     "Family",
     "Messages",
     "OutputParser",
     "Parsed",
     "family_for",
     "model_type_from_name",
+    "transformers_text_class",
 ]
