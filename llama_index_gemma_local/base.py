@@ -769,6 +769,14 @@ class GemmaLocal(FunctionCallingLLM):
     repetition_penalty: float | None = Field(
         default=None, description="> 0; 1.0 is off. Default: None (off)."
     )
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        description=(
+            "Token id -> bias in [-100, 100] added to its logit at every step (OpenAI's "
+            "logit_bias); a per-call logit_bias replaces it. It steers every call this LLM "
+            "makes, also those an agent or engine makes for you. Default: None (no bias)."
+        ),
+    )
     thinking: bool | None = Field(
         default=None,
         description=(
@@ -777,6 +785,7 @@ class GemmaLocal(FunctionCallingLLM):
             "when streaming) and counts against max_tokens. True on a model that cannot think "
             "(Gemma 1-3) raises ValueError. Default: None (off)."
         ),
+        strict=True,  # not "yes" read as True
     )
     context_window: int | None = Field(
         default=None,
@@ -867,6 +876,7 @@ class GemmaLocal(FunctionCallingLLM):
             "stop": self.stop,
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
             "thinking": self.thinking,
         }
 
