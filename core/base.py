@@ -237,13 +237,15 @@ class BaseGemmaChatCompletion:
     ) -> str:
         """The whole reply to a rendered prompt (the original design's hook).
 
-        Built-in backends derive it from their token stream.
+        Built-in backends derive it from their token stream: the answer text
+        (``content``), without reasoning or control tokens.
         """
         params = SamplingParams.build(
             temperature=temperature, max_tokens=max_tokens, top_p=top_p, **kwargs
         )
         prompt = Prompt(prompt_str, tuple(self._encode(prompt_str)))
         chunks: list[str] = []
+        family = self.family  # its parser keeps control tokens (Gemma 4) out of the text
         sink = TokenSink(
             [prompt],
             params,
@@ -253,6 +255,8 @@ class BaseGemmaChatCompletion:
             _NEVER_CANCELLED,
             byte_ids=self._byte_ids,
             skipped_ids=self._skipped_ids,
+            parser=lambda: family.output_parser(params, None),
+            stop_on_content=family.keep_special_tokens,
         )
         self._generate([prompt], params, sink)
         sink.close()
@@ -572,6 +576,7 @@ class BaseGemmaChatCompletion:
                 byte_ids=self._byte_ids,
                 skipped_ids=self._skipped_ids,
                 parser=lambda: family.output_parser(params, params.thinking),
+                stop_on_content=family.keep_special_tokens,
             )
             try:
                 self._generate(prompts, params, sink)

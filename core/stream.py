@@ -198,6 +198,7 @@ class _Row:
         parser: OutputParser,
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
+        stop_on_content: bool = False,
     ) -> None:
         self.index = index
         self.prompt_tokens = prompt_tokens
@@ -207,7 +208,11 @@ class _Row:
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.detok = IncrementalDetokenizer(decode, byte_ids, skipped_ids)
-        self.stops = StopMatcher(params.stop)
+        # Stop strings match the raw text, or only the parsed answer text where the raw
+        # text holds control tokens (Gemma 4): the thought channel, its label and tool
+        # calls are never cut by them, and no piece of a control token reaches content.
+        self.stops = StopMatcher(() if stop_on_content else params.stop)
+        self.content_stops = StopMatcher(params.stop if stop_on_content else ())
         self.parser = parser
         self.calls = 0
         self.json_output = params.response_format is not None
@@ -216,6 +221,7 @@ class _Row:
         parsed = self.parser.feed(text) if text else Parsed()
         if self.finish_reason is not None:
             parsed += self.parser.finish()
+        parsed = self._stop_in_content(parsed)
         self.calls += len(parsed.calls)
         if self.calls and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"
@@ -231,6 +237,20 @@ class _Row:
             parsed.reasoning,
             self.reasoning_tokens,
         )
+
+    def _stop_in_content(self, parsed: Parsed) -> Parsed:
+        """``parsed`` with its content cut at a stop string (``stop_on_content``); a stop
+        ends the row, and what the parser still holds back after it is dropped."""
+        content, stopped = self.content_stops.feed(parsed.content)
+        if stopped:
+            if self.finish_reason is None:
+                self.parser.finish()
+            self.finish_reason = "stop"
+        elif self.finish_reason is not None:
+            content += self.content_stops.flush()
+        if content == parsed.content:
+            return parsed
+        return Parsed(content, parsed.reasoning, parsed.calls)
 
     def push_token(self, token: int) -> Delta | None:
         self.completion_tokens += 1
@@ -288,7 +308,9 @@ class TokenSink:
     ``StoppingCriteria``, MLX in its loop) so no token is generated for nobody.
     Each row's ``max_tokens`` is clipped to what the context window leaves.
     ``byte_ids`` / ``skipped_ids`` go to each row's
-    :class:`IncrementalDetokenizer` (see there).
+    :class:`IncrementalDetokenizer` (see there). ``stop_on_content``: stop
+    strings match only the answer text the ``parser`` finds (for families
+    whose raw text holds control tokens), not reasoning, calls or markup.
     """
 
     def __init__(
@@ -304,6 +326,7 @@ class TokenSink:
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
         parser: Callable[[], OutputParser] | None = None,
+        stop_on_content: bool = False,
     ) -> None:
         def room(prompt: Prompt) -> int:
             if context_window is None:
@@ -312,7 +335,18 @@ class TokenSink:
 
         new_parser = parser or (lambda: default_parser(params))
         self.rows = [
-            _Row(i, len(p.ids), room(p), params, decode, eos_ids, new_parser(), byte_ids, skipped_ids)
+            _Row(
+                i,
+                len(p.ids),
+                room(p),
+                params,
+                decode,
+                eos_ids,
+                new_parser(),
+                byte_ids,
+                skipped_ids,
+                stop_on_content,
+            )
             for i, p in enumerate(prompts)
         ]
         self._emit = emit

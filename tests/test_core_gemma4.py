@@ -322,6 +322,60 @@ def test_thinking_before_a_scripted_call(scripted) -> None:
     assert order[-1] == "tool_calls" and set(order) == {"reasoning_content", "tool_calls"}
     [call] = next(d["tool_calls"] for d in deltas if d.get("tool_calls"))
     assert call["index"] == 0 and json.loads(call["function"]["arguments"]) == arguments
+    # Round trip: the thought before the call is shown again with it, as the template says.
+    message = choice["message"]
+    history = [
+        *USER,
+        message,
+        {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "20 C"},
+    ]
+    text = scripted.format_prompt(history, tools=tools, thinking=True).text
+    Q = '<|"|>'
+    assert text.endswith(
+        f"<|turn>model\n<|channel>thought\n{THOUGHT}\n<channel|>"
+        f"{format_call('get_weather', arguments)}"
+        f"<|tool_response>response:get_weather{{value:{Q}20 C{Q}}}<tool_response|>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stop", "reasoning", "content"),
+    [
+        # a newline in the thought label or the thought does not end the reply
+        (["\n"], "line one\nline two", "Answer one."),
+        (["two"], "line one\nline two", "Answer one.\nAnswer "),
+        # text inside control tokens is not text the model wrote
+        (["channel"], "line one\nline two", "Answer one.\nAnswer two."),
+        (["|"], "line one\nline two", "Answer one.\nAnswer two."),
+        (["one.\nAns"], "line one\nline two", "Answer "),  # across tokens
+    ],
+)
+def test_stop_strings_match_the_answer_only(scripted, stop, reasoning, content) -> None:
+    script = scripted.ids(
+        "<|channel>", "thought\n", "line one\nline two", "<channel|>",
+        "Answer one.\nAnswer two.", "<turn|>",
+    )  # fmt: skip
+    scripted.enqueue(script)
+    out = scripted.create(USER, max_tokens=200, thinking=True, stop=stop)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": content,
+        "reasoning_content": reasoning,
+    }
+    scripted.enqueue(script)
+    chunks = list(scripted.create(USER, max_tokens=200, thinking=True, stop=stop, stream=True))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == content
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == reasoning
+    assert chunks[-1]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"]
+
+
+def test_stop_string_never_splits_a_control_token(scripted) -> None:
+    scripted.enqueue(scripted.ids("Hello ", '<|"|>', "there", "<turn|>"))
+    out = scripted.create(USER, max_tokens=20, stop=["|", "<"])
+    assert out["choices"][0]["message"]["content"] == "Hello there"
 
 
 def _call_parts(name: str, arguments: dict[str, Any]) -> list[str]:
@@ -445,6 +499,16 @@ def test_one_bos_and_thinking_off_by_default(g4) -> None:
         # mlx-lm's own wrapper would render thinking on unless told: the client pins it.
         wrapped = g4._wrapper.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
         assert prompt.text != wrapped or "<|think|>" not in wrapped
+
+
+def test_generate_response_hook_returns_the_answer_text(g4) -> None:
+    """The original design's ``_generate_response`` on a built-in backend: no control token."""
+    prompt = g4.format_prompt(USER, thinking=True)
+    for favoured in (CHANNEL_START, STRING_DELIM, CALL_START):
+        text = g4._worker.call(
+            lambda f=favoured: g4._generate_response(prompt.text, 0.0, 6, 1.0, logit_bias={f: 30})
+        )
+        assert text == ""  # six control tokens: nothing of them is text
 
 
 def test_thinking_on_gemma3_is_refused_before_any_load(gemma3_path, gemma3n_path) -> None:
