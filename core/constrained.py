@@ -541,6 +541,11 @@ class ToolCallParser:
     def calling(self) -> bool:
         return self.mode == "calls"
 
+    @property
+    def partial_call(self) -> str:
+        """The text of the call being written (what follows the last complete one)."""
+        return self._buffer.lstrip(CALL_SEPARATOR) if self.mode == "calls" else ""
+
     def feed(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
         """``(text to emit, calls completed by this text)``."""
         if self.mode == "prose" or not text:

@@ -60,6 +60,11 @@ class Delta:
     ``thinking=True``), never part of ``text``; ``reasoning_tokens`` counts
     the row's tokens spent thinking so far (on the last delta: all of them,
     included in ``completion_tokens``).
+
+    ``partial_call`` is set only on the last delta of a row that ``max_tokens``
+    cut off (``finish_reason == "length"``) while a tool call was being
+    written: that call's text so far, as the model wrote it (``""`` if the
+    parser cannot tell); ``None`` otherwise. The call itself is dropped.
     """
 
     index: int
@@ -70,6 +75,7 @@ class Delta:
     tool_calls: tuple[ToolCall, ...] = ()
     reasoning: str = ""
     reasoning_tokens: int = 0
+    partial_call: str | None = None
 
 
 def fold_deltas(deltas: Iterable[Delta]) -> Delta:
@@ -219,7 +225,11 @@ class _Row:
 
     def delta(self, text: str) -> Delta | None:
         parsed = self.parser.feed(text) if text else Parsed()
+        partial = None
         if self.finish_reason is not None:
+            if self.finish_reason == "length" and self.parser.calling:
+                # a call cut short: its text so far, from parsers that can tell it
+                partial = str(getattr(self.parser, "partial_call", ""))
             parsed += self.parser.finish()
         parsed = self._stop_in_content(parsed)
         self.calls += len(parsed.calls)
@@ -236,6 +246,7 @@ class _Row:
             parsed.calls,
             parsed.reasoning,
             self.reasoning_tokens,
+            partial,
         )
 
     def _stop_in_content(self, parsed: Parsed) -> Parsed:

@@ -7,12 +7,17 @@ Data flow in and out, all on the core token stream::
         core.normalize_messages validates them before anything loads)
     fields + per-call kwargs ──SamplingParams.build──▶ frozen, validated params
         (bind_tools / with_structured_output only bind core's own options:
-        tools, tool_choice, parallel_tool_calls, response_format)
+        tools, tool_choice, parallel_tool_calls, response_format;
+        ``reasoning`` is core's ``thinking``)
     client.stream_deltas([conversation], params)     (sync, on the model thread)
     client.astream_deltas([conversation], params)    (async, never blocks the loop)
         ──Delta──▶ ChatGenerationChunk ──▶ _stream / _astream
             (Delta.tool_calls → AIMessageChunk.tool_call_chunks, one whole
-            call per chunk, so the chunks add up to the invoke result)
+            call per chunk, so the chunks add up to the invoke result;
+            Delta.reasoning → additional_kwargs["reasoning_content"], whence
+            LangChain derives the standard "reasoning" content block;
+            Delta.reasoning_tokens → usage output_token_details["reasoning"];
+            Delta.partial_call, a call max_tokens cut off → invalid_tool_calls)
         ──merged──▶ ChatResult ──▶ _generate / _agenerate   (with callback handlers)
         ──core.fold_deltas──▶ one chunk ──▶ ChatResult      (without: no chunk per token)
 
@@ -21,6 +26,8 @@ Tool calls and JSON output are guaranteed by core's constrained decoding
 that ``with_structured_output`` chains on never see malformed output unless
 ``max_tokens`` cuts it short; they then raise an ``OutputParserException``
 saying so (the token count and the partial output) rather than a schema error.
+A tool call cut short that way is an ``invalid_tool_calls`` entry whose
+``error`` names the limit, never a silently empty message.
 
 ``batch()`` / ``abatch()`` start ONE batched generation over every input
 (``stream_deltas(conversations, params)``) and then run LangChain's ordinary
@@ -38,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import re
 import threading
 import time
 import weakref
@@ -64,8 +72,8 @@ from langchain_core.messages import (
     ToolMessage,
     message_chunk_to_message,
 )
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.ai import OutputTokenDetails, UsageMetadata
+from langchain_core.messages.tool import InvalidToolCall, invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
     JsonOutputParser,
@@ -136,10 +144,26 @@ def _convert_content(
     return parts
 
 
+#: How the error of a tool call that ``max_tokens`` cut off starts (see ``_cut_call``).
+CUT_OFF_CALL_ERROR = "the reply was cut off by max_tokens="
+
+
+def _invalid_calls(message: AIMessage) -> list[Any]:
+    """The message's invalid tool calls, less those ChatGemmaLocal recorded for a reply
+    ``max_tokens`` cut off (the model never finished them: they are left out of the
+    history, so an agent loop goes on with the complete calls)."""
+    return [
+        c
+        for c in message.invalid_tool_calls
+        if not str(c.get("error") or "").startswith(CUT_OFF_CALL_ERROR)
+    ]
+
+
 def _openai_tool_calls(message: AIMessage) -> list[dict[str, Any]]:
     """An AIMessage's tool calls in OpenAI form (``arguments`` as a JSON string)."""
-    if message.invalid_tool_calls:
-        bad = message.invalid_tool_calls[0]
+    invalid = _invalid_calls(message)
+    if invalid:
+        bad = invalid[0]
         raise ValueError(
             f"{type(message).__name__} carries an invalid tool call ({bad.get('name')!r}, "
             f"arguments {bad.get('args')!r}) whose arguments are not a JSON object; Gemma "
@@ -175,7 +199,9 @@ def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
     ``tool_calls`` also gets OpenAI ``tool_calls`` (``{"id", "type":
     "function", "function": {"name", "arguments": "<JSON>"}}``), its content
     ``None`` when it has no text, and its own call blocks (``tool_use``, ...)
-    left out of the content. ``name`` and a ToolMessage's ``status`` are dropped
+    left out of the content. A call that ``max_tokens`` cut off (recorded by
+    ChatGemmaLocal in ``invalid_tool_calls``) is left out: the model never
+    finished it. ``name`` and a ToolMessage's ``status`` are dropped
     (Gemma's chat template has no speaker names; an error result says so in its
     content). The message is never modified.
 
@@ -204,7 +230,7 @@ def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
             "content": _convert_content(message.content, kind),
         }
     elif isinstance(message, AIMessage):
-        if not (message.tool_calls or message.invalid_tool_calls):
+        if not (message.tool_calls or _invalid_calls(message)):
             return {"role": "assistant", "content": _convert_content(message.content, kind)}
         calls = _openai_tool_calls(message)
         content = _convert_content(message.content, kind, skip=_CALL_BLOCKS)
@@ -451,10 +477,62 @@ class _KeyToolParser(JsonOutputKeyToolsParser):
 
 
 def _usage(delta: Delta) -> UsageMetadata:
-    return UsageMetadata(
+    """Token counts of a row's last delta; thinking tokens (included in ``output_tokens``)
+    as ``output_token_details["reasoning"]`` when the model thought."""
+    usage = UsageMetadata(
         input_tokens=delta.prompt_tokens,
         output_tokens=delta.completion_tokens,
         total_tokens=delta.prompt_tokens + delta.completion_tokens,
+    )
+    if delta.reasoning_tokens:
+        usage["output_token_details"] = OutputTokenDetails(reasoning=delta.reasoning_tokens)
+    return usage
+
+
+#: How a call being written starts: Gemma 4's ``call:NAME{`` and Gemma 1-3's
+#: ``{"name": "NAME"`` (its JSON string).
+_CALL_NAME = (
+    re.compile(r"call:([A-Za-z0-9_.\-]+)\{"),
+    re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")'),
+)
+
+
+def _cut_call_name(params: SamplingParams, partial: str) -> str | None:
+    """The tool a call cut short was calling: the forced one, the only one, or the name
+    the partial text already spells (if it is a bound tool's); else ``None``."""
+    names = [t.name for t in params.tools]
+    if params.tool_choice_name is not None:
+        return params.tool_choice_name
+    if len(names) == 1:
+        return names[0]
+    for pattern in _CALL_NAME:
+        match = pattern.match(partial)
+        if match is None:
+            continue
+        name = match.group(1)
+        if name.startswith('"'):
+            try:
+                name = json.loads(name)
+            except ValueError:
+                continue
+        if name in names:
+            return str(name)
+    return None
+
+
+def _cut_call(delta: Delta, params: SamplingParams) -> InvalidToolCall | None:
+    """The tool call ``max_tokens`` cut off in this (last) delta, as an invalid tool call."""
+    if delta.partial_call is None:
+        return None
+    return invalid_tool_call(
+        name=_cut_call_name(params, delta.partial_call),
+        args=delta.partial_call or None,
+        id=None,
+        error=(
+            f"{CUT_OFF_CALL_ERROR}{params.max_tokens} after "
+            f"{delta.completion_tokens} tokens before the tool call was complete; "
+            "raise max_tokens"
+        ),
     )
 
 
@@ -495,6 +573,37 @@ async def _auntil_deadline(
                 elif delta.finish_reason is None and time.monotonic() > deadline:
                     raise _timeout_error(timeout)
             yield delta
+
+
+def _keep_last(
+    chunks: Iterator[ChatGenerationChunk], last: list[ChatGenerationChunk]
+) -> Iterator[ChatGenerationChunk]:
+    """Pass chunks through, keeping the latest in ``last``."""
+    for chunk in chunks:
+        last[:] = [chunk]
+        yield chunk
+
+
+async def _akeep_last(
+    chunks: AsyncIterator[ChatGenerationChunk], last: list[ChatGenerationChunk]
+) -> AsyncIterator[ChatGenerationChunk]:
+    """Async :func:`_keep_last`."""
+    async for chunk in chunks:
+        last[:] = [chunk]
+        yield chunk
+
+
+def _with_cut_call(result: ChatResult, last: list[ChatGenerationChunk]) -> ChatResult:
+    """``result`` (summed from chunks) with the last chunk's cut-off call put back.
+
+    Adding ``AIMessageChunk``s re-derives ``invalid_tool_calls`` from the
+    ``tool_call_chunks`` and so drops the one the last chunk carries.
+    """
+    cut = getattr(last[0].message, "invalid_tool_calls", None) if last else None
+    message = result.generations[0].message if result.generations else None
+    if cut and isinstance(message, AIMessage):
+        message.invalid_tool_calls = [*message.invalid_tool_calls, *cut]
+    return result
 
 
 class _BatchRows:
@@ -655,6 +764,7 @@ CALL_OPTIONS = frozenset(
         "logit_bias",
         "timeout",
         "model",
+        "reasoning",
         *CONSTRAINT_OPTIONS,
     }
 )
@@ -717,6 +827,9 @@ class ChatGemmaLocal(BaseChatModel):
             > 0; 1.0 is off.
         logit_bias: dict[int, float] | None
             Token id → bias in [-100, 100].
+        reasoning: bool | None
+            Let a model that can think (Gemma 4) reason before it answers.
+            Default None: off.
 
     Key init args — the model:
         model: str | None
@@ -844,6 +957,12 @@ class ChatGemmaLocal(BaseChatModel):
         call of it). Streaming gives each call as one `tool_call_chunk`; send
         results back as `ToolMessage`s (LangGraph agents work unchanged).
 
+        A call that `max_tokens` cuts off before it is complete comes back
+        as an entry of `invalid_tool_calls` (the tool's name when known, the
+        call text so far as `args`, and an `error` naming the limit), on the
+        message and on the last streamed chunk; the complete calls before it
+        stay in `tool_calls`. Sent back in the history, that entry is left out.
+
     Structured output:
         ```python
         from pydantic import BaseModel
@@ -863,6 +982,21 @@ class ChatGemmaLocal(BaseChatModel):
         schema), `"function_calling"` (a forced tool call) or `"json_mode"`
         (any JSON object); pydantic, `TypedDict` or JSON schema;
         `include_raw=True` for `{"raw", "parsed", "parsing_error"}`.
+
+    Reasoning (Gemma 4):
+        ```python
+        model = ChatGemmaLocal(model="google/gemma-4-E4B-it", reasoning=True)
+        reply = model.invoke("How many r's are in 'strawberry'?")
+        reply.additional_kwargs["reasoning_content"]  # the thought
+        reply.content_blocks  # [{"type": "reasoning", ...}, {"type": "text", ...}]
+        reply.usage_metadata["output_token_details"]  # {"reasoning": 57}
+        ```
+
+        Per call: `model.invoke(messages, reasoning=False)` or
+        `model.bind(reasoning=True)`. Streamed chunks carry the thought in
+        `additional_kwargs["reasoning_content"]` as it comes, before the
+        answer's text. The thought counts against `max_tokens`.
+        `reasoning=True` on Gemma 1/2/3 raises `ValueError` before anything loads.
 
     Token usage:
         ```python
@@ -961,6 +1095,23 @@ class ChatGemmaLocal(BaseChatModel):
     (``-100`` bans a token, ``100`` all but forces it wherever it is allowed).
     Default ``None``: none."""
 
+    reasoning: bool | None = Field(default=None, strict=True)
+    """Controls the reasoning (thinking) mode of models that can think (Gemma 4).
+
+    - ``True``: the model thinks before it answers. Its thought comes back
+      apart from the answer: in the message's ``additional_kwargs`` under
+      ``reasoning_content``, and as a ``reasoning`` block of ``content_blocks``
+      (streamed chunks carry it as it arrives, before the answer). Thinking
+      tokens count against ``max_tokens`` and are reported in
+      ``usage_metadata["output_token_details"]["reasoning"]``.
+    - ``False``: the model does not think.
+    - ``None`` (Default): the backend default, which is off (Gemma 4's chat
+      template then asks for no thinking).
+
+    ``True`` on a model that cannot think (Gemma 1/2/3) raises ``ValueError``
+    before anything loads. Per call: ``invoke(..., reasoning=True)`` or
+    ``bind(reasoning=True)``."""
+
     # -------- behaviour
 
     streaming: bool = False
@@ -1052,8 +1203,19 @@ class ChatGemmaLocal(BaseChatModel):
         for name in (*_SAMPLING_FIELDS, *CONSTRAINT_OPTIONS):
             if kwargs.get(name) is not None:
                 options[name] = kwargs[name]
+        reasoning = kwargs.get("reasoning")
+        if reasoning is None:
+            reasoning = self.reasoning
+        elif not isinstance(reasoning, bool):
+            raise TypeError(f"reasoning must be True, False or None, got {reasoning!r}")
+        options["thinking"] = reasoning
         params = SamplingParams.build(**options)
         client = self.client
+        if params.thinking and client is not None and not client.family.can_think:
+            raise ValueError(
+                f"reasoning=True needs a model that can think (Gemma 4); {client.model_name!r} "
+                f"is a {client.family.name} model, which cannot (leave reasoning unset or False)"
+            )
         if params.constrained and client is not None and not client.supports_constraints:
             raise NotImplementedError(
                 f"the client {type(client).__name__} cannot constrain decoding, so "
@@ -1108,7 +1270,7 @@ class ChatGemmaLocal(BaseChatModel):
 
     def _deltas(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> Iterator[Delta]:
+    ) -> tuple[Iterator[Delta], SamplingParams]:
         conversation, params, timeout = self._request(messages, stop, kwargs)
         client = self._core()
         cold = not client.is_loaded
@@ -1117,11 +1279,11 @@ class ChatGemmaLocal(BaseChatModel):
             deltas = claim.rows.row(claim.index)
         else:
             deltas = client.stream_deltas([conversation], params)  # loads if needed
-        return _until_deadline(deltas, timeout, cold)
+        return _until_deadline(deltas, timeout, cold), params
 
     def _adeltas(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> AsyncIterator[Delta]:
+    ) -> tuple[AsyncIterator[Delta], SamplingParams]:
         conversation, params, timeout = self._request(messages, stop, kwargs)
         client = self._core()
         cold = not client.is_loaded
@@ -1130,33 +1292,45 @@ class ChatGemmaLocal(BaseChatModel):
             deltas = claim.rows.row(claim.index)
         else:
             deltas = client.astream_deltas([conversation], params)  # loads on the model thread
-        return _auntil_deadline(deltas, timeout, cold)
+        return _auntil_deadline(deltas, timeout, cold), params
 
-    def _chunk(self, delta: Delta) -> ChatGenerationChunk:
-        """One delta as a chunk; each tool call it completes becomes one whole ``tool_call_chunk``."""
+    def _chunk(self, delta: Delta, params: SamplingParams) -> ChatGenerationChunk:
+        """One delta as a chunk.
+
+        Each tool call it completes becomes one whole ``tool_call_chunk``; its
+        thinking text goes to ``additional_kwargs["reasoning_content"]``. The
+        last chunk carries usage and metadata, and a call ``max_tokens`` cut
+        off as an entry of ``invalid_tool_calls`` (with no ``tool_call_chunk``:
+        LangChain would parse partial JSON arguments into a call that looks whole).
+        """
         calls = [
             tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
             for c in delta.tool_calls
         ]
+        extra = {"reasoning_content": delta.reasoning} if delta.reasoning else {}
         if delta.finish_reason is None:
             return ChatGenerationChunk(
-                message=AIMessageChunk(content=delta.text, tool_call_chunks=calls)
+                message=AIMessageChunk(
+                    content=delta.text, tool_call_chunks=calls, additional_kwargs=extra
+                )
             )
         metadata = {
             "model_name": self.model,
             "finish_reason": delta.finish_reason,
             "model_provider": "gemma_local",
         }
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=delta.text,
-                tool_call_chunks=calls,
-                usage_metadata=_usage(delta),
-                response_metadata=metadata,
-                chunk_position="last",
-            ),
-            generation_info=dict(metadata),
+        message = AIMessageChunk(
+            content=delta.text,
+            additional_kwargs=extra,
+            tool_call_chunks=calls,
+            usage_metadata=_usage(delta),
+            response_metadata=metadata,
+            chunk_position="last",
         )
+        cut = _cut_call(delta, params)
+        if cut is not None:
+            message.invalid_tool_calls = [cut]
+        return ChatGenerationChunk(message=message, generation_info=dict(metadata))
 
     # ------------------------------------------------------------ BaseChatModel
 
@@ -1167,9 +1341,10 @@ class ChatGemmaLocal(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        with closing(self._deltas(messages, stop, kwargs)) as deltas:  # type: ignore[type-var]
+        deltas, params = self._deltas(messages, stop, kwargs)
+        with closing(deltas):  # type: ignore[type-var]
             for delta in deltas:
-                chunk = self._chunk(delta)
+                chunk = self._chunk(delta, params)
                 if run_manager is not None:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -1181,10 +1356,10 @@ class ChatGemmaLocal(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        deltas = self._adeltas(messages, stop, kwargs)
+        deltas, params = self._adeltas(messages, stop, kwargs)
         async with aclosing(deltas):  # type: ignore[type-var]
             async for delta in deltas:
-                chunk = self._chunk(delta)
+                chunk = self._chunk(delta, params)
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -1197,10 +1372,13 @@ class ChatGemmaLocal(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         if run_manager is not None and run_manager.handlers:  # they get every piece of text
-            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+            last: list[ChatGenerationChunk] = []
+            chunks = self._stream(messages, stop, run_manager, **kwargs)
+            return _with_cut_call(generate_from_stream(_keep_last(chunks, last)), last)
         # No one listens: fold the deltas first, not one message chunk per token.
-        with closing(self._deltas(messages, stop, kwargs)) as deltas:  # type: ignore[type-var]
-            return self._result(fold_deltas(deltas))
+        deltas, params = self._deltas(messages, stop, kwargs)
+        with closing(deltas):  # type: ignore[type-var]
+            return self._result(fold_deltas(deltas), params)
 
     async def _agenerate(
         self,
@@ -1210,14 +1388,17 @@ class ChatGemmaLocal(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         if run_manager is not None and run_manager.handlers:
-            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        deltas = self._adeltas(messages, stop, kwargs)
+            last: list[ChatGenerationChunk] = []
+            chunks = self._astream(messages, stop, run_manager, **kwargs)
+            result = await agenerate_from_stream(_akeep_last(chunks, last))
+            return _with_cut_call(result, last)
+        deltas, params = self._adeltas(messages, stop, kwargs)
         async with aclosing(deltas):  # type: ignore[type-var]
-            return self._result(fold_deltas([delta async for delta in deltas]))
+            return self._result(fold_deltas([delta async for delta in deltas]), params)
 
-    def _result(self, delta: Delta) -> ChatResult:
+    def _result(self, delta: Delta, params: SamplingParams) -> ChatResult:
         """A whole reply (one folded delta) as the result ``generate_from_stream`` builds."""
-        chunk = self._chunk(delta)
+        chunk = self._chunk(delta, params)
         message = message_chunk_to_message(chunk.message)
         return ChatResult(
             generations=[ChatGeneration(message=message, generation_info=chunk.generation_info)]
@@ -1580,6 +1761,7 @@ class ChatGemmaLocal(BaseChatModel):
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias,
+            "reasoning": self.reasoning,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:

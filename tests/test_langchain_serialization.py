@@ -123,15 +123,16 @@ def test_a_hub_token_is_never_written() -> None:
     assert "'revision': 'v1'" in repr(with_options)
 
 
-def test_loading_loads_nothing(tmp_path: Path) -> None:
-    text = dumps(ChatGemmaLocal(model=str(tmp_path), backend="transformers", temperature=0))
+def test_loading_loads_nothing(gemma3_path: Path) -> None:
+    # a real checkpoint folder: core checks at construction that the folder holds a model
+    text = dumps(ChatGemmaLocal(model=str(gemma3_path), backend="transformers", temperature=0))
     code = (
         "import sys\n"
         "from langchain_core.load import loads\n"
         "from langchain_gemma_local import ChatGemmaLocal\n"
         "m = loads(sys.argv[1], valid_namespaces=['langchain_gemma_local'],\n"
         "          allowed_objects=[ChatGemmaLocal])\n"
-        f"assert m.model == {str(tmp_path)!r} and m.temperature == 0\n"
+        f"assert m.model == {str(gemma3_path)!r} and m.temperature == 0\n"
         "assert not m.client.is_loaded\n"
         "heavy = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'mlx', 'mlx_lm')]\n"
         "assert not heavy, heavy\n"

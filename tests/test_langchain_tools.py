@@ -160,7 +160,12 @@ STRUCTURED: dict[str, Any] = {
 def check_calls(message: AIMessage, schemas: dict[str, Any] = SCHEMAS) -> list[dict[str, Any]]:
     """Every call names a bound tool, has an id and schema-valid args; returns the calls."""
     assert isinstance(message, AIMessage)
-    assert message.invalid_tool_calls == []
+    if message.response_metadata["finish_reason"] == "length":  # a last call may be cut off
+        assert len(message.invalid_tool_calls) <= 1
+        for bad in message.invalid_tool_calls:
+            assert str(bad["error"]).startswith("the reply was cut off by max_tokens=")
+    else:
+        assert message.invalid_tool_calls == []
     for call in message.tool_calls:
         assert call["name"] in schemas
         assert call["id"] and call["id"].startswith("call_")
@@ -539,9 +544,9 @@ async def test_invoke_folds_deltas_into_the_message_streaming_builds(
     chunks: list[Delta] = []
     to_chunk = ChatGemmaLocal._chunk
 
-    def counted(self: ChatGemmaLocal, delta: Delta) -> Any:
+    def counted(self: ChatGemmaLocal, delta: Delta, params: SamplingParams) -> Any:
         chunks.append(delta)
-        return to_chunk(self, delta)
+        return to_chunk(self, delta, params)
 
     monkeypatch.setattr(ChatGemmaLocal, "_chunk", counted)
     model = ChatGemmaLocal(client=ScriptedCalls([script])).bind_tools([get_weather, ping])

@@ -112,6 +112,15 @@ def test_forced_tool_call_cut_off_says_length_and_logs(llm, caplog) -> None:
     assert message.tool_calls == [] and message.content == ""
     assert message.response_metadata["finish_reason"] == "length"
     assert message.usage_metadata is not None and message.usage_metadata["output_tokens"] == LIMIT
+    # the cut-off call says so: Gemma 3's call text so far, the only tool's name, the limit
+    [bad] = message.invalid_tool_calls
+    assert bad["name"] == "Pet" and bad["id"] is None
+    assert bad["error"] == (
+        f"the reply was cut off by max_tokens={LIMIT} after {LIMIT} tokens before the tool "
+        "call was complete; raise max_tokens"
+    )
+    head = '{"name": "Pet", "parameters": {'
+    assert bad["args"] and (head.startswith(bad["args"]) or bad["args"].startswith(head))
     warnings = [r.getMessage() for r in caplog.records if r.name == "gemma_local"]
     assert any(
         w.startswith(f"a constrained tool call was cut off after {LIMIT} tokens") for w in warnings

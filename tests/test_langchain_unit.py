@@ -316,10 +316,11 @@ def test_unsupported_message_fails_before_generating(
 # ---------------------------------------------------------------- construction
 
 
-def test_import_and_construction_load_nothing(tmp_path: Any) -> None:
+def test_import_and_construction_load_nothing(gemma3_path: Any) -> None:
+    # a real checkpoint folder: core checks at construction that the folder holds a model
     code = (
         "import sys; from langchain_gemma_local import ChatGemmaLocal\n"
-        f"m = ChatGemmaLocal(model={str(tmp_path)!r}, backend='transformers')\n"
+        f"m = ChatGemmaLocal(model={str(gemma3_path)!r}, backend='transformers')\n"
         "assert not m.client.is_loaded\n"
         "heavy = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'mlx', 'mlx_lm')]\n"
         "assert not heavy, heavy\n"

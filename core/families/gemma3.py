@@ -48,6 +48,11 @@ class TextOutputParser:
     def calling(self) -> bool:
         return self._calls is not None and self._calls.calling
 
+    @property
+    def partial_call(self) -> str:
+        """The text of the call being written, ``""`` outside a call."""
+        return self._calls.partial_call if self._calls is not None else ""
+
     def finish(self) -> Parsed:
         return Parsed()  # ToolCallParser holds back nothing but a call cut short
 

@@ -248,6 +248,11 @@ class Gemma4OutputParser:
         """Whether a call is being written (between ``<|tool_call>`` and ``<tool_call|>``)."""
         return self._state == "call"
 
+    @property
+    def partial_call(self) -> str:
+        """The text of the call being written (after ``<|tool_call>``), ``""`` outside a call."""
+        return self._call + self._held if self._state == "call" else ""
+
     def feed(self, text: str) -> Parsed:
         buf, self._held = self._held + text, ""
         pos = 0
