@@ -487,19 +487,6 @@ class StreamFolder:
         )
 
 
-def _counts(reply: Delta) -> dict[str, Any]:
-    """A finished row's token counts and finish reason, for ``additional_kwargs``."""
-    counts: dict[str, Any] = {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
-    if reply.reasoning_tokens:
-        counts["reasoning_tokens"] = reply.reasoning_tokens
-    counts["finish_reason"] = reply.finish_reason
-    return counts
-
-
 def reply_response(reply: Delta, model: str) -> ChatResponse:
     """A whole reply (the row's deltas folded by :func:`core.fold_deltas`) as a ``ChatResponse``.
 
@@ -509,6 +496,7 @@ def reply_response(reply: Delta, model: str) -> ChatResponse:
     """
     if reply.finish_reason is None:
         raise ValueError("reply_response needs a finished reply (core.fold_deltas of a row)")
+    completion = Completion(model, 1, 1).collect([reply])[0]
     return ChatResponse(
         message=assistant_message(
             reply.text,
@@ -516,8 +504,11 @@ def reply_response(reply: Delta, model: str) -> ChatResponse:
             reply.reasoning,
             reply.reasoning_tokens,
         ),
-        raw=Completion(model, 1, 1).collect([reply])[0],
-        additional_kwargs=_counts(reply),
+        raw=completion,
+        additional_kwargs={
+            **usage_kwargs(completion["usage"]),
+            "finish_reason": reply.finish_reason,
+        },
     )
 
 
@@ -555,7 +546,9 @@ class DeltaFolder:
             extra = {"thinking_delta": delta.reasoning} if delta.reasoning else {}
             out.append(self._response(delta.text, chunk, extra))
         if delta.finish_reason is not None:
-            out.append(self._response("", self._chunks.usage_chunk(), _counts(delta)))
+            usage = self._chunks.usage_chunk()
+            extra = {**usage_kwargs(usage["usage"]), "finish_reason": delta.finish_reason}
+            out.append(self._response("", usage, extra))
         return out
 
     def _chunk(self, delta: Delta) -> dict[str, Any]:

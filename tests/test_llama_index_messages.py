@@ -21,11 +21,14 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools import FunctionTool
 
+from core import Delta, ToolCall
 from llama_index_gemma_local import (
+    DeltaFolder,
     StreamFolder,
     assistant_message,
     chat_to_completion_response,
     completion_to_chat_response,
+    reply_response,
     resolve_tool_choice,
     to_openai_message,
     to_openai_messages,
@@ -488,3 +491,160 @@ def test_stream_folder_with_openai_style_fragments() -> None:
         {"city": "Paris", "days": 2},
     ]
     assert responses[-1].message.additional_kwargs["tool_calls"] == [CALL]
+
+
+# ------------------------------------------------------- thinking and deltas
+
+
+def test_thinking_blocks_go_back_as_reasoning_content() -> None:
+    message = ChatMessage(
+        role="assistant",
+        blocks=[ThinkingBlock(content="Sum it.", num_tokens=4), TextBlock(text="5")],
+    )
+    assert to_openai_message(message) == {
+        "role": "assistant",
+        "content": "5",
+        "reasoning_content": "Sum it.",
+    }
+    with_call = ChatMessage(role="assistant", blocks=[ThinkingBlock(content="Call."), WEATHER_BLOCK])
+    assert to_openai_message(with_call) == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [CALL],
+        "reasoning_content": "Call.",
+    }
+    empty = ChatMessage(role="assistant", blocks=[ThinkingBlock(), TextBlock(text="x")])
+    assert "reasoning_content" not in to_openai_message(empty)
+
+
+def test_assistant_message_puts_the_thought_first() -> None:
+    message = assistant_message("It is 5.", [], "Two and three.", 7)
+    assert message.blocks == [
+        ThinkingBlock(content="Two and three.", num_tokens=7),
+        TextBlock(text="It is 5."),
+    ]
+    assert message.content == "It is 5."
+    only_thought = assistant_message("", [], "Hm", 2)
+    assert only_thought.content == ""
+    called = assistant_message(None, [CALL], "Weather first.", 3)
+    assert called.blocks == [ThinkingBlock(content="Weather first.", num_tokens=3), WEATHER_BLOCK]
+    assert called.content is None
+    assert assistant_message("Hi", [], "", 0).blocks == [TextBlock(text="Hi")]
+
+
+WEATHER_CALL = ToolCall(0, "call_1", "get_weather", '{"city": "Paris", "days": 2}')
+
+
+def test_reply_response_from_a_folded_delta() -> None:
+    reply = Delta(0, "", "tool_calls", 5, 9, (WEATHER_CALL,), "Check it.", 3)
+    response = reply_response(reply, "m")
+    assert response.message.blocks == [ThinkingBlock(content="Check it.", num_tokens=3), WEATHER_BLOCK]
+    assert response.message.additional_kwargs == {"tool_calls": [CALL]}
+    assert response.additional_kwargs == {
+        "prompt_tokens": 5,
+        "completion_tokens": 9,
+        "total_tokens": 14,
+        "reasoning_tokens": 3,
+        "finish_reason": "tool_calls",
+    }
+    raw = response.raw
+    assert raw["object"] == "chat.completion" and raw["model"] == "m"
+    assert raw["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "Check it.",
+        "tool_calls": [CALL],
+    }
+    assert raw["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+    # the same reply through the chat.completion dict gives the same response
+    again = completion_to_chat_response(raw)
+    assert again.message == response.message
+    assert again.additional_kwargs == response.additional_kwargs
+    with pytest.raises(ValueError, match="finished reply"):
+        reply_response(Delta(0, "x"), "m")
+
+
+def test_delta_folder_streams_thought_then_answer() -> None:
+    deltas = [
+        Delta(0, "", None, 5, 2, (), "Two and ", 2),
+        Delta(0, "", None, 5, 3, (), "three.", 3),
+        Delta(0, "It is", None, 5, 5, (), "", 4),
+        Delta(0, " 5.", "stop", 5, 6, (), "", 4),
+    ]
+    folder = DeltaFolder("m")
+    responses = [r for d in deltas for r in folder.feed(d)]
+    assert [r.delta for r in responses] == ["", "", "It is", " 5.", ""]
+    assert [r.additional_kwargs.get("thinking_delta") for r in responses[:3]] == [
+        "Two and ",
+        "three.",
+        None,
+    ]
+    assert [r.message.blocks[0].content for r in responses] == [
+        "Two and ",
+        "Two and three.",
+        "Two and three.",
+        "Two and three.",
+        "Two and three.",
+    ]
+    assert [r.message.content for r in responses] == ["", "", "It is", "It is 5.", "It is 5."]
+    assert [r.raw["object"] for r in responses] == ["chat.completion.chunk"] * 5
+    assert responses[0].raw["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "Two and ",
+    }
+    assert responses[3].raw["choices"][0]["finish_reason"] == "stop"
+    last = responses[-1]
+    assert last.raw["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert last.message.blocks == [
+        ThinkingBlock(content="Two and three.", num_tokens=4),
+        TextBlock(text="It is 5."),
+    ]
+    assert last.additional_kwargs == {
+        "prompt_tokens": 5,
+        "completion_tokens": 6,
+        "total_tokens": 11,
+        "reasoning_tokens": 4,
+        "finish_reason": "stop",
+    }
+    assert all("finish_reason" not in r.additional_kwargs for r in responses[:-1])
+
+
+def test_delta_folder_without_thought_or_text() -> None:
+    """A row that ends on its end-of-turn token: one last response, no empty ones before."""
+    folder = DeltaFolder("m")
+    assert folder.feed(Delta(0, "Hi", None, 3, 1)) != []
+    [last] = folder.feed(Delta(0, "", "stop", 3, 2))
+    assert last.delta == "" and last.message.blocks == [TextBlock(text="Hi")]
+    assert last.additional_kwargs == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "finish_reason": "stop",
+    }
+
+
+def test_stream_folder_reads_reasoning_content() -> None:
+    chunks = [
+        CHUNKS[0],
+        _chunk([{"index": 0, "delta": {"reasoning_content": "Hm"}, "finish_reason": None}]),
+        CHUNKS[1],
+        CHUNKS[3],
+        _chunk(
+            [],
+            usage={
+                "prompt_tokens": 5,
+                "completion_tokens": 3,
+                "total_tokens": 8,
+                "completion_tokens_details": {"reasoning_tokens": 1},
+            },
+        ),
+    ]
+    folder = StreamFolder()
+    responses = [r for c in chunks if (r := folder.feed(c)) is not None]
+    assert [r.additional_kwargs.get("thinking_delta") for r in responses] == ["Hm", None, None]
+    assert responses[-1].message.blocks == [
+        ThinkingBlock(content="Hm", num_tokens=1),
+        TextBlock(text="Hel"),
+    ]
+    assert responses[-1].additional_kwargs["reasoning_tokens"] == 1
