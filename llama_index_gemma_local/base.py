@@ -1103,13 +1103,19 @@ class GemmaLocal(FunctionCallingLLM):
         """
         selections = tool_selections(response.message)
         if not selections and error_on_no_tool_call:
-            cut = response.additional_kwargs.get("finish_reason") == "length"
-            if cut and not response.message.content:  # a call was being written
+            counts = response.additional_kwargs
+            cut = counts.get("finish_reason") == "length"
+            if cut and not response.message.content:  # a call was being written, or a thought
+                used = counts.get("completion_tokens")
+                where = (
+                    "while the model was still thinking"
+                    if used is not None and counts.get("reasoning_tokens") == used
+                    else "before a call was complete"
+                )
                 raise ValueError(
-                    "Expected at least one tool call, but the reply was cut off after "
-                    f"{response.additional_kwargs.get('completion_tokens')} tokens (max_tokens, or "
-                    "what the context window left after the prompt) before a call was complete; "
-                    "raise max_tokens"
+                    f"Expected at least one tool call, but the reply was cut off after {used} "
+                    "tokens (max_tokens, or what the context window left after the prompt) "
+                    f"{where}; raise max_tokens"
                 )
             raise ValueError(
                 "Expected at least one tool call, but the model answered with text: "

@@ -321,6 +321,12 @@ def test_thinking_before_a_call(g4_client, tools: Tools) -> None:
     check_call_response(response, given)
     assert response.additional_kwargs["reasoning_tokens"] > 0  # it opened the channel
     assert response.additional_kwargs["finish_reason"] == "tool_calls"
+    # a thought that takes every token leaves no call, and the error says why
+    thinking_only = llm.chat_with_tools(
+        given, user_msg="6 times 7?", tool_required=True, logit_bias=THINK_ONLY, max_tokens=8
+    )
+    with pytest.raises(ValueError, match=r"cut off after 8 tokens .* still thinking"):
+        llm.get_tool_calls_from_response(thinking_only)
 
 
 def test_predict_and_call_and_the_result_round_trip(g4_client, tools: Tools) -> None:
@@ -354,7 +360,10 @@ def test_predict_and_call_and_the_result_round_trip(g4_client, tools: Tools) -> 
 # --------------------------------------------------------------------- agent
 
 
-async def test_function_agent_runs_a_tool_then_answers(g4_client, tools: Tools) -> None:
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "not-streaming"])
+async def test_function_agent_runs_a_tool_then_answers(
+    g4_client, tools: Tools, streaming: bool
+) -> None:
     """``initial_tool_choice`` forces the first step's call; the real tool runs; the next
     step reads its result and, with Gemma 4's call marker banned by ``logit_bias``,
     can only answer, so the run ends there, deterministically."""
@@ -362,7 +371,9 @@ async def test_function_agent_runs_a_tool_then_answers(g4_client, tools: Tools) 
         client=g4_client, temperature=0, max_tokens=48, logit_bias={TOOL_CALL: -100.0}
     )
     given = [tools.multiply_tool()]
-    agent = FunctionAgent(tools=given, llm=llm, initial_tool_choice="multiply")
+    agent = FunctionAgent(
+        tools=given, llm=llm, initial_tool_choice="multiply", streaming=streaming
+    )
     handler = agent.run("What is 6 times 7?", max_iterations=5)
     results: list[ToolCallResult] = []
     outputs: list[AgentOutput] = []
@@ -389,7 +400,8 @@ async def test_function_agent_runs_a_tool_then_answers(g4_client, tools: Tools) 
     assert len(outputs) == 2  # the call, then the answer
     assert not any(isinstance(b, ToolCallBlock) for b in outputs[-1].response.blocks)
     assert str(result) == outputs[-1].response.content
-    assert "".join(e.delta for e in streamed if e.delta) == str(result)
+    if streaming:
+        assert "".join(e.delta for e in streamed if e.delta) == str(result)
     # the answering step read the call and the tool's result, rendered by Gemma 4's template
     prompt = g4_client.format_prompt(
         [
