@@ -414,6 +414,48 @@ async def test_function_agent_runs_a_tool_then_answers(
     assert "<|tool_response>response:multiply{" in prompt and str(call.tool_output) in prompt
 
 
+# ------------------------------------------------------------------- engines
+
+FACT = "The lighthouse keeper of Port Ellen is called Morag."
+
+
+@pytest.fixture(scope="module")
+def index():
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+
+    docs = [Document(text=FACT), Document(text="The sea is wide and deep.")]
+    return VectorStoreIndex.from_documents(docs, embed_model=MockEmbedding(embed_dim=8))
+
+
+def test_query_engine_on_gemma4(g4_client, index) -> None:
+    llm = GemmaLocal(client=g4_client, temperature=0, max_tokens=6)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2)
+    response = engine.query("Who keeps the lighthouse?")
+    streamed = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True).query(
+        "Who keeps the lighthouse?"
+    )
+    assert "".join(streamed.response_gen) == str(response)
+    assert FACT in response.source_nodes[0].get_content() + response.source_nodes[1].get_content()
+
+
+def test_engines_answer_without_the_thought(scripted: ScriptedGemma, index) -> None:
+    """A query engine and a chat engine over a thinking Gemma 4 return the answer only
+    (also streamed); the thought stays in the LLM's response."""
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    reply = "<|channel>thought\nThe first document names him.<channel|>Morag."
+    scripted.enqueue(reply, reply, reply)
+    llm = GemmaLocal(client=scripted, thinking=True, max_tokens=64)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2)
+    assert str(engine.query("Who keeps the lighthouse?")) == "Morag."
+    assert FACT in scripted.history[-1]["prompt"] and "<|think|>" in scripted.history[-1]["prompt"]
+    streaming = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True)
+    assert "".join(streaming.query("Who keeps the lighthouse?").response_gen) == "Morag."
+    chat = SimpleChatEngine.from_defaults(llm=llm)
+    assert str(chat.chat("Who keeps the lighthouse?")) == "Morag."
+
+
 # --------------------------------------------------------------- structured
 
 
