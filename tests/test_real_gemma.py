@@ -13,8 +13,10 @@ streamed exactly, stop strings and ``max_tokens`` on real output, and a forced
 tool call that names the right tool with the right argument. It is a base
 model (not instruction-tuned): after a reply it rambles instead of ending its
 turn, so the prompts below give it one example turn and the tests read only
-the first few tokens. Few tokens, two shared clients: about a minute when the
-machine is idle, plus the one-time conversion on a fresh cache.
+the first few tokens. Few tokens, two shared clients: on the shared 2-core dev
+VM (load average 5-6) the tier took about 3 minutes, 90 s of it transformers
+dequantising the GGUF on load, plus the one-time MLX conversion (1-2 minutes)
+on a fresh cache.
 """
 
 from __future__ import annotations
