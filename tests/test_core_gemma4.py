@@ -409,6 +409,8 @@ def test_every_checkpoint_loads_and_generates(clients, backend, arch) -> None:
     out = client.create(USER, temperature=0, max_tokens=3, logit_bias=NO_END)
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 3
+    prompt = client.format_prompt(USER)
+    assert prompt.ids[0] == BOS and list(prompt.ids).count(BOS) == 1  # one <bos>
     info = client.get_model_info()
     family = "gemma3" if arch == "gemma3n" else "gemma4"
     assert info["family"] == family and info["loaded"]
@@ -728,6 +730,40 @@ def test_json_output(g4, kind) -> None:
     assert isinstance(value, dict)
     if kind == "json_schema":
         jsonschema.validate(value, schema)
+
+
+def test_thinking_then_json_on_a_real_stream(g4) -> None:
+    """A real generated stream: a thought (steered open, and closed after a few dozen
+    tokens by a small bias), then the JSON answer the grammar asks for."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    options: dict[str, Any] = dict(
+        temperature=0,
+        max_tokens=96,
+        thinking=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        logit_bias={CHANNEL_START: 20.0, CHANNEL_END: 0.2},
+    )
+    out = g4.create(USER, **options)
+    reply = out["choices"][0]
+    assert reply["finish_reason"] == "stop"
+    reasoning, content = reply["message"]["reasoning_content"], reply["message"]["content"]
+    assert reasoning and no_control_tokens(reasoning) and no_control_tokens(content)
+    jsonschema.validate(json.loads(content), schema)
+    usage = out["usage"]
+    assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] < usage["completion_tokens"]
+    chunks = list(g4.create(USER, stream=True, **options))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    last_reasoning = max(i for i, d in enumerate(deltas) if d.get("reasoning_content"))
+    first_content = min(i for i, d in enumerate(deltas) if d.get("content"))
+    assert last_reasoning < first_content
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == reasoning
+    assert "".join(d.get("content") or "" for d in deltas) == content
+    assert chunks[-1]["usage"] == usage
 
 
 # ------------------------------------------------------------------------ parity
