@@ -1,9 +1,15 @@
-"""LangChain's own standard test suites, run on both backends against a tiny Gemma 3.
+"""LangChain's own standard test suites, run on both backends against a tiny Gemma 3
+and a tiny Gemma 4.
 
 The unit suites construct models only (nothing loads). The integration suites
 generate with a tiny random-weight checkpoint through the real loading code,
-sharing the session's clients (``tf_client`` / ``mlx_client`` from conftest),
-so the suite's many model instances load the weights once per backend.
+sharing one client per backend and checkpoint (Gemma 3: the session's
+``tf_client`` / ``mlx_client`` from conftest; Gemma 4: this module's), so the
+suite's many model instances load the weights once per backend.
+
+Gemma 4 runs with every capability flag Gemma 3 has (tool calling, tool
+choice, structured output, JSON mode) and, since it can think, reports
+reasoning tokens (``supported_usage_metadata_details``: ``reasoning_output``).
 
 Tool calling and structured output are on: constrained decoding guarantees the
 *shape* of every call and JSON reply, even from random weights, and the suites
@@ -15,6 +21,7 @@ shape-level checks of those flows run in ``test_langchain_tools.py``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,12 @@ import langchain_tests.unit_tests.chat_models as standard_unit
 import pytest
 from langchain_core.exceptions import OutputParserException
 from langchain_core.load import load
+from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from syrupy.assertion import SnapshotAssertion
 
+from core import BaseGemmaChatCompletion
 from langchain_gemma_local import ChatGemmaLocal
 
 #: Few new tokens keep the suites fast on a 2-core CPU; every reply is non-empty
@@ -45,6 +54,28 @@ QUOTE, END_OF_TURN = 9, 106  # '"' and <end_of_turn> in the tiny tokenizer
 #: from the grammar.
 TERSE: dict[str, Any] = {"max_tokens": 96, "logit_bias": {QUOTE: 100, END_OF_TURN: 100}}
 _TERSE_TESTS = ("tool", "structured", "agent_loop")
+
+#: Gemma 4's terse model: the tiny Gemma 4 tokenizer has '"' at 9 too, closes a call's
+#: strings with <|"|> (52) and ends the reply with <turn|> (106) (core/tiny.py: the
+#: control tokens sit at their real ids). Same rationale as TERSE. '"' is ordinary
+#: text inside a call's string, so it gets a clearly lower bias than <|"|>: a call's
+#: free string then closes at once (empty) on both backends, whatever the small
+#: differences of their logits (with equal or near-equal biases the winner changed
+#: with the backend and even with the requests run before on MLX).
+G4_QUOTE, G4_STRING_DELIM, G4_TURN_END = 9, 52, 106
+TERSE_GEMMA4: dict[str, Any] = {
+    "max_tokens": 96,
+    "logit_bias": {G4_QUOTE: 50, G4_STRING_DELIM: 100, G4_TURN_END: 100},
+}
+#: Gemma 4 thinking for ``invoke_with_reasoning_output``: the thinking channel opens
+#: (<|channel>, 100) and closes (<channel|>, 101) at once, then the JSON reply; the
+#: thought's tokens are counted as reasoning.
+G4_CHANNEL_START, G4_CHANNEL_END = 100, 101
+G4_REASONING: dict[str, Any] = {
+    "reasoning": True,
+    "response_format": {"type": "json_object"},
+    "logit_bias": {G4_CHANNEL_START: 100, G4_CHANNEL_END: 100, G4_TURN_END: 100},
+}
 
 #: Standard tests that assert what a real model would choose, which a random one
 #: cannot: (test name, exception, the assertion that fails and why).
@@ -71,7 +102,8 @@ XFAILS: dict[str, tuple[type[BaseException], str]] = {
     "test_agent_loop": (
         AssertionError,
         "asserts the first reply calls get_weather under tool_choice='auto': "
-        "whether to call is the model's decision (the random model answers in prose)",
+        "whether to call is the model's decision (the random model answers without a "
+        "call: Gemma 3 in prose, Gemma 4 ends its turn at once under the terse bias)",
     ),
     "test_json_mode": (
         OutputParserException,
@@ -158,10 +190,12 @@ class _Capabilities:
 
 class _Unit(_Capabilities, ChatModelUnitTests):
     backend: str
+    family = "gemma3"  # the checkpoint: fixture f"{family}_path"
 
     @pytest.fixture(autouse=True)
-    def _checkpoint(self, gemma3_path: Path) -> None:
-        self._path = str(gemma3_path)
+    def _checkpoint(self, request: pytest.FixtureRequest) -> None:
+        path: Path = request.getfixturevalue(f"{self.family}_path")
+        self._path = str(path)
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
@@ -190,7 +224,7 @@ class _Unit(_Capabilities, ChatModelUnitTests):
 
     def _placeholders(self, *, data: Any, path: Any) -> Any:
         if [str(name) for name, _ in path[-2:]] == ["kwargs", "model"] and data == self._path:
-            return "<tiny gemma3 checkpoint>"
+            return f"<tiny {self.family} checkpoint>"
         return data
 
 
@@ -202,8 +236,19 @@ class TestMLXUnit(_Unit):
     backend = "mlx"
 
 
+class TestGemma4TransformersUnit(_Unit):
+    backend = "transformers"
+    family = "gemma4"
+
+
+class TestGemma4MLXUnit(_Unit):
+    backend = "mlx"
+    family = "gemma4"
+
+
 class _Integration(_Capabilities, ChatModelIntegrationTests):
     client_fixture: str
+    terse: dict[str, Any] = TERSE
 
     @pytest.fixture(autouse=True)
     def _shared_client(self, request: pytest.FixtureRequest) -> None:
@@ -214,7 +259,7 @@ class _Integration(_Capabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # the suite adds temperature=0 (greedy): every run is deterministic
-        options = TERSE if self._terse else {"max_tokens": MAX_TOKENS}
+        options = self.terse if self._terse else {"max_tokens": MAX_TOKENS}
         return {"client": self._client, **options}
 
     @_xfail("test_tool_calling")
@@ -248,3 +293,59 @@ class TestTransformersIntegration(_Integration):
 
 class TestMLXIntegration(_Integration):
     client_fixture = "mlx_client"
+
+
+# ------------------------------------------------------------------------ Gemma 4
+
+
+def _gemma4_client(backend: str, path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
+
+    client: BaseGemmaChatCompletion = (
+        GemmaTransformersChatCompletion(str(path), device_map="cpu", torch_dtype="float32")
+        if backend == "transformers"
+        else GemmaMLXChatCompletion(str(path))
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gemma4_tf_client(gemma4_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _gemma4_client("transformers", gemma4_path)
+
+
+@pytest.fixture(scope="module")
+def gemma4_mlx_client(gemma4_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _gemma4_client("mlx", gemma4_path)
+
+
+class _Gemma4Integration(_Integration):
+    terse = TERSE_GEMMA4
+
+    @property
+    def supported_usage_metadata_details(self) -> dict[str, Any]:
+        return {"invoke": ["reasoning_output"], "stream": ["reasoning_output"]}
+
+    def invoke_with_reasoning_output(self, *, stream: bool = False) -> AIMessage:
+        model = ChatGemmaLocal(client=self._client, temperature=0, max_tokens=24)
+        prompt = "Think first: is 7 a prime number? Answer in JSON."
+        if not stream:
+            message = model.invoke(prompt, **G4_REASONING)
+        else:
+            full = None
+            for chunk in model.stream(prompt, **G4_REASONING):
+                full = chunk if full is None else full + chunk
+            assert full is not None
+            message = full
+        assert message.usage_metadata is not None
+        assert message.usage_metadata.get("output_token_details", {}).get("reasoning", 0) > 0
+        return message  # type: ignore[return-value]
+
+
+class TestGemma4TransformersIntegration(_Gemma4Integration):
+    client_fixture = "gemma4_tf_client"
+
+
+class TestGemma4MLXIntegration(_Gemma4Integration):
+    client_fixture = "gemma4_mlx_client"
