@@ -42,6 +42,9 @@ QUOTE, STRING_DELIM, TURN_END, CHANNEL_START, CHANNEL_END = 9, 52, 106, 100, 101
 EMPTY_THOUGHT_TOKENS = 9
 #: A "terse model": strings close and the reply ends wherever the grammar allows.
 TERSE = {QUOTE: 100, STRING_DELIM: 100, TURN_END: 100}
+#: Thinking opened and closed at once, then calls with their strings closed at once
+#: (no '"' bias: a thought may hold '"', which would then tie with <channel|>).
+THOUGHT_THEN_CALL = {CHANNEL_START: 100, CHANNEL_END: 100, STRING_DELIM: 100, TURN_END: 100}
 ASK = "What is the weather in Paris?"
 BACKENDS = ("transformers", "mlx")
 CONTROL = re.compile(r"<\|?[a-z_\"]+\|?>")
@@ -407,7 +410,7 @@ def test_real_thought_cut_off_by_max_tokens(g4: BaseGemmaChatCompletion) -> None
 async def test_real_thought_then_a_call(g4: BaseGemmaChatCompletion) -> None:
     """A thought closed at once (the bias), then the forced call: reasoning tokens counted,
     no control token anywhere, the call whole; the same in every path."""
-    bias = {CHANNEL_START: 100, CHANNEL_END: 100, **TERSE}
+    bias = THOUGHT_THEN_CALL
     bound = llm(g4, reasoning=True, logit_bias=bias).bind_tools([get_weather], tool_choice="any")
     message = bound.invoke(ASK)
     [call] = message.tool_calls
@@ -621,3 +624,33 @@ def test_a_cut_off_call_is_left_out_of_the_history() -> None:
     other = AIMessage("", invalid_tool_calls=[{**cut, "error": "bad JSON"}])
     with pytest.raises(ValueError, match="carries an invalid tool call"):
         convert_messages_to_dicts([other])
+
+
+@pytest.mark.parametrize("checkpoint", ["gemma4_moe_path", "gemma4_vision_path"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_gemma4_checkpoints_think_and_call_tools(
+    request: pytest.FixtureRequest, checkpoint: str, backend: str
+) -> None:
+    """The MoE checkpoint and the multimodal ``gemma4`` one used for text: a thought,
+    then a forced call, and structured output, through the same adapter."""
+    from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
+
+    path = str(request.getfixturevalue(checkpoint))
+    client: BaseGemmaChatCompletion = (
+        GemmaTransformersChatCompletion(path, device_map="cpu", torch_dtype="float32")
+        if backend == "transformers"
+        else GemmaMLXChatCompletion(path)
+    )
+    with client:
+        model = llm(client, reasoning=True, logit_bias=THOUGHT_THEN_CALL)
+        bound = model.bind_tools([Forecast], tool_choice="any")
+        message = bound.invoke(ASK)
+        [call] = message.tool_calls
+        jsonschema.validate(call["args"], schema_of(Forecast))
+        assert "reasoning_content" not in message.additional_kwargs  # closed at once
+        usage = message.usage_metadata
+        assert usage is not None
+        # the grammar lets a model spell the "thought" label in more tokens than 6
+        assert 3 <= usage.get("output_token_details", {}).get("reasoning", 0) < usage["output_tokens"]
+        structured = llm(client, logit_bias=TERSE).with_structured_output(Forecast)
+        assert isinstance(structured.invoke("Forecast for Oslo?"), Forecast)
