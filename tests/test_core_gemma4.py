@@ -407,6 +407,64 @@ def _call_parts(name: str, arguments: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _note_tool(name: str, **bounds: int) -> dict[str, Any]:
+    text = {"type": "string", **bounds}
+    schema = {"type": "object", "properties": {"text": text}, "required": ["text"]}
+    return {"type": "function", "function": {"name": name, "parameters": schema}}
+
+
+NOTE, NOTE_BOUNDED = _note_tool("note"), _note_tool("short_note", maxLength=40)
+
+
+@pytest.mark.parametrize(
+    ("where", "options"),
+    [
+        ("thought", {"tools": [TOOLS[2]], "tool_choice": "required", "thinking": True}),
+        ("prose", {"tools": [TOOLS[2]], "tool_choice": "auto"}),
+        ("string", {"tools": [NOTE], "tool_choice": "required"}),
+        ("string", {"tools": [NOTE_BOUNDED], "tool_choice": "required"}),
+        ("thought", {"response_format": {"type": "json_object"}, "thinking": True}),
+    ],
+)
+def test_grammar_keeps_control_token_text_out_of_free_text(scripted, where, options) -> None:
+    """The parser reads decoded text, so the grammar must not let the model spell a control
+    token (``<`` ``channel`` ``|>``) in a thought, prose or a string: the thought would
+    leak into the answer, prose would hold a call, a string would end early. Plain ``<``
+    and ``|`` stay allowed."""
+    import llguidance
+    from llguidance.hf import from_tokenizer
+
+    from core import SamplingParams
+
+    tok = scripted.load().tokenizer
+    params = SamplingParams.build(**options)
+    grammar = scripted.family.grammar(params, params.thinking)
+    assert grammar is not None
+    ll = from_tokenizer(tok, n_vocab=len(tok), eos_token=[TURN_END, EOS, TOOL_RESPONSE])
+    compiled = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(grammar))
+
+    def reply(text: str) -> list[int]:
+        ids = scripted.spelled(text)
+        if where == "thought":
+            head = scripted.ids("<|channel>", "thought\n")
+            if "response_format" in options:
+                return head + ids + scripted.ids("<channel|>", "{}")
+            return head + ids + scripted.ids("<channel|>", *_call_parts("ping", {}))
+        if where == "prose":
+            return ids
+        name = options["tools"][0]["function"]["name"]
+        pre = scripted.ids(f'<|tool_call>call:{name}{{text:<|"|>')
+        return pre + ids + scripted.ids('<|"|>}<tool_call|>')
+
+    def accepts(ids: list[int]) -> bool:
+        matcher = compiled.deep_copy()
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    assert accepts(reply("a < b | c"))
+    for spelled in ("<channel|>", "<|tool_call>", '<|"|>', "<turn|>", "<eos>", "<mask>"):
+        assert not accepts(reply(f"a{spelled}b")), spelled
+
+
 # ------------------------------------------------------------------------ loading
 
 

@@ -35,6 +35,7 @@ from .gemma4_syntax import (
     CALL_START,
     CHANNEL_END,
     CHANNEL_START,
+    CONTROL_TOKENS,
     KEY,
     STRING_DELIM,
     THOUGHT_LABEL,
@@ -95,10 +96,22 @@ _TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 _JSON_LAYOUT = '"x-guidance": {"whitespace_flexible": false}'
 
+#: Free text never holds a control token's text spelled with ordinary tokens: the reply
+#: parser reads decoded text, where ``<`` ``channel`` ``|>`` reads as ``<channel|>`` (a
+#: thought would leak into the answer, prose would hold a "call", a string end early).
+_NO_CONTROL_TEXT = "~/(.|\\n)*(" + "|".join(re.escape(t) for t in CONTROL_TOKENS) + ")(.|\\n)*/"
+
+
+def _free_text(count: str) -> str:
+    """A lexeme of ``count`` (``*``, ``+`` or ``{lo,hi}``) characters holding no control
+    token's text (:data:`_NO_CONTROL_TEXT`)."""
+    return f"/(.|\\n){count}/ & {_NO_CONTROL_TEXT}"
+
+
 #: Rules every call grammar may use.
 _COMMON_RULES = {
     "g_str": f"{_token(STRING_DELIM)} G_TEXT {_token(STRING_DELIM)}",
-    "G_TEXT": r"/(.|\n)*/",
+    "G_TEXT": _free_text("*"),
     "G_INT": r"/-?(0|[1-9][0-9]*)/",
     "G_NUMBER": r"/-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/",
     "G_KEY": r"/[A-Za-z_][A-Za-z0-9_]*/",
@@ -293,7 +306,7 @@ class _Rules:
         for bound in (lo, hi):
             if bound is not None and (not isinstance(bound, int) or bound < 0):
                 raise self.fail(where, f"minLength/maxLength must be integers >= 0, got {bound!r}")
-        text = self.add("STR", f"/(.|\\n){{{lo or 0},{'' if hi is None else hi}}}/")
+        text = self.add("STR", _free_text(f"{{{lo or 0},{'' if hi is None else hi}}}"))
         return f"{_token(STRING_DELIM)} {text} {_token(STRING_DELIM)}"
 
     def array(self, schema: Mapping[str, Any], where: str) -> str:
@@ -399,7 +412,7 @@ def build_grammar(
             f"thought: {_token(CHANNEL_START)} {_lark_string(THOUGHT_LABEL)} G_THOUGHT "
             f"{_token(CHANNEL_END)}"
         )
-        lines.append(r"G_THOUGHT: /(.|\n)*/")
+        lines.append(f"G_THOUGHT: {_free_text('*')}")
     else:
         lines.append("start: body")
     if not calling:
@@ -411,7 +424,7 @@ def build_grammar(
     calls = "call+" if many else "call"
     lines.append(f"body: (G_PROSE | {calls})?" if tool_choice == "auto" else f"body: {calls}")
     if tool_choice == "auto":
-        lines.append(r"G_PROSE: /(.|\n)+/")
+        lines.append(f"G_PROSE: {_free_text('+')}")
     lines.append(
         f"call: {_token(CALL_START)} "
         + "("
