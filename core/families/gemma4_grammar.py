@@ -2,7 +2,9 @@
 
 Control tokens are named by id (``<[48]>`` is ``<|tool_call>``): text can
 never match them, so prose, thoughts and strings cannot contain one, and a
-call can only be written with them. The reply is::
+call can only be written with them. Nor can free text spell a control
+token's text with ordinary tokens (:func:`_free_text`), since the reply
+parser reads decoded text. The reply is::
 
     [<|channel> "thought\\n" text <channel|>]     only with thinking on
     then   prose | call+ | call | JSON              as tool_choice / response_format say
