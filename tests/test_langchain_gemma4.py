@@ -335,11 +335,17 @@ def test_complete_calls_before_a_cut_one_are_kept() -> None:
         Delta(0, "", "length", 20, 8, partial_call="call:get_time{"),
     ]
     model = ChatGemmaLocal(client=ScriptedGemma4(script), max_tokens=8)
-    message = model.bind_tools([get_weather, get_time], tool_choice="required").invoke("hi")
-    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Rome"})]
-    assert [(c["name"], c["args"]) for c in message.invalid_tool_calls] == [
-        ("get_time", "call:get_time{")
-    ]
+    bound = model.bind_tools([get_weather, get_time], tool_choice="required")
+    for message in (bound.invoke("hi"), bound.invoke("hi", config={"callbacks": [Tokens()]})):
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+            ("get_weather", {"city": "Rome"})
+        ]
+        assert [(c["name"], c["args"]) for c in message.invalid_tool_calls] == [
+            ("get_time", "call:get_time{")
+        ]
+    chunks = list(bound.stream("hi"))
+    assert [c["name"] for c in chunks[0].tool_call_chunks] == ["get_weather"]
+    assert [c["name"] for c in chunks[-1].invalid_tool_calls] == ["get_time"]
 
 
 def test_a_reply_cut_in_prose_has_no_invalid_call() -> None:
