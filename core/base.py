@@ -60,7 +60,7 @@ from .errors import (
 from .families import Family, family_for, model_type_from_name
 from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
-from .stream import Delta, Prompt, TokenSink
+from .stream import Delta, Prompt, TokenSink, sentinel_decoder
 from .worker import Emit, InFlight, ModelWorker, astream_job, stream_job
 
 logger = logging.getLogger("gemma_local")
@@ -182,6 +182,7 @@ class BaseGemmaChatCompletion:
         self._eos_ids: frozenset[int] = frozenset()
         self._byte_ids: frozenset[int] = frozenset()
         self._skipped_ids: frozenset[int] = frozenset()
+        self._marked_decode: Any = None  # the family's control tokens read by id (Gemma 4)
         self._end_ids: list[int] = []  # the family's end tokens, its end of turn first
         self._context_window: int | None = None
         self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
@@ -257,6 +258,7 @@ class BaseGemmaChatCompletion:
             skipped_ids=self._skipped_ids,
             parser=lambda: family.output_parser(params, None),
             stop_on_content=family.keep_special_tokens,
+            control_tokens=family.control_tokens,
         )
         self._generate([prompt], params, sink)
         sink.close()
@@ -355,11 +357,27 @@ class BaseGemmaChatCompletion:
         eos.update(self._end_ids)
         self._eos_ids = frozenset(eos)
         self._byte_ids, self._skipped_ids = byte_and_special_ids(tok)
-        if family.keep_special_tokens:  # the family's parser removes control tokens itself
-            self._skipped_ids = frozenset()
+        self._marked_decode = None
+        if family.keep_special_tokens:  # its parser reads control tokens: by id, as sentinels
+            marks = self._control_marks(family)
+            self._skipped_ids = (self._skipped_ids | marks.keys()) - {
+                t for t, sentinel in marks.items() if sentinel
+            }
+            tok_decode = tok.decode
+            self._marked_decode = sentinel_decoder(
+                lambda ids: str(tok_decode(ids, skip_special_tokens=True)), marks
+            )
         self._context_window = self._context_window or context_window_from_config(
             read_model_config(self.model_name)
         )
+
+    def _control_marks(self, family: Family) -> dict[int, str]:
+        """The id of each of the family's control tokens the tokenizer knows -> its sentinel."""
+        marks: dict[int, str] = {}
+        for token, sentinel in family.control_tokens:
+            for token_id in self._token_ids([token]):
+                marks[token_id] = sentinel
+        return marks
 
     def _token_ids(self, tokens: Sequence[str]) -> list[int]:
         """The ids of the ``tokens`` the tokenizer knows (as a special token), in order."""
@@ -493,10 +511,11 @@ class BaseGemmaChatCompletion:
         return list(tok.encode(text, add_special_tokens=special))
 
     def _decode(self, ids: list[int]) -> str:
-        # Gemma 4's control tokens are special: skipping them would delete the
-        # markers its output parser needs (and leak thoughts into the answer).
-        skip = not self.family.keep_special_tokens
-        return str(self.tokenizer.decode(ids, skip_special_tokens=skip))
+        # Gemma 4's parser reads control tokens: their ids decode as sentinels (never
+        # text the model could spell), other special tokens are skipped.
+        if self._marked_decode is not None:
+            return str(self._marked_decode(ids))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def format_prompt(
         self,
@@ -577,6 +596,7 @@ class BaseGemmaChatCompletion:
                 skipped_ids=self._skipped_ids,
                 parser=lambda: family.output_parser(params, params.thinking),
                 stop_on_content=family.keep_special_tokens,
+                control_tokens=family.control_tokens,
             )
             try:
                 self._generate(prompts, params, sink)

@@ -5,7 +5,10 @@ A backend's only job is to push sampled token ids into a :class:`TokenSink`
 turns them into :class:`Delta` records, in one place for every backend:
 
 * incremental detokenisation that is exact for multi-byte characters
-  (:class:`IncrementalDetokenizer`),
+  (:class:`IncrementalDetokenizer`); for a family whose parser reads control
+  tokens (Gemma 4), each such token's *id* decodes as a sentinel character
+  (:func:`sentinel_decoder`), so text the model spells with ordinary tokens
+  is never read as one,
 * end-of-turn handling on *every* end id of the model (``<eos>`` and
   ``<end_of_turn>`` for Gemma), ``max_tokens`` and stop strings
   (:class:`StopMatcher`; the stop text is trimmed, even across tokens),
@@ -23,8 +26,9 @@ adapters all consume these deltas; nothing else detokenises or counts.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .constrained import ToolCall
@@ -34,6 +38,44 @@ from .params import SamplingParams
 logger = logging.getLogger("gemma_local")
 
 REPLACEMENT_CHAR = "\ufffd"
+#: The sentinels' range: U+FDD0 .. U+FDEF are Unicode noncharacters, never assigned.
+SENTINEL_CHARS = re.compile("[\ufdd0-\ufdef]")
+
+
+def sentinel_decoder(
+    decode: Callable[[list[int]], str], marks: Mapping[int, str]
+) -> Callable[[list[int]], str]:
+    """``decode`` that reads control tokens by id: each id of ``marks`` becomes its
+    sentinel, the runs of other ids in between go through ``decode``; ids marked ``""``
+    are dropped first (whether or not the tokenizer flags them special).
+
+    ``decode`` should skip special tokens. A noncharacter of the sentinels' range
+    that ordinary ids spell (byte tokens ``EF B7 90`` are U+FDD0) becomes U+FFFD,
+    so only a control token's id ever yields a sentinel. A marked id breaks a
+    byte-fallback run as it does in a whole decode, and the result for a list of
+    ids is the same however they are cut at marked ids, which keeps
+    :class:`IncrementalDetokenizer` exact.
+    """
+
+    def plain(ids: list[int]) -> str:
+        return SENTINEL_CHARS.sub(REPLACEMENT_CHAR, decode(ids)) if ids else ""
+
+    dropped = frozenset(t for t, sentinel in marks.items() if not sentinel)
+
+    def run(ids: list[int]) -> str:
+        if dropped:  # gone before decoding, as skip_special_tokens drops special ids
+            ids = [t for t in ids if t not in dropped]
+        out: list[str] = []
+        start = 0
+        for i, token in enumerate(ids):
+            sentinel = marks.get(token)
+            if sentinel is not None:
+                out += (plain(ids[start:i]), sentinel)
+                start = i + 1
+        out.append(plain(ids[start:]))
+        return "".join(out)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -106,7 +148,8 @@ class IncrementalDetokenizer:
     ``decode(all_ids)``.
 
     ``byte_ids`` are the tokenizer's byte-fallback tokens (``<0x00>`` ..
-    ``<0xFF>``) and ``skipped_ids`` the special tokens ``decode`` drops. The
+    ``<0xFF>``) and ``skipped_ids`` the special tokens ``decode`` drops (a
+    control token that decodes as a sentinel is not one of them). The
     ByteFallback decoder of Gemma's tokenizer decodes a whole run of byte
     tokens at once and turns *every* byte of the run into U+FFFD when any part
     of it is not valid UTF-8, so a character that looks complete may still
@@ -205,6 +248,7 @@ class _Row:
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
         stop_on_content: bool = False,
+        control_tokens: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.index = index
         self.prompt_tokens = prompt_tokens
@@ -222,6 +266,8 @@ class _Row:
         self.parser = parser
         self.calls = 0
         self.json_output = params.response_format is not None
+        self.constrained = params.constrained
+        self.control_tokens = control_tokens
 
     def delta(self, text: str) -> Delta | None:
         parsed = self.parser.feed(text) if text else Parsed()
@@ -286,6 +332,8 @@ class _Row:
 
     def push_text(self, text: str, completion_tokens: int, finish_reason: str) -> Delta | None:
         self.completion_tokens = completion_tokens
+        for token, sentinel in self.control_tokens:  # a whole text has no ids to read them by
+            text = text.replace(token, sentinel)
         emitted, stopped = self.stops.feed(text)
         if stopped:
             self.finish_reason = "stop"
@@ -295,8 +343,10 @@ class _Row:
     def finish(self, reason: str, text: str = "") -> Delta | None:
         tail, stopped = self.stops.feed(self.detok.flush())
         self.finish_reason = "stop" if stopped else reason  # a stop string in held-back text
-        if self.finish_reason == "length" and (
-            self.json_output or self.parser.calling
+        if (
+            self.finish_reason == "length"
+            and self.constrained  # an unconstrained row's call or JSON was never promised
+            and (self.json_output or self.parser.calling)
         ):
             what = "JSON reply" if self.json_output else "tool call"
             logger.warning(
@@ -322,6 +372,10 @@ class TokenSink:
     :class:`IncrementalDetokenizer` (see there). ``stop_on_content``: stop
     strings match only the answer text the ``parser`` finds (for families
     whose raw text holds control tokens), not reasoning, calls or markup.
+    ``control_tokens``: ``(token text, sentinel)`` pairs of the family
+    (:attr:`core.families.Family.control_tokens`), applied to the whole texts
+    of :meth:`push_text` only; pushed ids are read by ``decode`` (see
+    :func:`sentinel_decoder`).
     """
 
     def __init__(
@@ -338,6 +392,7 @@ class TokenSink:
         skipped_ids: frozenset[int] = frozenset(),
         parser: Callable[[], OutputParser] | None = None,
         stop_on_content: bool = False,
+        control_tokens: Sequence[tuple[str, str]] = (),
     ) -> None:
         def room(prompt: Prompt) -> int:
             if context_window is None:
@@ -357,6 +412,7 @@ class TokenSink:
                 byte_ids,
                 skipped_ids,
                 stop_on_content,
+                control_tokens,
             )
             for i, p in enumerate(prompts)
         ]

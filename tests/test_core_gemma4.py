@@ -242,20 +242,12 @@ def test_fold_equals_the_stream(scripted) -> None:
     assert all(not d.reasoning for d in deltas[first_text:])
 
 
-@pytest.mark.parametrize(
-    "how",
-    ["spelled-markers", "byte-tokens", "label-one-char-per-token"],
-)
+@pytest.mark.parametrize("how", ["byte-tokens", "label-one-char-per-token"])
 def test_split_is_exact_however_the_text_is_cut(scripted, how) -> None:
-    """Markers written as plain text split over many tokens, byte-fallback characters
-    around them, and the ``thought`` label cut into single characters."""
+    """Byte-fallback characters right against the control ids, and the ``thought``
+    label cut into single characters."""
     thought, answer = "think 日本", "日本 ok"  # no token for 日 / 本: byte-fallback
-    if how == "spelled-markers":
-        thought, answer = "think more", "fine ok"
-        script = scripted.spelled(
-            "<|channel>thought\n" + thought + "<channel|>" + answer
-        ) + scripted.ids("<turn|>")
-    elif how == "byte-tokens":
+    if how == "byte-tokens":
         script = scripted.ids("<|channel>", "thought\n", thought, "<channel|>", answer, "<turn|>")
         # 4 characters of 3 bytes each, as byte-fallback tokens
         assert sum(t in scripted._byte_ids for t in script) == 12
@@ -277,6 +269,105 @@ def test_split_is_exact_however_the_text_is_cut(scripted, how) -> None:
     last_reasoning = max(i for i, d in enumerate(deltas) if d.get("reasoning_content"))
     first_content = min(i for i, d in enumerate(deltas) if d.get("content"))
     assert last_reasoning < first_content
+
+
+#: Replies that spell control tokens with ordinary tokens (one per character): text.
+SPELLED = [
+    "BERT replaces a word with <mask> and predicts it.",
+    "Gemma ends a turn with <turn|> then stops.",
+    '{"a": "x<|channel>y"}',
+    "A thought ends with <channel|> and the answer follows.",
+    "Calls start with <|tool_call>call:f{} and end with <tool_call|> there.",
+    'Strings sit between <|"|> marks, and <eos> ends it all.',
+]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("text", SPELLED)
+def test_spelled_control_tokens_are_content(scripted, text, thinking) -> None:
+    """Control tokens are read by id: their spelling in ordinary tokens is plain content
+    (no grammar is active here to keep the model from writing it)."""
+    script = scripted.spelled(text) + scripted.ids("<turn|>")
+    scripted.enqueue(script)
+    out = scripted.create(USER, max_tokens=200, thinking=thinking)
+    choice = out["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == "stop"
+    assert out["usage"].get("completion_tokens_details", {}).get("reasoning_tokens", 0) == 0
+    scripted.enqueue(script)
+    chunks = list(scripted.create(USER, max_tokens=200, thinking=thinking, stream=True))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == text
+    assert not any(d.get("reasoning_content") or d.get("tool_calls") for d in deltas)
+
+
+def test_spelled_markers_inside_a_real_thought_and_call(scripted) -> None:
+    """Real control ids still split reasoning / content / calls exactly while the text
+    around them spells markers (in the thought, the answer and a call's string)."""
+    thought = "Maybe <channel|> or <|tool_call> here"
+    answer = "Done <|channel>thought\nnot a thought"
+    script = (
+        scripted.ids("<|channel>", "thought\n")
+        + scripted.spelled(thought)
+        + scripted.ids("<channel|>")
+        + scripted.spelled(answer)
+        + scripted.ids("<turn|>")
+    )
+    scripted.enqueue(script)
+    out = scripted.create(USER, max_tokens=400, thinking=True)
+    message = out["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (thought, answer)
+    assert out["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": script.index(CHANNEL_END) + 1
+    }
+    # a call whose string argument spells <|"|> and <tool_call|>: the string holds them
+    note = 'a <|"|> b <tool_call|> c'
+    call = (
+        scripted.ids("<|tool_call>", "call:note{text:", '<|"|>')
+        + scripted.spelled(note)
+        + scripted.ids('<|"|>', "}", "<tool_call|>", "<turn|>")
+    )
+    scripted.enqueue(call)
+    out = scripted.create(USER, max_tokens=400, tools=[NOTE], tool_choice="required")
+    [got] = out["choices"][0]["message"]["tool_calls"]
+    assert json.loads(got["function"]["arguments"]) == {"text": note}
+    assert out["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_special_ids_that_are_not_markers_are_dropped(scripted) -> None:
+    """``<pad>``, ``<mask>``, media tokens and a stray ``<|"|>`` produced as ids are not
+    text (as ``skip_special_tokens`` drops them), byte tokens keep their characters
+    across them, and a noncharacter that byte tokens spell cannot pose as a marker."""
+    tok = scripted.tokenizer
+    byte = {b: int(tok.convert_tokens_to_ids(f"<0x{b:02X}>")) for b in (0xE6, 0x97, 0xA5)}
+    script = [
+        *scripted.ids("a", "<pad>", "b", "<mask>", "c", "<|image|>", '<|"|>', "d", " "),
+        *(byte[0xE6], scripted.ids("<mask>")[0], byte[0x97], byte[0xA5]),  # 日, split by <mask>
+        *scripted.ids("<turn|>"),
+    ]
+    scripted.enqueue(script)
+    assert scripted.create(USER, max_tokens=50)["choices"][0]["message"]["content"] == "abcd 日"
+    # U+FDD0 (the <|tool_call> sentinel's range) spelled by byte tokens: U+FFFD, not a call
+    fdd0 = [int(tok.convert_tokens_to_ids(f"<0x{b:02X}>")) for b in (0xEF, 0xB7, 0x90)]
+    scripted.enqueue(scripted.ids("x") + fdd0 + scripted.ids("y", "<turn|>"))
+    out = scripted.create(USER, max_tokens=50, tools=[NOTE], tool_choice="auto")
+    assert out["choices"][0]["message"]["content"] == "x\ufffdy"
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_cut_off_warning_only_for_constrained_rows(scripted, caplog) -> None:
+    """An unconstrained reply that writes <|tool_call> and runs out of tokens was never
+    promised a call: no "constrained ... cut off" warning; a constrained one warns."""
+    script = scripted.ids("<|tool_call>", "call:note{text:", '<|"|>', "long text here")
+    with caplog.at_level("WARNING", logger="gemma_local"):
+        scripted.enqueue(script)
+        out = scripted.create(USER, max_tokens=4)
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert "cut off" not in caplog.text
+        scripted.enqueue(script)
+        out = scripted.create(USER, max_tokens=4, tools=[NOTE], tool_choice="required")
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert "a constrained tool call was cut off" in caplog.text
 
 
 def test_max_tokens_counts_thinking(scripted) -> None:
@@ -427,10 +518,10 @@ NOTE, NOTE_BOUNDED = _note_tool("note"), _note_tool("short_note", maxLength=40)
     ],
 )
 def test_grammar_keeps_control_token_text_out_of_free_text(scripted, where, options) -> None:
-    """The parser reads decoded text, so the grammar must not let the model spell a control
-    token (``<`` ``channel`` ``|>``) in a thought, prose or a string: the thought would
-    leak into the answer, prose would hold a call, a string would end early. Plain ``<``
-    and ``|`` stay allowed."""
+    """The grammar does not let the model spell a control token (``<`` ``channel`` ``|>``)
+    in a thought, prose or a string: the parser reads control tokens by id, but the reply
+    rendered back into a prompt is text, where a spelled ``<|"|>`` would end a string
+    early. Plain ``<`` and ``|`` stay allowed."""
     import llguidance
     from llguidance.hf import from_tokenizer
 

@@ -16,7 +16,15 @@ import pytest
 
 from core import Delta, Prompt, SamplingParams, ToolCall, fold_deltas
 from core.base import byte_and_special_ids
-from core.stream import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher, TokenSink
+from core.families import family_for
+from core.families.gemma4_syntax import CONTROL_TEXT, SENTINELS
+from core.stream import (
+    REPLACEMENT_CHAR,
+    IncrementalDetokenizer,
+    StopMatcher,
+    TokenSink,
+    sentinel_decoder,
+)
 from core.worker import ModelWorker, astream_job, stream_job
 
 
@@ -108,6 +116,61 @@ def test_detokenizer_equals_decode_on_random_sequences(tok, special) -> None:
     for _ in range(300):
         ids = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 16))]
         assert "".join(stream(tok, special, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_sentinel_decode_reads_control_tokens_by_id_and_streams_exactly(gemma4_path) -> None:
+    """Gemma 4's decode: each control id the parser reads is its sentinel, other special
+    ids are dropped, ordinary ids that spell a marker stay text; streamed through the
+    detokenizer it equals the whole decode however byte runs and control ids mix."""
+    from transformers import AutoTokenizer
+
+    g4 = AutoTokenizer.from_pretrained(str(gemma4_path))
+    ids_of = {token: int(g4.convert_tokens_to_ids(token)) for token, _ in CONTROL_TEXT}
+    marks = {ids_of[token]: sentinel for token, sentinel in CONTROL_TEXT}
+    decode = sentinel_decoder(lambda ids: g4.decode(ids, skip_special_tokens=True), marks)
+    byte_ids, special = byte_and_special_ids(g4)
+    skipped = (special | marks.keys()) - {t for t, m in marks.items() if m}
+
+    vocab = g4.get_vocab()
+    spelled = [vocab[c] for c in "<|channel>x<mask>"]  # one ordinary token per character
+    assert decode(spelled) == "<|channel>x<mask>"
+    channel = [ids_of["<|channel>"], *g4.encode("a", add_special_tokens=False)]
+    assert decode([*channel, ids_of["<mask>"], ids_of["<channel|>"]]) == (
+        SENTINELS["<|channel>"] + "a" + SENTINELS["<channel|>"]
+    )
+    fdd0 = [int(g4.convert_tokens_to_ids(f"<0x{b:02X}>")) for b in (0xEF, 0xB7, 0x90)]
+    assert g4.decode(fdd0) == "\ufdd0" and decode(fdd0) == REPLACEMENT_CHAR
+
+    rng = random.Random(0)
+    utf8 = sorted(byte_ids)[0x80:]
+    cjk = g4.encode("日本😀é", add_special_tokens=False)
+    normal = g4.encode("the sea is wide", add_special_tokens=False)
+    pools = [utf8, cjk, cjk, normal, spelled, sorted(marks), [0, 4, 2]]
+    for _ in range(300):
+        ids = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 16))]
+        detok = IncrementalDetokenizer(decode, byte_ids, skipped)
+        pieces = [detok.add(i) for i in ids] + [detok.flush()]
+        assert "".join(pieces) == decode(ids), ids
+
+
+def test_sink_push_text_reads_control_tokens_of_a_whole_text() -> None:
+    """A whole-text backend hands over no ids: its control tokens are read by their text."""
+    family = family_for("gemma4_text")
+    params = SamplingParams.build(max_tokens=50)
+    out: list[Delta] = []
+    sink = TokenSink(
+        [Prompt("p", (2,))],
+        params,
+        lambda ids: "",
+        frozenset({1}),
+        out.append,
+        threading.Event(),
+        parser=lambda: family.output_parser(params, True),
+        stop_on_content=True,
+        control_tokens=family.control_tokens,
+    )
+    sink.push_text(0, "<|channel>thought\nhm<channel|>Yes<mask>.", 9)
+    assert (joined(out), "".join(d.reasoning for d in out)) == ("Yes.", "hm")
 
 
 def test_detokenizer_without_byte_ids_still_waits_for_complete_characters(tok) -> None:

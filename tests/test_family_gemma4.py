@@ -10,8 +10,11 @@
   calls and schema violations are rejected; random walks through the grammar
   (uniform over the allowed tokens, the worst a model can do) always give
   calls that parse and validate against the tool's schema.
-* Parser: every split of a canonical output into two (and many into three)
-  chunks gives the same content, reasoning and calls; no control token leaks.
+* Parser: it reads control tokens as the engine decodes their ids, as
+  sentinels (``mark`` turns a test's marker text into them); every split of
+  a canonical output into two (and many into three) chunks gives the same
+  content, reasoning and calls; no control token leaks; a marker spelled in
+  plain text is plain text.
 * Round trip: a parsed call put back into the history renders as the same
   call text.
 """
@@ -34,11 +37,13 @@ from core.families import Parsed, family_for
 from core.families.gemma4_grammar import build_grammar
 from core.families.gemma4_syntax import (
     CONTROL_TOKENS,
+    SENTINELS,
     TOKEN_IDS,
     CallSyntaxError,
     Gemma4OutputParser,
     format_call,
     format_value,
+    mark,
     parse_call,
     parse_value,
 )
@@ -206,8 +211,9 @@ def prompt(conversation: list[dict[str, Any]], thinking: bool = False, **options
 
 
 def parse_all(text: str, tools: frozenset[str] | None = frozenset({"get_weather", "search"})):
+    """``text`` (control tokens written as their text) parsed as the engine decodes it."""
     parser = Gemma4OutputParser(tools)
-    return parser.feed(text) + parser.finish()
+    return parser.feed(mark(text)) + parser.finish()
 
 
 def summary(parsed: Parsed) -> tuple[str, str, list[tuple[int, str, Any]]]:
@@ -479,8 +485,9 @@ REPLIES = [
 @pytest.mark.parametrize("reply", REPLIES)
 def test_parser_every_split_gives_the_same_result(reply: str) -> None:
     whole = summary(parse_all(reply))
-    for control in CONTROL_TOKENS:
+    for control in (*CONTROL_TOKENS, *SENTINELS.values()):
         assert control not in whole[0] and control not in whole[1]
+    reply = mark(reply)
     for cut in range(len(reply) + 1):
         parser = Gemma4OutputParser(frozenset({"get_weather", "search"}))
         got = parser.feed(reply[:cut]) + parser.feed(reply[cut:]) + parser.finish()
@@ -512,16 +519,28 @@ def test_parser_results() -> None:
     assert summary(parse_all(REPLIES[6])) == ("Hi!", "", [])
 
 
-def test_parser_holds_a_half_marker_and_releases_plain_text() -> None:
+def test_parser_reads_sentinels_and_passes_spelled_markers_as_text() -> None:
+    open_, close = SENTINELS["<|channel>"], SENTINELS["<channel|>"]
     parser = Gemma4OutputParser(None)
-    assert parser.feed("Hello <|chan") == Parsed("Hello ")
-    assert parser.feed("nel>thou") == Parsed()
-    assert parser.feed("ght\nhm") == Parsed(reasoning="hm")
-    assert parser.feed("m<chan") == Parsed(reasoning="m")
-    assert parser.feed("nel|>Yes <") == Parsed("Yes ")
-    assert parser.feed("3") == Parsed("<3")
-    assert parser.feed(" <|cha") == Parsed(" ")
-    assert parser.finish() == Parsed("<|cha")  # never completed: it was text
+    assert parser.feed("Hello <|chan") == Parsed("Hello <|chan")  # nothing held back
+    assert parser.feed(f"nel> and <mask> {open_}thou") == Parsed("nel> and <mask> ")
+    assert parser.feed("ght\nhm <channel|>") == Parsed(reasoning="hm <channel|>")
+    assert parser.feed(f"{close}Yes <|tool_call>call:f{{}}<tool_call|>") == Parsed(
+        "Yes <|tool_call>call:f{}<tool_call|>"
+    )
+    assert parser.finish() == Parsed()
+    # a spelled <|"|> inside a call's string is part of the string
+    parser = Gemma4OutputParser(frozenset({"get_weather"}))
+    q = SENTINELS[Q]
+    text = mark("<|tool_call>call:get_weather{city:") + f'{q}a<|"|>b{q}}}' + mark("<tool_call|>")
+    [got] = (parser.feed(text) + parser.finish()).calls
+    assert json.loads(got.arguments) == {"city": 'a<|"|>b'}
+
+
+def test_parser_partial_call_is_the_text_the_model_wrote() -> None:
+    parser = Gemma4OutputParser(frozenset({"get_weather"}))
+    parser.feed(mark('<|tool_call>call:get_weather{city:<|"|>Tok'))
+    assert parser.calling and parser.partial_call == 'call:get_weather{city:<|"|>Tok'
 
 
 def test_parser_says_when_the_thinking_channel_is_open() -> None:
@@ -530,7 +549,7 @@ def test_parser_says_when_the_thinking_channel_is_open() -> None:
     counted = 0
     for token in tokens:
         before = parser.in_reasoning
-        parser.feed(token)
+        parser.feed(mark(token))
         counted += before or parser.in_reasoning
     assert counted == 5  # the channel's markers, its label and its text
     assert not parser.in_reasoning
@@ -538,15 +557,15 @@ def test_parser_says_when_the_thinking_channel_is_open() -> None:
 
 def test_parser_call_cut_short_is_not_reported() -> None:
     parser = Gemma4OutputParser(frozenset({"get_weather"}))
-    assert parser.feed('<|tool_call>call:get_weather{city:<|"|>Tok') == Parsed()
+    assert parser.feed(mark('<|tool_call>call:get_weather{city:<|"|>Tok')) == Parsed()
     assert parser.finish() == Parsed()
 
 
 def test_parser_reports_calls_as_they_close() -> None:
     parser = Gemma4OutputParser(frozenset({"get_weather"}))
-    first = parser.feed(format_call("get_weather", {"city": "A"}) + "<|tool_call>call:get_")
+    first = parser.feed(mark(format_call("get_weather", {"city": "A"}) + "<|tool_call>call:get_"))
     assert [json.loads(c.arguments) for c in first.calls] == [{"city": "A"}]
-    second = parser.feed('weather{city:<|"|>B<|"|>}<tool_call|>')
+    second = parser.feed(mark('weather{city:<|"|>B<|"|>}<tool_call|>'))
     assert [(c.index, json.loads(c.arguments)) for c in second.calls] == [(1, {"city": "B"})]
     assert first.calls[0].id != second.calls[0].id
     assert first.calls[0].id.startswith("call_")
@@ -561,7 +580,7 @@ def test_parser_drops_calls_it_may_not_report(caplog: pytest.LogCaptureFixture) 
 
 
 def test_output_parser_of_the_family_knows_the_allowed_tools() -> None:
-    call = format_call("search", {"query": "q"}) + format_call("get_weather", {"city": "A"})
+    call = mark(format_call("search", {"query": "q"}) + format_call("get_weather", {"city": "A"}))
     both = FAMILY.output_parser(params(tools=[WEATHER, SEARCH]), False)
     assert [c.name for c in (both.feed(call) + both.finish()).calls] == ["search", "get_weather"]
     named = {"type": "function", "function": {"name": "search"}}

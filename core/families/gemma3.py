@@ -84,6 +84,7 @@ class Gemma3Family:
     system_role: bool = True
     end_tokens: tuple[str, ...] = ("<end_of_turn>", "<eos>")
     keep_special_tokens: bool = False
+    control_tokens: tuple[tuple[str, str], ...] = ()  # decoded with skip_special_tokens=True
     can_think: bool = False
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:

@@ -11,8 +11,9 @@ OpenAI shapes almost as they are. Data flow::
     SamplingParams ──grammar──▶ Lark (llguidance) over control-token ids:
         [<|channel>thought\\n … <channel|>]  (only with thinking on)
         then prose | <|tool_call>call:NAME{key:value,…}<tool_call|>+ | JSON
-    text decoded WITH special tokens ──Gemma4OutputParser──▶
-        Parsed(content, reasoning, calls)
+    token ids ──decoded, each control token the parser reads as its sentinel
+        (``control_tokens``), other special tokens dropped──▶ text
+        ──Gemma4OutputParser──▶ Parsed(content, reasoning, calls)
 
 The call syntax, its parser and the reply parser are in
 :mod:`core.families.gemma4_syntax`; the grammar, which allows only the
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..constrained import ToolSpec, _grammar_error, system_instructions
 from ..messages import content_to_text
 from .gemma4_grammar import build_grammar
-from .gemma4_syntax import END_TOKENS, Gemma4OutputParser
+from .gemma4_syntax import CONTROL_TEXT, END_TOKENS, Gemma4OutputParser
 from .interface import Messages, check_thinking
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ class Gemma4Family:
     chat_template: str = "gemma4_chat_template.jinja"
     end_tokens: tuple[str, ...] = END_TOKENS
     keep_special_tokens: bool = True
+    control_tokens: tuple[tuple[str, str], ...] = CONTROL_TEXT
     can_think: bool = True
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:

@@ -3,8 +3,10 @@
 Control tokens are named by id (``<[48]>`` is ``<|tool_call>``): text can
 never match them, so prose, thoughts and strings cannot contain one, and a
 call can only be written with them. Nor can free text spell a control
-token's text with ordinary tokens (:func:`_free_text`), since the reply
-parser reads decoded text. The reply is::
+token's text with ordinary tokens (:func:`_free_text`): the reply parser
+reads control tokens by id, but such text would read as a control token once
+the reply is rendered back into the prompt (a ``<|"|>`` ending a string early).
+The reply is::
 
     [<|channel> "thought\\n" text <channel|>]     only with thinking on
     then   prose | call+ | call | JSON              as tool_choice / response_format say
@@ -99,8 +101,8 @@ _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"
 _JSON_LAYOUT = '"x-guidance": {"whitespace_flexible": false}'
 
 #: Free text never holds a control token's text spelled with ordinary tokens: the reply
-#: parser reads decoded text, where ``<`` ``channel`` ``|>`` reads as ``<channel|>`` (a
-#: thought would leak into the answer, prose would hold a "call", a string end early).
+#: parser reads control tokens by id, but the chat template renders the reply back as text,
+#: where ``<`` ``channel`` ``|>`` reads as ``<channel|>`` (a string would end early).
 _NO_CONTROL_TEXT = "~/(.|\\n)*(" + "|".join(re.escape(t) for t in CONTROL_TOKENS) + ")(.|\\n)*/"
 
 

@@ -10,9 +10,17 @@ parallel calls simply follow each other. Thinking is
 * :func:`format_value` / :func:`format_call`: the canonical text (what the
   grammar of :mod:`core.families.gemma4_grammar` makes the model write);
 * :func:`parse_value` / :func:`parse_call`: back to Python values;
-* :class:`Gemma4OutputParser`: a row's streamed text (decoded *with* its
-  control tokens) split into content, reasoning and
-  :class:`~core.constrained.ToolCall` records.
+* :class:`Gemma4OutputParser`: a row's streamed text split into content,
+  reasoning and :class:`~core.constrained.ToolCall` records.
+
+Control tokens are recognised by token id, never by spelled text. The engine
+decodes each id of :data:`SENTINELS` as its sentinel, a Unicode noncharacter
+(U+FDD0 ..) that decoding ordinary ids never yields (the engine turns one that
+byte tokens spell into U+FFFD), and drops every other control or special token
+(:data:`CONTROL_TEXT`, :func:`core.stream.sentinel_decoder`). The parser reads
+only sentinels, so text the model spells with ordinary tokens (``<mask>``,
+``<|channel>``) is plain content. :func:`mark` does the same for a text that
+comes without ids.
 
 ``null`` is written ``null`` (as vLLM's and mlx-lm's parsers read it); the
 template renders a ``None`` argument of an earlier call as ``None``, the only
@@ -74,10 +82,39 @@ MEDIA_TOKENS = (
     "<audio|>",
     "<|video|>",
 )
-#: Every control token's text: none of them ever reaches ``content``.
+#: Every control token's text: none of them ever reaches ``content`` as a token (the
+#: grammar also keeps free text from spelling one).
 CONTROL_TOKENS = (*TOKEN_IDS, *MEDIA_TOKENS)
+#: The control tokens the output parser reads, each decoded as its own sentinel: a
+#: Unicode noncharacter (U+FDD0 .. U+FDEF are never assigned; see :mod:`core.stream`).
+SENTINELS = {
+    CALL_START: "\ufdd0",
+    CALL_END: "\ufdd1",
+    STRING_DELIM: "\ufdd2",
+    CHANNEL_START: "\ufdd3",
+    CHANNEL_END: "\ufdd4",
+}
+#: Every control token -> what its id decodes to: its sentinel, or ``""`` (dropped, as
+#: ``skip_special_tokens`` drops ``<pad>``, ``<mask>``, media tokens and the rest).
+CONTROL_TEXT = tuple((token, SENTINELS.get(token, "")) for token in CONTROL_TOKENS)
+_TOKEN_OF = {mark: token for token, mark in SENTINELS.items()}
 #: What ends a reply (the generation config's ``eos_token_id`` [1, 106, 50]).
 END_TOKENS = (TURN_END, "<eos>", RESPONSE_START)
+
+
+def mark(text: str) -> str:
+    """``text`` as the engine decodes it where only text is known (no ids): each control
+    token's spelling turned into its sentinel (or dropped). Token ids never go through
+    here; backends that hand over whole texts (and tests) do."""
+    for token, sentinel in CONTROL_TEXT:
+        text = text.replace(token, sentinel)
+    return text
+
+
+def unmark(text: str) -> str:
+    """Sentinels back to the control tokens' text (to show a call as the model wrote it)."""
+    return "".join(_TOKEN_OF.get(c, c) for c in text)
+
 
 #: A key the call syntax can write unquoted.
 KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -132,22 +169,23 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-def _value(text: str, i: int) -> tuple[Any, int]:
+def _value(text: str, i: int, q: str = STRING_DELIM) -> tuple[Any, int]:
+    """The value at ``i``; ``q`` is the string delimiter (its text, or its sentinel)."""
     i = _skip(text, i)
-    if text.startswith(STRING_DELIM, i):
-        end = text.find(STRING_DELIM, i + len(STRING_DELIM))
+    if text.startswith(q, i):
+        end = text.find(q, i + len(q))
         if end < 0:
             raise CallSyntaxError(f"unterminated string at {i}")
-        return text[i + len(STRING_DELIM) : end], end + len(STRING_DELIM)
+        return text[i + len(q) : end], end + len(q)
     if text.startswith("{", i):
-        return _object(text, i + 1)
+        return _object(text, i + 1, q)
     if text.startswith("[", i):
         items: list[Any] = []
         i = _skip(text, i + 1)
         if text.startswith("]", i):
             return items, i + 1
         while True:
-            item, i = _value(text, i)
+            item, i = _value(text, i, q)
             items.append(item)
             i = _skip(text, i)
             if text.startswith("]", i):
@@ -164,7 +202,7 @@ def _value(text: str, i: int) -> tuple[Any, int]:
     raise CallSyntaxError(f"expected a value at {i}: {text[i : i + 20]!r}")
 
 
-def _object(text: str, i: int) -> tuple[dict[str, Any], int]:
+def _object(text: str, i: int, q: str) -> tuple[dict[str, Any], int]:
     """The object whose ``{`` ends just before ``i``."""
     out: dict[str, Any] = {}
     i = _skip(text, i)
@@ -172,8 +210,8 @@ def _object(text: str, i: int) -> tuple[dict[str, Any], int]:
         return out, i + 1
     while True:
         i = _skip(text, i)
-        if text.startswith(STRING_DELIM, i):  # the template's quoted-key style
-            key, i = _value(text, i)
+        if text.startswith(q, i):  # the template's quoted-key style
+            key, i = _value(text, i, q)
         else:
             end = text.find(":", i)
             key = text[i:end].strip() if end >= 0 else ""
@@ -183,7 +221,7 @@ def _object(text: str, i: int) -> tuple[dict[str, Any], int]:
         i = _skip(text, i)
         if not text.startswith(":", i):
             raise CallSyntaxError(f"expected ':' at {i}")
-        out[key], i = _value(text, i + 1)
+        out[key], i = _value(text, i + 1, q)
         i = _skip(text, i)
         if text.startswith("}", i):
             return out, i + 1
@@ -200,41 +238,47 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_call(text: str) -> tuple[str, dict[str, Any]]:
-    """``call:NAME{…}`` (the text between ``<|tool_call>`` and ``<tool_call|>``) -> (name, arguments)."""
+def parse_call(text: str, q: str = STRING_DELIM) -> tuple[str, dict[str, Any]]:
+    """``call:NAME{…}`` (the text between ``<|tool_call>`` and ``<tool_call|>``) -> (name, arguments).
+
+    ``q`` is what delimits strings: ``<|"|>``, or its sentinel in decoded output (where a
+    spelled ``<|"|>`` is string text)."""
     if not text.startswith("call:"):
         raise CallSyntaxError(f"a call starts with 'call:', got {text[:20]!r}")
     brace = text.find("{")
     name = text[5:brace] if brace >= 0 else ""
     if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise CallSyntaxError(f"expected call:NAME{{...}}, got {text[:40]!r}")
-    arguments = parse_value(text[brace:])
+    arguments, end = _value(text, brace, q)
+    if _skip(text, end) != len(text):
+        raise CallSyntaxError(f"unexpected text after the value at {end}: {text[end : end + 20]!r}")
     if not isinstance(arguments, dict):  # cannot happen: the text at brace is an object
         raise CallSyntaxError("the arguments are not an object")
     return name, arguments
 
 
 class Gemma4OutputParser:
-    """Splits Gemma 4's streamed text (decoded with its control tokens) into a :class:`Parsed`.
+    """Splits Gemma 4's streamed output, decoded with sentinels, into a :class:`Parsed`.
 
-    ``<|channel>thought\\n…<channel|>`` is reasoning (the ``thought`` label
-    dropped), ``<|tool_call>…<tool_call|>`` a call (reported when it closes,
-    with JSON arguments), everything else content. No control token ever
-    reaches content or reasoning: ``<|"|>`` and the rest are dropped outside
-    calls. A chunk that ends in the first part of a marker (``<|chan``) is
-    held back until the next chunk says what it is, so the split is exact
-    however the text arrives. Calls of tools not in ``tools`` (or any call
-    when ``tools`` is ``None``: tool_choice ``"none"``) and calls that do not
-    parse are dropped with a warning; the grammar rules both out.
+    The text holds each control token the parser reads as its sentinel
+    (:data:`SENTINELS`; the engine decodes ids so, and drops every other
+    control token): ``<|channel>thought\\n…<channel|>`` is reasoning (the
+    ``thought`` label dropped), ``<|tool_call>…<tool_call|>`` a call (reported
+    when it closes, with JSON arguments), everything else content. A sentinel
+    never reaches content or reasoning (a stray ``<|"|>`` is dropped), while a
+    control token's *spelling* (``<|channel>`` in ordinary characters) is
+    plain text. A sentinel is one character, so the split is exact however the
+    text arrives. Calls of tools not in ``tools`` (or any call when ``tools``
+    is ``None``: tool_choice ``"none"``) and calls that do not parse are
+    dropped with a warning; the grammar rules both out.
     """
 
     def __init__(self, tools: frozenset[str] | None) -> None:
         self.tools = tools
         self.count = 0  # calls reported so far
         self._state = "content"  # "content" | "label" | "reasoning" | "call"
-        self._held = ""  # a possible marker prefix at the end of the last chunk
         self._label = ""  # the start of a channel, until it is known to be "thought\n"
-        self._call = ""  # the text of the call being written
+        self._call = ""  # the text of the call being written (its <|"|> as the sentinel)
         self._out: dict[str, list[str]] = {"content": [], "reasoning": []}
         self._calls: list[ToolCall] = []
 
@@ -250,37 +294,26 @@ class Gemma4OutputParser:
 
     @property
     def partial_call(self) -> str:
-        """The text of the call being written (after ``<|tool_call>``), ``""`` outside a call."""
-        return self._call + self._held if self._state == "call" else ""
+        """The text of the call being written (after ``<|tool_call>``, with ``<|"|>`` as the
+        model wrote it), ``""`` outside a call."""
+        return unmark(self._call) if self._state == "call" else ""
 
     def feed(self, text: str) -> Parsed:
-        buf, self._held = self._held + text, ""
-        pos = 0
-        while True:
-            i = buf.find("<", pos)
-            if i < 0:
-                self._text(buf[pos:])
-                break
-            self._text(buf[pos:i])
-            marker = next((m for m in CONTROL_TOKENS if buf.startswith(m, i)), None)
-            if marker is not None:
-                self._marker(marker)
-                pos = i + len(marker)
-            elif any(m.startswith(buf[i:]) for m in CONTROL_TOKENS):
-                self._held = buf[i:]
-                break
-            else:
-                self._text("<")
-                pos = i + 1
+        start = 0
+        for i, char in enumerate(text):
+            token = _TOKEN_OF.get(char)
+            if token is not None:
+                self._text(text[start:i])
+                self._marker(token)
+                start = i + 1
+        self._text(text[start:])
         return self._take()
 
     def finish(self) -> Parsed:
-        held, self._held = self._held, ""
-        self._text(held)
         if self._state == "label":
             self._reasoning(self._label)
         elif self._state == "call":
-            logger.debug("dropping a tool call cut short: %.200r", self._call)
+            logger.debug("dropping a tool call cut short: %.200r", unmark(self._call))
         self._state, self._label, self._call = "content", "", ""
         return self._take()
 
@@ -322,11 +355,11 @@ class Gemma4OutputParser:
         state = self._state
         if state == "call":
             if marker == STRING_DELIM:
-                self._call += marker
+                self._call += SENTINELS[STRING_DELIM]
             elif marker == CALL_END:
                 self._end_call()
             else:  # a new call, or a stop token, before this one closed
-                logger.warning("dropping an unterminated tool call: %.200r", self._call)
+                logger.warning("dropping an unterminated tool call: %.200r", unmark(self._call))
                 self._call = ""
                 self._state = "call" if marker == CALL_START else "content"
             return
@@ -342,14 +375,16 @@ class Gemma4OutputParser:
                 self._reasoning(self._label)
                 self._label = ""
             self._state = "content"
-        # every other control token is dropped
+        # a stray <|"|> (outside a call) is dropped
 
     def _end_call(self) -> None:
         text, self._call, self._state = self._call, "", "content"
         try:
-            name, arguments = parse_call(text)
+            name, arguments = parse_call(text, SENTINELS[STRING_DELIM])
         except CallSyntaxError as exc:
-            logger.warning("dropping a tool call that does not parse (%s): %.200r", exc, text)
+            logger.warning(
+                "dropping a tool call that does not parse (%s): %.200r", exc, unmark(text)
+            )
             return
         if self.tools is None or name not in self.tools:
             logger.warning("dropping a call of %r, which is not an allowed tool", name)

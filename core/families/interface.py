@@ -13,7 +13,7 @@ The data flow of one request, with the calls the engine makes::
                                          add_generation_prompt=True, **kwargs)
     grammar = family.grammar(params, thinking)             # llguidance Lark, or None
     parser = family.output_parser(params, thinking)        # one per row
-    for piece in detokenised text (special tokens kept if family.keep_special_tokens):
+    for piece in detokenised text (control tokens as sentinels if family.keep_special_tokens):
         parsed = parser.feed(piece)    # -> Parsed(content, reasoning, calls)
     parsed = parser.finish()           # held-back text; a call cut short is dropped
 """
@@ -106,8 +106,16 @@ class Family(Protocol):
         end_tokens: the token strings that end a reply, the preferred one
             first (the engine maps them to ids and adds the generation
             config's ``eos_token_id``).
-        keep_special_tokens: decode with ``skip_special_tokens=False``; the
-            output parser then removes every control token.
+        keep_special_tokens: the output parser reads control tokens: each id
+            of ``control_tokens`` decodes as its sentinel (or nothing), every
+            other special token is skipped, and stop strings match only the
+            parsed answer text. ``False``: decode with
+            ``skip_special_tokens=True``.
+        control_tokens: ``(token text, sentinel)`` pairs (with
+            ``keep_special_tokens``): the id of each token decodes as its
+            sentinel, a Unicode noncharacter in U+FDD0 .. U+FDEF that ordinary
+            text never holds, or as ``""`` (dropped); the parser matches
+            sentinels, never spelled text (:func:`core.stream.sentinel_decoder`).
         can_think: whether ``thinking=True`` is allowed.
     """
 
@@ -122,6 +130,9 @@ class Family(Protocol):
 
     @property
     def keep_special_tokens(self) -> bool: ...
+
+    @property
+    def control_tokens(self) -> tuple[tuple[str, str], ...]: ...
 
     @property
     def can_think(self) -> bool: ...
