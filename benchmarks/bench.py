@@ -127,7 +127,8 @@ def bench_client(model: Any, tokenizer: Any, name: str, *, record: bool = False)
     ``_generate`` starts with the fast-path hook (what core's backend does);
     ``record`` keeps the token ids each row accepted, for equality checks.
     """
-    from core import GemmaTransformersChatCompletion, fast_path
+    from core import GemmaTransformersChatCompletion
+    from core.accel.cuda import fast_path
 
     class BenchClient(GemmaTransformersChatCompletion):
         last_tokens: list[list[int]]
@@ -478,7 +479,7 @@ class GpuBench:
         tokens = completion_tokens(out)
         peak = self.peak()
         ttft = median([first_token_seconds(client, convos[0]) for _ in range(3)])
-        from core import fast_path
+        from core.accel.cuda import fast_path
 
         info = fast_path.describe(client.model)
         note = "" if info.get("active") else "plain path (fast path not active)"
@@ -585,7 +586,7 @@ class GpuBench:
             while k < min(len(g), len(e)) and g[k] == e[k]:
                 k += 1
             prefixes.append(k)
-        from core import fast_path
+        from core.accel.cuda import fast_path
 
         ops = fast_path.describe(model)
         line = (
@@ -637,7 +638,7 @@ class GpuBench:
         self.write()
         if nf4:
             client.close()
-            from core import fast_path
+            from core.accel.cuda import fast_path
 
             fast_path.release(model)
             log("=== quantising to NF4 (bitsandbytes, double quant, bf16 compute)")
@@ -742,7 +743,7 @@ class GpuBench:
     def variants(self) -> None:
         """1b at bs1: the fast path without fused projections, and without compile (graphs only)."""
         torch = self.torch
-        from core import fast_path
+        from core.accel.cuda import fast_path
 
         shape = "tiny" if self.args.dry_run else "1b"
         model = gpu_model(shape, torch.bfloat16, device=self.device)
@@ -816,7 +817,7 @@ def graph_step_ms(model: Any, batch: int, position: int = 8) -> float | None:
     from cache index ``position`` on (attention reads grow with it)."""
     import torch
 
-    from core import fast_path
+    from core.accel.cuda import fast_path
 
     engine = getattr(model, fast_path._ENGINE_ATTR, None)
     if engine is None or not torch.cuda.is_available():
@@ -849,7 +850,7 @@ def profile_steps(
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from core import fast_path
+    from core.accel.cuda import fast_path
 
     engine = getattr(model, fast_path._ENGINE_ATTR)
     bucket = next(b for (bs, _), b in reversed(engine.buckets.items()) if bs == batch and b.graphs)
@@ -1006,7 +1007,8 @@ class CpuBench:
         n, p, reps = args.new_tokens, args.prompt_tokens, args.repeats
         torch.manual_seed(0)
         path = cpu_checkpoint(self.work)
-        from core import GemmaTransformersChatCompletion, fast_path
+        from core import GemmaTransformersChatCompletion
+        from core.accel.cuda import fast_path
 
         client = GemmaTransformersChatCompletion(str(path), device_map="cpu").load()
         model = client.model
@@ -1195,7 +1197,7 @@ class CpuBench:
             from mlx_lm.sample_utils import make_sampler
 
             from core import GemmaMLXChatCompletion
-            from core.mlx_backend import usable_cores
+            from core.accel import usable_cores
         except Exception as exc:
             self.rows.append(Row(section, "MLX", 1, note=f"skipped: {type(exc).__name__}: {exc}"))
             return

@@ -217,7 +217,7 @@ def _model(label: str, shape: str, batch: int, single: bool = True) -> None:
 
 
 def _single(label: str, m: Any, client: Any, convo: Any) -> None:
-    from core import fast_path
+    from core.accel.cuda import fast_path
 
     start = time.perf_counter()
     client.create(convo, temperature=0, max_tokens=256)
@@ -238,7 +238,7 @@ def _single(label: str, m: Any, client: Any, convo: Any) -> None:
 
 
 def _batch(label: str, m: Any, client: Any, convos: list[Any]) -> None:
-    from core import fast_path
+    from core.accel.cuda import fast_path
 
     batch = len(convos)
     start = time.perf_counter()

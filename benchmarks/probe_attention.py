@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import decode_attention as da
+from core.accel.cuda import decode_attention as da
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe import graph_us
@@ -138,7 +138,7 @@ def probe(torch: Any, label: str, shape: tuple[int, int, int], sweep: bool) -> N
             lambda name=name, fn=fn: report(name, time_graph(fn, q, kv, allowed), kv_bytes),
         )
     if sweep:
-        from core import _decode_attention_triton as kernels
+        from core.accel.cuda import _decode_attention_triton as kernels
 
         for block_s, nsplit, warps, stages in itertools.product(
             (32, 64, 128), (None, 1, 2, 4, 8, 16), (4, 8), (2, 3)
@@ -188,7 +188,9 @@ def main() -> None:
     import torch
 
     if not da.available("cuda"):
-        sys.exit("needs a CUDA GPU with triton (core.decode_attention.available('cuda') is False)")
+        sys.exit(
+            "needs a CUDA GPU with triton (core.accel.cuda.decode_attention.available('cuda') is False)"
+        )
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for label in args.shape or SHAPES:
         attempt(label, lambda label=label: probe(torch, label, SHAPES[label], args.sweep))

@@ -1,5 +1,6 @@
-"""GEMV probe (GPU): the Triton op of :mod:`core.gemv` against what inductor and cuBLAS do
-for the same piece of a decode step, and the block-size sweep behind ``core.gemv.TUNED``::
+"""GEMV probe (GPU): the Triton op of :mod:`core.accel.cuda.gemv` against what inductor and
+cuBLAS do for the same piece of a decode step, and the block-size sweep behind
+``core.accel.cuda.gemv.TUNED``::
 
     python benchmarks/probe_gemv.py [--shapes 1b,12b] [--rows 1,16] [--quick] [--seconds 400]
         [--only 12b:o,12b:down] [--deep] [--swap]
@@ -11,7 +12,7 @@ o, gate/up with the pre-MLP norm and the activation, down), at 1 and 16 rows:
   (coordinate-descent tuning; the norm fused into the reduction, the activation
   a kernel of its own), ``cuBLAS``: eager ``F.linear`` of the plain product;
 * ``ours``: the op at every block configuration of the sweep (``--quick``: the
-  current :func:`core._gemv_triton.config` only), the best printed with TB/s.
+  current :func:`core.accel.cuda._gemv_triton.config` only), the best printed with TB/s.
 
 ``--swap``: the 2-16-row sweep of the swapped dot form (``W @ x.T``), the products
 taken as the 16-row decode step takes them (no norm: the residual_norm kernel hands over
@@ -106,15 +107,15 @@ def main() -> None:
         "--resid",
         action="store_true",
         help="the products with a norm (q/k/v, gate/up) in the residual form "
-        "(core.gemv.gemv_residual: the residual add + post-norm folded in)",
+        "(core.accel.cuda.gemv.gemv_residual: the residual add + post-norm folded in)",
     )
     args = parser.parse_args()
 
     import torch
     import torch.nn.functional as F
 
-    from core import _gemv_triton as kernels
-    from core import gemv as ops
+    from core.accel.cuda import _gemv_triton as kernels
+    from core.accel.cuda import gemv as ops
 
     assert ops.available("cuda")
     deadline = time.monotonic() + args.seconds

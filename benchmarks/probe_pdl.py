@@ -11,7 +11,7 @@ replayed. Four variants:
 * ``plain``: the residual add + post-norm as torch ops between the products
   (what inductor makes two kernels of);
 * ``fold``: the residual add + post-norm folded into the next product
-  (``core.gemv.gemv_residual``'s kernel);
+  (``core.accel.cuda.gemv.gemv_residual``'s kernel);
 * ``+pdl``: each product launched with programmatic dependent launch: it starts
   while the previous one drains, streams its first weight tiles and waits
   (``griddepcontrol.wait``) only before it reads the previous output.
@@ -37,8 +37,8 @@ SHAPES = {"1b": (1152, 1024, 1536, 6912), "12b": (3840, 4096, 8192, 15360)}
 def main() -> None:
     import torch
 
-    from core import _gemv_triton as kernels
-    from core import gemv
+    from core.accel.cuda import _gemv_triton as kernels
+    from core.accel.cuda import gemv
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="1b,12b")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from core import decode_attention, gemv, rope_store
+from core.accel.cuda import decode_attention, gemv, rope_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe import graph_us

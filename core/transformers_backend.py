@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import fast_path
+from . import accel
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import TiedWeightsError, UnsupportedPlatformError, require
 from .params import SamplingParams
@@ -358,8 +358,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         seed = None if params.greedy else params.seed
         # CUDA: static cache + CUDA graphs; its sampling draws from torch's default
         # generator, so seeded sampling takes generate() with its own generator.
-        if seed is None and fast_path.supported(self.model, params):
-            fast_path.generate(self.model, prompts, params, sink, pad_id=pad)
+        if seed is None and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad):
             return
 
         grammar = self._grammar_matchers(params, len(prompts))
@@ -419,7 +418,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
     def _release(self) -> None:
         if self.model is not None:
-            fast_path.release(self.model)  # compiled graphs and KV buffers
+            accel.cuda_release(self.model)  # compiled graphs and KV buffers
         self._context_window = None
 
     def _clear_accelerator_cache(self) -> None:

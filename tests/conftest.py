@@ -29,7 +29,7 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-# Without a GPU the Triton kernels (core.decode_attention) run in Triton's
+# Without a GPU the Triton kernels (core.accel.cuda.decode_attention) run in Triton's
 # interpreter; it must be switched on before anything imports triton.
 if not _cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")

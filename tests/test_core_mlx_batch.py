@@ -3,8 +3,8 @@
 MLX runs each stream's work on one core, so on a CPU device a batch's rows are
 prefilled on several streams, then a Gemma 3 batch decodes in one generator
 whose step gives each stream a share of every matmul and of the attention
-heads (``_SplitDecode``); other models and quantized ones decode each stream's
-rows in a generator of its own. These tests force the split (``cpu_streams``
+heads (``core.accel.mlx_split._SplitDecode``); other models and quantized ones
+decode each stream's rows in a generator of its own. These tests force the split (``cpu_streams``
 set, whatever the machine's core count) and check that it gives exactly the
 tokens of one-by-one ``create()`` calls and of the one-stream batch, with stop
 strings, ``n``, rows of different lengths, prompts longer than Gemma 3's
@@ -30,7 +30,8 @@ import mlx.core as mx
 #: The module (``mlx_lm.generate`` as an attribute is the function of that name).
 generate_module = importlib.import_module("mlx_lm.generate")
 
-from core import GemmaMLXChatCompletion, mlx_backend  # noqa: E402
+from core import GemmaMLXChatCompletion, accel  # noqa: E402
+from core.accel import mlx_split  # noqa: E402
 from core.stream import Prompt  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -90,7 +91,7 @@ def test_cpu_streams_default_and_value() -> None:
 
 
 def test_usable_cores_is_at_least_one() -> None:
-    assert mlx_backend.usable_cores() >= 1
+    assert accel.usable_cores() >= 1
 
 
 # -------------------------------------------------------------------- groups
@@ -117,10 +118,10 @@ def test_one_group_for_one_stream_a_gpu_or_a_one_token_prompt(monkeypatch) -> No
 
 
 def test_the_default_is_one_stream_per_core(monkeypatch) -> None:
-    monkeypatch.setattr(mlx_backend, "usable_cores", lambda: 2)
+    monkeypatch.setattr(accel, "usable_cores", lambda: 2)
     client = GemmaMLXChatCompletion("some/model")
     assert client._stream_groups(prompts_of(4, 5, 6)) == [[2, 0], [1]]
-    monkeypatch.setattr(mlx_backend, "usable_cores", lambda: 1)
+    monkeypatch.setattr(accel, "usable_cores", lambda: 1)
     assert client._stream_groups(prompts_of(4, 5, 6)) == [[0, 1, 2]]
 
 
@@ -139,13 +140,13 @@ def test_the_default_is_one_stream_per_core(monkeypatch) -> None:
     ],
 )
 def test_head_shares(heads, kv_heads, streams, shares) -> None:
-    assert mlx_backend._head_shares(heads, kv_heads, streams) == shares
+    assert mlx_split._head_shares(heads, kv_heads, streams) == shares
 
 
 def test_even_cuts_are_whole_gemm_blocks() -> None:
-    assert mlx_backend._even_cuts(16384, 2) == [0, 8192, 16384]
-    assert mlx_backend._even_cuts(100, 3) == [0, 32, 64, 100]
-    assert mlx_backend._even_cuts(64, 1) == [0, 64]
+    assert mlx_split._even_cuts(16384, 2) == [0, 8192, 16384]
+    assert mlx_split._even_cuts(100, 3) == [0, 32, 64, 100]
+    assert mlx_split._even_cuts(64, 1) == [0, 64]
 
 
 def small_gemma3(heads: int, kv_heads: int, *, tie: bool = True, **args):
@@ -199,8 +200,8 @@ def batch_cache(model, lengths: list[int]):
 def test_split_decode_gives_the_models_logits_bit_for_bit(heads, kv_heads, streams, options):
     """Rows of different lengths (left padding), the sliding window wrapping, rows leaving."""
     model = small_gemma3(heads, kv_heads, **options)
-    step = mlx_backend.split_decode(model, [mx.new_stream(mx.cpu) for _ in range(streams)])
-    assert isinstance(step, mlx_backend._SplitDecode)
+    step = mlx_split.split_decode(model, [mx.new_stream(mx.cpu) for _ in range(streams)])
+    assert isinstance(step, mlx_split._SplitDecode)
     lengths = [5, 11, 3, 9]
     ours, theirs = batch_cache(model, lengths), batch_cache(model, lengths)
     tokens = mx.array([1, 2, 3, 4])
@@ -229,7 +230,7 @@ def test_the_multimodal_gemma3_splits_its_language_model(gemma3_vision_path, gen
         singles = [client.create(m, **GREEDY) for m in PROMPTS]
         batch = client.create_batch(PROMPTS, **GREEDY)
         [generator] = generators
-        assert isinstance(generator.model, mlx_backend._SplitDecode)
+        assert isinstance(generator.model, mlx_split._SplitDecode)
         assert generator.model._text is client.model.language_model
         assert choices(batch) == choices(singles)
     finally:
@@ -260,9 +261,9 @@ def test_split_batch_equals_one_by_one_and_the_one_stream_batch(
     assert generators == []  # one row: generate_step, no batch
     batch = split_client.create_batch(conversations, **GREEDY)
     [generator] = generators  # one batch, its step spread over both streams
-    assert generator.stream == mlx_backend._CPU_STREAMS[0]
-    assert isinstance(generator.model, mlx_backend._SplitDecode)
-    assert generator.model._streams == mlx_backend._CPU_STREAMS[:2]
+    assert generator.stream == mlx_split._CPU_STREAMS[0]
+    assert isinstance(generator.model, mlx_split._SplitDecode)
+    assert generator.model._streams == mlx_split._CPU_STREAMS[:2]
     assert choices(batch) == choices(singles)
     assert [b["usage"] for b in batch] == [s["usage"] for s in singles]
     assert batch[3]["usage"]["prompt_tokens"] > 512  # past the sliding window
@@ -276,7 +277,7 @@ def test_more_streams_than_cores_chunked_prefill_and_reused_streams(gemma3_path)
         singles = [client.create(m, **GREEDY) for m in conversations]
         for _ in range(2):
             assert choices(client.create_batch(conversations, **GREEDY)) == choices(singles)
-        assert len(mlx_backend._CPU_STREAMS) == 3
+        assert len(mlx_split._CPU_STREAMS) == 3
     finally:
         client.close()
 

@@ -1,4 +1,5 @@
-"""The fused decode-attention op (core.decode_attention) against its plain-torch reference.
+"""The fused decode-attention op (core.accel.cuda.decode_attention) against its plain-torch
+reference.
 
 Each case runs the real op (``gemma_local::decode_attention``): on CUDA when
 there is a GPU, else through Triton's interpreter on CPU tensors, patched to
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from core import decode_attention as da
+from core.accel.cuda import decode_attention as da
 from tests import triton_interpreter
 
 torch = pytest.importorskip("torch")
@@ -132,7 +133,7 @@ def test_rejects_shapes_it_does_not_take(device: str) -> None:
 
 def test_unavailable_on_cpu_and_import_is_light() -> None:
     assert da.available("cpu") is False
-    assert triton_interpreter.heavy_imports("core.decode_attention") == []
+    assert triton_interpreter.heavy_imports("core.accel.cuda.decode_attention") == []
 
 
 @pytest.mark.cuda
@@ -171,7 +172,7 @@ def test_fast_path_with_the_kernel_equals_plain_path(
 ) -> None:
     """The decode step with the op (interpreted on CPU) gives ``model.generate``'s greedy
     tokens: left-padded rows, a sliding window that wraps, Gemma 2's soft-capping."""
-    from core import fast_path
+    from core.accel.cuda import fast_path
     from tests.test_fast_path import fast, greedy, load, plain, prompts_of
 
     model = load(request.getfixturevalue(arch), sliding_window=window).to(device)

@@ -1,4 +1,4 @@
-"""The fast decode path (core.fast_path) against the plain ``model.generate`` path.
+"""The fast decode path (core.accel.cuda.fast_path) against the plain ``model.generate`` path.
 
 The fast path normally runs on CUDA only (compiled step + CUDA graphs); the
 same loop runs eagerly on the CPU, which is how these tests check its logic:
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from core import fast_path
+from core.accel.cuda import fast_path
 from core.params import SamplingParams
 from core.stream import Prompt, TokenSink
 
@@ -188,7 +188,7 @@ def test_decode_ops_launched_with_pdl_give_generates_tokens(
     """On a Hopper GPU the decode step's Triton ops are launched with programmatic
     dependent launch (``GEMMA_LOCAL_PDL=0``: plainly); either way, replayed in CUDA
     graphs, batch 1 and a padded batch give ``generate``'s greedy tokens."""
-    from core import gemv
+    from core.accel.cuda import gemv
 
     monkeypatch.setenv("GEMMA_LOCAL_PDL", pdl)
     model = load(gemma3_path).cuda()

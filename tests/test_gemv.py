@@ -1,4 +1,4 @@
-"""The decode-step products op (core.gemv) against its plain-torch reference.
+"""The decode-step products op (core.accel.cuda.gemv) against its plain-torch reference.
 
 Each case runs the real op (``gemma_local::gemv``): on CUDA when there is a
 GPU, else through Triton's interpreter on CPU tensors, patched to compute
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from core import gemv
+from core.accel.cuda import gemv
 from tests import triton_interpreter
 
 torch = pytest.importorskip("torch")
@@ -57,7 +57,7 @@ def inputs(rows: int, n: int, k: int, dtype: Any, device: str) -> tuple[Any, Any
 def run(x: Any, w: Any, norm: Any, act: bool, block: Any) -> Any:
     if block is None:
         return gemv.gemv(x, w, norm, 1e-6, act)
-    from core import _gemv_triton as kernels
+    from core.accel.cuda import _gemv_triton as kernels
 
     kernel = kernels._gemv_kernel
     return kernels.launch(x, w, norm, 1e-6, act, kernel, block=block)
@@ -128,7 +128,7 @@ def test_preferred_products() -> None:
 
 def test_unavailable_on_cpu_and_import_is_light() -> None:
     assert gemv.available("cpu") is False
-    assert triton_interpreter.heavy_imports("core.gemv") == []
+    assert triton_interpreter.heavy_imports("core.accel.cuda.gemv") == []
 
 
 @needs_triton
@@ -161,8 +161,8 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     rewritten), a 128-slot cache (the attention op still splits it and combines the
     splits, as it does the default 256 slots) and, interpreted, blocks of 128 outputs
     (two programs for q/k/v and gate/up: the residual form's h written by one of them)."""
-    from core import _gemv_triton as kernels
-    from core import decode_attention, fast_path, rope_store
+    from core.accel.cuda import _gemv_triton as kernels
+    from core.accel.cuda import decode_attention, fast_path, rope_store
     from tests.test_fast_path import fast, greedy, load, plain, prompts_of
 
     monkeypatch.setenv("GEMMA_LOCAL_FUSE", "1")  # the ops need the stacked projections
@@ -225,7 +225,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
     check(three)
     assert set(added) == {1} and len(added) % (2 * len(lay.layers)) == 0
     # and at 2-16 rows with cuBLAS's products (the op's dot form not preferred): both
-    # add + norms with the next norm as one kernel of ours (core.gemv.residual_norm);
+    # add + norms with the next norm as one kernel of ours (core.accel.cuda.gemv.residual_norm);
     # one row runs as in the run before
     monkeypatch.setattr(gemv, "preferred", lambda name, rows, shape: rows == 1)
     normed: list[int] = []
@@ -265,7 +265,7 @@ def test_fast_path_on_the_triton_ops_equals_plain_path(
 def run_residual(y: Any, r: Any, w: Any, norm: Any, act: bool, post: Any, block: Any) -> Any:
     if block is None:
         return gemv.gemv_residual(y, r, w, norm, 1e-6, act, post, 1e-5)
-    from core import _gemv_triton as kernels
+    from core.accel.cuda import _gemv_triton as kernels
 
     return kernels.launch(
         y,
@@ -318,9 +318,9 @@ def test_residual_form_matches_reference(
 def test_residual_add_kernel_matches_the_residual_form(
     device: str, rows: int, k: int, dtype: str, post: bool
 ) -> None:
-    """The PDL chain's add + norm kernel (``core.gemv.residual_add``, here launched
+    """The PDL chain's add + norm kernel (``core.accel.cuda.gemv.residual_add``, here launched
     plainly) gives the h of the residual form and of the modules' add."""
-    from core import _gemv_triton as kernels
+    from core.accel.cuda import _gemv_triton as kernels
 
     y, w, _ = inputs(rows, 32, k, getattr(torch, dtype), device)
     r, _, post_w = inputs(rows + 1, 32, k, getattr(torch, dtype), device)
@@ -347,10 +347,10 @@ def test_residual_add_kernel_matches_the_residual_form(
 def test_residual_norm_kernel_matches_the_modules(
     device: str, rows: int, k: int, dtype: str, post: bool
 ) -> None:
-    """The add + norm kernel with the next norm (``core.gemv.residual_norm``: the op on
+    """The add + norm kernel with the next norm (``core.accel.cuda.gemv.residual_norm``: the op on
     CUDA, the kernel interpreted on CPU) gives the residual form's h and the norm
     module's output of that h."""
-    from core import _gemv_triton as kernels
+    from core.accel.cuda import _gemv_triton as kernels
 
     y, w, norm_w = inputs(rows, 32, k, getattr(torch, dtype), device)
     r, _, post_w = inputs(rows + 1, 32, k, getattr(torch, dtype), device)
@@ -406,7 +406,7 @@ def test_programmatic_dependent_launch_gives_the_same_chain(device: str) -> None
     norm = (0.1 * torch.randn(k, generator=gen, device=device)).bfloat16()
     x0 = torch.randn(1, k, generator=gen, device=device).bfloat16()
 
-    from core import _gemv_triton as kernels
+    from core.accel.cuda import _gemv_triton as kernels
 
     def chain(pdl: bool) -> Any:
         x, y = x0, torch.zeros_like(x0)

@@ -1,4 +1,4 @@
-"""The fused q/k norm + RoPE + KV-cache write op (core.rope_store) against its reference.
+"""The fused q/k norm + RoPE + KV-cache write op (core.accel.cuda.rope_store) against its reference.
 
 Each case runs the real op (``gemma_local::rope_store``): on CUDA when there
 is a GPU, else through Triton's interpreter on CPU tensors, patched to round
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from core import rope_store as rs
+from core.accel.cuda import rope_store as rs
 from tests import triton_interpreter
 
 torch = pytest.importorskip("torch")
@@ -177,7 +177,7 @@ def test_reference_matches_transformers() -> None:
 
 def test_unavailable_on_cpu_and_import_is_light() -> None:
     assert rs.available("cpu") is False
-    assert triton_interpreter.heavy_imports("core.rope_store") == []
+    assert triton_interpreter.heavy_imports("core.accel.cuda.rope_store") == []
 
 
 @needs_triton

@@ -30,7 +30,7 @@ kernel of such a chain: the fast path's one-row decode step runs on them.
 steps of 2-16 rows, whose wide products (q/k/v, gate/up) are cuBLAS's or, where
 :data:`TUNED` says so, the op's swapped form (``W @ x.T``, see :func:`preferred`).
 
-The kernel lives in :mod:`core._gemv_triton`, imported (and the op registered)
+The kernel lives in :mod:`core.accel.cuda._gemv_triton`, imported (and the op registered)
 by :func:`available` or the first call; importing this module imports neither
 torch nor triton. Block sizes come from :data:`TUNED` (measured on an H200 by
 ``benchmarks/probe_gemv.py``) or a heuristic. :func:`reference` is the same

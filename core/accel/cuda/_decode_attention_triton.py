@@ -1,8 +1,8 @@
-"""Triton kernels behind :mod:`core.decode_attention` (imported lazily by it).
+"""Triton kernels behind :mod:`core.accel.cuda.decode_attention` (imported lazily by it).
 
 Importing this module imports torch and triton and registers the custom ops
-``gemma_local::decode_attention`` and ``decode_attention_pdl``; :mod:`core.decode_attention` does so on
-first use, never at ``import core``.
+``gemma_local::decode_attention`` and ``decode_attention_pdl``;
+:mod:`core.accel.cuda.decode_attention` does so on first use, never at ``import core``.
 
 Flash decoding in two launches:
 

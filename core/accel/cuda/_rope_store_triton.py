@@ -1,8 +1,8 @@
-"""Triton kernel behind :mod:`core.rope_store` (imported lazily by it).
+"""Triton kernel behind :mod:`core.accel.cuda.rope_store` (imported lazily by it).
 
 Importing this module imports torch and triton and registers the custom ops
-``gemma_local::rope_store`` and ``rope_store_pdl``; :mod:`core.rope_store` does so on first use,
-never at ``import core``.
+``gemma_local::rope_store`` and ``rope_store_pdl``; :mod:`core.accel.cuda.rope_store` does
+so on first use, never at ``import core``.
 
 One launch, grid ``(B, H + KV)``: each program takes one head of one row.
 Programs ``h < H`` take query head ``h``; the others take KV head ``h - H``.

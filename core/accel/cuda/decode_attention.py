@@ -13,7 +13,7 @@ and that CUDA graphs capture::
             online softmax, p @ V in fp32 per share of the slots
         ──▶ combine kernel, grid (B * KV * R,) ──▶ out [B, KV, R, D]
 
-The kernels live in :mod:`core._decode_attention_triton`, imported (and the op
+The kernels live in :mod:`core.accel.cuda._decode_attention_triton`, imported (and the op
 registered) by :func:`available` or the first call; importing this module
 imports neither torch nor triton. Call :func:`available` before
 ``torch.compile`` traces a function that uses the op, so that the op is
@@ -107,7 +107,7 @@ def decode_attention(
     with no allowed slot gives zeros. CUDA only (see :func:`available`); ``ValueError``
     on shapes or dtypes the kernel does not take. ``pdl``: both kernels launched with
     programmatic dependent launch (``gemma_local::decode_attention_pdl``; Hopper and
-    later, see :func:`core.gemv.pdl_available`).
+    later, see :func:`core.accel.cuda.gemv.pdl_available`).
     """
     op = _pdl_op() if pdl else _op()
     return op(q, keys, values, allowed, scale, softcap, limit)

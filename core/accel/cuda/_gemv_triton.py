@@ -1,8 +1,8 @@
-"""Triton kernels behind :mod:`core.gemv` (imported lazily by it).
+"""Triton kernels behind :mod:`core.accel.cuda.gemv` (imported lazily by it).
 
 Importing this module imports torch and triton and registers the custom ops
 ``gemma_local::gemv``, ``gemv_residual``, their PDL twins, ``residual_add_pdl``
-and ``residual_norm``; :mod:`core.gemv` does so on first use, never at
+and ``residual_norm``; :mod:`core.accel.cuda.gemv` does so on first use, never at
 ``import core``.
 
 One kernel, ``_gemv_kernel``, grid ``(cdiv(N_out, BLOCK_N), cdiv(M, BLOCK_M))``:

@@ -1,5 +1,5 @@
-"""What the Triton ops of the fast path share (:mod:`core.decode_attention`,
-:mod:`core.gemv`, :mod:`core.rope_store`): whether one runs on a device, its
+"""What the Triton ops of the fast path share (:mod:`core.accel.cuda.decode_attention`,
+:mod:`core.accel.cuda.gemv`, :mod:`core.accel.cuda.rope_store`): whether one runs on a device, its
 self-check, and the GPU's SM count. Imports neither torch nor triton at import.
 """
 

@@ -41,14 +41,14 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   matrix (the modules keep views of it, so memory does not grow). On CUDA the
   decode step runs three Triton ops of ours, each a ``torch.library`` op that
   inductor and CUDA graphs take, switched on after a self-check on the GPU:
-  the matrix-vector products (:mod:`core.gemv`: the input norm folded into the
+  the matrix-vector products (:mod:`core.accel.cuda.gemv`: the input norm folded into the
   q/k/v product, the MLP's norm and ``gelu(gate) * up`` into the gate/up one,
-  and where :func:`core.gemv.folded` says it pays the residual add + post-norm
+  and where :func:`core.accel.cuda.gemv.folded` says it pays the residual add + post-norm
   before q/k/v too, each layer handing its output on as ``(x, y)``;
-  at one row for every product, at 2-16 rows where :func:`core.gemv.preferred`
+  at one row for every product, at 2-16 rows where :func:`core.accel.cuda.gemv.preferred`
   says it beats cuBLAS), q/k norms + RoPE + the KV-cache write in one launch
-  (:mod:`core.rope_store`), and flash-decoding attention
-  (:mod:`core.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
+  (:mod:`core.accel.cuda.rope_store`), and flash-decoding attention
+  (:mod:`core.accel.cuda.decode_attention`; SDPA picked cuDNN kernels that cost ~29 us a
   layer on an H200). The rest (residual adds and norms, the logits) is
   inductor's, with coordinate-descent tuning, but for two kernels of ours: at
   one row on a Hopper GPU the ops are launched with programmatic dependent
@@ -72,8 +72,9 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   were host time (1b: 15-23 ms for 128 tokens, 3.3 ms replayed).
 
 Entry points: :func:`supported` and :func:`generate` (the hook at the top of
-``GemmaTransformersChatCompletion._generate``), :func:`release` (drop the
-compiled graphs and caches of a model), :func:`describe`.
+``GemmaTransformersChatCompletion._generate``, through
+:func:`core.accel.cuda_generate`), :func:`release` (drop the compiled graphs
+and caches of a model; :func:`core.accel.cuda_release`), :func:`describe`.
 
 Environment (read when a model is first used, except the first):
 
@@ -114,9 +115,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...params import SamplingParams
+from ...stream import Prompt, TokenSink
 from . import decode_attention, gemv, rope_store
-from .params import SamplingParams
-from .stream import Prompt, TokenSink
 
 logger = logging.getLogger("gemma_local")
 
@@ -310,29 +311,30 @@ class _Layout:
         self.use_sdpa = impl == "sdpa"
         # SDPA in the decode step only on request: matmul + softmax is faster there.
         self.decode_sdpa = self.use_sdpa and os.environ.get("GEMMA_LOCAL_DECODE_SDPA") == "1"
-        #: the fused Triton decode attention (:mod:`core.decode_attention`), set on CUDA
+        #: the fused Triton decode attention (:mod:`core.accel.cuda.decode_attention`), set on CUDA
         self.decode_kernel: Callable[..., Any] | None = None
-        #: the Triton products (:mod:`core.gemv`) and q/k norm + RoPE + cache write
-        #: (:mod:`core.rope_store`) of the decode step, set on CUDA (fused weights only)
+        #: the Triton products (:mod:`core.accel.cuda.gemv`) and q/k norm + RoPE + cache write
+        #: (:mod:`core.accel.cuda.rope_store`) of the decode step, set on CUDA (fused weights only)
         self.gemv: Callable[..., Any] | None = None
-        #: its residual form (:func:`core.gemv.gemv_residual`): the residual add + norm
+        #: its residual form (:func:`core.accel.cuda.gemv.gemv_residual`): the residual add + norm
         #: kernels between products folded into the next product
         self.gemv_residual: Callable[..., Any] | None = None
-        #: which products take the residual form: "auto" (:func:`core.gemv.folded`), "all"
+        #: which products take the residual form: "auto"
+        #: (:func:`core.accel.cuda.gemv.folded`), "all"
         self.fold = "auto"
         self.rope_store: Callable[..., Any] | None = None
         #: whether the decode step's Triton ops are launched with programmatic dependent
         #: launch at one row (:func:`_use_pdl`)
         self.pdl = False
         #: the one-row step's residual add + norm between two of those ops, a kernel
-        #: launched with PDL (:func:`core.gemv.residual_add`), set with :attr:`pdl`
+        #: launched with PDL (:func:`core.accel.cuda.gemv.residual_add`), set with :attr:`pdl`
         self.residual_add: Callable[..., Any] | None = None
         #: the residual add + norm + next norm in front of a wide product at 2-16 rows
-        #: (:func:`core.gemv.residual_norm`), set with :attr:`gemv`
+        #: (:func:`core.accel.cuda.gemv.residual_norm`), set with :attr:`gemv`
         self.residual_norm: Callable[..., Any] | None = None
         #: whether the 2-16-row q/k/v and gate/up products may run as the gemv op's
         #: swapped form (the activation in the gate/up one) where
-        #: :func:`core.gemv.preferred` says so
+        #: :func:`core.accel.cuda.gemv.preferred` says so
         self.swap = False
         self.heads = text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
@@ -562,7 +564,7 @@ def _post_args(post: Any) -> tuple[Any, float]:
 
 def _settle_step(lay: _Layout, post: Any, x: Any, h: Any) -> Any:
     """:func:`_settle` between a decode step's Triton ops: at one row, the PDL chain's own
-    kernel (:func:`core.gemv.residual_add`) where the ops are launched with PDL, as
+    kernel (:func:`core.accel.cuda.gemv.residual_add`) where the ops are launched with PDL, as
     inductor's kernel there would make the next op wait for it to finish before it may
     launch."""
     shape = x.shape
@@ -579,7 +581,7 @@ def _settle_norm(
 ) -> tuple[Any, Any]:
     """``(x', norm(x'))`` for ``x' = x + post(h)`` (:func:`_settle`) in front of a cuBLAS
     product: in a decode step of 2 to ``gemv.MAX_ROWS`` rows, one kernel of ours
-    (:func:`core.gemv.residual_norm`) where it is on, else the modules (inductor fuses
+    (:func:`core.accel.cuda.gemv.residual_norm`) where it is on, else the modules (inductor fuses
     them into one reduction, slower there: 12b at 16 rows, H200, probe 18)."""
     shape = x.shape
     rows = shape[0] * shape[1]
@@ -851,7 +853,8 @@ def _decode_logits(lay: _Layout, x: Any, y: Any) -> Any:
 
 def _product(lay: _Layout, name: str, x: Any, weight: Any, norm: Any = None) -> Any:
     """``norm(x) @ weight.T`` for a decode step's 2-d ``x``: the gemv op where
-    :func:`core.gemv.preferred` says it is faster, else the norm module and ``F.linear``."""
+    :func:`core.accel.cuda.gemv.preferred` says it is faster, else the norm module and
+    ``F.linear``."""
     if lay.gemv is not None and gemv.preferred(name, x.shape[0], weight.shape):
         if norm is None:
             return lay.gemv(x, weight, **_pdl(lay, x.shape[0]))
@@ -1258,7 +1261,7 @@ def _use_triton_products(lay: _Layout) -> None:
     (``GEMMA_LOCAL_RESIDUAL_NORM=0``: inductor's add + norms at 2-16 rows;
     ``GEMMA_LOCAL_SWAP=0``: the 2-16-row q/k/v and gate/up products on cuBLAS).
     ``GEMMA_LOCAL_FOLD_RESIDUAL``: ``0`` no residual form, ``all`` before q/k/v and
-    gate/up, default where :func:`core.gemv.folded` says it pays."""
+    gate/up, default where :func:`core.accel.cuda.gemv.folded` says it pays."""
     device, dtype = lay.device, lay.dtype
     with torch.cuda.device(device):  # triton launches on the current device
         if (
@@ -1292,7 +1295,7 @@ def _use_pdl(lay: _Layout) -> None:
     (``griddepcontrol.wait``) for it before it reads its output; a product lets the
     next op launch once its own products are done. The launch gap between two of a
     layer's nine kernels overlaps the end of the first. The residual add + norm
-    between two products becomes a kernel of the chain (:func:`core.gemv.residual_add`):
+    between two products becomes a kernel of the chain (:func:`core.accel.cuda.gemv.residual_add`):
     inductor's would have to finish before the next op may launch.
 
     On an H200 (probes 14 and 15, ``benchmarks/probe.py model:12b:PDL=0 model:12b``

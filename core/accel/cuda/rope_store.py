@@ -13,7 +13,7 @@ puts in the compiled graph and that CUDA graphs capture::
               program (b, h >= H): norm + rope k head h - H  ──▶ keys[b, h - H, slot]
                                    copy v head h - H         ──▶ values[b, h - H, slot]
 
-The kernel lives in :mod:`core._rope_store_triton`, imported (and the op
+The kernel lives in :mod:`core.accel.cuda._rope_store_triton`, imported (and the op
 registered) by :func:`available` or the first call; importing this module
 imports neither torch nor triton. Call :func:`available` before
 ``torch.compile`` traces a function that uses the op, so that the op is
@@ -125,7 +125,7 @@ def rope_store(
     qkv's dtype. D one of :data:`HEAD_DIMS`. CUDA only (see :func:`available`);
     ``ValueError`` on shapes or dtypes the kernel does not take. ``pdl``: launched with
     programmatic dependent launch (``gemma_local::rope_store_pdl``; Hopper and later,
-    see :func:`core.gemv.pdl_available`).
+    see :func:`core.accel.cuda.gemv.pdl_available`).
     """
     op = _pdl_op() if pdl else _op()
     return op(qkv, cos, sin, keys, values, slot, heads, q_norm_weight, k_norm_weight, eps)

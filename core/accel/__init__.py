@@ -1,0 +1,116 @@
+"""The accelerator wing: the backends' fast paths, behind the few calls they make.
+
+Each backend's token primitive (:mod:`core.transformers_backend`,
+:mod:`core.mlx_backend`) works everywhere on its own; this package holds what
+makes it fast on one kind of hardware. The backends call only the functions
+below, and each import of a module in the wing happens inside them, so
+importing ``core`` or ``core.accel`` imports no torch, triton or mlx.
+
+**CUDA: the fast decode path** (:mod:`core.accel.cuda`). :func:`cuda_generate`
+serves a transformers request with a static KV cache, a compiled decode step
+replayed as a CUDA graph, sampling on the device and tokens fetched in bursts
+(:mod:`core.accel.cuda.fast_path`), the decode step running three Triton ops of
+ours, each a ``torch.library`` op switched on after a self-check on the GPU:
+the matrix-vector products (:mod:`core.accel.cuda.gemv`), q/k norms + RoPE +
+the KV-cache write (:mod:`core.accel.cuda.rope_store`) and flash-decoding
+attention (:mod:`core.accel.cuda.decode_attention`); their kernels are the
+``_*_triton`` modules, imported with torch and triton on first use. It applies
+to Gemma 1/2/3 decoders on one CUDA device with ``sdpa`` or ``eager``
+attention, for requests without a grammar (tools, JSON output) and without a
+seed (seeded sampling keeps ``generate`` and its own ``torch.Generator``);
+everything else returns ``False`` and takes ``model.generate``. Under greedy
+decoding its tokens are the plain path's. Environment (the full list is
+:mod:`core.accel.cuda.fast_path`'s):
+
+* ``GEMMA_LOCAL_FAST_PATH`` = ``auto`` (default: CUDA only), ``on`` (any
+  device; the CPU runs the same loop eagerly) or ``off``;
+* ``GEMMA_LOCAL_COMPILE=0``: CUDA graphs of the eager kernels, no ``torch.compile``;
+* ``GEMMA_LOCAL_DECODE_ATTENTION=0`` / ``GEMMA_LOCAL_GEMV=0`` /
+  ``GEMMA_LOCAL_ROPE_STORE=0``: the decode step without that Triton op;
+  ``GEMMA_LOCAL_PDL=0``: no programmatic dependent launch at one row;
+  ``GEMMA_LOCAL_SWAP=0``: the 2-16-row q/k/v and gate/up products on cuBLAS
+  instead of the gemv op's swapped form.
+
+:func:`cuda_release` drops the compiled graphs and KV buffers a model keeps.
+
+**MLX on the CPU: the split step** (:mod:`core.accel.mlx_split`). On a CPU
+device (``mlx[cpu]`` on Linux, or ``mx.cpu`` as the default device) MLX runs
+each stream on one core, so the MLX backend spreads a batch of two or more
+rows over :func:`mlx_cpu_streams` (``cpu_streams`` on the client; by default
+one per core, :func:`usable_cores`, at most one per row), and a Gemma 3 batch
+whose projections are plain unquantized linear layers decodes with
+:func:`mlx_split_step`: each stream computes a share of every matmul and of
+the attention heads, giving mlx-lm's own logits bit for bit. Elsewhere (the
+GPU, other models, quantized weights) :func:`mlx_split_step` returns ``None``
+or the backend never asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..params import SamplingParams
+    from ..stream import Prompt, TokenSink
+
+__all__ = ["cuda_generate", "cuda_release", "mlx_cpu_streams", "mlx_split_step", "usable_cores"]
+
+
+# ------------------------------------------------------------------- transformers
+
+
+def cuda_generate(
+    model: Any,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    sink: TokenSink,
+    *,
+    pad_id: int,
+) -> bool:
+    """Serve the request on the fast decode path if it applies; ``False`` (nothing done) if not.
+
+    Runs on the thread that owns ``model`` and pushes every step's tokens into
+    ``sink``, as ``model.generate`` would (see
+    :func:`core.accel.cuda.fast_path.supported` for when it applies).
+    """
+    from .cuda import fast_path
+
+    if not fast_path.supported(model, params):
+        return False
+    fast_path.generate(model, prompts, params, sink, pad_id=pad_id)
+    return True
+
+
+def cuda_release(model: Any) -> None:
+    """Drop the compiled graphs and KV buffers the fast path keeps on ``model`` (if any)."""
+    from .cuda import fast_path
+
+    fast_path.release(model)
+
+
+# ------------------------------------------------------------------------- MLX
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    from . import mlx_split
+
+    return mlx_split.usable_cores()
+
+
+def mlx_cpu_streams(count: int) -> list[Any]:
+    """``count`` MLX CPU streams, made on the MLX thread when first needed and then reused."""
+    from . import mlx_split
+
+    return mlx_split._cpu_streams(count)
+
+
+def mlx_split_step(model: Any, streams: Sequence[Any]) -> Any:
+    """A batch decode step over ``streams`` for mlx-lm's ``BatchGenerator``, or ``None``.
+
+    ``None`` where it does not apply (see :func:`core.accel.mlx_split.split_decode`).
+    """
+    from . import mlx_split
+
+    return mlx_split.split_decode(model, streams)
