@@ -38,6 +38,13 @@ tool calls / results into Gemma turns are core's family's), nor counts
 tokens, nor parses output. It maps LlamaIndex types to OpenAI-style dicts,
 :class:`~core.Delta` records to LlamaIndex types, and merges options.
 
+Layout: this module holds ``GemmaLocal`` (options, the shared core client,
+the sync / async / tools / structured paths); the pure conversions it uses
+live beside it, each re-exported here: :mod:`.messages` (``ChatMessage`` and
+tools <-> OpenAI-style dicts), :mod:`.responses` (core's deltas and
+OpenAI-style dicts -> ``ChatResponse``, stream folding) and :mod:`.structured`
+(``response_format`` of a pydantic class, parsing the reply).
+
 * ``raw`` of every response is the OpenAI-style dict of what it carries,
   written by :mod:`core.openai_format`: the ``chat.completion`` for
   ``chat``/``complete``; a ``chat.completion.chunk`` per streamed response
@@ -53,8 +60,6 @@ tokens, nor parses output. It maps LlamaIndex types to OpenAI-style dicts,
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
@@ -64,7 +69,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, create_gemma_client, fold_deltas
 from core.errors import MissingDependencyError
 from core.factory import DEFAULT_MODELS, resolve_backend
-from core.openai_format import ChunkBuilder, Completion
 
 try:
     import llama_index.core.instrumentation as instrument
@@ -76,12 +80,8 @@ try:
         CompletionResponse,
         CompletionResponseAsyncGen,
         CompletionResponseGen,
-        ContentBlock,
         LLMMetadata,
         MessageRole,
-        TextBlock,
-        ThinkingBlock,
-        ToolCallBlock,
     )
     from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
     from llama_index.core.callbacks import CallbackManager
@@ -101,20 +101,55 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'Install it with: pip install "gemma-local[llama-index]"'
     ) from exc
 
+from .messages import (
+    ROLES,
+    TOOL_CHOICE_MODES,
+    assistant_message,
+    resolve_tool_choice,
+    to_openai_message,
+    to_openai_messages,
+    to_openai_tool,
+    tool_selections,
+)
+from .responses import (
+    DeltaFolder,
+    StreamFolder,
+    chat_to_completion_response,
+    completion_to_chat_response,
+    reply_response,
+    usage_kwargs,
+)
+from .structured import json_schema_format, parse_structured
+
 if TYPE_CHECKING:
     from llama_index.core.program.utils import FlexibleModel
     from llama_index.core.tools.types import BaseTool
 
-dispatcher = instrument.get_dispatcher(__name__)
+# The helpers live in messages / responses / structured (imported after the
+# llama-index-core check above); ``from llama_index_gemma_local.base import ...``
+# still finds them.
+__all__ = [
+    "CALL_OPTIONS",
+    "ROLES",
+    "TOOL_CHOICE_MODES",
+    "DeltaFolder",
+    "GemmaLocal",
+    "StreamFolder",
+    "assistant_message",
+    "chat_to_completion_response",
+    "completion_to_chat_response",
+    "json_schema_format",
+    "parse_structured",
+    "reply_response",
+    "resolve_tool_choice",
+    "to_openai_message",
+    "to_openai_messages",
+    "to_openai_tool",
+    "tool_selections",
+    "usage_kwargs",
+]
 
-#: LlamaIndex roles and the OpenAI-style role each maps to. Anything else
-#: (function, developer, chatbot, model) is rejected.
-ROLES: Mapping[MessageRole, str] = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.TOOL: "tool",
-}
+dispatcher = instrument.get_dispatcher(__name__)
 
 #: Options a call may pass (``llm.chat(messages, temperature=0)``), besides ``formatted``.
 CALL_OPTIONS = frozenset(
@@ -135,468 +170,6 @@ CALL_OPTIONS = frozenset(
         "reasoning_effort",
     }
 )
-
-#: ``tool_choice`` values that are modes, not tool names.
-TOOL_CHOICE_MODES = ("none", "auto", "required")
-
-
-# ------------------------------------------------------------------ messages in
-
-
-def _block_texts(message: ChatMessage, role: str) -> list[str]:
-    """The text of a message's ``TextBlock``s; tool-call and thinking blocks only in
-    assistant turns."""
-    texts = []
-    for block in message.blocks:
-        if isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, (ToolCallBlock, ThinkingBlock)) and role == "assistant":
-            continue  # mapped to tool_calls / reasoning_content by to_openai_message
-        else:
-            hint = (
-                " (images are not supported yet)" if "image" in type(block).__name__.lower() else ""
-            )
-            raise TypeError(
-                f"GemmaLocal supports only TextBlock content, got {type(block).__name__} "
-                f"in a {role} message{hint} (assistant messages may also hold "
-                "ToolCallBlock and ThinkingBlock)"
-            )
-    return texts
-
-
-def _arguments_text(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-
-
-def _openai_call(call: Any) -> dict[str, Any]:
-    """One ``additional_kwargs["tool_calls"]`` entry (a dict, or an OpenAI SDK object) as a dict."""
-    if not isinstance(call, Mapping) and callable(getattr(call, "model_dump", None)):
-        call = call.model_dump()
-    if not isinstance(call, Mapping):
-        raise TypeError(
-            "an assistant message's additional_kwargs['tool_calls'] must hold OpenAI tool calls "
-            f'{{"id", "type": "function", "function": {{"name", "arguments"}}}}, got {type(call).__name__}'
-        )
-    return dict(call)
-
-
-def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
-    """An assistant message's tool calls in OpenAI form: its ``ToolCallBlock``s, else
-    ``additional_kwargs["tool_calls"]`` (the OpenAI integration's form)."""
-    blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
-    if blocks:
-        calls = []
-        for block in blocks:
-            call: dict[str, Any] = {"id": block.tool_call_id or "", "type": "function"}
-            call["function"] = {
-                "name": block.tool_name,
-                "arguments": _arguments_text(block.tool_kwargs),
-            }
-            calls.append(call)
-        return calls
-    return [_openai_call(c) for c in message.additional_kwargs.get("tool_calls") or ()]
-
-
-def to_openai_message(message: ChatMessage) -> dict[str, Any]:
-    """One LlamaIndex ``ChatMessage`` as an OpenAI-style message dict.
-
-    One ``TextBlock`` gives a string, several give a list of text parts (core
-    joins them), none gives ``""``. An assistant message's tool calls
-    (``ToolCallBlock``s, or OpenAI ``tool_calls`` in ``additional_kwargs``)
-    become ``tool_calls`` (``content`` is then ``None`` when there is no
-    text); its ``ThinkingBlock``s' text becomes ``reasoning_content`` (Gemma 4's
-    template shows it where the model's own format keeps it; Gemma 1-3 ignore
-    it). A ``tool`` message needs ``additional_kwargs["tool_call_id"]`` and
-    becomes ``{"role": "tool", "tool_call_id", "content"}``. Core renders all
-    of it into Gemma turns. The input is never mutated.
-
-    Raises:
-        TypeError: ``message`` is not a ``ChatMessage``, or holds a block other
-            than ``TextBlock`` (and, in assistant messages, ``ToolCallBlock``
-            and ``ThinkingBlock``).
-        ValueError: a role other than system, user, assistant or tool; a tool
-            message without ``tool_call_id``.
-    """
-    if not isinstance(message, ChatMessage):
-        raise TypeError(f"expected a llama_index ChatMessage, got {type(message).__name__}")
-    role = ROLES.get(message.role)
-    if role is None:
-        allowed = ", ".join(r.value for r in ROLES)
-        raise ValueError(
-            f"GemmaLocal does not support {message.role.value!r} messages; allowed roles: {allowed}"
-        )
-    texts = _block_texts(message, role)
-    content: Any = texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]
-    if not texts:
-        content = ""
-    out: dict[str, Any] = {"role": role, "content": content}
-    if role == "tool":
-        call_id = message.additional_kwargs.get("tool_call_id")
-        if not isinstance(call_id, str) or not call_id:
-            raise ValueError(
-                "a tool message needs additional_kwargs['tool_call_id'] (the id of the call it "
-                f"answers), got {call_id!r}"
-            )
-        out["tool_call_id"] = call_id
-    elif role == "assistant":
-        calls = _tool_calls_of(message)
-        if calls:
-            out["tool_calls"] = calls
-            if not texts:
-                out["content"] = None
-        thoughts = [b.content for b in message.blocks if isinstance(b, ThinkingBlock) and b.content]
-        if thoughts:
-            out["reasoning_content"] = "\n".join(thoughts)
-    return out
-
-
-def to_openai_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """A LlamaIndex conversation as OpenAI-style message dicts (see :func:`to_openai_message`)."""
-    if isinstance(messages, (str, ChatMessage)) or not isinstance(messages, Sequence):
-        raise TypeError(
-            f"messages must be a sequence of ChatMessage, got {type(messages).__name__}"
-        )
-    return [to_openai_message(m) for m in messages]
-
-
-# --------------------------------------------------------------------- tools in
-
-
-def to_openai_tool(tool: BaseTool | Mapping[str, Any]) -> dict[str, Any]:
-    """A LlamaIndex tool (``FunctionTool``, ``QueryEngineTool``, ...) as an OpenAI tool dict.
-
-    An OpenAI dict (``{"type": "function", "function": {...}}``) passes through
-    as is; core validates both the same way. The tool's name must already be a
-    valid function name: LlamaIndex would otherwise rename it for the model
-    (``"my tool"`` → ``"my_tool"``) and no call could find the tool again.
-
-    Raises:
-        TypeError: neither a LlamaIndex tool nor a dict.
-        ValueError: a tool name with characters other than letters, digits, ``_``, ``-``.
-    """
-    if isinstance(tool, Mapping):
-        return dict(tool)
-    metadata = getattr(tool, "metadata", None)
-    if metadata is None or not callable(getattr(metadata, "to_openai_tool", None)):
-        raise TypeError(
-            "tools must be LlamaIndex tools (e.g. FunctionTool.from_defaults(fn)) or OpenAI "
-            f'{{"type": "function", "function": {{...}}}} dicts, got {type(tool).__name__}'
-        )
-    name = metadata.name
-    if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]+", name):
-        raise ValueError(
-            f"tool name {name!r} is not a valid function name (letters, digits, '_' or '-'); "
-            "rename the tool, e.g. FunctionTool.from_defaults(fn, name='my_tool')"
-        )
-    return dict(metadata.to_openai_tool(skip_length_check=True))
-
-
-def resolve_tool_choice(tool_choice: Any, tool_required: bool = False) -> Any:
-    """LlamaIndex's ``tool_choice`` as OpenAI's.
-
-    ``None`` is ``"required"`` when ``tool_required`` else ``"auto"``; a bare
-    tool name (``FunctionAgent(initial_tool_choice="add")``) becomes
-    ``{"type": "function", "function": {"name": "add"}}``; modes and dicts pass.
-    """
-    if tool_choice is None:
-        return "required" if tool_required else "auto"
-    if isinstance(tool_choice, str) and tool_choice not in TOOL_CHOICE_MODES:
-        return {"type": "function", "function": {"name": tool_choice}}
-    return tool_choice
-
-
-# ----------------------------------------------------------------- responses out
-
-
-def usage_kwargs(usage: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Token counts of an OpenAI ``usage`` record, for ``additional_kwargs``
-    (``reasoning_tokens`` only when the model thought)."""
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    counts = {k: usage[k] for k in keys if usage and k in usage}
-    details = (usage or {}).get("completion_tokens_details") or {}
-    if details.get("reasoning_tokens"):
-        counts["reasoning_tokens"] = details["reasoning_tokens"]
-    return counts
-
-
-def _tool_kwargs(arguments: str) -> dict[str, Any] | str:
-    try:
-        value = json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments  # not complete yet (a stream that is still arriving)
-    return value if isinstance(value, dict) else arguments
-
-
-def assistant_message(
-    text: str | None,
-    tool_calls: Sequence[Mapping[str, Any]],
-    reasoning: str | None = None,
-    reasoning_tokens: int | None = None,
-) -> ChatMessage:
-    """The assistant ``ChatMessage`` of a reply: its thought, text and tool calls.
-
-    A thought (``reasoning``, Gemma 4's thinking channel) comes first, as a
-    ``ThinkingBlock`` with ``num_tokens=reasoning_tokens`` (as LlamaIndex's
-    Ollama integration puts it), followed by the text block. Tool calls are
-    carried twice, as LlamaIndex's OpenAI integration does: as
-    ``ToolCallBlock``s (what llama-index-core's agents and memory read; their
-    ``tool_kwargs`` are the parsed arguments) and as the OpenAI ``tool_calls``
-    dicts in ``additional_kwargs`` (what OpenAI-style code reads).
-    """
-    thought: list[ContentBlock] = []
-    if reasoning:
-        thought.append(ThinkingBlock(content=reasoning, num_tokens=reasoning_tokens or None))
-    if not tool_calls:
-        if not thought:
-            return ChatMessage(role=MessageRole.ASSISTANT, content=text or "")
-        return ChatMessage(role=MessageRole.ASSISTANT, blocks=[*thought, TextBlock(text=text or "")])
-    blocks: list[ContentBlock] = [*thought, *([TextBlock(text=text)] if text else [])]
-    for call in tool_calls:
-        function = call.get("function") or {}
-        blocks.append(
-            ToolCallBlock(
-                tool_call_id=call.get("id") or None,
-                tool_name=function.get("name") or "",
-                tool_kwargs=_tool_kwargs(function.get("arguments") or "{}"),
-            )
-        )
-    return ChatMessage(
-        role=MessageRole.ASSISTANT,
-        blocks=blocks,
-        additional_kwargs={"tool_calls": [dict(c) for c in tool_calls]},
-    )
-
-
-def completion_to_chat_response(completion: Mapping[str, Any]) -> ChatResponse:
-    """A ``chat.completion`` dict (one choice) as a ``ChatResponse``; ``raw`` is the dict.
-
-    For OpenAI-style dicts from elsewhere (a server speaking core's format);
-    ``GemmaLocal`` itself builds its responses from core's deltas
-    (:func:`reply_response`).
-    """
-    choice = completion["choices"][0]
-    message = choice["message"]
-    details = (completion.get("usage") or {}).get("completion_tokens_details") or {}
-    return ChatResponse(
-        message=assistant_message(
-            message.get("content"),
-            message.get("tool_calls") or (),
-            message.get("reasoning_content"),
-            details.get("reasoning_tokens"),
-        ),
-        raw=completion,
-        additional_kwargs={
-            **usage_kwargs(completion.get("usage")),
-            "finish_reason": choice["finish_reason"],
-        },
-    )
-
-
-def chat_to_completion_response(response: ChatResponse) -> CompletionResponse:
-    """The ``CompletionResponse`` of a chat response (nothing is mutated)."""
-    return CompletionResponse(
-        text=response.message.content or "",
-        additional_kwargs=dict(response.additional_kwargs),
-        raw=response.raw,
-        delta=response.delta,
-    )
-
-
-def tool_selections(message: ChatMessage) -> list[ToolSelection]:
-    """The tool calls a message carries, as LlamaIndex ``ToolSelection``s (in order).
-
-    Reads ``ToolCallBlock``s, or else OpenAI ``tool_calls`` in
-    ``additional_kwargs``; arguments that are JSON text are parsed.
-    """
-    selections = []
-    for call in _tool_calls_of(message):
-        function = call.get("function") or {}
-        arguments = function.get("arguments")
-        kwargs = _tool_kwargs(arguments) if isinstance(arguments, str) else arguments
-        selections.append(
-            ToolSelection(
-                tool_id=call.get("id") or "",
-                tool_name=function.get("name") or "",
-                tool_kwargs=kwargs if isinstance(kwargs, dict) else {},
-            )
-        )
-    return selections
-
-
-class StreamFolder:
-    """Folds ``chat.completion.chunk`` dicts into streamed ``ChatResponse`` records.
-
-    For OpenAI-style chunks from elsewhere (a server speaking core's format);
-    ``GemmaLocal`` itself streams from core's deltas (:class:`DeltaFolder`).
-    One response per chunk that carries text, reasoning or tool calls
-    (``message`` holds the thought, text and calls so far, ``delta`` the new
-    text, ``additional_kwargs["thinking_delta"]`` the new reasoning, ``raw``
-    the chunk) and a last one, with an empty ``delta``, for the final usage
-    chunk: its ``additional_kwargs`` hold the token counts and
-    ``finish_reason``. Tool call deltas are accumulated by ``index`` as OpenAI
-    clients do (core sends each call whole, once complete).
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.reasoning = ""
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.finish_reason: str | None = None
-
-    def feed(self, chunk: Mapping[str, Any]) -> ChatResponse | None:
-        choices = chunk.get("choices") or []
-        if not choices:  # the usage chunk: always core's last
-            return self._response(
-                "",
-                chunk,
-                {**usage_kwargs(chunk.get("usage")), "finish_reason": self.finish_reason},
-            )
-        choice = choices[0]
-        if choice.get("finish_reason") is not None:
-            self.finish_reason = choice["finish_reason"]
-        delta = choice.get("delta") or {}
-        calls = delta.get("tool_calls") or ()
-        for part in calls:
-            self._add_call(part)
-        text = delta.get("content") or ""
-        thought = delta.get("reasoning_content") or ""
-        if not text and not calls and not thought:  # the role and finish chunks carry nothing
-            return None
-        self.text += text
-        self.reasoning += thought
-        return self._response(text, chunk, {"thinking_delta": thought} if thought else {})
-
-    def _add_call(self, part: Mapping[str, Any]) -> None:
-        slot = self.tool_calls.setdefault(
-            int(part.get("index") or 0),
-            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-        )
-        slot["id"] += part.get("id") or ""
-        function = part.get("function") or {}
-        slot["function"]["name"] += function.get("name") or ""
-        slot["function"]["arguments"] += function.get("arguments") or ""
-
-    def _response(self, delta: str, chunk: Any, extra: dict[str, Any]) -> ChatResponse:
-        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        tokens = extra.get("reasoning_tokens")
-        return ChatResponse(
-            message=assistant_message(self.text, calls, self.reasoning, tokens),
-            delta=delta,
-            raw=chunk,
-            additional_kwargs=extra,
-        )
-
-
-def reply_response(reply: Delta, model: str) -> ChatResponse:
-    """A whole reply (the row's deltas folded by :func:`core.fold_deltas`) as a ``ChatResponse``.
-
-    ``raw`` is the ``chat.completion`` core's :meth:`create` would return for it
-    (written by :mod:`core.openai_format`); ``additional_kwargs`` hold the token
-    counts and ``finish_reason``.
-    """
-    if reply.finish_reason is None:
-        raise ValueError("reply_response needs a finished reply (core.fold_deltas of a row)")
-    completion = Completion(model, 1, 1).collect([reply])[0]
-    return ChatResponse(
-        message=assistant_message(
-            reply.text,
-            [c.to_openai() for c in reply.tool_calls],
-            reply.reasoning,
-            reply.reasoning_tokens,
-        ),
-        raw=completion,
-        additional_kwargs={
-            **usage_kwargs(completion["usage"]),
-            "finish_reason": reply.finish_reason,
-        },
-    )
-
-
-class DeltaFolder:
-    """Turns one row's :class:`~core.Delta` stream into streamed ``ChatResponse`` records.
-
-    One response per delta that carries text, reasoning or tool calls:
-    ``message`` holds the thought (a ``ThinkingBlock``), the text and the calls
-    so far, ``delta`` the new text, ``additional_kwargs["thinking_delta"]``
-    the new reasoning (only when there is some), ``raw`` the delta as one
-    ``chat.completion.chunk``. Then a last one, with an empty ``delta``, once
-    the row has finished: ``raw`` is the usage chunk and ``additional_kwargs``
-    hold the token counts and ``finish_reason`` (what
-    ``stream_structured_predict`` and token counters look for). Core sends
-    each tool call whole, once complete. Shared by the sync and async streams
-    so both behave the same.
-    """
-
-    def __init__(self, model: str) -> None:
-        self.text = ""
-        self.reasoning = ""
-        self.reasoning_tokens = 0
-        self.tool_calls: list[dict[str, Any]] = []
-        self._chunks = ChunkBuilder(model, 1)
-
-    def feed(self, delta: Delta) -> list[ChatResponse]:
-        """The responses of one delta (none, one, or two for a row's last delta)."""
-        chunk = self._chunk(delta)  # always: the builder counts the row's tokens
-        self.text += delta.text
-        self.reasoning += delta.reasoning
-        self.reasoning_tokens = delta.reasoning_tokens
-        self.tool_calls += [c.to_openai() for c in delta.tool_calls]
-        out = []
-        if delta.text or delta.reasoning or delta.tool_calls:
-            extra = {"thinking_delta": delta.reasoning} if delta.reasoning else {}
-            out.append(self._response(delta.text, chunk, extra))
-        if delta.finish_reason is not None:
-            usage = self._chunks.usage_chunk()
-            extra = {**usage_kwargs(usage["usage"]), "finish_reason": delta.finish_reason}
-            out.append(self._response("", usage, extra))
-        return out
-
-    def _chunk(self, delta: Delta) -> dict[str, Any]:
-        """The delta as one ``chat.completion.chunk`` (core's chunks for it, merged)."""
-        merged: dict[str, Any] = {}
-        finish = None
-        for part in self._chunks.on_delta(delta):
-            choice = part["choices"][0]
-            merged.update(choice["delta"])
-            finish = choice["finish_reason"] or finish
-        choice = {"index": 0, "delta": merged, "logprobs": None, "finish_reason": finish}
-        return self._chunks.chunk([choice])
-
-    def _response(self, delta: str, raw: dict[str, Any], extra: dict[str, Any]) -> ChatResponse:
-        return ChatResponse(
-            message=assistant_message(
-                self.text, self.tool_calls, self.reasoning, self.reasoning_tokens
-            ),
-            delta=delta,
-            raw=raw,
-            additional_kwargs=extra,
-        )
-
-
-def json_schema_format(output_cls: type[Any]) -> dict[str, Any]:
-    """Core's ``response_format`` for a pydantic class: its JSON schema, strict."""
-    name = re.sub(r"[^a-zA-Z0-9_-]", "_", output_cls.__name__)
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": name, "schema": output_cls.model_json_schema(), "strict": True},
-    }
-
-
-def parse_structured(output_cls: type[Model], response: ChatResponse) -> Model:
-    """The reply of a ``json_schema`` request as ``output_cls``.
-
-    Under the grammar the reply always validates once it is complete; a reply
-    cut short by ``max_tokens`` is not, and says so.
-    """
-    text = response.message.content or ""
-    if response.additional_kwargs.get("finish_reason") == "length":
-        used = response.additional_kwargs.get("completion_tokens")
-        raise ValueError(
-            f"the {output_cls.__name__} JSON was cut off after {used} tokens, before it was "
-            "complete (max_tokens, or what the context window left after the prompt); raise "
-            f"max_tokens (e.g. llm_kwargs={{'max_tokens': ...}}). Partial output: {text!r}"
-        )
-    return output_cls.model_validate_json(text)
 
 
 # ----------------------------------------------------------------------- the LLM
