@@ -1,4 +1,4 @@
-"""Tiny offline Gemma checkpoints (core/tiny.py), loaded through the real code paths.
+"""Tiny offline Gemma checkpoints (core/tiny/), loaded through the real code paths.
 
 Every checkpoint is built once per module; the whole file runs in well under
 a minute on 2 CPU cores.  Nothing is downloaded.

@@ -1,4 +1,4 @@
-"""Tiny offline Gemma 4 and Gemma 3n checkpoints (core/tiny.py), loaded through the real code paths.
+"""Tiny offline Gemma 4 and Gemma 3n checkpoints (core/tiny/), loaded through the real code paths.
 
 The checkpoints are the session fixtures of conftest.py (``gemma4_path``,
 ``gemma4_moe_path``, ``gemma4_vision_path``, ``gemma3n_path``).  This file checks
