@@ -38,26 +38,24 @@ does a single batched pass.
 
 Nothing here formats prompts, tokenizes or counts tokens: the core client does,
 once, for every adapter.
+
+This module holds :class:`ChatGemmaLocal`; its helpers live beside it, one job each:
+``messages`` (LangChain messages → OpenAI dicts), ``structured`` (``tool_choice``
+and schemas in core's forms, the structured-output parsers), ``_deltas`` (core
+deltas → usage and cut-off calls, the ``timeout`` deadline), ``_batch`` (the
+rows of one batched generation) and ``_clients`` (the shared core clients).
+Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import json
-import re
-import threading
-import time
-import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
@@ -66,688 +64,60 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
     message_chunk_to_message,
 )
-from langchain_core.messages.ai import OutputTokenDetails, UsageMetadata
-from langchain_core.messages.tool import InvalidToolCall, invalid_tool_call, tool_call_chunk
-from langchain_core.output_parsers import (
-    JsonOutputKeyToolsParser,
-    JsonOutputParser,
-    PydanticOutputParser,
-    PydanticToolsParser,
-)
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from typing_extensions import Self, is_typeddict
+from typing_extensions import Self
 
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, fold_deltas, normalize_messages
-from core.factory import DEFAULT_MODELS, create_gemma_client, resolve_backend
+from core.factory import resolve_backend
 
-# --------------------------------------------------------------- messages
-
-#: ``ChatMessage.role`` values Gemma understands, and the OpenAI role each maps to.
-CHAT_MESSAGE_ROLES: Mapping[str, str] = {
-    "system": "system",
-    "developer": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "ai": "assistant",
-    "model": "assistant",
-}
-_IMAGE_BLOCKS = frozenset({"image", "image_url", "input_image"})
-#: Content blocks that record an AIMessage's own tool calls (Anthropic ``tool_use``,
-#: LangChain's standard ``tool_call``, OpenAI Responses ``function_call``): the calls
-#: are sent from ``AIMessage.tool_calls``, so these blocks are skipped.
-_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "function_call"})
-
-
-def _convert_content(
-    content: str | list[Any], kind: str, *, skip: frozenset[str] = frozenset()
-) -> str | list[dict[str, str]]:
-    """A message's content as a string or a new list of OpenAI text parts.
-
-    Blocks whose type is in ``skip`` are left out.
-    """
-    if isinstance(content, str):
-        return content
-    parts: list[dict[str, str]] = []
-    for i, block in enumerate(content):
-        if isinstance(block, str):
-            parts.append({"type": "text", "text": block})
-            continue
-        block_type = block.get("type") if isinstance(block, Mapping) else None
-        if block_type in skip:
-            continue
-        if block_type == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
-        elif block_type in _IMAGE_BLOCKS:
-            raise TypeError(
-                f"{kind} content block {i} is an image ({block_type!r}); ChatGemmaLocal "
-                "does not accept images yet, only text"
-            )
-        else:
-            found = repr(block_type) if block_type is not None else type(block).__name__
-            raise TypeError(
-                f"{kind} content block {i} has type {found}; ChatGemmaLocal accepts only "
-                "strings and {'type': 'text', 'text': ...} blocks"
-            )
-    return parts
-
-
-#: How the error of a tool call that ``max_tokens`` cut off starts (see ``_cut_call``).
-CUT_OFF_CALL_ERROR = "the reply was cut off by max_tokens="
-
-
-def _invalid_calls(message: AIMessage) -> list[Any]:
-    """The message's invalid tool calls, less those ChatGemmaLocal recorded for a reply
-    ``max_tokens`` cut off (the model never finished them: they are left out of the
-    history, so an agent loop goes on with the complete calls)."""
-    return [
-        c
-        for c in message.invalid_tool_calls
-        if not str(c.get("error") or "").startswith(CUT_OFF_CALL_ERROR)
-    ]
-
-
-def _openai_tool_calls(message: AIMessage) -> list[dict[str, Any]]:
-    """An AIMessage's tool calls in OpenAI form (``arguments`` as a JSON string)."""
-    invalid = _invalid_calls(message)
-    if invalid:
-        bad = invalid[0]
-        raise ValueError(
-            f"{type(message).__name__} carries an invalid tool call ({bad.get('name')!r}, "
-            f"arguments {bad.get('args')!r}) whose arguments are not a JSON object; Gemma "
-            "can only be shown well-formed calls: fix or drop it from the history"
-        )
-    calls = []
-    for call in message.tool_calls:
-        if not call.get("id"):
-            raise ValueError(
-                f"{type(message).__name__} has a tool call to {call['name']!r} without an id; "
-                "the ToolMessage answering it needs that id"
-            )
-        calls.append(
-            {
-                "id": call["id"],
-                "type": "function",
-                "function": {
-                    "name": call["name"],
-                    "arguments": json.dumps(call["args"], ensure_ascii=False),
-                },
-            }
-        )
-    return calls
-
-
-def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
-    """One LangChain message as an OpenAI-style chat message dict.
-
-    ``SystemMessage`` → system, ``HumanMessage`` → user, ``AIMessage`` →
-    assistant, ``ToolMessage`` → ``{"role": "tool", "tool_call_id", "content"}``,
-    ``ChatMessage`` by its role (see :data:`CHAT_MESSAGE_ROLES`). Content stays
-    a string, or becomes a new list of text parts. An ``AIMessage`` with
-    ``tool_calls`` also gets OpenAI ``tool_calls`` (``{"id", "type":
-    "function", "function": {"name", "arguments": "<JSON>"}}``), its content
-    ``None`` when it has no text, and its own call blocks (``tool_use``, ...)
-    left out of the content. A call that ``max_tokens`` cut off (recorded by
-    ChatGemmaLocal in ``invalid_tool_calls``) is left out: the model never
-    finished it. ``name`` and a ToolMessage's ``status`` are dropped
-    (Gemma's chat template has no speaker names; an error result says so in its
-    content). The message is never modified.
-
-    Raises:
-        TypeError: for any other message class (``FunctionMessage``, ...) and
-            for non-text content blocks (images).
-        ValueError: for a ``ChatMessage`` role Gemma does not know, and for an
-            ``AIMessage`` carrying ``invalid_tool_calls`` or a call without id.
-    """
-    kind = type(message).__name__
-    if isinstance(message, ChatMessage):
-        role = CHAT_MESSAGE_ROLES.get(message.role)
-        if role is None:
-            raise ValueError(
-                f"ChatMessage has role {message.role!r}; ChatGemmaLocal knows the roles "
-                f"{', '.join(sorted(CHAT_MESSAGE_ROLES))} (send tool results as ToolMessage)"
-            )
-    elif isinstance(message, SystemMessage):
-        role = "system"
-    elif isinstance(message, HumanMessage):
-        role = "user"
-    elif isinstance(message, ToolMessage):
-        return {
-            "role": "tool",
-            "tool_call_id": message.tool_call_id,
-            "content": _convert_content(message.content, kind),
-        }
-    elif isinstance(message, AIMessage):
-        if not (message.tool_calls or _invalid_calls(message)):
-            return {"role": "assistant", "content": _convert_content(message.content, kind)}
-        calls = _openai_tool_calls(message)
-        content = _convert_content(message.content, kind, skip=_CALL_BLOCKS)
-        return {"role": "assistant", "content": content or None, "tool_calls": calls}
-    else:
-        raise TypeError(
-            f"ChatGemmaLocal cannot send a {kind} to Gemma; supported messages are "
-            "SystemMessage, HumanMessage, AIMessage, ToolMessage and ChatMessage with a "
-            "known role"
-        )
-    return {"role": role, "content": _convert_content(message.content, kind)}
-
-
-def convert_messages_to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """A conversation as a new list of OpenAI-style dicts (see :func:`convert_message_to_dict`)."""
-    return [convert_message_to_dict(m) for m in messages]
-
-
-# ------------------------------------------------------------ core clients
-
-#: Clients made by ChatGemmaLocal itself, by (backend, model, load options).
-_SHARED_CLIENTS: weakref.WeakValueDictionary[tuple[str, str, str], BaseGemmaChatCompletion] = (
-    weakref.WeakValueDictionary()
+from ._batch import _CLAIM, _AsyncBatchRows, _BatchPlan, _BatchRows, _Claim
+from ._clients import _shared_client, _shared_key
+from ._deltas import (
+    _akeep_last,
+    _auntil_deadline,
+    _cut_call,
+    _keep_last,
+    _until_deadline,
+    _usage,
+    _with_cut_call,
 )
-_SHARED_LOCK = threading.Lock()
-
-
-def _client_key(backend: str, model: str, options: Mapping[str, Any]) -> tuple[str, str, str]:
-    return (backend, model, repr(sorted(options.items())))
-
-
-def _shared_client(
-    backend: str, model: str | None, options: dict[str, Any]
-) -> BaseGemmaChatCompletion:
-    """The core client for these settings, shared by every ChatGemmaLocal built with them.
-
-    Creating a client loads nothing; sharing makes sure that two models built
-    with the same settings (or one rebuilt by ``configurable_fields``) never
-    load two copies of the same weights.
-    """
-    name = model if model is not None else DEFAULT_MODELS[backend]
-    key = _client_key(backend, name, options)
-    with _SHARED_LOCK:
-        client = _SHARED_CLIENTS.get(key)
-        if client is None:
-            client = create_gemma_client(backend, name, **options)
-            _SHARED_CLIENTS[key] = client
-        return client
-
-
-def _shared_key(client: BaseGemmaChatCompletion) -> tuple[str, str, str] | None:
-    """The settings of a client ChatGemmaLocal made, ``None`` for a caller's own client."""
-    with _SHARED_LOCK:
-        return next((k for k, c in _SHARED_CLIENTS.items() if c is client), None)
-
-
-# ------------------------------------------------------------ tools and schemas
-
-
-def _tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
-    names = []
-    for tool in tools:
-        function = tool.get("function")
-        if tool.get("type") == "function" and isinstance(function, Mapping):
-            names.append(str(function.get("name")))
-    return names
-
-
-def _named_choice(name: str) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": name}}
-
-
-def convert_tool_choice(
-    tool_choice: dict[str, Any] | str | bool | None, tools: Sequence[Mapping[str, Any]]
-) -> dict[str, Any] | str | None:
-    """LangChain's ``tool_choice`` forms as core's (OpenAI's): a mode or a named tool.
-
-    ``None`` / ``False`` → ``None`` (core's default: ``"auto"``); ``True``,
-    ``"any"`` and ``"required"`` → ``"required"`` (at least one call);
-    ``"auto"``, ``"none"``; the name of a bound tool (checked first, as
-    langchain-openai does) → ``{"type": "function", "function": {"name"}}``
-    (exactly that one call); an OpenAI dict as is, and Anthropic's
-    ``{"type": "tool", "name"}`` / ``{"type": "any" | "auto" | "none"}``.
-
-    Raises:
-        ValueError: a string that is neither a mode nor a bound tool's name
-            (naming both), or a dict of an unknown shape.
-        TypeError: any other type.
-    """
-    if tool_choice is None or tool_choice is False:
-        return None
-    if tool_choice is True:
-        return "required"
-    names = _tool_names(tools)
-    if isinstance(tool_choice, str):
-        if tool_choice in names:
-            return _named_choice(tool_choice)
-        if tool_choice in TOOL_CHOICE_MODES:
-            return TOOL_CHOICE_MODES[tool_choice]
-        raise ValueError(
-            f"tool_choice={tool_choice!r} is neither one of "
-            f"{', '.join(map(repr, TOOL_CHOICE_MODES))} nor the name of a bound tool; "
-            f"the tools are: {', '.join(map(repr, names)) or 'none'}"
-        )
-    if isinstance(tool_choice, Mapping):
-        kind = tool_choice.get("type")
-        if kind == "function":
-            return dict(tool_choice)  # core checks the name against the tools
-        if kind == "tool" and isinstance(tool_choice.get("name"), str):
-            return _named_choice(tool_choice["name"])
-        if isinstance(kind, str) and kind in TOOL_CHOICE_MODES:
-            return TOOL_CHOICE_MODES[kind]
-        raise ValueError(
-            'tool_choice dicts are {"type": "function", "function": {"name": ...}} '
-            f'(or Anthropic\'s {{"type": "tool", "name": ...}}), got {tool_choice!r}'
-        )
-    raise TypeError(
-        f"tool_choice must be a string, a bool, a dict or None, got {type(tool_choice).__name__}"
-    )
-
-
-def _is_pydantic_class(schema: Any) -> bool:
-    return isinstance(schema, type) and is_basemodel_subclass(schema)
-
-
-def convert_to_response_format(
-    schema: dict[str, Any] | type, strict: bool | None = None
-) -> dict[str, Any]:
-    """A schema as an OpenAI ``{"type": "json_schema", "json_schema": {...}}`` response format.
-
-    Accepts a pydantic class (v2 ``model_json_schema()`` or v1 ``schema()``,
-    ``$defs`` kept), a ``TypedDict`` class, a JSON schema dict (named by its
-    ``title``, else ``"response"``), an OpenAI function / tool dict, a
-    ``{"name", "schema"}`` dict or a whole response format. ``strict`` is
-    recorded (core then closes every object the schema lists properties of).
-    """
-    if _is_pydantic_class(schema):
-        model: Any = schema
-        if issubclass(model, BaseModel):
-            spec = {"name": model.__name__, "schema": model.model_json_schema()}
-        else:  # pydantic.v1
-            spec = {"name": model.__name__, "schema": model.schema()}
-    elif is_typeddict(schema):
-        json_schema = convert_to_json_schema(schema)
-        spec = {"name": json_schema.get("title") or getattr(schema, "__name__", "response")}
-        spec["schema"] = json_schema
-    elif isinstance(schema, Mapping):
-        if schema.get("type") == "json_schema" and isinstance(schema.get("json_schema"), Mapping):
-            spec = dict(schema["json_schema"])
-        elif "name" in schema and "schema" in schema:
-            spec = dict(schema)
-        elif schema.get("type") == "function" or ("name" in schema and "parameters" in schema):
-            function = convert_to_openai_tool(schema)["function"]
-            spec = {"name": function["name"], "schema": function.get("parameters", {})}
-        else:
-            title = schema.get("title")
-            spec = {"name": title if isinstance(title, str) and title else "response"}
-            spec["schema"] = dict(schema)
-    else:
-        raise TypeError(
-            "schema must be a pydantic class, a TypedDict class or a JSON schema dict, got "
-            f"{schema!r}"
-        )
-    if strict is not None:
-        spec["strict"] = strict
-    return {"type": "json_schema", "json_schema": spec}
-
-
-# ------------------------------------------------------------ cut-off structured replies
-
-
-def _cut_off_error(result: Sequence[Generation], what: str, *, call: bool) -> None:
-    """Raise if a structured reply ended at ``max_tokens`` before it was complete.
-
-    Under the grammar a reply always parses and validates once it is complete;
-    one cut short by ``max_tokens`` (``finish_reason == "length"``) is not, and
-    would otherwise surface as a schema error about an auto-closed object, or,
-    for a forced tool call that never finished, as ``None``. ``call``: the
-    reply is a tool call (complete iff ``tool_calls`` holds one), else JSON
-    text (complete iff it parses). Checked on partial (streamed) results too:
-    the last chunk carries the finish reason.
-    """
-    for generation in result:
-        message = getattr(generation, "message", None)
-        if not isinstance(message, AIMessage):
-            continue
-        if message.response_metadata.get("finish_reason") != "length":
-            continue
-        text = message.text if isinstance(message.content, list) else str(message.content)
-        if call:
-            if message.tool_calls:
-                continue
-        else:
-            try:
-                json.loads(text)
-                continue  # complete, just at the limit
-            except ValueError:
-                pass
-        used = message.usage_metadata["output_tokens"] if message.usage_metadata else None
-        subject = f"the call of {what}" if call else f"the {what} JSON"
-        raise OutputParserException(
-            f"{subject} was cut off after {used} tokens, before it was complete (max_tokens, or "
-            "what the context window left after the prompt); raise max_tokens (e.g. "
-            f"ChatGemmaLocal(max_tokens=...)). Partial output: {text!r}",
-            llm_output=text,
-        )
-
-
-class _JsonParser(JsonOutputParser):
-    """``JsonOutputParser`` that reports a reply cut off by ``max_tokens`` as such."""
-
-    label: str = "reply"
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _cut_off_error(result, self.label, call=False)
-        return super().parse_result(result, partial=partial)
-
-
-class _PydanticParser(PydanticOutputParser):
-    """``PydanticOutputParser`` that reports a reply cut off by ``max_tokens`` as such."""
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _cut_off_error(result, self.pydantic_object.__name__, call=False)
-        return super().parse_result(result, partial=partial)
-
-
-class _PydanticToolParser(PydanticToolsParser):
-    """``PydanticToolsParser`` that reports a call cut off by ``max_tokens`` as such."""
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _cut_off_error(result, " or ".join(t.__name__ for t in self.tools), call=True)
-        return super().parse_result(result, partial=partial)
-
-
-class _KeyToolParser(JsonOutputKeyToolsParser):
-    """``JsonOutputKeyToolsParser`` that reports a call cut off by ``max_tokens`` as such."""
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _cut_off_error(result, self.key_name, call=True)
-        return super().parse_result(result, partial=partial)
-
-
-# ------------------------------------------------------------ deltas → LangChain
-
-
-def _usage(delta: Delta) -> UsageMetadata:
-    """Token counts of a row's last delta; thinking tokens (included in ``output_tokens``)
-    as ``output_token_details["reasoning"]`` when the model thought."""
-    usage = UsageMetadata(
-        input_tokens=delta.prompt_tokens,
-        output_tokens=delta.completion_tokens,
-        total_tokens=delta.prompt_tokens + delta.completion_tokens,
-    )
-    if delta.reasoning_tokens:
-        usage["output_token_details"] = OutputTokenDetails(reasoning=delta.reasoning_tokens)
-    return usage
-
-
-#: How a call being written starts: Gemma 4's ``call:NAME{`` and Gemma 1-3's
-#: ``{"name": "NAME"`` (its JSON string).
-_CALL_NAME = (
-    re.compile(r"call:([A-Za-z0-9_.\-]+)\{"),
-    re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")'),
+from .messages import (
+    CHAT_MESSAGE_ROLES,
+    CUT_OFF_CALL_ERROR,
+    convert_message_to_dict,
+    convert_messages_to_dicts,
+)
+from .structured import (
+    TOOL_CHOICE_MODES,
+    _is_pydantic_class,
+    _JsonParser,
+    _KeyToolParser,
+    _PydanticParser,
+    _PydanticToolParser,
+    convert_to_response_format,
+    convert_tool_choice,
 )
 
-
-def _cut_call_name(params: SamplingParams, partial: str) -> str | None:
-    """The tool a call cut short was calling: the forced one, the only one, or the name
-    the partial text already spells (if it is a bound tool's); else ``None``."""
-    names = [t.name for t in params.tools]
-    if params.tool_choice_name is not None:
-        return params.tool_choice_name
-    if len(names) == 1:
-        return names[0]
-    for pattern in _CALL_NAME:
-        match = pattern.match(partial)
-        if match is None:
-            continue
-        name = match.group(1)
-        if name.startswith('"'):
-            try:
-                name = json.loads(name)
-            except ValueError:
-                continue
-        if name in names:
-            return str(name)
-    return None
-
-
-def _cut_call(delta: Delta, params: SamplingParams) -> InvalidToolCall | None:
-    """The tool call ``max_tokens`` cut off in this (last) delta, as an invalid tool call."""
-    if delta.partial_call is None:
-        return None
-    return invalid_tool_call(
-        name=_cut_call_name(params, delta.partial_call),
-        args=delta.partial_call or None,
-        id=None,
-        error=(
-            f"{CUT_OFF_CALL_ERROR}{params.max_tokens} after "
-            f"{delta.completion_tokens} tokens before the tool call was complete; "
-            "raise max_tokens"
-        ),
-    )
-
-
-def _timeout_error(timeout: float) -> TimeoutError:
-    return TimeoutError(
-        f"generation took longer than timeout={timeout}s and was stopped; raise the "
-        "timeout, lower max_tokens, or pass timeout=None"
-    )
-
-
-def _until_deadline(deltas: Iterator[Delta], timeout: float | None, cold: bool) -> Iterator[Delta]:
-    """Pass deltas through; stop the generation once ``timeout`` seconds have passed.
-
-    ``cold``: the model was not loaded when the call began, so the clock starts
-    at the first delta (loading does not count).
-    """
-    deadline = None if timeout is None or cold else time.monotonic() + timeout
-    with closing(deltas):  # type: ignore[type-var]
-        for delta in deltas:
-            if timeout is not None:
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                elif delta.finish_reason is None and time.monotonic() > deadline:
-                    raise _timeout_error(timeout)
-            yield delta
-
-
-async def _auntil_deadline(
-    deltas: AsyncIterator[Delta], timeout: float | None, cold: bool
-) -> AsyncIterator[Delta]:
-    """Async :func:`_until_deadline`."""
-    deadline = None if timeout is None or cold else time.monotonic() + timeout
-    async with aclosing(deltas):  # type: ignore[type-var]
-        async for delta in deltas:
-            if timeout is not None:
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                elif delta.finish_reason is None and time.monotonic() > deadline:
-                    raise _timeout_error(timeout)
-            yield delta
-
-
-def _keep_last(
-    chunks: Iterator[ChatGenerationChunk], last: list[ChatGenerationChunk]
-) -> Iterator[ChatGenerationChunk]:
-    """Pass chunks through, keeping the latest in ``last``."""
-    for chunk in chunks:
-        last[:] = [chunk]
-        yield chunk
-
-
-async def _akeep_last(
-    chunks: AsyncIterator[ChatGenerationChunk], last: list[ChatGenerationChunk]
-) -> AsyncIterator[ChatGenerationChunk]:
-    """Async :func:`_keep_last`."""
-    async for chunk in chunks:
-        last[:] = [chunk]
-        yield chunk
-
-
-def _with_cut_call(result: ChatResult, last: list[ChatGenerationChunk]) -> ChatResult:
-    """``result`` (summed from chunks) with the last chunk's cut-off call put back.
-
-    Adding ``AIMessageChunk``s re-derives ``invalid_tool_calls`` from the
-    ``tool_call_chunks`` and so drops the one the last chunk carries.
-    """
-    cut = getattr(last[0].message, "invalid_tool_calls", None) if last else None
-    message = result.generations[0].message if result.generations else None
-    if cut and isinstance(message, AIMessage):
-        message.invalid_tool_calls = [*message.invalid_tool_calls, *cut]
-    return result
-
-
-class _BatchRows:
-    """One batched generation, read row by row by the calls it serves.
-
-    Whichever reader finds its row empty pulls the next delta from the shared
-    stream (under a lock) and files it under its row, so readers never wait
-    for each other and need no extra thread. The stream starts on the first
-    read: loading errors then reach every row's own call.
-    """
-
-    def __init__(self, start: Callable[[], Iterator[Delta]], rows: int) -> None:
-        self._start = start
-        self._deltas: Iterator[Delta] | None = None
-        self._buffers: list[deque[Delta]] = [deque() for _ in range(rows)]
-        self._lock = threading.Lock()
-        self._ended = False
-        self._error: BaseException | None = None
-
-    def row(self, index: int) -> Iterator[Delta]:
-        while True:
-            with self._lock:
-                delta = self._next(index)
-            yield delta
-            if delta.finish_reason is not None:
-                return
-
-    def _next(self, index: int) -> Delta:
-        buffer = self._buffers[index]
-        while not buffer:
-            if self._error is not None:
-                raise self._error
-            if self._ended:
-                raise RuntimeError("the batched generation ended before this row finished")
-            try:
-                if self._deltas is None:
-                    self._deltas = self._start()
-                delta = next(self._deltas)
-            except StopIteration:
-                self._ended = True
-                continue
-            except BaseException as exc:
-                self._error = exc
-                raise
-            self._buffers[delta.index].append(delta)
-        return buffer.popleft()
-
-    def close(self) -> None:
-        """Stop the generation if rows are still running and wait for it (core joins it)."""
-        close = getattr(self._deltas, "close", None)
-        if close is not None:
-            close()
-
-
-class _AsyncBatchRows:
-    """:class:`_BatchRows` for ``abatch``, over ``client.astream_deltas``."""
-
-    def __init__(self, start: Callable[[], AsyncIterator[Delta]], rows: int) -> None:
-        self._start = start
-        self._deltas: AsyncIterator[Delta] | None = None
-        self._buffers: list[deque[Delta]] = [deque() for _ in range(rows)]
-        self._lock = asyncio.Lock()
-        self._ended = False
-        self._error: BaseException | None = None
-
-    async def row(self, index: int) -> AsyncIterator[Delta]:
-        while True:
-            async with self._lock:
-                delta = await self._next(index)
-            yield delta
-            if delta.finish_reason is not None:
-                return
-
-    async def _next(self, index: int) -> Delta:
-        buffer = self._buffers[index]
-        while not buffer:
-            if self._error is not None:
-                raise self._error
-            if self._ended:
-                raise RuntimeError("the batched generation ended before this row finished")
-            try:
-                if self._deltas is None:
-                    self._deltas = self._start()
-                delta = await anext(self._deltas)
-            except StopAsyncIteration:
-                self._ended = True
-                continue
-            except asyncio.CancelledError:
-                self._error = RuntimeError("the batched generation was cancelled")
-                raise
-            except BaseException as exc:
-                self._error = exc
-                raise
-            self._buffers[delta.index].append(delta)
-        return buffer.popleft()
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._deltas, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-@dataclass
-class _Claim:
-    """Row ``index`` of a running batch, reserved for the call that asks for exactly it."""
-
-    model: ChatGemmaLocal
-    conversation: list[dict[str, Any]]
-    params: SamplingParams
-    rows: _BatchRows | _AsyncBatchRows
-    index: int
-    taken: bool = False
-
-    def take(self, model: ChatGemmaLocal, conversation: Any, params: SamplingParams) -> bool:
-        if self.taken or model is not self.model:
-            return False
-        if conversation != self.conversation or params != self.params:
-            return False  # not the request this row was generated for: generate afresh
-        self.taken = True
-        return True
-
-
-@dataclass(frozen=True)
-class _BatchPlan:
-    """The inputs of one ``batch()`` group that join the batched generation."""
-
-    conversations: list[list[dict[str, Any]]]
-    params: SamplingParams
-    slots: list[int | None]  # per input: its row, or None to run (and fail) on its own
-
-    def claims(
-        self, model: ChatGemmaLocal, rows: _BatchRows | _AsyncBatchRows
-    ) -> list[_Claim | None]:
-        return [
-            None
-            if slot is None
-            else _Claim(model, self.conversations[slot], self.params, rows, slot)
-            for slot in self.slots
-        ]
-
-
-_CLAIM: contextvars.ContextVar[_Claim | None] = contextvars.ContextVar(
-    "gemma_local_batch_claim", default=None
-)
+__all__ = [
+    "CALL_OPTIONS",
+    "CHAT_MESSAGE_ROLES",
+    "CONSTRAINT_OPTIONS",
+    "CUT_OFF_CALL_ERROR",
+    "TOOL_CHOICE_MODES",
+    "ChatGemmaLocal",
+    "convert_message_to_dict",
+    "convert_messages_to_dicts",
+    "convert_to_response_format",
+    "convert_tool_choice",
+]
 
 #: Core's tool and JSON-output options, bound by ``bind_tools`` / ``with_structured_output``
 #: (or passed per call, in OpenAI's shapes).
@@ -780,13 +150,6 @@ _SAMPLING_FIELDS = (
     "repetition_penalty",
     "logit_bias",
 )
-#: ``tool_choice`` strings LangChain code passes, as core's (OpenAI's) modes.
-TOOL_CHOICE_MODES: Mapping[str, str] = {
-    "auto": "auto",
-    "none": "none",
-    "required": "required",
-    "any": "required",
-}
 _LOAD_FIELDS = frozenset({"use_4bit_quantization", "device_map", "client_kwargs"})
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from core import BaseGemmaChatCompletion
 from langchain_gemma_local import ChatGemmaLocal
-from langchain_gemma_local.chat_models import _cut_off_error
+from langchain_gemma_local.structured import _cut_off_error
 
 
 class Pet(BaseModel):
