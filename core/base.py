@@ -176,7 +176,6 @@ class BaseGemmaChatCompletion:
         self.model: Any = None
         self.tokenizer: Any = None
         self._loaded = False
-        self._system_role = True
         self._loaded_family: Family | None = None  # the loaded checkpoint's (system role probed)
         self._named_family: Family | None = None  # before a load: from config.json or the name
         self._eos_ids: frozenset[int] = frozenset()
@@ -345,10 +344,10 @@ class BaseGemmaChatCompletion:
         if hasattr(family, "system_role"):  # Gemma 1-3: does this template take a system turn?
             try:
                 self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
-                self._system_role = True
+                system_role = True
             except Exception:
-                self._system_role = False
-            family = dataclasses.replace(family, system_role=self._system_role)  # type: ignore[type-var]
+                system_role = False
+            family = dataclasses.replace(family, system_role=system_role)  # type: ignore[type-var]
         self._loaded_family = family
         eos = set(self._eos_token_ids())
         if getattr(tok, "eos_token_id", None) is not None:
@@ -399,6 +398,11 @@ class BaseGemmaChatCompletion:
             model_type = config.get("model_type") or model_type_from_name(self.model_name)
             self._named_family = family_for(model_type)
         return self._named_family
+
+    @property
+    def _system_role(self) -> bool:
+        """Whether the chat template takes a system turn (Gemma 1/2 fold it; Gemma 3/4 take it)."""
+        return bool(getattr(self.family, "system_role", True))
 
     def _model_type(self) -> str | None:
         config = getattr(self.model, "config", None)
