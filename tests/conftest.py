@@ -146,6 +146,14 @@ def gemma4_vision_path(tiny_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma4_unified_path(tiny_dir: Path) -> Path:
+    """Gemma 4 unified checkpoint (``gemma4_unified``, ``Gemma4UnifiedForConditionalGeneration``:
+    encoder-free multimodal, K=V global attention, no per-layer embeddings; like
+    gemma-4-12B), float32. mlx-lm loads it with its ``gemma4`` module."""
+    return _build(tiny_dir, "gemma4_unified")
+
+
+@pytest.fixture(scope="session")
 def gemma3n_path(tiny_dir: Path) -> Path:
     """Gemma 3n checkpoint (``gemma3n``, text weights only: transformers loads it with
     ``Gemma3nForCausalLM``; ``AutoModelForCausalLM`` needs timm), float32."""

@@ -1,7 +1,8 @@
 """Tiny offline Gemma 4 and Gemma 3n checkpoints (core/tiny/), loaded through the real code paths.
 
 The checkpoints are the session fixtures of conftest.py (``gemma4_path``,
-``gemma4_moe_path``, ``gemma4_vision_path``, ``gemma3n_path``).  This file checks
+``gemma4_moe_path``, ``gemma4_vision_path``, ``gemma4_unified_path``,
+``gemma3n_path``).  This file checks
 that each one loads with transformers (the right class, no missing or unexpected
 weights) and with ``mlx_lm.load``; the Gemma 4 tokenizer facts (control-token
 ids, stop ids, one ``<bos>``); the real Gemma 4 chat template (system turn,
@@ -27,6 +28,13 @@ CHECKPOINTS = {
     "gemma4_text": ("gemma4_path", "Gemma4ForCausalLM", "mlx_lm.models.gemma4_text"),
     "gemma4_moe": ("gemma4_moe_path", "Gemma4ForCausalLM", "mlx_lm.models.gemma4_text"),
     "gemma4": ("gemma4_vision_path", "Gemma4ForConditionalGeneration", "mlx_lm.models.gemma4"),
+    # mlx-lm has no gemma4_unified module: its MODEL_REMAPPING loads it with gemma4's,
+    # whose sanitize() drops the vision / audio embedders.
+    "gemma4_unified": (
+        "gemma4_unified_path",
+        "Gemma4UnifiedForConditionalGeneration",
+        "mlx_lm.models.gemma4",
+    ),
     "gemma3n": ("gemma3n_path", "Gemma3nForCausalLM", "mlx_lm.models.gemma3n"),
 }
 GEMMA4_CONTROL = {
@@ -174,7 +182,9 @@ def test_config_files(arch, ckpt):
         assert gen["eos_token_id"] == [1, 106]
         return
     assert gen["eos_token_id"] == [1, 106, 50]
-    assert text["model_type"] == "gemma4_text"
+    assert text["model_type"] == (
+        "gemma4_unified_text" if arch == "gemma4_unified" else "gemma4_text"
+    )
     # mlx-lm reads these from the top of the text config (transformers keeps
     # the global head dim in per_layer_config only).
     full = [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"]
@@ -186,6 +196,17 @@ def test_config_files(arch, ckpt):
         assert (text["num_experts"], text["top_k_experts"]) == (32, 4)
         assert text["num_global_key_value_heads"] == 1 < text["num_key_value_heads"]
         assert text["num_kv_shared_layers"] == 0 and text["hidden_size_per_layer_input"] == 0
+    elif arch == "gemma4_unified":
+        # Like gemma-4-12B's config.json: K=V global attention, nothing of the E models or MoE.
+        assert text["attention_k_eq_v"] and not text["enable_moe_block"]
+        assert text["num_global_key_value_heads"] == 1 < text["num_key_value_heads"]
+        assert text["num_kv_shared_layers"] == 0 and text["hidden_size_per_layer_input"] == 0
+        assert not text["use_double_wide_mlp"] and text["use_bidirectional_attention"] == "vision"
+        assert cfg["model_type"] == "gemma4_unified" and cfg["vocab_size"] == 512
+        assert cfg["architectures"] == ["Gemma4UnifiedForConditionalGeneration"]
+        assert cfg["vision_config"]["model_type"] == "gemma4_unified_vision"
+        assert cfg["audio_config"]["model_type"] == "gemma4_unified_audio"
+        assert cfg["image_token_id"] == tiny.special_token_ids(arch)["<|image|>"]
     else:
         assert not text["enable_moe_block"] and not text["attention_k_eq_v"]
         assert text["num_kv_shared_layers"] == 2 and text["use_double_wide_mlp"]
@@ -393,6 +414,14 @@ def test_transformers_loads(arch, hf_model):
         assert hasattr(model.model.layers[0], "experts")
     elif arch == "gemma4":
         assert model.model.vision_tower is not None and model.model.audio_tower is None
+    elif arch == "gemma4_unified":
+        # Encoder-free: embedders instead of towers; K=V global attention (no v_proj).
+        assert not hasattr(model.model, "vision_tower") and not hasattr(model.model, "audio_tower")
+        assert model.model.embed_vision is not None and model.model.embed_audio is not None
+        layers = model.model.language_model.layers
+        assert layers[-1].self_attn.v_proj is None and layers[0].self_attn.v_proj is not None
+        assert not hasattr(layers[0], "per_layer_input_gate")
+        return
     if arch != "gemma4_moe":
         # KV-shared layers have no k/v projections of their own
         layers = model.model.language_model.layers if arch == "gemma4" else model.model.layers
@@ -417,10 +446,17 @@ def test_mlx_loads(arch, mlx_model):
     assert wrapper.eos_token_ids == ({1, 106} if arch == "gemma3n" else {1, 106, 50})
     if arch == "gemma3n":
         return
-    args = (model.language_model if arch == "gemma4" else model).args
+    args = (model.language_model if arch in ("gemma4", "gemma4_unified") else model).args
     assert (args.vocab_size, args.hidden_size, args.final_logit_softcapping) == (512, 64, 30.0)
     layers = model.layers
-    if arch == "gemma4_moe":
+    if arch == "gemma4_unified":
+        assert args.attention_k_eq_v and not args.enable_moe_block
+        assert args.num_kv_shared_layers == 0 and args.hidden_size_per_layer_input == 0
+        full = layers[-1].self_attn
+        assert full.use_k_eq_v and not hasattr(full, "v_proj") and full.n_kv_heads == 1
+        assert full.head_dim == 32 and layers[0].self_attn.head_dim == 16
+        assert [layer.mlp.gate_proj.weight.shape[0] for layer in layers] == [128, 128, 128]
+    elif arch == "gemma4_moe":
         assert args.enable_moe_block and args.attention_k_eq_v and args.num_kv_shared_layers == 0
         full = layers[-1].self_attn
         assert full.use_k_eq_v and not hasattr(full, "v_proj") and full.n_kv_heads == 1
@@ -464,7 +500,7 @@ def test_mlx_4bit_convert_loads_and_generates(arch, ckpt, tmp_path):
     assert len(toks) == 4 and all(0 <= t < 512 for t in toks)
 
 
-@pytest.mark.parametrize("bnb_arch", ["gemma4_text", "gemma4_moe", "gemma4"])
+@pytest.mark.parametrize("bnb_arch", ["gemma4_text", "gemma4_moe", "gemma4", "gemma4_unified"])
 def test_bnb_nf4_on_cpu(bnb_arch, request):
     """Every Linear but the tied lm_head is 4-bit (the router too: 32 experts pack on CPU)."""
     import torch

@@ -29,6 +29,12 @@ Gemma 4 (:data:`GEMMA4_ARCHS`) and Gemma 3n follow their own releases:
   experts, top 4) and ``attention_k_eq_v`` with one global KV head (like
   26B-A4B / 31B); ``gemma4``: the multimodal ``Gemma4ForConditionalGeneration``
   (a one-layer vision tower, no audio tower, no processor yet) used for text;
+* ``gemma4_unified`` (like gemma-4-12B): ``Gemma4UnifiedForConditionalGeneration``,
+  the encoder-free multimodal model (small vision / audio embedders, no towers,
+  no processor: its image processor needs torchvision) used for text; three
+  layers (sliding, sliding, full), ``attention_k_eq_v`` with one global KV head,
+  no per-layer embeddings, KV sharing or MoE. mlx-lm loads it with its ``gemma4``
+  module (``MODEL_REMAPPING``);
 * the Gemma 4 tokenizer has every control token at its real id
   (:data:`GEMMA4_SPECIAL_TOKENS`), the media tokens at the last ids,
   ``add_bos_token`` false and left padding, and the real Gemma 4 template;

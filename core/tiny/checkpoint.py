@@ -44,6 +44,7 @@ _INIT_STD = {
     "gemma4_text": 0.02,
     "gemma4_moe": 0.02,
     "gemma4": 0.02,
+    "gemma4_unified": 0.02,
     "gemma3n": 0.05,  # 0.02 decodes greedily into one repeated token
 }
 # Gemma 2 has no q/k RMSNorm (Gemma 3 does): with std 0.02 its attention is

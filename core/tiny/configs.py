@@ -1,7 +1,7 @@
 """The tiny checkpoints' model configs, per architecture (see :mod:`core.tiny`).
 
 Gemma 1 / 2 / 3 (text and multimodal): :func:`_make_config`; Gemma 4 (dense
-E-like, MoE, multimodal): :func:`_make_gemma4_config`; Gemma 3n:
+E-like, MoE, multimodal, unified): :func:`_make_gemma4_config`; Gemma 3n:
 :func:`_make_gemma3n_config`. Each builds the real transformers config class
 with every field explicit; :func:`_patch_config_json` then writes into
 ``config.json`` the keys the hub checkpoints carry and mlx-lm reads, but
@@ -59,6 +59,16 @@ _DIMS = {
         num_key_value_heads=2,
         head_dim=16,
     ),
+    # 12B-like (gemma4_unified): 3 layers (sliding, sliding, full), K=V global
+    # attention with one global KV head; no per-layer embeddings, KV sharing or MoE.
+    "gemma4_unified": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
     # E-like Gemma 3n: 4 layers (sliding, full, sliding, full), the last 2 KV-shared.
     "gemma3n": dict(
         hidden_size=64,
@@ -71,7 +81,7 @@ _DIMS = {
 }
 # Gemma 4 specifics (see _make_gemma4_config).  The real models: head_dim 256,
 # global_head_dim 512, per-layer input 256, sliding window 512 (E) / 1024.
-_GEMMA4_GLOBAL_HEAD_DIM = {"gemma4_text": 64, "gemma4": 64, "gemma4_moe": 32}
+_GEMMA4_GLOBAL_HEAD_DIM = {"gemma4_text": 64, "gemma4": 64, "gemma4_moe": 32, "gemma4_unified": 32}
 _GEMMA4_SLIDING_WINDOW = 512
 _GEMMA4_SOFTCAP = 30.0
 _GEMMA4_PER_LAYER_INPUT = 64  # E models' hidden_size_per_layer_input (bnb needs %64)
@@ -183,8 +193,8 @@ def _make_config(arch: str, vocab_size: int, **dims):
 
 def _gemma4_layer_types(arch: str, n: int) -> list[str]:
     # E-like: alternate (the KV-shared tail needs both kinds before it);
-    # MoE: full attention every 3rd layer.  The last layer is always full.
-    pattern = 3 if arch == "gemma4_moe" else 2
+    # MoE and unified: full attention every 3rd layer.  The last layer is always full.
+    pattern = 3 if arch in ("gemma4_moe", "gemma4_unified") else 2
     return _layer_types(n, min(pattern, n))
 
 
@@ -234,7 +244,94 @@ def _gemma4_text_config(arch: str, vocab_size: int, **dims):
     )
 
 
+def _gemma4_unified_config(vocab_size: int, **dims):
+    """A ``Gemma4UnifiedConfig`` (like gemma-4-12B): the encoder-free multimodal model.
+
+    Its text model is Gemma 4's decoder without per-layer embeddings, KV
+    sharing, double-wide MLP or MoE (the unified text config has no such
+    fields; the hub's config.json still writes ``hidden_size_per_layer_input``
+    0 and ``enable_moe_block`` false, which mlx-lm reads, so they are given
+    here too), with K=V global attention and one global KV head. Images and
+    audio enter through small embedders (LayerNorm / Dense / positions, and an
+    RMSNorm + Linear), not towers: they are built here, tiny, so the
+    checkpoint has the real layout; mlx-lm drops them on load.
+    """
+    from transformers import (
+        Gemma4UnifiedAudioConfig,
+        Gemma4UnifiedConfig,
+        Gemma4UnifiedTextConfig,
+        Gemma4UnifiedVisionConfig,
+    )
+
+    arch = "gemma4_unified"
+    n = dims["num_hidden_layers"]
+    text = Gemma4UnifiedTextConfig(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=_GEMMA4_SLIDING_WINDOW,
+        layer_types=_gemma4_layer_types(arch, n),
+        rope_parameters={
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": _ROPE_GLOBAL,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": _ROPE_LOCAL},
+        },
+        final_logit_softcapping=_GEMMA4_SOFTCAP,
+        attention_bias=False,
+        attention_k_eq_v=True,
+        num_kv_shared_layers=0,
+        use_double_wide_mlp=False,
+        use_bidirectional_attention="vision",
+        global_head_dim=_GEMMA4_GLOBAL_HEAD_DIM[arch],
+        num_global_key_value_heads=_GEMMA4_GLOBAL_KV_HEADS,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=vocab_size,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+        **dims,
+    )
+    ids = special_token_ids(arch, vocab_size)
+    init = dims["initializer_range"]
+    # Real: 16 px patches merged 3 x 3 (48 px), mm_embed_dim = hidden 3840,
+    # 1120 positions; audio: 640-sample frames.
+    vision = Gemma4UnifiedVisionConfig(
+        patch_size=8,
+        pooling_kernel_size=2,
+        mm_embed_dim=dims["hidden_size"],
+        mm_posemb_size=16,
+        output_proj_dims=dims["hidden_size"],
+        rms_norm_eps=1e-6,
+        initializer_range=init,
+    )
+    audio = Gemma4UnifiedAudioConfig(audio_embed_dim=32, rms_norm_eps=1e-6, initializer_range=init)
+    return Gemma4UnifiedConfig(
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio,
+        boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"],
+        image_token_id=ids["<|image|>"],
+        video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"],
+        eoa_token_index=ids["<audio|>"],
+        audio_token_id=ids["<|audio|>"],
+        initializer_range=init,
+        tie_word_embeddings=True,
+    )
+
+
 def _make_gemma4_config(arch: str, vocab_size: int, **dims):
+    if arch == "gemma4_unified":
+        return _gemma4_unified_config(vocab_size, **dims)
     if arch != "gemma4":
         return _gemma4_text_config(arch, vocab_size, **dims)
     from transformers import Gemma4Config, Gemma4VisionConfig
@@ -299,7 +396,7 @@ def _patch_config_json(path: Path, arch: str, dtype: str, vocab_size: int) -> No
         text["rope_scaling"] = None
     elif is_gemma4(arch):
         _patch_gemma4_text(text)
-        if arch == "gemma4":
+        if arch in ("gemma4", "gemma4_unified"):
             cfg["vocab_size"] = vocab_size  # mlx-lm copies it into text_config
             text["torch_dtype"] = dtype
     elif arch == "gemma3n":

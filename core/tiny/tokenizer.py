@@ -15,8 +15,9 @@ from pathlib import Path
 GEMMA3_ARCHS = ("gemma3_text", "gemma3", "gemma2", "gemma")
 #: Gemma 4 checkpoints (Gemma 4 tokenizer, control tokens and template):
 #: ``gemma4_text`` dense E-like, ``gemma4_moe`` (model_type ``gemma4_text`` with
-#: ``enable_moe_block``) and the multimodal ``gemma4``.
-GEMMA4_ARCHS = ("gemma4_text", "gemma4_moe", "gemma4")
+#: ``enable_moe_block``), the multimodal ``gemma4`` and the encoder-free
+#: multimodal ``gemma4_unified`` (like gemma-4-12B).
+GEMMA4_ARCHS = ("gemma4_text", "gemma4_moe", "gemma4", "gemma4_unified")
 ARCHS = (*GEMMA3_ARCHS, *GEMMA4_ARCHS, "gemma3n")
 
 #: Special tokens at the ids they have in the real Gemma tokenizers.
@@ -102,6 +103,7 @@ _TEMPLATE_FILES = {
     "gemma4_text": "gemma4_chat_template.jinja",
     "gemma4_moe": "gemma4_chat_template.jinja",
     "gemma4": "gemma4_chat_template.jinja",
+    "gemma4_unified": "gemma4_chat_template.jinja",
     # Gemma 3n uses the Gemma 3 template and token ids.
     "gemma3n": "gemma3_chat_template.jinja",
 }
