@@ -40,9 +40,10 @@ CHECKPOINTS = {
     "gemma4_text": "gemma4_path",
     "gemma4_moe": "gemma4_moe_path",
     "gemma4": "gemma4_vision_path",
+    "gemma4_unified": "gemma4_unified_path",
     "gemma3n": "gemma3n_path",
 }
-GEMMA4 = ("gemma4_text", "gemma4_moe", "gemma4")
+GEMMA4 = ("gemma4_text", "gemma4_moe", "gemma4", "gemma4_unified")
 #: Gemma 4's end ids (generation config): <eos>, <turn|>, <|tool_response>.
 EOS, TURN_END, TOOL_RESPONSE = 1, 106, 50
 BOS, THINK, CHANNEL_START, CHANNEL_END, STRING_DELIM, CALL_START = 2, 98, 100, 101, 52, 48
@@ -576,6 +577,7 @@ def test_every_checkpoint_loads_and_generates(clients, backend, arch) -> None:
             "gemma4_text": ("gemma4_text", "Gemma4ForCausalLM"),
             "gemma4_moe": ("gemma4_text", "Gemma4ForCausalLM"),
             "gemma4": ("gemma4", "Gemma4ForConditionalGeneration"),
+            "gemma4_unified": ("gemma4_unified", "Gemma4UnifiedForConditionalGeneration"),
             # the text model of the multimodal checkpoint (AutoModelForCausalLM's
             # Gemma3nForConditionalGeneration needs timm for its vision tower)
             "gemma3n": ("gemma3n_text", "Gemma3nForCausalLM"),
@@ -921,6 +923,46 @@ def test_thinking_then_json_on_a_real_stream(g4) -> None:
     assert "".join(d.get("reasoning_content", "") for d in deltas) == reasoning
     assert "".join(d.get("content") or "" for d in deltas) == content
     assert chunks[-1]["usage"] == usage
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma4_unified_greedy_thinking_and_a_tool_call(clients, backend) -> None:
+    """The encoder-free ``gemma4_unified`` (like gemma-4-12B) on both backends: the Gemma 4
+    family by its model_type, greedy text, a thought split off, a native tool call."""
+    client = clients(backend, "gemma4_unified")
+    assert client.family.name == "gemma4"
+    options: dict[str, Any] = dict(temperature=0, max_tokens=12, logit_bias=NO_END)
+    first, again = (client.create(USER, **options)["choices"][0]["message"] for _ in range(2))
+    assert first == again and first["content"] and no_control_tokens(first["content"])
+    # A thought (opened by bias; the grammar allows one channel, then asks for the call).
+    assert "<|think|>" in client.format_prompt(USER, thinking=True).text
+    thought = client.create(
+        USER,
+        temperature=0,
+        max_tokens=96,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "ping"}},
+        thinking=True,
+        logit_bias={CHANNEL_START: 20.0, CHANNEL_END: 0.2},
+    )
+    reply = thought["choices"][0]
+    assert reply["finish_reason"] == "tool_calls"
+    assert valid_calls(reply["message"]) == [("ping", {})]
+    reasoning = reply["message"]["reasoning_content"]
+    assert reasoning and no_control_tokens(reasoning) and reply["message"]["content"] is None
+    usage = thought["usage"]
+    assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] < usage["completion_tokens"]
+    call = client.create(
+        USER,
+        temperature=0,
+        max_tokens=64,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        logit_bias=SHORT_STRINGS,
+    )
+    reply = call["choices"][0]
+    assert reply["finish_reason"] == "tool_calls"
+    assert [name for name, _ in valid_calls(reply["message"])] == ["get_weather"]
 
 
 # ------------------------------------------------------------------------ parity
