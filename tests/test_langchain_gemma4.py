@@ -576,10 +576,9 @@ def weather_tool(ran: list[tuple[str, int]]) -> BaseTool:
 
 
 def test_real_agent_runs_the_tool_and_finishes(g4: BaseGemmaChatCompletion) -> None:
-    """LangGraph's prebuilt ReAct agent (``langchain.agents.create_agent``, its successor,
-    needs the ``langchain`` package, which the dev environment does not install): the
-    first step must call, later steps may; the tool really runs and the loop ends with
-    a reply without calls."""
+    """LangGraph's prebuilt ReAct agent (deprecated for ``langchain.agents.create_agent``,
+    tested below; still what LangGraph users call): the first step must call, later
+    steps may; the tool really runs and the loop ends with a reply without calls."""
     ran: list[tuple[str, int]] = []
     tool_ = weather_tool(ran)
     model = llm(g4, logit_bias=TERSE)
@@ -597,13 +596,61 @@ def test_real_agent_runs_the_tool_and_finishes(g4: BaseGemmaChatCompletion) -> N
         {"messages": [("user", "What is the weather in Paris for three days?")]},
         {"recursion_limit": 8},
     )
-    messages = list(out["messages"])
+    check_agent_run(list(out["messages"]), ran)
+
+
+def check_agent_run(messages: list[Any], ran: list[tuple[str, int]]) -> None:
+    """The calls the agent's model made are the ones the tool ran, each answered by its
+    ToolMessage, and the run ends with a reply that calls nothing."""
     calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
     assert calls and ran == [(c["args"]["city"], c["args"]["days"]) for c in calls]
     results = [m for m in messages if isinstance(m, ToolMessage)]
     assert [m.tool_call_id for m in results] == [c["id"] for c in calls]
+    assert all(m.content.startswith("Sunny in ") for m in results)
     final = messages[-1]
     assert isinstance(final, AIMessage) and not final.tool_calls and not final.invalid_tool_calls
+    no_control_tokens(final.content)
+
+
+async def test_real_create_agent_runs_the_tool_and_finishes(g4: BaseGemmaChatCompletion) -> None:
+    """``langchain.agents.create_agent`` (LangChain 1.x) with ChatGemmaLocal and a real tool,
+    sync and async. A random model calls only when made to: a ``wrap_model_call``
+    middleware asks for a call (``tool_choice="required"``) until a tool result is in the
+    history, then leaves the choice to the model ("auto"); the terse bias ends that
+    reply. The tool really runs and the graph ends on its own."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRequest, wrap_model_call
+
+    ran: list[tuple[str, int]] = []
+    tool_ = weather_tool(ran)
+    choices: list[str] = []
+
+    def choose(request: ModelRequest) -> ModelRequest:
+        answered = any(isinstance(m, ToolMessage) for m in request.messages)
+        choices.append("auto" if answered else "required")
+        return request.override(tool_choice=choices[-1])
+
+    @wrap_model_call
+    def call_first(request: ModelRequest, handler: Any) -> Any:
+        return handler(choose(request))
+
+    @wrap_model_call
+    async def acall_first(request: ModelRequest, handler: Any) -> Any:
+        return await handler(choose(request))
+
+    ask = {"messages": [("user", "What is the weather in Paris for three days?")]}
+    config: Any = {"recursion_limit": 8}
+    model = llm(g4, logit_bias=TERSE)
+    agent = create_agent(model, [tool_], middleware=[call_first])
+    check_agent_run(list(agent.invoke(ask, config)["messages"]), ran)
+    assert choices == ["required", "auto"]
+    sync_calls = list(ran)
+
+    ran.clear()
+    choices.clear()
+    aagent = create_agent(model, [tool_], middleware=[acall_first])
+    check_agent_run(list((await aagent.ainvoke(ask, config))["messages"]), ran)
+    assert choices == ["required", "auto"] and ran == sync_calls  # greedy: the same run
 
 
 def test_a_cut_off_call_is_left_out_of_the_history() -> None:
@@ -632,13 +679,16 @@ def test_a_cut_off_call_is_left_out_of_the_history() -> None:
         convert_messages_to_dicts([other])
 
 
-@pytest.mark.parametrize("checkpoint", ["gemma4_moe_path", "gemma4_vision_path"])
+@pytest.mark.parametrize(
+    "checkpoint", ["gemma4_moe_path", "gemma4_vision_path", "gemma4_unified_path"]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_other_gemma4_checkpoints_think_and_call_tools(
     request: pytest.FixtureRequest, checkpoint: str, backend: str
 ) -> None:
-    """The MoE checkpoint and the multimodal ``gemma4`` one used for text: a thought,
-    then a forced call, and structured output, through the same adapter."""
+    """The MoE checkpoint and the multimodal ``gemma4`` and ``gemma4_unified`` ones used
+    for text: a thought, then a forced call, and structured output, through the same
+    adapter."""
     from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
 
     path = str(request.getfixturevalue(checkpoint))
