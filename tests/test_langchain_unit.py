@@ -258,23 +258,18 @@ def test_convert_message(message: BaseMessage, expected: dict[str, Any]) -> None
             ToolMessage(
                 [{"type": "image", "base64": "AA", "mime_type": "image/png"}], tool_call_id="1"
             ),
-            TypeError,
-            "image ('image')",
+            ValueError,
+            "ToolMessage content block 0 ('image') is media in a message with role 'tool'",
         ),
         (
-            HumanMessage([{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]),
-            TypeError,
-            "'image_url'",
+            HumanMessage([{"type": "image", "file_id": "file-1"}]),
+            ValueError,
+            "HumanMessage content block 0 ('image') refers to a provider's stored file",
         ),
         (
-            HumanMessage([{"type": "image", "base64": "AAAA", "mime_type": "image/png"}]),
+            HumanMessage([{"type": "video", "base64": "AA", "mime_type": "video/mp4"}]),
             TypeError,
-            "image ('image')",
-        ),
-        (
-            HumanMessage([{"type": "audio", "base64": "AA", "mime_type": "audio/wav"}]),
-            TypeError,
-            "'audio'",
+            "Gemma cannot read video blocks",
         ),
         (AIMessage([{"type": "reasoning", "reasoning": "hm"}]), TypeError, "'reasoning'"),
         (
