@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .constrained import render_tool_calls, render_tool_output
+from .media import MEDIA_PART_TYPES, is_media_part, is_resolved, parse_part, resolved_part
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 #: Roles that are read as another: ``developer`` is OpenAI's newer name for ``system``.
@@ -84,10 +85,15 @@ def content_to_text(content: Any, *, where: str = "content") -> str:
                     f"got {type(part).__name__}{hint}"
                 )
             kind = part.get("type")
+            if kind in MEDIA_PART_TYPES:
+                raise ValueError(
+                    f"{where}[{i}] has type {kind!r}; images and audio are allowed in user "
+                    "messages only (this message takes 'text' parts)"
+                )
             if kind != "text":
                 raise ValueError(
-                    f"{where}[{i}] has type {kind!r}; only 'text' content parts are supported "
-                    "(images are not supported yet)"
+                    f"{where}[{i}] has type {kind!r}; content parts are 'text', and in user "
+                    f"messages also {', '.join(map(repr, MEDIA_PART_TYPES))}"
                 )
             text = part.get("text")
             if not isinstance(text, str):
@@ -99,8 +105,54 @@ def content_to_text(content: Any, *, where: str = "content") -> str:
     )
 
 
-def _message_text(message: Mapping[str, Any], role: str, i: int) -> str:
-    """A message's text as its Gemma turn reads it."""
+#: A turn's content as the chat template reads it: a string, or (with media) a
+#: list of ``{"type": "text", "text"}`` and decoded ``{"type": "image"|"audio", ...}`` parts.
+Content = str | list[dict[str, Any]]
+
+
+def user_content(content: Any, *, where: str = "content") -> Content:
+    """A user message's content: its text as :func:`content_to_text` gives it when it holds
+    no media; else a list of parts where each run of text parts is one text part
+    (joined with ``"\n"``, as the text-only case) and each media part is decoded
+    (:func:`core.media.parse_part`; already decoded parts pass as they are)."""
+    if isinstance(content, (str, bytes)) or not isinstance(content, Sequence):
+        return content_to_text(content, where=where)
+    if not any(is_media_part(p) for p in content):
+        return content_to_text(content, where=where)
+    parts: list[dict[str, Any]] = []
+    run: list[Any] = []
+
+    def flush() -> None:
+        if run:
+            parts.append({"type": "text", "text": content_to_text(run, where=where)})
+            run.clear()
+
+    for i, part in enumerate(content):
+        if is_media_part(part):
+            flush()
+            media = part if is_resolved(part) else resolved_part(parse_part(part, f"{where}[{i}]"))
+            parts.append(dict(media))
+        else:
+            run.append(part)
+    flush()
+    return parts
+
+
+def join_content(first: Content, second: Content, separator: str = TURN_SEPARATOR) -> Content:
+    """Two turns' contents as one: strings joined with ``separator``; with media, the part
+    lists concatenated, the text that meets at the seam joined with ``separator``."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + separator + second
+    a = [{"type": "text", "text": first}] if isinstance(first, str) else list(first)
+    b = [{"type": "text", "text": second}] if isinstance(second, str) else list(second)
+    if a and b and a[-1].get("type") == "text" and b[0].get("type") == "text":
+        seam = {"type": "text", "text": a[-1]["text"] + separator + b[0]["text"]}
+        return [*a[:-1], seam, *b[1:]]
+    return [*a, *b]
+
+
+def _message_text(message: Mapping[str, Any], role: str, i: int) -> Content:
+    """A message's text (with media: its parts) as its Gemma turn reads it."""
     where = f"messages[{i}]"
     content = message.get("content")
     if role == "tool":
@@ -115,6 +167,8 @@ def _message_text(message: Mapping[str, Any], role: str, i: int) -> str:
     calls = message.get("tool_calls") if role == "assistant" else None
     if content is None and not calls:
         raise ValueError(f"{where} ({role}) has no content")
+    if role == "user":
+        return user_content(content, where=f"{where}['content']")
     text = "" if content is None else content_to_text(content, where=f"{where}['content']")
     if calls:
         call_text = render_tool_calls(calls, f"{where}['tool_calls']")
@@ -154,7 +208,7 @@ def _check_tool_result(
 
 def normalize_messages(
     messages: Any, *, system_role: bool = True, instructions: str | None = None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Validate and normalise OpenAI-style chat messages for a Gemma chat template.
 
     Args:
@@ -179,7 +233,7 @@ def normalize_messages(
         raise ValueError("messages must not be empty")
 
     system_parts: list[str] = []
-    turns: list[dict[str, str]] = []
+    turns: list[dict[str, Any]] = []
     # The call ids of the assistant message that tool results may answer now
     # (None: no such message right before; an id-less call matches any id).
     open_calls: list[str | None] | None = None
@@ -206,10 +260,10 @@ def normalize_messages(
                     f"messages[{i}] is a system message after the conversation started; "
                     "Gemma accepts system instructions only at the start"
                 )
-            system_parts.append(text)
+            system_parts.append(str(text))  # a system message's text: never a part list
             continue
         if turns and turns[-1]["role"] == role:
-            turns[-1] = {"role": role, "content": turns[-1]["content"] + TURN_SEPARATOR + text}
+            turns[-1] = {"role": role, "content": join_content(turns[-1]["content"], text)}
         else:
             turns.append({"role": role, "content": text})
 
@@ -231,6 +285,6 @@ def normalize_messages(
         system = TURN_SEPARATOR.join(system_parts)
         if system_role:
             return [{"role": "system", "content": system}, *turns]
-        first = {"role": "user", "content": system + TURN_SEPARATOR + turns[0]["content"]}
+        first = {"role": "user", "content": join_content(system, turns[0]["content"])}
         return [first, *turns[1:]]
     return turns

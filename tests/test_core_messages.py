@@ -200,13 +200,23 @@ INVALID = [
     pytest.param([{"role": "user", "content": 5}], "string or a list", id="int-content"),
     pytest.param(
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-        "images are not supported",
-        id="image-part",
+        r"messages\[0\]\['content'\]\[0\]: 'x' does not exist",
+        id="image-part-missing-path",
     ),
     pytest.param(
         [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}],
-        "only 'text'",
-        id="image-part-2",
+        "'x.png' does not exist",
+        id="image-part-2-missing-path",
+    ),
+    pytest.param(
+        [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        "allowed in user messages only",
+        id="image-part-in-assistant",
+    ),
+    pytest.param(
+        [{"role": "user", "content": [{"type": "video", "video": "x.mp4"}]}],
+        "content parts are 'text', and in user messages also 'image_url'",
+        id="unknown-part",
     ),
     pytest.param([{"role": "user", "content": [42]}], "must be a text part", id="int-part"),
     pytest.param(

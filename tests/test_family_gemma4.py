@@ -410,7 +410,11 @@ def test_render_inputs_does_not_mutate() -> None:
             "must be a JSON object",
         ),
         ([USER, {"role": "assistant", "tool_calls": "f()"}], "must be a list of tool calls"),
-        ([{"role": "user", "content": [{"type": "image"}]}], "only 'text' content parts"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "has type 'image' but no 'image'"),
+        (
+            [{"role": "system", "content": [{"type": "input_audio", "input_audio": {}}]}],
+            "allowed in user messages only",
+        ),
     ],
 )
 def test_render_inputs_rejects(conversation: Any, error: str) -> None:

@@ -220,7 +220,13 @@ def test_config_files(arch, ckpt):
             ids["<image|>"],
         )
         assert cfg["vision_config"]["model_type"] == "gemma4_vision"
-        assert cfg["audio_config"] is None
+        assert cfg["audio_config"]["model_type"] == "gemma4_audio"  # like E2B / E4B
+        assert cfg["vision_config"]["pooling_kernel_size"] == tiny.GEMMA4_POOLING
+        processor = json.loads((ckpt / "processor_config.json").read_text())
+        assert processor["processor_class"] == "Gemma4Processor"
+        assert processor["image_processor"]["max_soft_tokens"] == tiny.GEMMA4_IMAGE_SOFT_TOKENS
+        assert processor["image_processor"]["pooling_kernel_size"] == tiny.GEMMA4_POOLING
+        assert processor["feature_extractor"]["feature_size"] == 128
 
 
 def test_every_mlx_model_arg_is_explicit(arch, ckpt):
@@ -413,7 +419,7 @@ def test_transformers_loads(arch, hf_model):
     if arch == "gemma4_moe":
         assert hasattr(model.model.layers[0], "experts")
     elif arch == "gemma4":
-        assert model.model.vision_tower is not None and model.model.audio_tower is None
+        assert model.model.vision_tower is not None and model.model.audio_tower is not None
     elif arch == "gemma4_unified":
         # Encoder-free: embedders instead of towers; K=V global attention (no v_proj).
         assert not hasattr(model.model, "vision_tower") and not hasattr(model.model, "audio_tower")

@@ -11,6 +11,7 @@ same family with a template that rejects the system role
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,10 @@ from ..constrained import (
     tool_call_parser,
 )
 from ..messages import normalize_messages
-from .interface import Messages, Parsed, check_thinking
+from .interface import Messages, Parsed, check_media, check_thinking, model_media
 
 if TYPE_CHECKING:
+    from ..media import MediaOptions
     from ..params import SamplingParams
 
 
@@ -100,6 +102,31 @@ class Gemma3Family:
             instructions=system_instructions(params),
         )
         return [dict(t) for t in turns], {}
+
+    def media_inputs(self, config: Mapping[str, Any] | None) -> frozenset[str] | None:
+        """Gemma 3 4b/12b/27b (``gemma3`` with a SigLIP ``vision_config``) read images, Gemma
+        3n images and audio; ``gemma3_text`` (1b, 270m) and Gemma 1/2 read text only."""
+        return model_media(config)
+
+    def media_placeholders(self, config: Mapping[str, Any] | None) -> Mapping[str, str]:
+        # The Gemma 3 template writes <start_of_image> for an image part; Gemma3Processor
+        # expands it to "\n\n<start_of_image>" + 256 x <image_soft_token> + "<end_of_image>\n\n".
+        return {"image": "<start_of_image>"}
+
+    def check_media(
+        self, kinds: Collection[str], model: str, config: Mapping[str, Any] | None
+    ) -> None:
+        if kinds:
+            model_type = config.get("model_type") if config else None
+            check_media(kinds, self.media_inputs(config), model, model_type)
+
+    def processor_options(self, options: MediaOptions) -> dict[str, Any]:
+        if options.image_soft_tokens is not None:
+            raise ValueError(
+                "image_soft_tokens is a Gemma 4 option; Gemma 3 reads every image as 256 "
+                "soft tokens (use pan_and_scan=True to also read crops of a large image)"
+            )
+        return {} if options.pan_and_scan is None else {"do_pan_and_scan": options.pan_and_scan}
 
     def grammar(self, params: SamplingParams, thinking: bool | None) -> str | None:
         self.check(params, thinking)

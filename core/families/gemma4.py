@@ -26,17 +26,18 @@ off-format calls other runtimes fail to parse, quotes instead of ``<|"|>``,
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..constrained import ToolSpec, _grammar_error, system_instructions
-from ..messages import content_to_text
+from ..messages import content_to_text, join_content, user_content
 from .gemma4_grammar import build_grammar
 from .gemma4_syntax import CONTROL_TEXT, END_TOKENS, Gemma4OutputParser
-from .interface import Messages, check_thinking
+from .interface import Messages, check_media, check_thinking, model_media
 
 if TYPE_CHECKING:
+    from ..media import MediaOptions
     from ..params import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -157,11 +158,11 @@ def render_messages(messages: Messages, instructions: str | None = None) -> list
         if role == "user":
             if content is None:
                 raise ValueError(f"{where} (user) has no content")
-            text = content_to_text(content, where=f"{where}['content']")
+            parts = user_content(content, where=f"{where}['content']")  # with media: a list
             if out and out[-1]["role"] == "user":
-                out[-1] = {"role": "user", "content": out[-1]["content"] + TURN_SEPARATOR + text}
+                out[-1] = {"role": "user", "content": join_content(out[-1]["content"], parts)}
             else:
-                out.append({"role": "user", "content": text})
+                out.append({"role": "user", "content": parts})
             continue
         turn: dict[str, Any] = {"role": "assistant"}
         raw_calls = message.get("tool_calls")
@@ -240,6 +241,32 @@ class Gemma4Family:
         if calling:
             kwargs["tools"] = tool_declarations(params.tools)
         return render_messages(messages, instructions), kwargs
+
+    def media_inputs(self, config: Mapping[str, Any] | None) -> frozenset[str] | None:
+        """``gemma4`` reads images with a ``vision_config`` and audio with an ``audio_config``
+        (E2B/E4B have both, 26B/31B vision only); ``gemma4_text`` reads text only."""
+        return model_media(config)
+
+    def media_placeholders(self, config: Mapping[str, Any] | None) -> Mapping[str, str]:
+        # The template writes <|image|> / <|audio|>; Gemma4Processor expands each into
+        # <|image> + n x <|image|> + <image|> (n: the image's soft tokens) / the audio's.
+        return {"image": "<|image|>", "audio": "<|audio|>"}
+
+    def check_media(
+        self, kinds: Collection[str], model: str, config: Mapping[str, Any] | None
+    ) -> None:
+        if kinds:
+            model_type = config.get("model_type") if config else None
+            check_media(kinds, self.media_inputs(config), model, model_type)
+
+    def processor_options(self, options: MediaOptions) -> dict[str, Any]:
+        if options.pan_and_scan is not None:
+            raise ValueError(
+                "pan_and_scan is a Gemma 3 option; Gemma 4 reads an image at its aspect ratio "
+                "within a soft-token budget (set image_soft_tokens instead)"
+            )
+        n = options.image_soft_tokens
+        return {} if n is None else {"max_soft_tokens": n}
 
     def grammar(self, params: SamplingParams, thinking: bool | None) -> str | None:
         return build_grammar(

@@ -8,6 +8,7 @@ The data flow of one request, with the calls the engine makes::
 
     family = family_for(model_type)                        # once per client
     family.check(params, thinking)                         # at the API boundary, before any load
+    family.check_media(kinds, model, config)               # images / audio it cannot read
     messages, kwargs = family.render_inputs(conversation, params, thinking)
     text = tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=True, **kwargs)
@@ -16,17 +17,23 @@ The data flow of one request, with the calls the engine makes::
     for piece in detokenised text (control tokens as sentinels if family.keep_special_tokens):
         parsed = parser.feed(piece)    # -> Parsed(content, reasoning, calls)
     parsed = parser.finish()           # held-back text; a call cut short is dropped
+
+Media (:mod:`core.media`): user content with image / audio parts renders as a
+list of parts; the template writes ``family.media_placeholders(config)[kind]``
+for each, and the backend's processor (with ``family.processor_options``)
+expands it into the media's soft tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constrained import ToolCall
 
 if TYPE_CHECKING:
+    from ..media import MediaOptions
     from ..params import SamplingParams
 
 Messages = Sequence[Mapping[str, Any]]
@@ -66,6 +73,53 @@ def check_thinking(thinking: Any, name: str, can_think: bool) -> None:
             f"thinking=True needs a model that can think; {name} models cannot "
             "(use a Gemma 4 model, or leave thinking unset)"
         )
+
+
+def model_media(config: Mapping[str, Any] | None) -> frozenset[str] | None:
+    """What a multimodal checkpoint reads besides text, from its ``config.json``: ``"image"``
+    with a ``vision_config``, ``"audio"`` with an ``audio_config``; ``None`` without a config
+    (a hub model not downloaded yet: decided after the load)."""
+    if config is None:
+        return None
+    kinds = set()
+    if config.get("vision_config") is not None:
+        kinds.add("image")
+    if config.get("audio_config") is not None:
+        kinds.add("audio")
+    return frozenset(kinds)
+
+
+#: What to use instead, per media kind, in the error for a checkpoint that cannot read it.
+_READERS = {
+    "image": "Gemma 3 4b/12b/27b, Gemma 3n or Gemma 4",
+    "audio": "Gemma 4 E2B/E4B or Gemma 3n",
+}
+
+
+def check_media(
+    kinds: Collection[str], readable: frozenset[str] | None, model: str, model_type: str | None
+) -> None:
+    """``ValueError`` naming the model and what it reads if ``kinds`` holds something else.
+
+    ``readable`` ``None`` (unknown before the checkpoint is on disk) passes.
+    """
+    missing = sorted(set(kinds) - (readable if readable is not None else set(kinds)))
+    if not missing:
+        return
+
+    def word(kind: str) -> str:
+        return "images" if kind == "image" else kind
+
+    reads = " and ".join(["text", *map(word, sorted(readable or ()))])
+    what = " or ".join(map(word, missing))
+    kind = f"model_type {model_type!r}" if model_type else "its config.json"
+    others = "; ".join(
+        f"for {word(k)} use a {_READERS[k]} checkpoint" for k in missing if k in _READERS
+    )
+    raise ValueError(
+        f"{model} cannot read {what}: it reads {reads} only ({kind}). "
+        f"Remove the {' and '.join(missing)} parts, or {others}"
+    )
 
 
 class OutputParser(Protocol):
@@ -150,6 +204,27 @@ class Family(Protocol):
         message) and never mutated. The caller adds
         ``add_generation_prompt=True``.
         """
+        ...
+
+    def media_inputs(self, config: Mapping[str, Any] | None) -> frozenset[str] | None:
+        """What the checkpoint with this ``config.json`` reads besides text (``"image"``,
+        ``"audio"``); ``None`` when ``config`` is ``None`` (not known yet)."""
+        ...
+
+    def media_placeholders(self, config: Mapping[str, Any] | None) -> Mapping[str, str]:
+        """Media kind -> the text the chat template writes for one part of that kind (the
+        processor expands it into the media's soft tokens)."""
+        ...
+
+    def check_media(
+        self, kinds: Collection[str], model: str, config: Mapping[str, Any] | None
+    ) -> None:
+        """``ValueError`` naming ``model`` and what it reads when ``kinds`` asks for more."""
+        ...
+
+    def processor_options(self, options: MediaOptions) -> dict[str, Any]:
+        """The image processor's keyword arguments for the client's ``options`` (those left
+        ``None`` are not sent); ``ValueError`` for an option this family has not."""
         ...
 
     def grammar(self, params: SamplingParams, thinking: bool | None) -> str | None:

@@ -28,7 +28,11 @@ Gemma 4 (:data:`GEMMA4_ARCHS`) and Gemma 3n follow their own releases:
   ``gemma4_moe``: ``model_type`` ``gemma4_text`` with ``enable_moe_block`` (32
   experts, top 4) and ``attention_k_eq_v`` with one global KV head (like
   26B-A4B / 31B); ``gemma4``: the multimodal ``Gemma4ForConditionalGeneration``
-  (a one-layer vision tower, no audio tower, no processor yet) used for text;
+  with one-layer vision and audio towers and the real processor configs (16 px
+  patches pooled 3 x 3, a 70-token image budget, the 128-bin mel feature
+  extractor), like E2B/E4B;
+* ``gemma3`` reads a 64 px image as 256 soft tokens (4 px patches), as the real
+  Gemma 3 reads 896 px; its ``Gemma3Processor`` loads with ``AutoProcessor``;
 * ``gemma4_unified`` (like gemma-4-12B): ``Gemma4UnifiedForConditionalGeneration``,
   the encoder-free multimodal model (small vision / audio embedders, no towers,
   no processor: its image processor needs torchvision) used for text; three
@@ -56,7 +60,14 @@ the functions, so importing this package is cheap.
 """
 
 from .checkpoint import build_tiny_checkpoint
-from .configs import IMAGE_SIZE, MM_TOKENS_PER_IMAGE, PATCH_SIZE
+from .configs import (
+    GEMMA4_IMAGE_SOFT_TOKENS,
+    GEMMA4_PATCH_SIZE,
+    GEMMA4_POOLING,
+    IMAGE_SIZE,
+    MM_TOKENS_PER_IMAGE,
+    PATCH_SIZE,
+)
 from .tokenizer import (
     ARCHS,
     EOS_TOKEN_IDS,
@@ -81,8 +92,11 @@ __all__ = [
     "GEMMA3_ARCHS",
     "GEMMA4_ARCHS",
     "GEMMA4_EOS_TOKEN_IDS",
+    "GEMMA4_IMAGE_SOFT_TOKENS",
     "GEMMA4_MEDIA_TOKENS",
     "GEMMA4_NAMED_TOKENS",
+    "GEMMA4_PATCH_SIZE",
+    "GEMMA4_POOLING",
     "GEMMA4_SPECIAL_TOKENS",
     "IMAGE_SIZE",
     "IMAGE_TOKENS",

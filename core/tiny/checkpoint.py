@@ -5,7 +5,7 @@ The config comes from :mod:`.configs`, the tokenizer from :mod:`.tokenizer`;
 here the weights are drawn (random norm scales, router scales, q/k gain, see
 :data:`_INIT_STD` and :data:`_QK_GAIN`), saved through ``save_pretrained`` (or
 in the real Gemma 3n layout), and ``generation_config.json``, the tokenizer
-and, for ``gemma3``, the processor are written beside them. ``torch`` and
+and, for ``gemma3`` and ``gemma4``, the processor are written beside them. ``torch`` and
 ``transformers`` are imported inside the functions.
 """
 
@@ -16,6 +16,9 @@ from pathlib import Path
 
 from .configs import (
     _DIMS,
+    GEMMA4_IMAGE_SOFT_TOKENS,
+    GEMMA4_PATCH_SIZE,
+    GEMMA4_POOLING,
     IMAGE_SIZE,
     MM_TOKENS_PER_IMAGE,
     _make_config,
@@ -71,6 +74,40 @@ def _save_processor(path: Path, tokenizer) -> None:
         image_seq_length=MM_TOKENS_PER_IMAGE,
     )
     processor.save_pretrained(str(path))
+
+
+def _save_gemma4_processor(path: Path) -> None:
+    """``processor_config.json`` of the multimodal Gemma 4 checkpoint, as the real ones hold it.
+
+    Written by hand: ``Gemma4Processor`` cannot be built here, because its video
+    processor needs torchvision. The image processor and audio feature
+    extractor are the real classes' (their PIL / numpy backends need neither
+    torchvision nor torchaudio); :mod:`core.transformers_media` loads them
+    without the video processor. No ``video_processor`` entry: gemma-local
+    takes no video.
+    """
+    import json
+
+    from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    image = Gemma4ImageProcessorPil(
+        patch_size=GEMMA4_PATCH_SIZE,
+        pooling_kernel_size=GEMMA4_POOLING,
+        max_soft_tokens=GEMMA4_IMAGE_SOFT_TOKENS,
+    )
+    image_config = json.loads(image.to_json_string())
+    image_config["image_processor_type"] = "Gemma4ImageProcessor"  # the real name
+    config = {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": GEMMA4_IMAGE_SOFT_TOKENS,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "image_processor": image_config,
+        "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
+    }
+    (path / "processor_config.json").write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def _save_gemma3n(path: Path, model, dtype: str) -> None:
@@ -144,7 +181,8 @@ def build_tiny_checkpoint(
     ``arch`` is one of :data:`ARCHS`.  ``path`` is emptied first.  Writes
     ``config.json``, ``model.safetensors`` (``save_pretrained``),
     ``generation_config.json`` and the tokenizer files (and, for ``gemma3``,
-    ``processor_config.json`` + the image processor).  The model dimensions
+    ``processor_config.json`` + the image processor; for ``gemma4``, the image
+    processor and the audio feature extractor).  The model dimensions
     default per arch (Gemma 1-3: hidden 128, 2 layers; Gemma 4 / 3n: hidden 64,
     3-4 layers); ``None`` means that default.  ``initializer_range`` is the std
     of the random Linear/Embedding weights (default per arch, see _INIT_STD);
@@ -262,4 +300,6 @@ def build_tiny_checkpoint(
         # build_tokenizer then overwrites with the finished ones.
         _save_processor(path, _make_tokenizer(arch, vocab_size))
     build_tokenizer(path, arch=arch, vocab_size=vocab_size)
+    if arch == "gemma4":
+        _save_gemma4_processor(path)
     return path

@@ -16,11 +16,17 @@ from pathlib import Path
 
 from .tokenizer import GEMMA3_ARCHS, is_gemma4, special_token_ids
 
-#: Vision tower of the multimodal checkpoint: 64 px images in 16 px patches
-#: (4 x 4 patches), average-pooled 2 x 2 into MM_TOKENS_PER_IMAGE soft tokens.
+#: Vision tower of the multimodal Gemma 3 checkpoint: 64 px images in 4 px patches
+#: (16 x 16 patches) read as MM_TOKENS_PER_IMAGE = 256 soft tokens, the real
+#: models' count (they read 896 px images in 14 px patches, 64 x 64, pooled 4 x 4).
 IMAGE_SIZE = 64
-PATCH_SIZE = 16
-MM_TOKENS_PER_IMAGE = 4
+PATCH_SIZE = 4
+MM_TOKENS_PER_IMAGE = 256
+#: Gemma 4's vision tower: 16 px patches pooled 3 x 3, as the real models; the
+#: tiny processor's soft-token budget per image is the smallest real one (70).
+GEMMA4_PATCH_SIZE = 16
+GEMMA4_POOLING = 3
+GEMMA4_IMAGE_SOFT_TOKENS = 70
 
 #: Default model dimensions per arch (build_tiny_checkpoint's keyword arguments).
 _GEMMA3_DIMS = dict(
@@ -92,7 +98,7 @@ _GEMMA4_NUM_EXPERTS = 32
 _GEMMA4_TOP_K = 4
 _GEMMA4_MOE_INTERMEDIATE = 64  # expert width (real 704); MLX 4-bit needs %64
 _GEMMA4_GLOBAL_KV_HEADS = 1
-_GEMMA4_VISION_POSITIONS = 64  # patch positions per side (real: 10240)
+_GEMMA4_VISION_POSITIONS = 10240  # patch positions per side, as the real models
 # Gemma 3: every 2nd layer global (the real models use 6; with 2 tiny layers
 # that would make every layer local).
 _SLIDING_WINDOW_PATTERN = 2
@@ -334,12 +340,12 @@ def _make_gemma4_config(arch: str, vocab_size: int, **dims):
         return _gemma4_unified_config(vocab_size, **dims)
     if arch != "gemma4":
         return _gemma4_text_config(arch, vocab_size, **dims)
-    from transformers import Gemma4Config, Gemma4VisionConfig
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
 
     ids = special_token_ids(arch, vocab_size)
-    # A one-layer vision tower (the real E2B's: 16 layers, hidden 768): cheap,
-    # so the checkpoint has the real layout; mlx-lm drops it on load.  No
-    # audio tower.
+    # One-layer vision and audio towers (the real E2B's: 16 vision layers,
+    # hidden 768; 12 conformer layers, hidden 1024): cheap, so the checkpoint
+    # has the real layout; mlx-lm drops them on load.
     vision = Gemma4VisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -349,17 +355,30 @@ def _make_gemma4_config(arch: str, vocab_size: int, **dims):
         head_dim=16,
         hidden_activation="gelu_pytorch_tanh",
         rms_norm_eps=1e-6,
-        patch_size=PATCH_SIZE,
-        pooling_kernel_size=2,
+        patch_size=GEMMA4_PATCH_SIZE,
+        pooling_kernel_size=GEMMA4_POOLING,
         position_embedding_size=_GEMMA4_VISION_POSITIONS,
         use_clipped_linears=False,
         standardize=False,
         initializer_range=dims["initializer_range"],
     )
+    # The real subsampling (two stride-2 convolutions over 128 mel bins) and
+    # chunked local attention, narrow.
+    audio = Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        # transformers sizes its projection as channels[0] // 4 x channels[1]: the
+        # first count must be the 128 mel bins, as the real (128, 32).
+        subsampling_conv_channels=[128, 4],
+        output_proj_dims=32,
+        use_clipped_linears=False,
+        initializer_range=dims["initializer_range"],
+    )
     return Gemma4Config(
         text_config=_gemma4_text_config(arch, vocab_size, **dims),
         vision_config=vision,
-        audio_config=None,
+        audio_config=audio,
         boi_token_id=ids["<|image>"],
         eoi_token_id=ids["<image|>"],
         image_token_id=ids["<|image|>"],
