@@ -87,8 +87,6 @@ def test_unsupported_roles_are_refused_by_name(role: str) -> None:
 @pytest.mark.parametrize(
     ("block", "name"),
     [
-        (ImageBlock(image=PNG), "ImageBlock"),
-        (AudioBlock(audio=b"RIFF0000WAVE"), "AudioBlock"),
         (DocumentBlock(data=b"%PDF-1.4"), "DocumentBlock"),
         (ThinkingBlock(content="hmm"), "ThinkingBlock"),
         (ToolCallBlock(tool_name="search"), "ToolCallBlock"),
@@ -96,15 +94,16 @@ def test_unsupported_roles_are_refused_by_name(role: str) -> None:
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_non_text_blocks_are_refused_with_their_type(block, name: str) -> None:
+def test_unreadable_blocks_are_refused_with_their_type(block, name: str) -> None:
     message = ChatMessage(role="user", blocks=[TextBlock(text="look:"), block])
-    with pytest.raises(TypeError, match=rf"only TextBlock content, got {name}"):
+    with pytest.raises(TypeError, match=rf"TextBlock, ImageBlock and AudioBlock .*; got {name}"):
         to_openai_message(message)
 
 
-def test_image_error_says_images_are_not_supported_yet() -> None:
-    with pytest.raises(TypeError, match="images are not supported yet"):
-        to_openai_messages([ChatMessage(role="user", blocks=[ImageBlock(image=PNG)])])
+@pytest.mark.parametrize("block", [ImageBlock(image=PNG), AudioBlock(audio=b"RIFF0000WAVE")])
+def test_media_blocks_only_in_user_messages(block) -> None:
+    with pytest.raises(ValueError, match="role 'assistant'.*in user messages only"):
+        to_openai_messages([ChatMessage(role="assistant", blocks=[block])])
 
 
 @pytest.mark.parametrize(
@@ -313,7 +312,9 @@ def test_tool_call_blocks_only_in_assistant_messages(role: str) -> None:
     message = ChatMessage(
         role=role, blocks=[WEATHER_BLOCK], additional_kwargs={"tool_call_id": "c"}
     )
-    with pytest.raises(TypeError, match=f"only TextBlock content, got ToolCallBlock in a {role}"):
+    with pytest.raises(
+        TypeError, match=rf"got ToolCallBlock \(block 0 of the message, role '{role}'\)"
+    ):
         to_openai_message(message)
 
 
@@ -506,7 +507,9 @@ def test_thinking_blocks_go_back_as_reasoning_content() -> None:
         "content": "5",
         "reasoning_content": "Sum it.",
     }
-    with_call = ChatMessage(role="assistant", blocks=[ThinkingBlock(content="Call."), WEATHER_BLOCK])
+    with_call = ChatMessage(
+        role="assistant", blocks=[ThinkingBlock(content="Call."), WEATHER_BLOCK]
+    )
     assert to_openai_message(with_call) == {
         "role": "assistant",
         "content": None,
@@ -538,7 +541,10 @@ WEATHER_CALL = ToolCall(0, "call_1", "get_weather", '{"city": "Paris", "days": 2
 def test_reply_response_from_a_folded_delta() -> None:
     reply = Delta(0, "", "tool_calls", 5, 9, (WEATHER_CALL,), "Check it.", 3)
     response = reply_response(reply, "m")
-    assert response.message.blocks == [ThinkingBlock(content="Check it.", num_tokens=3), WEATHER_BLOCK]
+    assert response.message.blocks == [
+        ThinkingBlock(content="Check it.", num_tokens=3),
+        WEATHER_BLOCK,
+    ]
     assert response.message.additional_kwargs == {"tool_calls": [CALL]}
     assert response.additional_kwargs == {
         "prompt_tokens": 5,
