@@ -59,6 +59,8 @@ EXTRAS = {
     "mlx_lm": "mlx",
     "langchain_core": "langchain",
     "llama_index": "llama-index",
+    "fastapi": "server",
+    "uvicorn": "server",
 }
 
 
