@@ -1,4 +1,4 @@
-"""The ``gemma-local`` command: ``chat``, ``info`` and ``demo``.
+"""The ``gemma-local`` command: ``chat``, ``info``, ``demo`` and ``serve``.
 
 gemma-local chat "Why is the sky blue?"            # one prompt, streamed
 gemma-local chat                                   # interactive loop (/reset, /exit)
@@ -6,6 +6,7 @@ gemma-local chat --backend mlx --model mlx-community/gemma-3-1b-it-4bit "Hi"
 gemma-local info --model google/gemma-3-1b-it
 gemma-local demo                                   # offline: real Gemma 3 270M if installed
 gemma-local demo --model google/gemma-3-1b-it      # the same on a real model
+gemma-local serve --model google/gemma-3-1b-it     # OpenAI-compatible server on 127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -344,6 +345,89 @@ def _demo_constrained(client: BaseGemmaChatCompletion) -> None:
     print(f"-- response_format json_schema: {reply['choices'][0]['message']['content']}")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number 0..65535 (0: any free one), got {text!r}"
+        )
+    return port
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def byte_size(text: str) -> int:
+    """``"10M"`` -> 10485760: bytes, or a whole number of K / M / G (binary units)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in ("K", "M", "G") else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a size in bytes >= 1, or a whole number of K, M or G (like 10M), got {text!r}"
+        )
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.model is None:
+        raise ValueError(
+            "serve needs --model: a hub id or a local folder (e.g. --model google/gemma-3-1b-it)"
+        )
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty (omit it to serve without a key)")
+    api_key = args.api_key or os.environ.get("GEMMA_LOCAL_API_KEY") or None
+    from .server import ServerSettings, listen, serve
+    from .server.run import base_url
+
+    settings = ServerSettings.build(
+        args.model, args.served_model_name, api_key, args.max_body_size, args.max_requests
+    )
+    backend = resolve_backend(args.backend)
+    _check_backend_options(args, backend)
+    sock = listen(args.host, args.port)  # a taken port fails now, not after the load
+    try:
+        with create_gemma_client(backend, args.model, **_client_options(args)) as client:
+            print(f"loading {args.model} ({backend}) ...", flush=True)
+            client.load()
+            url = base_url(sock)
+            names = ", ".join(settings.served_names)
+            key = "required" if api_key else "none"
+            print(f"serving {names} on {url}/v1 (API key: {key})", flush=True)
+            if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+                print(
+                    f"gemma-local: warning: listening on {args.host} without an API key: anyone "
+                    "who can reach this port can use the model (set --api-key or "
+                    "GEMMA_LOCAL_API_KEY)",
+                    file=sys.stderr,
+                )
+            serve(
+                client,
+                sock=sock,
+                log_level=args.log_level,
+                served_names=settings.served_names,
+                api_key=settings.api_key,
+                max_body_size=settings.max_body_size,
+                max_requests=settings.max_requests,
+            )
+    finally:
+        sock.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-local", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -361,6 +445,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(demo)
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=cmd_demo, subparser=demo)
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server for one model",
+        description="Serve one model over HTTP: POST /v1/chat/completions (JSON and "
+        "stream), GET /v1/models, GET /health. Point any OpenAI client at http://HOST:PORT/v1.",
+    )
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=_port, default=8000, help="default: 8000")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $GEMMA_LOCAL_API_KEY, "
+        "else no key)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a name requests may use for the model (repeatable; default: --model, and a local "
+        "folder's own name)",
+    )
+    serve.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        default=256,
+        help="requests admitted at once, generating or waiting; more get HTTP 429 (default 256)",
+    )
+    serve.add_argument(
+        "--max-body-size",
+        type=byte_size,
+        default="10M",
+        help="largest request body, e.g. 512K, 10M; larger gets HTTP 413 (default 10M)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug"),
+        default="info",
+        help="default: info",
+    )
+    serve.set_defaults(func=cmd_serve, subparser=serve)
     return parser
 
 
