@@ -60,6 +60,10 @@ EXTRAS = {
     "langchain_core": "langchain",
     "llama_index": "llama-index",
     "fastapi": "server",
+    "PIL": "media",
+    "soundfile": "media",
+    "numpy": "media",
+    "scipy": "media",
     "uvicorn": "server",
 }
 
