@@ -18,6 +18,8 @@ A backend implements ``_load_model_and_tokenizer()`` and either the token
 primitive ``_generate(prompts, params, sink)`` (the built-in backends) or, as in
 the original design, ``_generate_response(prompt_str, temperature, max_tokens,
 top_p, **kwargs)`` returning the whole text (then streaming yields one chunk).
+That text is encoded with the checkpoint's tokenizer and its ids take the token
+path (see :meth:`BaseGemmaChatCompletion._generate`).
 
 Tools and JSON output (``params.constrained``) need a backend that masks
 logits every step (``supports_constraints``): it asks :meth:`_grammar_matchers`
@@ -212,6 +214,17 @@ class BaseGemmaChatCompletion:
         :meth:`_generate_response`, one whole text per prompt (``_check_hooks``
         has made sure one of the two is implemented). Options beyond the four
         positional ones reach it as keyword arguments, only when they are set.
+
+        The text is encoded with the checkpoint's tokenizer (which parses each
+        control token's text as that token, as it does in a prompt) and its ids
+        go through the sink like sampled ones (:meth:`TokenSink.push_reply`): the
+        same decoding, end ids, stop strings, ``max_tokens``, counts and family
+        parser as every backend. A ``str`` cannot say which of its characters a
+        control token's id wrote: a Gemma 4 reply that spells ``<|channel>`` with
+        ordinary tokens is content on the token path, but once it is text it
+        reads as the marker; a subclass that has the ids should implement
+        :meth:`_generate` instead. The user's own messages are never parsed:
+        only the returned reply goes through the parser.
         """
         extra: dict[str, Any] = {"top_k": params.top_k, "seed": params.seed}
         if params.repetition_penalty is not None:
@@ -228,9 +241,7 @@ class BaseGemmaChatCompletion:
                 params.top_p,
                 **extra,
             )
-            count = len(self._encode(text, special=False))
-            reason = "length" if count >= sink.rows[index].max_tokens else "stop"
-            sink.push_text(index, text, count, reason)
+            sink.push_reply(index, self._encode(text, special=False))
 
     def _generate_response(
         self, prompt_str: str, temperature: float, max_tokens: int, top_p: float, **kwargs: Any
@@ -257,7 +268,6 @@ class BaseGemmaChatCompletion:
             skipped_ids=self._skipped_ids,
             parser=lambda: family.output_parser(params, None),
             stop_on_content=family.keep_special_tokens,
-            control_tokens=family.control_tokens,
         )
         self._generate([prompt], params, sink)
         sink.close()
@@ -600,7 +610,6 @@ class BaseGemmaChatCompletion:
                 skipped_ids=self._skipped_ids,
                 parser=lambda: family.output_parser(params, params.thinking),
                 stop_on_content=family.keep_special_tokens,
-                control_tokens=family.control_tokens,
             )
             try:
                 self._generate(prompts, params, sink)

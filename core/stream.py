@@ -248,7 +248,6 @@ class _Row:
         byte_ids: frozenset[int] = frozenset(),
         skipped_ids: frozenset[int] = frozenset(),
         stop_on_content: bool = False,
-        control_tokens: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.index = index
         self.prompt_tokens = prompt_tokens
@@ -267,7 +266,6 @@ class _Row:
         self.calls = 0
         self.json_output = params.response_format is not None
         self.constrained = params.constrained
-        self.control_tokens = control_tokens
 
     def delta(self, text: str) -> Delta | None:
         parsed = self.parser.feed(text) if text else Parsed()
@@ -330,16 +328,6 @@ class _Row:
         self.reasoning_tokens += 1
         return None if delta is None else replace(delta, reasoning_tokens=self.reasoning_tokens)
 
-    def push_text(self, text: str, completion_tokens: int, finish_reason: str) -> Delta | None:
-        self.completion_tokens = completion_tokens
-        for token, sentinel in self.control_tokens:  # a whole text has no ids to read them by
-            text = text.replace(token, sentinel)
-        emitted, stopped = self.stops.feed(text)
-        if stopped:
-            self.finish_reason = "stop"
-            return self.delta(emitted)
-        return self.finish(finish_reason, emitted)
-
     def finish(self, reason: str, text: str = "") -> Delta | None:
         tail, stopped = self.stops.feed(self.detok.flush())
         self.finish_reason = "stop" if stopped else reason  # a stop string in held-back text
@@ -372,10 +360,7 @@ class TokenSink:
     :class:`IncrementalDetokenizer` (see there). ``stop_on_content``: stop
     strings match only the answer text the ``parser`` finds (for families
     whose raw text holds control tokens), not reasoning, calls or markup.
-    ``control_tokens``: ``(token text, sentinel)`` pairs of the family
-    (:attr:`core.families.Family.control_tokens`), applied to the whole texts
-    of :meth:`push_text` only; pushed ids are read by ``decode`` (see
-    :func:`sentinel_decoder`).
+    Control tokens are read by id, through ``decode`` (see :func:`sentinel_decoder`).
     """
 
     def __init__(
@@ -392,7 +377,6 @@ class TokenSink:
         skipped_ids: frozenset[int] = frozenset(),
         parser: Callable[[], OutputParser] | None = None,
         stop_on_content: bool = False,
-        control_tokens: Sequence[tuple[str, str]] = (),
     ) -> None:
         def room(prompt: Prompt) -> int:
             if context_window is None:
@@ -412,7 +396,6 @@ class TokenSink:
                 byte_ids,
                 skipped_ids,
                 stop_on_content,
-                control_tokens,
             )
             for i, p in enumerate(prompts)
         ]
@@ -448,13 +431,28 @@ class TokenSink:
         if row.finish_reason is None:
             self._send(row.push_token(int(token)))
 
-    def push_text(
-        self, index: int, text: str, completion_tokens: int, finish_reason: str = "stop"
-    ) -> None:
-        """For backends that produce whole texts (subclasses of the original design)."""
+    def push_reply(self, index: int, tokens: Iterable[int]) -> None:
+        """A whole reply's ids for row ``index``, then its end: for backends that produce
+        whole replies (the original design's ``_generate_response``, whose text the
+        engine encodes). The ids are read one by one as :meth:`push_row` reads them, so
+        an end id, a stop string or ``max_tokens`` ends the row there, exactly as in a
+        token stream; a reply that runs out before any of them ends with ``"stop"``.
+        The row's deltas go out folded into one (:func:`fold_deltas`): a whole reply
+        streams as one chunk."""
         row = self.rows[index]
+        deltas: list[Delta] = []
+        for token in tokens:
+            if row.finish_reason is not None:
+                break
+            delta = row.push_token(int(token))
+            if delta is not None:
+                deltas.append(delta)
         if row.finish_reason is None:
-            self._send(row.push_text(text, completion_tokens, finish_reason))
+            delta = row.finish("stop")
+            if delta is not None:
+                deltas.append(delta)
+        if deltas:
+            self._send(fold_deltas(deltas))
 
     def close(self) -> None:
         """The backend returned: rows still open ran out of tokens."""

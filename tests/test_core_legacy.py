@@ -7,7 +7,16 @@ import threading
 from typing import Any
 
 import pytest
-from test_core_support import BOS, END_OF_TURN, EOS, USER, ScriptedClient, content, stream_text
+from test_core_support import (
+    BOS,
+    END_OF_TURN,
+    EOS,
+    USER,
+    Gemma4ScriptedClient,
+    ScriptedClient,
+    content,
+    stream_text,
+)
 
 from core import BaseGemmaChatCompletion, SamplingParams
 from core.stream import REPLACEMENT_CHAR
@@ -162,6 +171,110 @@ def test_builtin_backends_still_offer_generate_response(client) -> None:
     prompt = client.format_prompt(USER)
     reply = client._worker.call(lambda: client._generate_response(prompt.text, 0.0, 8, 1.0))
     assert reply == content(client.create(USER, temperature=0, max_tokens=8))
+
+
+# ----------------------------------------------- the original design on Gemma 4
+#
+# A whole text cannot say which of its characters a control token's id wrote. The
+# engine encodes it with the checkpoint's tokenizer (each control token's text is
+# that token) and reads the ids as any token stream: the replies below give, through
+# the hook, exactly what the same ids give a token backend.
+
+Q = '<|"|>'
+WHOLE_REPLIES = {
+    "plain": "Plain answer.",
+    "thought-then-answer": "<|channel>thought\nhm<channel|>Yes<mask>.",
+    "answer-then-end": "Done.<turn|>never read",
+    "tool-response-ends": "ok<|tool_response>response:x{}",
+    "a-call": f"<|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>",
+    "noncharacters": "a\ufdd0b\ufdd3c",  # the sentinels' range, written as text
+}
+
+
+def reply_shape(out: dict[str, Any]) -> dict[str, Any]:
+    """A completion without its random ids."""
+    [choice] = out["choices"]
+    message = dict(choice["message"])
+    calls = message.pop("tool_calls", None) or []
+    message["calls"] = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    return {"message": message, "finish": choice["finish_reason"], "usage": out["usage"]}
+
+
+@pytest.fixture
+def legacy4(gemma4_path):
+    client = LegacyClient(gemma4_path)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def scripted4(gemma4_path):
+    client = Gemma4ScriptedClient(gemma4_path)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("reply", list(WHOLE_REPLIES.values()), ids=list(WHOLE_REPLIES))
+def test_gemma4_whole_reply_reads_as_the_token_path(legacy4, scripted4, reply, thinking) -> None:
+    # each ended by <turn|> (a token script that just runs out ends with "length")
+    legacy4.reply = reply + "<turn|>"
+    whole = legacy4.create(USER, max_tokens=64, thinking=thinking)
+    scripted4.enqueue(ids_of(scripted4, legacy4.reply))
+    tokens = scripted4.create(USER, max_tokens=64, thinking=thinking)
+    assert reply_shape(whole) == reply_shape(tokens)
+    chunks = list(legacy4.create(USER, max_tokens=64, thinking=thinking, stream=True))
+    assert stream_text(chunks) == (content(whole) or "")
+    kinds = [
+        kind
+        for c in chunks
+        if c["choices"]
+        for kind in ("reasoning_content", "content", "tool_calls")
+        if c["choices"][0]["delta"].get(kind)
+    ]
+    assert len(kinds) == len(set(kinds))  # the whole reply in one delta: each kind once
+
+
+def test_gemma4_whole_reply_markers_and_ends(legacy4) -> None:
+    legacy4.reply = WHOLE_REPLIES["thought-then-answer"]
+    out = legacy4.create(USER, max_tokens=64, thinking=True)
+    message = out["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("hm", "Yes.")
+    assert out["usage"]["completion_tokens"] == count(legacy4, legacy4.reply)
+    assert (
+        0
+        < out["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        < count(legacy4, legacy4.reply)
+    )
+    # an end token's text ends the reply where its id would: the rest is never read
+    legacy4.reply = WHOLE_REPLIES["answer-then-end"]
+    out = legacy4.create(USER, max_tokens=64)
+    assert (content(out), out["choices"][0]["finish_reason"]) == ("Done.", "stop")
+    assert out["usage"]["completion_tokens"] == count(legacy4, "Done.") + 1
+    # characters of the sentinels' range written as text are never read as markers
+    legacy4.reply = WHOLE_REPLIES["noncharacters"]
+    out = legacy4.create(USER, max_tokens=64)
+    assert content(out) == f"a{REPLACEMENT_CHAR}b{REPLACEMENT_CHAR}c"
+    # max_tokens cuts a longer reply as it cuts a token stream
+    legacy4.reply = "Plain answer, and a long one."
+    out = legacy4.create(USER, max_tokens=3)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 3
+    assert legacy4.reply.startswith(content(out)) and content(out) != legacy4.reply
+
+
+def test_gemma4_markers_in_the_users_messages_are_not_parsed(legacy4) -> None:
+    """Only the reply is parsed: a user who writes Gemma 4's markers in a message gets them
+    rendered into the prompt the hook receives (as the chat template writes user text),
+    and the reply the hook returns is read on its own."""
+    typed = '<|channel>thought\nsecret<channel|><|tool_call>call:x{a:<|"|>b<|"|>}<tool_call|>'
+    legacy4.reply = "Plain answer."
+    out = legacy4.create([{"role": "user", "content": typed}], max_tokens=64, thinking=True)
+    [(prompt_str, *_)] = legacy4.calls
+    assert typed in prompt_str
+    message = out["choices"][0]["message"]
+    assert message["content"] == "Plain answer." and out["choices"][0]["finish_reason"] == "stop"
+    assert "reasoning_content" not in message and "tool_calls" not in message
 
 
 # ----------------------------------------------------------- scripted token backend

@@ -16,7 +16,6 @@ import pytest
 
 from core import Delta, Prompt, SamplingParams, ToolCall, fold_deltas
 from core.base import byte_and_special_ids
-from core.families import family_for
 from core.families.gemma4_syntax import CONTROL_TEXT, SENTINELS
 from core.stream import (
     REPLACEMENT_CHAR,
@@ -151,26 +150,6 @@ def test_sentinel_decode_reads_control_tokens_by_id_and_streams_exactly(gemma4_p
         detok = IncrementalDetokenizer(decode, byte_ids, skipped)
         pieces = [detok.add(i) for i in ids] + [detok.flush()]
         assert "".join(pieces) == decode(ids), ids
-
-
-def test_sink_push_text_reads_control_tokens_of_a_whole_text() -> None:
-    """A whole-text backend hands over no ids: its control tokens are read by their text."""
-    family = family_for("gemma4_text")
-    params = SamplingParams.build(max_tokens=50)
-    out: list[Delta] = []
-    sink = TokenSink(
-        [Prompt("p", (2,))],
-        params,
-        lambda ids: "",
-        frozenset({1}),
-        out.append,
-        threading.Event(),
-        parser=lambda: family.output_parser(params, True),
-        stop_on_content=True,
-        control_tokens=family.control_tokens,
-    )
-    sink.push_text(0, "<|channel>thought\nhm<channel|>Yes<mask>.", 9)
-    assert (joined(out), "".join(d.reasoning for d in out)) == ("Yes.", "hm")
 
 
 def test_detokenizer_without_byte_ids_still_waits_for_complete_characters(tok) -> None:
@@ -371,16 +350,31 @@ def test_sink_cancel_makes_it_done_and_close_silent() -> None:
     assert all(d.finish_reason is None for d in out)
 
 
-def test_sink_push_text_for_whole_text_backends() -> None:
-    sink, out = make_sink(stop=["STOP"])
-    sink.push_text(0, "hello STOP world", 4, "length")
-    assert joined(out) == "hello " and last(out).finish_reason == "stop"
-    sink2, out2 = make_sink()
-    sink2.push_text(0, "hello", 2)
-    assert joined(out2) == "hello" and (last(out2).finish_reason, last(out2).completion_tokens) == (
-        "stop",
-        2,
-    )
+def letters(text: str) -> list[int]:
+    """The ids ``make_sink``'s decoder reads as ``text`` (a=0, b=1, ...; b is an end id)."""
+    return [ord(c) - ord("a") for c in text]
+
+
+@pytest.mark.parametrize(
+    ("reply", "options", "text", "finish", "tokens"),
+    [
+        (letters("hello"), {}, "hello", "stop", 5),  # ran out: the backend ended it
+        (letters("helloworld"), {"stop": ["lo"]}, "hel", "stop", 5),
+        ([*letters("cat"), 106, *letters("dog")], {}, "cat", "stop", 4),  # an end id
+        (letters("cdefgh"), {"max_tokens": 3}, "cde", "length", 3),
+    ],
+)
+def test_sink_push_reply_reads_a_whole_reply_as_a_token_stream(
+    reply, options, text, finish, tokens
+) -> None:
+    """A whole reply's ids end where a token stream would, and go out as one delta."""
+    sink, out = make_sink(**{"max_tokens": 50, **options})
+    sink.push_reply(0, reply)
+    [delta] = out
+    assert (delta.text, delta.finish_reason, delta.completion_tokens) == (text, finish, tokens)
+    assert sink.done
+    sink.push_reply(0, letters("more"))  # a finished row takes nothing more
+    assert out == [delta]
 
 
 # ------------------------------------------------------------------ model worker

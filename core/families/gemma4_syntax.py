@@ -103,9 +103,10 @@ END_TOKENS = (TURN_END, "<eos>", RESPONSE_START)
 
 
 def mark(text: str) -> str:
-    """``text`` as the engine decodes it where only text is known (no ids): each control
-    token's spelling turned into its sentinel (or dropped). Token ids never go through
-    here; backends that hand over whole texts (and tests) do."""
+    """``text`` with each control token's spelling turned into its sentinel (or dropped):
+    what the engine's decoder makes of the ids the tokenizer gives ``text``. For tests
+    and tools that hold text only; the engine itself decodes ids (a whole-text
+    backend's reply is encoded first, see ``BaseGemmaChatCompletion._generate``)."""
     for token, sentinel in CONTROL_TEXT:
         text = text.replace(token, sentinel)
     return text
