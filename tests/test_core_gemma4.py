@@ -926,6 +926,31 @@ def test_thinking_then_json_on_a_real_stream(g4) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_create_gemma_client_on_a_gemma4_folder(gemma4_path, backend) -> None:
+    """The issue's "done when": ``create_gemma_client(backend=..., model_name=<a Gemma 4
+    folder>)`` thinks and calls tools natively, on each backend, with its defaults."""
+    from core import create_gemma_client
+
+    with create_gemma_client(backend=backend, model_name=str(gemma4_path)) as client:
+        assert client.implementation == backend and client.family.name == "gemma4"
+        out = client.create(
+            USER,
+            temperature=0,
+            max_tokens=96,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            thinking=True,
+            logit_bias={CHANNEL_START: 20.0, CHANNEL_END: 0.2, **SHORT_STRINGS},
+        )
+        reply = out["choices"][0]
+        assert reply["finish_reason"] == "tool_calls" and len(valid_calls(reply["message"])) == 1
+        assert reply["message"]["reasoning_content"]
+        assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+        assert "<|think|>" in client.format_prompt(USER, thinking=True).text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gemma4_unified_greedy_thinking_and_a_tool_call(clients, backend) -> None:
     """The encoder-free ``gemma4_unified`` (like gemma-4-12B) on both backends: the Gemma 4
     family by its model_type, greedy text, a thought split off, a native tool call."""
