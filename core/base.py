@@ -60,6 +60,7 @@ from .errors import (
     translate_oom,
 )
 from .families import Family, family_for, model_type_from_name
+from .media import Image, Media, collect_media, media_kinds, resolve_messages
 from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
 from .stream import Delta, Prompt, TokenSink, sentinel_decoder
@@ -557,6 +558,7 @@ class BaseGemmaChatCompletion:
             thinking=thinking,
             reasoning_effort=reasoning_effort,
         )
+        (messages,) = self.resolve_media([messages])
         self._check_messages([messages], params)
         self.family.check(params, params.thinking)
         self.load()
@@ -571,14 +573,80 @@ class BaseGemmaChatCompletion:
         params = params or SamplingParams()
         turns, template_kwargs = self.family.render_inputs(messages, params, params.thinking)
         text = self._render(turns, **template_kwargs)
-        ids = tuple(self._encode(text))
+        media = collect_media(turns)
+        if media:  # the processor's ids: the media's soft tokens included
+            ids, inputs = self._media_prompt(text, media)
+        else:
+            ids, inputs = tuple(self._encode(text)), None
         window = self._context_window
         if window is not None and len(ids) >= window:
+            read = ""
+            if media:
+                read = f" ({len(ids) - len(self._encode(text))} more for the images / audio)"
             raise ContextWindowExceededError(
-                f"the prompt is {len(ids)} tokens but {self.model_name} has a context window of "
-                f"{window} tokens; shorten the conversation"
+                f"the prompt is {len(ids)} tokens{read} but {self.model_name} has a context "
+                f"window of {window} tokens; shorten the conversation or send fewer images / audio"
             )
-        return Prompt(text, ids)
+        return Prompt(text, ids, inputs)
+
+    # ------------------------------------------------------------------ media
+
+    #: Whether this backend reads images / audio (:meth:`_media_inputs`).
+    reads_media: ClassVar[bool] = False
+
+    def _media_prompt(self, text: str, media: list[Media]) -> tuple[tuple[int, ...], Any]:
+        """The rendered prompt with its media: ``(ids, backend inputs)`` (model thread).
+
+        Checks that the template wrote one placeholder per media part (user text
+        that spells a placeholder would shift every image) and what the loaded
+        checkpoint reads, then hands them to :meth:`_media_inputs`.
+        """
+        config = self._model_config()
+        kinds = {"image" if isinstance(m, Image) else "audio" for m in media}
+        self.family.check_media(kinds, self.model_name, config)
+        placeholders = self.family.media_placeholders(config)
+        for kind in sorted(kinds):
+            want = sum(1 for m in media if (kind == "image") == isinstance(m, Image))
+            marker = placeholders[kind]
+            found = text.count(marker)
+            if found != want:
+                raise ValueError(
+                    f"the prompt holds {found} {marker} markers for {want} {kind} parts: the "
+                    f"message text spells {marker}, which the chat template writes for each "
+                    f"{kind}; remove it from the text"
+                )
+        return self._media_inputs(text, media)
+
+    def _media_inputs(self, text: str, media: list[Media]) -> tuple[tuple[int, ...], Any]:
+        """``(ids, inputs)`` of a prompt with media, from the checkpoint's processor: the ids
+        with every media part's soft tokens, and what the backend's ``_generate`` passes the
+        model with them (:attr:`Prompt.media`). Backends with :attr:`reads_media` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not read images or audio")
+
+    def _model_config(self) -> Mapping[str, Any] | None:
+        """The checkpoint's config as a dict: the loaded model's, else its ``config.json``."""
+        config = getattr(self.model, "config", None)
+        to_dict = getattr(config, "to_dict", None)
+        if callable(to_dict):
+            return dict(to_dict())
+        return read_model_config(self.model_name)
+
+    def _check_media(self, conversations: Sequence[Messages]) -> None:
+        """What the checkpoint and the backend cannot read, before any load."""
+        kinds = set().union(*(media_kinds(c) for c in conversations))
+        if not kinds:
+            return
+        if not self.reads_media:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not read images or audio; use "
+                "GemmaTransformersChatCompletion for messages with image / audio parts"
+            )
+        self.family.check_media(kinds, self.model_name, self._model_config())
+
+    def resolve_media(self, conversations: Sequence[Messages]) -> list[Messages]:
+        """The conversations with every image / audio part decoded once (:mod:`core.media`);
+        the caller's lists are not touched. Text-only conversations come back as they are."""
+        return [resolve_messages(c) for c in conversations]
 
     # ------------------------------------------------------------- generation
 
@@ -627,22 +695,35 @@ class BaseGemmaChatCompletion:
         conversations: Sequence[Messages],
         model: str | None,
         options: dict[str, Any],
-    ) -> SamplingParams:
+    ) -> tuple[SamplingParams, list[Messages]]:
+        """The request's params and its conversations with their media decoded (once)."""
         if model is not None and model != self.model_name:
             raise ValueError(
                 f"this client serves {self.model_name!r}, not {model!r}; "
                 "create a client for that model instead"
             )
         params = SamplingParams.build(**options)
+        conversations = self.resolve_media(conversations)
         self._check_messages(conversations, params)
         self._check_constraints(params)
-        return params
+        return params, conversations
+
+    async def _acheck(
+        self, conversations: Sequence[Messages], model: str | None, options: dict[str, Any]
+    ) -> tuple[SamplingParams, list[Messages]]:
+        """:meth:`_check` off the event loop when a media part may read a file or fetch a URL."""
+        if any(media_kinds(c) for c in conversations):
+            import asyncio
+
+            return await asyncio.to_thread(self._check, conversations, model, options)
+        return self._check(conversations, model, options)
 
     def _check_messages(self, conversations: Sequence[Messages], params: SamplingParams) -> None:
         """Validate each conversation as this model's family reads it (no load)."""
         family = self.family
         for conversation in conversations:
             family.render_inputs(conversation, params, params.thinking)
+        self._check_media(conversations)
 
     def _check_constraints(self, params: SamplingParams) -> None:
         """What this client cannot serve (``thinking`` on a family that cannot think, ...)."""
@@ -674,6 +755,8 @@ class BaseGemmaChatCompletion:
     ) -> Iterator[Delta]:
         """The raw :class:`Delta` stream of a request (what adapters build on)."""
         self._check_constraints(params)
+        conversations = self.resolve_media(conversations)  # decoded here, not on the model thread
+        self._check_media(conversations)
         self.load()
         return stream_job(self._worker, self._job(conversations, params), self._in_flight)
 
@@ -681,10 +764,13 @@ class BaseGemmaChatCompletion:
         self, conversations: Sequence[Messages], params: SamplingParams
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream_deltas`; loading and generation never block the event loop."""
-        self._check_constraints(params)
-        if not self._loaded:
-            import asyncio
+        import asyncio
 
+        self._check_constraints(params)
+        if any(media_kinds(c) for c in conversations):  # may read files or fetch URLs
+            conversations = await asyncio.to_thread(self.resolve_media, conversations)
+        self._check_media(conversations)
+        if not self._loaded:
             await asyncio.wrap_future(self._worker.submit(self._load_on_worker))
         job = astream_job(self._worker, self._job(conversations, params), self._in_flight)
         try:
@@ -729,7 +815,7 @@ class BaseGemmaChatCompletion:
         """
         stream = _stream_flag(kwargs.pop("stream", None))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
-        params = self._check([messages], model, options)
+        params, (messages,) = self._check([messages], model, options)
         deltas = self.stream_deltas([messages], params)
         if stream:
             return chunks(deltas, self.model_name, params.n)
@@ -749,7 +835,7 @@ class BaseGemmaChatCompletion:
         if not conversations:
             return []
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
-        params = self._check(conversations, model, options)
+        params, conversations = self._check(conversations, model, options)
         collector = Completion(self.model_name, len(conversations), params.n)
         return collector.collect(self.stream_deltas(conversations, params))
 
@@ -765,7 +851,7 @@ class BaseGemmaChatCompletion:
         """Async :meth:`create`; with ``stream=True`` returns an async iterator of chunks."""
         stream = _stream_flag(kwargs.pop("stream", None))
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
-        params = self._check([messages], model, options)
+        params, (messages,) = await self._acheck([messages], model, options)
         deltas = self.astream_deltas([messages], params)
         if stream:
             return achunks(deltas, self.model_name, params.n)
@@ -785,7 +871,7 @@ class BaseGemmaChatCompletion:
         if not conversations:
             return []
         options = dict(kwargs, temperature=temperature, max_tokens=max_tokens, top_p=top_p)
-        params = self._check(conversations, model, options)
+        params, conversations = await self._acheck(conversations, model, options)
         collector = Completion(self.model_name, len(conversations), params.n)
         return await collector.acollect(self.astream_deltas(conversations, params))
 

@@ -75,7 +75,9 @@ FETCH_TIMEOUT_S = 10.0
 #: Longest audio accepted, in seconds (Gemma 4's audio encoder reads up to 30 s).
 MAX_AUDIO_SECONDS = 30.0
 
-_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.S)
+_DATA_URI = re.compile(
+    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.S
+)
 
 
 #: Gemma 4's image soft-token budgets (``Gemma4ImageProcessor.max_soft_tokens``).
@@ -102,7 +104,9 @@ class MediaOptions:
     def __post_init__(self) -> None:
         n = self.image_soft_tokens
         if n is not None and (isinstance(n, bool) or n not in IMAGE_SOFT_TOKENS):
-            raise ValueError(f"image_soft_tokens must be one of {IMAGE_SOFT_TOKENS} or None, got {n!r}")
+            raise ValueError(
+                f"image_soft_tokens must be one of {IMAGE_SOFT_TOKENS} or None, got {n!r}"
+            )
         if self.pan_and_scan is not None and not isinstance(self.pan_and_scan, bool):
             raise ValueError(f"pan_and_scan must be True, False or None, got {self.pan_and_scan!r}")
 
@@ -208,7 +212,9 @@ def _fetch(url: str, where: str, limit: int) -> bytes:
 def _file_url_path(url: str, where: str) -> Path:
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
-        raise ValueError(f"{where}: file URL {url!r} names host {parsed.netloc!r}; only local files")
+        raise ValueError(
+            f"{where}: file URL {url!r} names host {parsed.netloc!r}; only local files"
+        )
     return Path(urllib.request.url2pathname(parsed.path))
 
 
@@ -444,8 +450,8 @@ def resolve_messages(messages: Any) -> Any:
         if isinstance(content, (str, bytes)) or not isinstance(content, Sequence):
             out.append(message)
             continue
-        if not any(is_media_part(p) for p in content):
-            out.append(message)
+        if not any(is_media_part(p) and not is_resolved(p) for p in content):
+            out.append(message)  # no media, or decoded already
             continue
         role = message.get("role")
         where = f"messages[{i}]['content']"
@@ -456,7 +462,9 @@ def resolve_messages(messages: Any) -> Any:
                 "images and audio are allowed in user messages only"
             )
         parts = [
-            p if not is_media_part(p) or is_resolved(p) else resolved_part(parse_part(p, f"{where}[{j}]"))
+            p
+            if not is_media_part(p) or is_resolved(p)
+            else resolved_part(parse_part(p, f"{where}[{j}]"))
             for j, p in enumerate(content)
         ]
         out.append({**message, "content": parts})

@@ -29,7 +29,8 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .constrained import ToolCall
 from .families import OutputParser, Parsed, family_for
@@ -80,10 +81,17 @@ def sentinel_decoder(
 
 @dataclass(frozen=True)
 class Prompt:
-    """A rendered chat prompt and its token ids (exactly what the model reads)."""
+    """A rendered chat prompt and its token ids (exactly what the model reads).
+
+    ``media``: for a prompt with images / audio, what the backend's processor
+    made of them besides the ids (transformers: ``pixel_values``, token type
+    ids, audio features), which prefill passes to the model; ``ids`` already
+    hold the media's soft tokens. ``None`` for text.
+    """
 
     text: str
     ids: tuple[int, ...]
+    media: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

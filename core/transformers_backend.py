@@ -34,6 +34,7 @@ from typing import Any
 from . import accel
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import TiedWeightsError, UnsupportedPlatformError, require
+from .media import Media, MediaOptions
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 
@@ -155,10 +156,20 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         revision, token, local_files_only: passed to ``from_pretrained``.
         gguf_file: the name of a GGUF file inside the folder (or hub repository)
             ``model_name``, as ``from_pretrained(..., gguf_file=...)`` takes it.
+        image_soft_tokens: Gemma 4: the most soft tokens an image may cost
+            (70, 140, 280, 560 or 1120; ``None``: the checkpoint's processor
+            default, 280 on the released models).
+        pan_and_scan: Gemma 3: also read crops of large or elongated images
+            (each crop costs 256 more tokens; ``None``: the processor's default, off).
+
+    Messages may hold images and audio (:mod:`core.media`) for checkpoints that
+    read them: the checkpoint's own processor (``AutoProcessor``) turns them into
+    the soft tokens and tensors the model was trained with.
     """
 
     implementation = "transformers"
     supports_constraints = True
+    reads_media = True
 
     def __init__(
         self,
@@ -175,8 +186,14 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         token: str | None = None,
         local_files_only: bool | None = None,
         gguf_file: str | None = None,
+        image_soft_tokens: int | None = None,
+        pan_and_scan: bool | None = None,
     ) -> None:
         super().__init__(model_name)
+        #: The image processor's options (``None``: the checkpoint's defaults).
+        self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
+        self.family.processor_options(self.media_options)  # one this family has not: ValueError
+        self._processor: Any = None  # the checkpoint's processor, loaded at the first media
         from .gguf import check_model_path
 
         #: A local GGUF file to load (``None``: a folder or hub id, or ``gguf_file`` on the hub).
@@ -356,9 +373,14 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         pad = 0 if pad is None else int(pad)
         params = params.in_float32()
         seed = None if params.greedy else params.seed
+        media = any(p.media is not None for p in prompts)  # images / audio: generate() reads them
         # CUDA: static cache + CUDA graphs; its sampling draws from torch's default
         # generator, so seeded sampling takes generate() with its own generator.
-        if seed is None and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad):
+        if (
+            seed is None
+            and not media
+            and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad)
+        ):
             return
 
         grammar = self._grammar_matchers(params, len(prompts))
@@ -411,8 +433,51 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             options["sequence_bias"] = {(t,): b for t, b in params.logit_bias}
         if processors:
             options["logits_processor"] = LogitsProcessorList(processors)
+        if media:  # pixel_values, token type ids, audio features: prefill reads them
+            from .transformers_media import merge
+
+            options.update(merge(prompts, width, device, self.model.dtype))
         with torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+
+    # ------------------------------------------------------------------ media
+
+    def _check_media(self, conversations: Sequence[Any]) -> None:
+        from .media import media_kinds
+
+        gemma3n = self._model_type() in ("gemma3n", "gemma3n_text")
+        if gemma3n and any(media_kinds(c) for c in conversations):
+            raise ValueError(
+                f"{self.model_name}: Gemma 3n's images and audio need its full model "
+                "(Gemma3nForConditionalGeneration), whose vision tower needs timm, and timm "
+                "needs torchvision; gemma-local loads Gemma 3n for text only "
+                "(Gemma3nForCausalLM). Send text, or use a Gemma 3 / Gemma 4 checkpoint"
+            )
+        super()._check_media(conversations)
+
+    def _media_inputs(self, text: str, media: list[Media]) -> tuple[tuple[int, ...], Any]:
+        from .base import LOAD_LOCK
+        from .transformers_media import encode, load_processor
+
+        if self._processor is None:
+            source = str(self._gguf.folder) if self._gguf is not None else self.model_name
+            with LOAD_LOCK:
+                self._processor = load_processor(
+                    source,
+                    self._model_type(),
+                    trust_remote_code=self.trust_remote_code,
+                    **self.hub_kwargs,
+                )
+        text_ids = self._encode(text)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return encode(
+            self._processor,
+            text,
+            media,
+            self.family.processor_options(self.media_options),
+            add_special_tokens=not (bos and text.startswith(bos)),
+            text_ids=len(text_ids),
+        )
 
     # ----------------------------------------------------------------- extras
 
@@ -420,6 +485,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         if self.model is not None:
             accel.cuda_release(self.model)  # compiled graphs and KV buffers
         self._context_window = None
+        self._processor = None
 
     def _clear_accelerator_cache(self) -> None:
         if "torch" not in sys.modules:

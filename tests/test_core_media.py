@@ -1,0 +1,542 @@
+"""Images and audio in messages (issue 19): core.media's parsing, the families' checks, and
+the transformers backend on the tiny multimodal checkpoints (Gemma 3 vision, Gemma 4 vision +
+audio), greedy and on the CPU.
+
+Images and sounds are made here (PIL, numpy, soundfile): nothing is downloaded, and the one
+http test serves its image from a local server on an owned thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import media
+from core.errors import ContextWindowExceededError
+from core.families import family_for
+from core.messages import normalize_messages
+from tests.conftest import make_client
+
+# ----------------------------------------------------------------- helpers
+
+
+def image(seed: int, width: int = 56, height: int = 40) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def png(seed: int, **size: int) -> bytes:
+    out = io.BytesIO()
+    image(seed, **size).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def wav(hz: float, seconds: float = 0.5, rate: int = 16_000, fmt: str = "WAV") -> bytes:
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    out = io.BytesIO()
+    soundfile.write(out, 0.5 * np.sin(2 * np.pi * hz * t), rate, format=fmt)
+    return out.getvalue()
+
+
+def ask(*parts: dict[str, Any], text: str = "What is this?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
+
+
+def image_url(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def input_audio(data: bytes, fmt: str = "wav") -> dict[str, Any]:
+    return {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt},
+    }
+
+
+def reply(result: dict[str, Any]) -> str:
+    return str(result["choices"][0]["message"]["content"])
+
+
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 8}
+
+
+# ------------------------------------------------------------- parsing
+
+
+def test_every_image_source_decodes_to_the_same_pixels(tmp_path: Path) -> None:
+    data = png(3)
+    file = tmp_path / "cat.png"
+    file.write_bytes(data)
+    parts = [
+        image_url(data_uri(data)),
+        image_url(str(file)),
+        image_url(file.as_uri()),
+        {"type": "image_url", "image_url": data_uri(data)},  # the URL string alone
+        {"type": "image", "image": data},
+        {"type": "image", "image": file},
+        {"type": "image", "image": image(3)},
+    ]
+    expected = image(3).tobytes()
+    for i, part in enumerate(parts):
+        decoded = media.parse_part(part, f"part {i}")
+        assert isinstance(decoded, media.Image)
+        assert decoded.image.convert("RGB").tobytes() == expected, part["type"]
+        assert decoded.size == (56, 40)
+
+
+def test_audio_sources_decode_to_mono_samples(tmp_path: Path) -> None:
+    import numpy as np
+
+    data = wav(440)
+    (tmp_path / "a.wav").write_bytes(data)
+    for part in (
+        input_audio(data),
+        input_audio(wav(440, fmt="FLAC"), "flac"),
+        {"type": "audio", "audio": data},
+        {"type": "audio", "audio": tmp_path / "a.wav"},
+        {"type": "audio", "audio": data_uri(data, "audio/wav")},
+    ):
+        decoded = media.parse_part(part, "p")
+        assert isinstance(decoded, media.Audio)
+        assert decoded.sampling_rate == 16_000 and decoded.samples.ndim == 1
+        assert decoded.seconds == pytest.approx(0.5)
+    stereo = np.stack([np.zeros(800), np.ones(800)], axis=1)
+    array = media.parse_part({"type": "audio", "audio": stereo, "sampling_rate": 8000}, "p")
+    assert isinstance(array, media.Audio) and np.allclose(array.samples, 0.5)
+
+
+def _truncated_png() -> bytes:
+    return png(1)[:200]
+
+
+BAD_PARTS = [
+    pytest.param(image_url("data:image/png;base64,%%%not base64%%%"), "not valid base64", id="b64"),
+    pytest.param(image_url("data:image/png,rawtext"), "not base64-encoded", id="not-b64-uri"),
+    pytest.param(
+        image_url("/no/such/picture.png"), "'/no/such/picture.png' does not exist", id="path"
+    ),
+    pytest.param(image_url("file:///no/such.png"), "'/no/such.png' does not exist", id="file-url"),
+    pytest.param(image_url("ftp://host/x.png"), "unsupported URL scheme 'ftp'", id="scheme"),
+    pytest.param(
+        {"type": "image", "image": _truncated_png()}, "not a readable image", id="truncated"
+    ),
+    pytest.param(
+        {"type": "image", "image": b"hello, not a picture"}, "not an image PIL can read", id="junk"
+    ),
+    pytest.param({"type": "image", "image": 42}, "expected a URL, a path or bytes", id="int"),
+    pytest.param({"type": "image"}, "has type 'image' but no 'image'", id="no-image"),
+    pytest.param(
+        {"type": "image_url", "image_url": {"url": "x.png", "detail": "ultra"}},
+        "detail",
+        id="detail",
+    ),
+    pytest.param({"type": "image_url", "image_url": {}}, "'url'", id="no-url"),
+    pytest.param(
+        input_audio(b"RIFF", "aac"), "supported audio formats are wav, flac, ogg, mp3", id="aac"
+    ),
+    pytest.param(
+        {"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}},
+        "not valid base64",
+        id="audio-b64",
+    ),
+    pytest.param(input_audio(b"not a wav file at all"), "not readable wav audio", id="audio-junk"),
+    pytest.param({"type": "audio", "audio": [0.0, 0.1]}, "needs 'sampling_rate'", id="no-rate"),
+    pytest.param(
+        {"type": "audio", "audio": [[[0.0]]], "sampling_rate": 16000}, "1-D", id="audio-shape"
+    ),
+]
+
+
+@pytest.mark.parametrize(("part", "error"), BAD_PARTS)
+def test_bad_parts_raise_value_errors_naming_the_part(part: dict[str, Any], error: str) -> None:
+    messages = ask(part)
+    before = copy.deepcopy(messages)
+    with pytest.raises(ValueError, match=error) as info:
+        media.resolve_messages(messages)
+    assert "messages[0]['content'][1]" in str(info.value)
+    assert messages == before
+
+
+def test_media_outside_user_messages_is_refused() -> None:
+    part = image_url(data_uri(png(0)))
+    for role in ("system", "assistant"):
+        messages = [{"role": role, "content": [part]}, {"role": "user", "content": "hi"}]
+        with pytest.raises(ValueError, match="allowed in user messages only"):
+            media.resolve_messages(messages)
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    body = png(5)
+
+    def do_GET(self) -> None:
+        if self.path != "/cat.png":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, name="test-image-server")
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_http_urls_are_fetched_with_a_size_limit(image_server: str, monkeypatch) -> None:
+    fetched = media.parse_part(image_url(f"{image_server}/cat.png"), "p")
+    assert isinstance(fetched, media.Image) and fetched.image.tobytes() == image(5).tobytes()
+    with pytest.raises(
+        ValueError, match=r"fetching http://127\.0\.0\.1:\d+/dog\.png failed: HTTP 404"
+    ):
+        media.parse_part(image_url(f"{image_server}/dog.png"), "p")
+    monkeypatch.setattr(media, "MAX_IMAGE_BYTES", 100)
+    with pytest.raises(ValueError, match="larger than the limit of 100 bytes"):
+        media.parse_part(image_url(f"{image_server}/cat.png"), "p")
+
+
+def test_an_unreachable_url_names_the_url() -> None:
+    closed = "http://127.0.0.1:9/photo.png"  # the discard port: nothing listens
+    with pytest.raises(
+        ValueError, match=r"could not fetch http://127\.0\.0\.1:9/photo\.png .*data URI"
+    ):
+        media.parse_part(image_url(closed), "messages[0]['content'][1]")
+
+
+def test_resolving_never_mutates_and_keeps_text_only_messages() -> None:
+    text_only = [{"role": "user", "content": "hello"}]
+    assert media.resolve_messages(text_only) is text_only
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, image_url(data_uri(png(0)))]},
+    ]
+    before = copy.deepcopy(messages)
+    resolved = media.resolve_messages(messages)
+    assert messages == before and resolved is not messages
+    assert resolved[0] is messages[0]  # no media: the same dict
+    part = resolved[1]["content"][1]
+    assert part["type"] == "image" and isinstance(part["image"], media.Image)
+    assert media.resolve_messages(resolved) is resolved  # already decoded: nothing to do
+    assert media.media_kinds(messages) == {"image"}
+
+
+def test_user_content_with_media_renders_as_parts_in_order() -> None:
+    one, two = image_url(data_uri(png(1))), image_url(data_uri(png(2)))
+    messages = [
+        {"role": "system", "content": "S"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}, one],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "c"}, two, {"type": "text", "text": "d"}],
+        },
+    ]
+    turns = normalize_messages(messages)
+    content = turns[1]["content"]
+    assert [p["type"] for p in content] == ["text", "image", "text", "image", "text"]
+    # Text parts of a message join with "\n" and turns with "\n\n", as for text alone.
+    assert content[0]["text"] == "a\nb" and content[2]["text"] == "c" and content[4]["text"] == "d"
+    images = media.collect_media(turns)
+    assert [i.image.tobytes() for i in images] == [image(1).tobytes(), image(2).tobytes()]
+    # Gemma 2 folds the system text into the first turn's first text part.
+    folded = normalize_messages(messages, system_role=False)
+    assert folded[0]["content"][0]["text"] == "S\n\na\nb"
+    text = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}]},
+        {"role": "user", "content": "b"},
+    ]
+    assert normalize_messages(text) == [{"role": "user", "content": "a\n\nb"}]
+
+
+def test_families_say_what_a_checkpoint_reads() -> None:
+    gemma3, gemma4 = family_for("gemma3"), family_for("gemma4")
+    assert gemma3.media_inputs({"model_type": "gemma3_text"}) == frozenset()
+    assert gemma3.media_inputs({"model_type": "gemma3", "vision_config": {}}) == {"image"}
+    assert gemma3.media_inputs(None) is None
+    e2b = {"model_type": "gemma4", "vision_config": {}, "audio_config": {}}
+    assert gemma4.media_inputs(e2b) == {"image", "audio"}
+    assert gemma3.media_placeholders(None) == {"image": "<start_of_image>"}
+    assert gemma4.media_placeholders(e2b) == {"image": "<|image|>", "audio": "<|audio|>"}
+    with pytest.raises(
+        ValueError,
+        match=r"my/1b cannot read images: it reads text only \(model_type 'gemma3_text'\)",
+    ):
+        gemma3.check_media({"image"}, "my/1b", {"model_type": "gemma3_text"})
+    with pytest.raises(ValueError, match="cannot read audio: it reads text and images only"):
+        gemma4.check_media({"audio"}, "my/31b", {"model_type": "gemma4", "vision_config": {}})
+    gemma4.check_media({"image", "audio"}, "my/e2b", e2b)
+    gemma3.check_media({"image"}, "not/downloaded", None)  # unknown until loaded
+    options = media.MediaOptions(image_soft_tokens=140)
+    assert gemma4.processor_options(options) == {"max_soft_tokens": 140}
+    with pytest.raises(ValueError, match="image_soft_tokens is a Gemma 4 option"):
+        gemma3.processor_options(options)
+    assert gemma3.processor_options(media.MediaOptions(pan_and_scan=True)) == {
+        "do_pan_and_scan": True
+    }
+    with pytest.raises(ValueError, match="pan_and_scan is a Gemma 3 option"):
+        gemma4.processor_options(media.MediaOptions(pan_and_scan=True))
+    with pytest.raises(ValueError, match=r"image_soft_tokens must be one of \(70, 140"):
+        media.MediaOptions(image_soft_tokens=100)
+
+
+# ----------------------------------------------------- transformers backend
+
+
+@pytest.fixture(scope="module")
+def gemma3_vision(gemma3_vision_path: Path) -> Iterator[Any]:
+    client = make_client("transformers", gemma3_vision_path)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gemma4_vision(gemma4_vision_path: Path) -> Iterator[Any]:
+    client = make_client("transformers", gemma4_vision_path)
+    yield client
+    client.close()
+
+
+def _processor(path: Path) -> Any:
+    from core.transformers_media import load_processor
+
+    return load_processor(str(path), "gemma4" if "gemma4" in path.name else "gemma3")
+
+
+def test_gemma3_reads_images_from_every_source(gemma3_vision, gemma3_vision_path, tmp_path) -> None:
+    from PIL import Image
+
+    data = png(7)
+    (tmp_path / "p.png").write_bytes(data)
+    sources = [
+        image_url(data_uri(data)),
+        image_url(str(tmp_path / "p.png")),
+        image_url((tmp_path / "p.png").as_uri()),
+        {"type": "image", "image": data},
+        {"type": "image", "image": Image.open(io.BytesIO(data))},
+    ]
+    results = [gemma3_vision.create(ask(part), **GREEDY) for part in sources]
+    assert len({reply(r) for r in results}) == 1
+    # Exact prompt_tokens: the processor's ids, with the image's 256 soft tokens.
+    prompt = gemma3_vision.format_prompt(ask(sources[0]))
+    processor = _processor(gemma3_vision_path)
+    ids = processor(text=[prompt.text], images=[[image(7)]], add_special_tokens=False)["input_ids"][
+        0
+    ]
+    assert list(prompt.ids) == list(ids)
+    assert prompt.ids.count(processor.tokenizer.image_token_id) == 256  # <image_soft_token>
+    assert {r["usage"]["prompt_tokens"] for r in results} == {len(ids)}
+    text_only = gemma3_vision.format_prompt(ask(text="What is this?"))
+    assert len(ids) > len(text_only.ids) + 256
+
+
+def test_the_image_reaches_the_model(gemma3_vision, gemma4_vision) -> None:
+    for client in (gemma3_vision, gemma4_vision):
+        a, b, a_again = (
+            reply(client.create(ask(image_url(data_uri(png(seed)))), **GREEDY))
+            for seed in (0, 1, 0)
+        )
+        assert a != b, client.model_name  # two images, two answers
+        assert a == a_again
+
+
+def test_gemma4_image_and_audio_prompt_tokens(gemma4_vision, gemma4_vision_path) -> None:
+    import numpy as np
+
+    messages = ask(image_url(data_uri(png(2))), input_audio(wav(300)))
+    prompt = gemma4_vision.format_prompt(messages)
+    processor = _processor(gemma4_vision_path)
+    samples = media.decode_audio(wav(300), "w").samples
+    expected = processor(
+        text=[prompt.text], images=[[image(2)]], audio=[samples], add_special_tokens=False
+    )["input_ids"][0]
+    assert list(prompt.ids) == list(expected)
+    ids = np.array(prompt.ids)
+    assert 0 < (ids == processor.image_token_id).sum() <= 70  # within the tiny budget
+    assert (ids == processor.audio_token_id).sum() > 0
+    result = gemma4_vision.create(messages, **GREEDY)
+    assert result["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_gemma4_hears_the_audio(gemma4_vision) -> None:
+    low, high, low_again = (
+        reply(gemma4_vision.create(ask(input_audio(wav(hz)), text="Listen."), **GREEDY))
+        for hz in (200, 3000, 200)
+    )
+    assert low != high and low == low_again
+    # 8 kHz audio is resampled to the feature extractor's 16 kHz: the same token count.
+    eight = gemma4_vision.format_prompt(ask(input_audio(wav(200, rate=8000)), text="Listen."))
+    sixteen = gemma4_vision.format_prompt(ask(input_audio(wav(200)), text="Listen."))
+    assert len(eight.ids) == len(sixteen.ids)
+
+
+def test_streaming_with_an_image(gemma3_vision) -> None:
+    messages = ask(image_url(data_uri(png(4))))
+    whole = gemma3_vision.create(messages, **GREEDY)
+    chunks = list(gemma3_vision.create(messages, stream=True, **GREEDY))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == reply(whole)
+    assert chunks[-1]["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+
+
+@pytest.mark.asyncio
+async def test_async_with_an_image(gemma3_vision) -> None:
+    messages = ask(image_url(data_uri(png(4))))
+    result = await gemma3_vision.acreate(messages, **GREEDY)
+    assert reply(result) == reply(gemma3_vision.create(messages, **GREEDY))
+
+
+def test_batches_mix_requests_with_and_without_media(gemma3_vision, gemma4_vision) -> None:
+    for client in (gemma3_vision, gemma4_vision):
+        conversations = [
+            ask(image_url(data_uri(png(10)))),
+            [{"role": "user", "content": "Write a short poem about the sea."}],
+            ask(image_url(data_uri(png(11))), image_url(data_uri(png(12))), text="Compare."),
+        ]
+        if client is gemma4_vision:
+            conversations.append(ask(input_audio(wav(500)), text="Listen."))
+        alone = [client.create(c, **GREEDY) for c in conversations]
+        batch = client.create_batch(conversations, **GREEDY)
+        assert [reply(r) for r in batch] == [reply(r) for r in alone]
+        assert [r["usage"] for r in batch] == [r["usage"] for r in alone]
+        n = client.create(conversations[0], n=2, **GREEDY)
+        assert [c["message"]["content"] for c in n["choices"]] == [reply(alone[0])] * 2
+
+
+def test_media_tokens_count_against_the_context_window(gemma3_vision) -> None:
+    # 8 images x 260 tokens > the tiny model's 2048-token window.
+    parts = [image_url(data_uri(png(i))) for i in range(8)]
+    messages = ask(*parts)
+    with pytest.raises(
+        ContextWindowExceededError, match=r"more for the images / audio\) but .* 2048"
+    ) as info:
+        gemma3_vision.create(messages, **GREEDY)
+    assert isinstance(info.value, ValueError)
+    assert reply(gemma3_vision.create(ask(parts[0]), **GREEDY))  # still usable
+
+
+def test_bad_media_leaves_the_client_usable(gemma4_vision) -> None:
+    good = ask(image_url(data_uri(png(0))))
+    for part, error in (
+        ({"type": "image", "image": _truncated_png()}, "not a readable image"),
+        (input_audio(b"x", "m4a"), "supported audio formats"),
+        (image_url("/nowhere.png"), "does not exist"),
+    ):
+        messages = ask(part)
+        before = copy.deepcopy(messages)
+        with pytest.raises(ValueError, match=error):
+            gemma4_vision.create(messages, **GREEDY)
+        assert messages == before
+    spelled = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "<|image|> here"}, good[0]["content"][1]],
+        }
+    ]
+    with pytest.raises(ValueError, match=r"holds 2 <\|image\|> markers for 1 image parts"):
+        gemma4_vision.create(spelled, **GREEDY)
+    assert reply(gemma4_vision.create(good, **GREEDY))
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "part", "error"),
+    [
+        (
+            "gemma3_path",
+            "image",
+            r"cannot read images: it reads text only \(model_type 'gemma3_text'\)",
+        ),
+        ("gemma2_path", "image", r"cannot read images: it reads text only \(model_type 'gemma2'\)"),
+        (
+            "gemma4_path",
+            "audio",
+            r"cannot read audio: it reads text only \(model_type 'gemma4_text'\)",
+        ),
+        ("gemma3_vision_path", "audio", "cannot read audio: it reads text and images only"),
+        ("gemma3n_path", "image", "Gemma 3n's images and audio need its full model"),
+    ],
+)
+def test_checkpoints_that_cannot_read_it_refuse_before_loading(
+    request: pytest.FixtureRequest, checkpoint: str, part: str, error: str
+) -> None:
+    path = request.getfixturevalue(checkpoint)
+    client = make_client("transformers", path)
+    try:
+        media_part = image_url(data_uri(png(0))) if part == "image" else input_audio(wav(300))
+        with pytest.raises(ValueError, match=error) as info:
+            client.create(ask(media_part), **GREEDY)
+        assert str(path) in str(info.value) and not client.is_loaded
+    finally:
+        client.close()
+
+
+def test_processor_options(gemma3_vision_path, gemma4_vision_path) -> None:
+    wide = {"type": "image", "image": image(1, width=1024, height=256)}
+    plain = make_client("transformers", gemma3_vision_path)
+    crops = make_client("transformers", gemma3_vision_path, pan_and_scan=True)
+    budget = make_client("transformers", gemma4_vision_path, image_soft_tokens=140)
+    default4 = make_client("transformers", gemma4_vision_path)
+    try:
+        one = plain.create(ask(wide), **GREEDY)["usage"]["prompt_tokens"]
+        more = crops.create(ask(wide), **GREEDY)["usage"]["prompt_tokens"]
+        assert more > one + 256  # the crops: 256 soft tokens each, and the words around them
+        processor = _processor(gemma3_vision_path)
+        text = crops.format_prompt(ask(wide)).text
+        expected = processor(
+            text=[text], images=[[wide["image"]]], add_special_tokens=False, do_pan_and_scan=True
+        )["input_ids"][0]
+        assert more == len(expected)
+        big = {"type": "image", "image": image(2, width=640, height=480)}
+        small = default4.format_prompt(ask(big)).ids.count(default4._processor.image_token_id)
+        large = budget.format_prompt(ask(big)).ids.count(budget._processor.image_token_id)
+        assert small <= 70 < large <= 140
+    finally:
+        for client in (plain, crops, budget, default4):
+            client.close()
+    with pytest.raises(ValueError, match="image_soft_tokens is a Gemma 4 option"):
+        make_client("transformers", gemma3_vision_path, image_soft_tokens=280)
+    with pytest.raises(ValueError, match="pan_and_scan is a Gemma 3 option"):
+        make_client("transformers", gemma4_vision_path, pan_and_scan=False)
+    with pytest.raises(ValueError, match="image_soft_tokens must be one of"):
+        make_client("transformers", gemma4_vision_path, image_soft_tokens=64)
+
+
+def test_the_mlx_backend_refuses_media_before_loading(gemma3_vision_path) -> None:
+    client = make_client("mlx", gemma3_vision_path)
+    try:
+        with pytest.raises(NotImplementedError, match="does not read images or audio"):
+            client.create(ask(image_url(data_uri(png(0)))), **GREEDY)
+        assert not client.is_loaded
+    finally:
+        client.close()
