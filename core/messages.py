@@ -21,6 +21,11 @@ tool calls become the exact call text the model is asked to write, and tool
 results become ```` ```tool_output ```` blocks in a user turn (consecutive
 results merge into one turn), see :mod:`core.constrained`. The caller's list
 and dicts are never mutated.
+
+A user message may also hold image and audio parts (:mod:`core.media`); its
+turn's content is then a list of text parts and decoded media parts in order
+(:func:`user_content`), which the chat template writes as its media
+placeholders. Text-only turns stay strings, rendered exactly as before.
 """
 
 from __future__ import annotations
