@@ -60,7 +60,15 @@ from .errors import (
     translate_oom,
 )
 from .families import Family, family_for, model_type_from_name
-from .media import Image, Media, collect_media, media_kinds, resolve_messages
+from .media import (
+    ALL_SOURCES,
+    Image,
+    Media,
+    Sources,
+    collect_media,
+    media_kinds,
+    resolve_messages,
+)
 from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
 from .stream import Delta, Prompt, TokenSink, sentinel_decoder
@@ -593,6 +601,10 @@ class BaseGemmaChatCompletion:
 
     #: Whether this backend reads images / audio (:meth:`_media_inputs`).
     reads_media: ClassVar[bool] = False
+    #: Where media parts may be read from besides the request (:class:`core.media.Sources`):
+    #: local files and http(s) URLs by default; a server for others sets
+    #: ``client.media_sources = Sources(local_files=False, urls=False)``.
+    media_sources: Sources = ALL_SOURCES
 
     def _media_prompt(self, text: str, media: list[Media]) -> tuple[tuple[int, ...], Any]:
         """The rendered prompt with its media: ``(ids, backend inputs)`` (model thread).
@@ -646,7 +658,7 @@ class BaseGemmaChatCompletion:
     def resolve_media(self, conversations: Sequence[Messages]) -> list[Messages]:
         """The conversations with every image / audio part decoded once (:mod:`core.media`);
         the caller's lists are not touched. Text-only conversations come back as they are."""
-        return [resolve_messages(c) for c in conversations]
+        return [resolve_messages(c, self.media_sources) for c in conversations]
 
     # ------------------------------------------------------------- generation
 

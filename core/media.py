@@ -111,6 +111,24 @@ class MediaOptions:
             raise ValueError(f"pan_and_scan must be True, False or None, got {self.pan_and_scan!r}")
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where media may be read from besides the request itself (data URIs and bytes always).
+
+    Both are allowed by default, for a library called by its own user. A server
+    taking requests from others should turn them off (a path or ``file://`` URL
+    would read the server's files, an ``http(s)`` URL would make it fetch
+    addresses of the sender's choosing): see ``BaseGemmaChatCompletion.media_sources``.
+    """
+
+    local_files: bool = True
+    urls: bool = True
+
+
+#: Everything allowed: data URIs, bytes, local paths and file:// URLs, http(s) URLs.
+ALL_SOURCES = Sources()
+
+
 @dataclass(frozen=True, eq=False)
 class Image:
     """A decoded image (``PIL.Image.Image``, fully loaded) and where it came from."""
@@ -218,7 +236,16 @@ def _file_url_path(url: str, where: str) -> Path:
     return Path(urllib.request.url2pathname(parsed.path))
 
 
-def _bytes_from(source: Any, where: str, limit: int) -> tuple[bytes, str]:
+def _refused(where: str, what: str) -> ValueError:
+    return ValueError(
+        f"{where}: this client does not read media from {what}; send the image or audio "
+        "inline, as a data URI (or base64 input_audio)"
+    )
+
+
+def _bytes_from(
+    source: Any, where: str, limit: int, sources: Sources = ALL_SOURCES
+) -> tuple[bytes, str]:
     """The encoded bytes of a URL / path / bytes source, and a short description of it."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -226,6 +253,8 @@ def _bytes_from(source: Any, where: str, limit: int) -> tuple[bytes, str]:
             raise ValueError(f"{where}: {len(data)} bytes; the limit is {limit}")
         return data, "bytes"
     if isinstance(source, os.PathLike):
+        if not sources.local_files:
+            raise _refused(where, "local files")
         path = Path(os.fspath(source))
         return _read_path(path, where, limit), str(path)
     if not isinstance(source, str) or not source.strip():
@@ -240,8 +269,12 @@ def _bytes_from(source: Any, where: str, limit: int) -> tuple[bytes, str]:
             raise ValueError(f"{where}: the data URI holds {len(data)} bytes; the limit is {limit}")
         return data, "data URI"
     if scheme in ("http", "https"):
+        if not sources.urls:
+            raise _refused(where, "URLs")
         return _fetch(url, where, limit), url
     if scheme == "file":
+        if not sources.local_files:
+            raise _refused(where, "local files")
         path = _file_url_path(url, where)
         return _read_path(path, where, limit), str(path)
     if len(scheme) > 1:  # "C:\..." is a path; "ftp://..." is not
@@ -249,6 +282,8 @@ def _bytes_from(source: Any, where: str, limit: int) -> tuple[bytes, str]:
             f"{where}: unsupported URL scheme {scheme!r} in {_short(url)!r}; use a data: URI, "
             "an http(s):// or file:// URL, or a local path"
         )
+    if not sources.local_files:
+        raise _refused(where, "local files")
     return _read_path(Path(url), where, limit), url
 
 
@@ -348,7 +383,7 @@ def _array_audio(value: Any, rate: Any, where: str) -> Audio:
 # ------------------------------------------------------------------- parts
 
 
-def _image_part(part: Mapping[str, Any], where: str) -> Image:
+def _image_part(part: Mapping[str, Any], where: str, sources: Sources) -> Image:
     if part["type"] == "image_url":
         spec = part.get("image_url")
         if isinstance(spec, Mapping):
@@ -364,7 +399,7 @@ def _image_part(part: Mapping[str, Any], where: str) -> Image:
                 f"{where} must be {{'type': 'image_url', 'image_url': {{'url': <data URI, "
                 f"path or URL>}}}}, got image_url={spec!r}"
             )
-        data, source = _bytes_from(url, where, MAX_IMAGE_BYTES)
+        data, source = _bytes_from(url, where, MAX_IMAGE_BYTES, sources)
         return decode_image(data, where, source)
     value = part.get("image")
     if isinstance(value, Image):  # already resolved
@@ -378,11 +413,11 @@ def _image_part(part: Mapping[str, Any], where: str) -> Image:
         return _pil_image(value, where)
     except TypeError:
         pass
-    data, source = _bytes_from(value, f"{where}['image']", MAX_IMAGE_BYTES)
+    data, source = _bytes_from(value, f"{where}['image']", MAX_IMAGE_BYTES, sources)
     return decode_image(data, where, source)
 
 
-def _audio_part(part: Mapping[str, Any], where: str) -> Audio:
+def _audio_part(part: Mapping[str, Any], where: str, sources: Sources) -> Audio:
     if part["type"] == "input_audio":
         spec = part.get("input_audio")
         data = spec.get("data") if isinstance(spec, Mapping) else None
@@ -408,17 +443,17 @@ def _audio_part(part: Mapping[str, Any], where: str) -> Audio:
     if value is None:
         raise ValueError(f"{where} has type 'audio' but no 'audio' (bytes, a path or an array)")
     if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
-        data, source = _bytes_from(value, f"{where}['audio']", MAX_AUDIO_BYTES)
+        data, source = _bytes_from(value, f"{where}['audio']", MAX_AUDIO_BYTES, sources)
         return decode_audio(data, where, source)
     require("numpy", feature="Audio in messages")
     return _array_audio(value, part.get("sampling_rate"), where)
 
 
-def parse_part(part: Mapping[str, Any], where: str) -> Media:
+def parse_part(part: Mapping[str, Any], where: str, sources: Sources = ALL_SOURCES) -> Media:
     """Decode one media part (see the module docstring) into an :class:`Image` / :class:`Audio`."""
     if kind_of(part) == "audio":
-        return _audio_part(part, where)
-    return _image_part(part, where)
+        return _audio_part(part, where, sources)
+    return _image_part(part, where, sources)
 
 
 def resolved_part(media: Media) -> dict[str, Any]:
@@ -433,7 +468,7 @@ def is_resolved(part: Any) -> bool:
     return isinstance(part, Mapping) and isinstance(part.get(part.get("type", "")), (Image, Audio))
 
 
-def resolve_messages(messages: Any) -> Any:
+def resolve_messages(messages: Any, sources: Sources = ALL_SOURCES) -> Any:
     """``messages`` with every media part decoded (a new list; the caller's is not touched).
 
     Messages without media are passed on as they are (the same objects). A
@@ -464,7 +499,7 @@ def resolve_messages(messages: Any) -> Any:
         parts = [
             p
             if not is_media_part(p) or is_resolved(p)
-            else resolved_part(parse_part(p, f"{where}[{j}]"))
+            else resolved_part(parse_part(p, f"{where}[{j}]", sources))
             for j, p in enumerate(content)
         ]
         out.append({**message, "content": parts})
@@ -502,6 +537,7 @@ def _iter_media(turns: Sequence[Mapping[str, Any]]) -> Iterator[Media]:
 
 
 __all__ = [
+    "ALL_SOURCES",
     "AUDIO_FORMATS",
     "DETAILS",
     "FETCH_TIMEOUT_S",
@@ -515,6 +551,7 @@ __all__ = [
     "Image",
     "Media",
     "MediaOptions",
+    "Sources",
     "collect_media",
     "decode_audio",
     "decode_image",

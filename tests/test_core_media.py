@@ -540,3 +540,27 @@ def test_the_mlx_backend_refuses_media_before_loading(gemma3_vision_path) -> Non
         assert not client.is_loaded
     finally:
         client.close()
+
+
+def test_a_client_can_refuse_local_files_and_urls(gemma3_vision_path, tmp_path) -> None:
+    (tmp_path / "p.png").write_bytes(png(0))
+    closed = media.Sources(local_files=False, urls=False)
+    for part in (
+        image_url(str(tmp_path / "p.png")),
+        image_url((tmp_path / "p.png").as_uri()),
+        {"type": "image", "image": tmp_path / "p.png"},
+        {"type": "audio", "audio": str(tmp_path / "a.wav")},
+    ):
+        with pytest.raises(ValueError, match="does not read media from local files"):
+            media.resolve_messages(ask(part), closed)
+    with pytest.raises(ValueError, match="does not read media from URLs"):
+        media.resolve_messages(ask(image_url("https://example.com/cat.png")), closed)
+    assert media.resolve_messages(ask(image_url(data_uri(png(0)))), closed)  # inline: fine
+    client = make_client("transformers", gemma3_vision_path)
+    client.media_sources = closed
+    try:
+        with pytest.raises(ValueError, match="does not read media from local files"):
+            client.create(ask(image_url(str(tmp_path / "p.png"))), **GREEDY)
+        assert not client.is_loaded
+    finally:
+        client.close()
