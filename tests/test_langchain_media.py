@@ -1,17 +1,25 @@
-"""LangChain image and audio content blocks -> the OpenAI parts core reads (pure, no model).
+"""Images and audio through ChatGemmaLocal: block conversions, then the tiny multimodal models.
 
-Every form LangChain passes media in (standard v1 blocks, the older v0
-``source_type`` blocks, OpenAI Chat Completions / Responses blocks) is one row
-of a table; each bad block is one row of another. The conversion never
-mutates its input and decodes nothing (core does).
+Pure tier: every form LangChain passes media in (standard v1 blocks, the
+older v0 ``source_type`` blocks, OpenAI Chat Completions / Responses blocks)
+is one row of a table; each bad block is one row of another. The conversion
+never mutates its input and decodes nothing (core does).
+
+End to end: ChatGemmaLocal on the tiny Gemma 3 vision and Gemma 4
+vision + audio checkpoints (transformers; random weights, real processors),
+greedy: the same image gives the same reply, a different one another, every
+block form of one image is the same input, usage equals core's count.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_client
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -21,7 +29,9 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.content import create_audio_block, create_image_block
+from media_support import b64, noise_png, tone_wav
 
+from langchain_gemma_local import ChatGemmaLocal
 from langchain_gemma_local.messages import (
     AUDIO_MIME_TYPES,
     MEDIA_BLOCK_TYPES,
@@ -305,3 +315,152 @@ def test_every_converted_part_is_a_part_core_reads() -> None:
 
     for _, part in CONVERSIONS:
         assert media.is_media_part(part), part
+
+
+# ------------------------------------------------------------- end to end, tiny models
+#
+# ChatGemmaLocal on the tiny multimodal checkpoints (random weights, real processors):
+# greedy decoding, so the same input gives the same reply and a different image gives
+# a different one; every block form of the same image is the same model input.
+
+#: (checkpoint fixture, backend): Gemma 3 reads images, Gemma 4 images and audio.
+MULTIMODAL = [
+    ("gemma3_vision_path", "transformers"),
+    ("gemma4_vision_path", "transformers"),
+]
+REPLY_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=MULTIMODAL, ids=lambda p: f"{p[0][:6]}-{p[1]}")
+def mm_client(request: pytest.FixtureRequest) -> Iterator[Any]:
+    fixture, backend = request.param
+    client = make_client(backend, request.getfixturevalue(fixture))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mm_model(mm_client: Any) -> ChatGemmaLocal:
+    return ChatGemmaLocal(client=mm_client, temperature=0, max_tokens=REPLY_TOKENS)
+
+
+def _ask(block: dict[str, Any]) -> list[BaseMessage]:
+    return [HumanMessage([{"type": "text", "text": "What is in this picture?"}, block])]
+
+
+def _image(seed: int) -> dict[str, Any]:
+    return {"type": "image", "base64": b64(noise_png(seed)), "mime_type": "image/png"}
+
+
+def test_the_image_reaches_the_model(mm_model: ChatGemmaLocal) -> None:
+    first = mm_model.invoke(_ask(_image(1)))
+    again = mm_model.invoke(_ask(_image(1)))
+    other = mm_model.invoke(_ask(_image(2)))
+    assert first.content == again.content
+    assert first.usage_metadata == again.usage_metadata
+    assert first.content != other.content
+
+
+def test_every_block_form_is_the_same_input(mm_model: ChatGemmaLocal, tmp_path: Path) -> None:
+    png = noise_png(3)
+    path = tmp_path / "noise.png"
+    path.write_bytes(png)
+    uri = f"data:image/png;base64,{b64(png)}"
+    forms = [
+        {"type": "image", "base64": b64(png), "mime_type": "image/png"},
+        {"type": "image", "source_type": "base64", "data": b64(png), "mime_type": "image/png"},
+        {"type": "image_url", "image_url": {"url": uri}},
+        {"type": "image", "url": str(path)},
+        {"type": "image", "source_type": "url", "url": path.as_uri()},
+        {"type": "input_image", "image_url": uri},
+    ]
+    replies = [mm_model.invoke(_ask(form)) for form in forms]
+    assert len({r.content for r in replies}) == 1
+    assert len({r.usage_metadata["input_tokens"] for r in replies if r.usage_metadata}) == 1
+
+
+def test_usage_counts_the_image_tokens_core_counts(
+    mm_model: ChatGemmaLocal, mm_client: Any
+) -> None:
+    block = _image(4)
+    message = mm_model.invoke(_ask(block))
+    openai = convert_messages_to_dicts(_ask(block))
+    direct = mm_client.create(openai, temperature=0, max_tokens=REPLY_TOKENS)
+    assert message.content == direct["choices"][0]["message"]["content"]
+    assert message.usage_metadata is not None
+    assert message.usage_metadata["input_tokens"] == direct["usage"]["prompt_tokens"]
+    text_only = mm_model.invoke([HumanMessage("What is in this picture?")])
+    assert text_only.usage_metadata is not None
+    # the image's soft tokens (Gemma 3: 256; Gemma 4: the client's budget) are read
+    assert message.usage_metadata["input_tokens"] - text_only.usage_metadata["input_tokens"] > 16
+
+
+def test_stream_adds_up_to_invoke(mm_model: ChatGemmaLocal) -> None:
+    messages = _ask(_image(5))
+    whole = mm_model.invoke(messages)
+    chunks = list(mm_model.stream(messages))
+    joined = chunks[0]
+    for chunk in chunks[1:]:
+        joined += chunk
+    assert len(chunks) > 1
+    assert joined.content == whole.content
+    assert joined.usage_metadata == whole.usage_metadata
+
+
+async def test_async_gives_the_same_reply(mm_model: ChatGemmaLocal) -> None:
+    messages = _ask(_image(6))
+    assert (await mm_model.ainvoke(messages)).content == mm_model.invoke(messages).content
+
+
+def test_batch_mixes_requests_with_and_without_images(mm_model: ChatGemmaLocal) -> None:
+    inputs: list[list[BaseMessage]] = [
+        _ask(_image(7)),
+        [HumanMessage("Tell me about the sea.")],
+        _ask(_image(8)),
+    ]
+    assert [m.content for m in mm_model.batch(inputs)] == [
+        mm_model.invoke(i).content for i in inputs
+    ]
+
+
+def test_images_in_earlier_turns(mm_model: ChatGemmaLocal) -> None:
+    history: list[BaseMessage] = [
+        HumanMessage([_image(9), "Remember this picture."]),
+        AIMessage("I will."),
+        HumanMessage("What was in it?"),
+    ]
+    other = [HumanMessage([_image(10), "Remember this picture."]), *history[1:]]
+    assert mm_model.invoke(history).content != mm_model.invoke(other).content
+
+
+def test_audio_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) -> None:
+    client = make_client("transformers", gemma4_vision_path)
+    try:
+        model = ChatGemmaLocal(client=client, temperature=0, max_tokens=REPLY_TOKENS)
+        wav = tone_wav(440)
+        path = tmp_path / "a.wav"
+        path.write_bytes(wav)
+
+        def ask(block: dict[str, Any]) -> str:
+            reply = model.invoke([HumanMessage(["What do you hear?", block])])
+            return str(reply.content)
+
+        forms = [
+            {"type": "audio", "base64": b64(wav), "mime_type": "audio/wav"},
+            {"type": "input_audio", "input_audio": {"data": b64(wav), "format": "wav"}},
+            {"type": "audio", "url": str(path)},
+        ]
+        replies = [ask(form) for form in forms]
+        assert len(set(replies)) == 1
+        other = ask({"type": "audio", "base64": b64(tone_wav(1500)), "mime_type": "audio/wav"})
+        assert other != replies[0]
+    finally:
+        client.close()
+
+
+def test_media_on_a_text_only_checkpoint_fails_before_generating(gemma3_path: Path) -> None:
+    model = ChatGemmaLocal(model=str(gemma3_path), backend="transformers", max_tokens=4)
+    with pytest.raises(ValueError, match="image"):
+        model.invoke(_ask(_image(1)))
+    # the model is still usable
+    assert isinstance(model.invoke("hi").content, str)

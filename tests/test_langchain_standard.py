@@ -17,6 +17,13 @@ check shapes. A random model cannot choose *values*, though, nor decide to call
 a tool under ``tool_choice="auto"``; the few standard tests that assert those
 are marked ``xfail`` with the exact assertion that fails (:data:`XFAILS`); the
 shape-level checks of those flows run in ``test_langchain_tools.py``.
+
+The tiny multimodal checkpoints (Gemma 3 with a vision tower, Gemma 4 with
+vision and audio towers) run the integration suite too, with the image (and,
+on Gemma 4, audio) input tests on: the test data those tests download is
+served locally (:data:`_DOWNLOADS`; the machine is offline), the model reads
+it. Image URLs (core would fetch them from the internet) and images in tool
+results (Gemma's templates have no place for them) stay off, each flag saying why.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import langchain_tests.integration_tests.chat_models as standard_integration
 import langchain_tests.unit_tests.chat_models as standard_unit
 import pytest
 from langchain_core.exceptions import OutputParserException
@@ -33,6 +42,7 @@ from langchain_core.load import load
 from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+from media_support import noise_png, tone_wav
 from syrupy.assertion import SnapshotAssertion
 
 from core import BaseGemmaChatCompletion
@@ -298,7 +308,7 @@ class TestMLXIntegration(_Integration):
 # ------------------------------------------------------------------------ Gemma 4
 
 
-def _gemma4_client(backend: str, path: Path) -> Iterator[BaseGemmaChatCompletion]:
+def _own_client(backend: str, path: Path) -> Iterator[BaseGemmaChatCompletion]:
     from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
 
     client: BaseGemmaChatCompletion = (
@@ -312,12 +322,12 @@ def _gemma4_client(backend: str, path: Path) -> Iterator[BaseGemmaChatCompletion
 
 @pytest.fixture(scope="module")
 def gemma4_tf_client(gemma4_path: Path) -> Iterator[BaseGemmaChatCompletion]:
-    yield from _gemma4_client("transformers", gemma4_path)
+    yield from _own_client("transformers", gemma4_path)
 
 
 @pytest.fixture(scope="module")
 def gemma4_mlx_client(gemma4_path: Path) -> Iterator[BaseGemmaChatCompletion]:
-    yield from _gemma4_client("mlx", gemma4_path)
+    yield from _own_client("mlx", gemma4_path)
 
 
 class _Gemma4Integration(_Integration):
@@ -349,3 +359,86 @@ class TestGemma4TransformersIntegration(_Gemma4Integration):
 
 class TestGemma4MLXIntegration(_Gemma4Integration):
     client_fixture = "gemma4_mlx_client"
+
+
+# ------------------------------------------------------- multimodal (issue 19)
+
+#: Where the standard image / audio tests download their test data with ``httpx.get``
+#: before calling the model: a PNG diagram (raw.githubusercontent.com) and a bird call
+#: (upload.wikimedia.org, WAV). The test machine has no network, so these downloads are
+#: answered with data made here of the same kind (a PNG, a WAV); the tests' messages
+#: (base64 in LangChain's standard blocks and in OpenAI's image_url / input_audio
+#: blocks) and their checks run unchanged, and the model decodes and reads that data.
+_DOWNLOADS: dict[str, Any] = {".png": partial(noise_png, 11), ".wav": partial(tone_wav, 440)}
+
+
+class _Download:
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+
+def _offline_get(url: str, **_: Any) -> _Download:
+    for suffix, make in _DOWNLOADS.items():
+        if url.endswith(suffix):
+            return _Download(make())
+    raise AssertionError(f"the standard suite downloads {url}; no local stand-in for it")
+
+
+class _Multimodal:
+    """Truthful media flags for checkpoints with a vision (and audio) tower."""
+
+    @pytest.fixture(autouse=True)
+    def _offline_test_data(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Serve the suite's test-data downloads locally (see :data:`_DOWNLOADS`); only the
+        suite module's ``httpx`` name is replaced, nothing else in the process."""
+        monkeypatch.setattr(standard_integration, "httpx", SimpleNamespace(get=_offline_get))
+        # the suite warns when this is unset, for the sake of wikimedia.org: nothing is fetched
+        monkeypatch.setenv("LANGCHAIN_TESTS_USER_AGENT", "gemma-local tests (offline)")
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_urls(self) -> bool:
+        # The URL case sends {"type": "image", "url": "https://raw.githubusercontent.com/..."}
+        # straight to the model: core fetches that URL itself (urllib, with a timeout and
+        # a size limit), and this machine has no network, so the fetch fails with core's
+        # "could not fetch" ValueError. Serving it locally would mean patching core's own
+        # fetch, which would test nothing; URL blocks are converted in test_langchain_media.
+        return False
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        # Gemma's chat templates have no place for media in a tool result (Gemma 4's keeps
+        # a tool response's text parts and drops the rest): ChatGemmaLocal refuses an image
+        # in a ToolMessage with a ValueError instead of dropping it silently.
+        return False
+
+
+class _GemmaVisionIntegration(_Multimodal, _Integration):
+    pass
+
+
+class _Gemma4MultimodalIntegration(_Multimodal, _Gemma4Integration):
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def gemma3_vision_tf_client(gemma3_vision_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _own_client("transformers", gemma3_vision_path)
+
+
+@pytest.fixture(scope="module")
+def gemma4_vision_tf_client(gemma4_vision_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _own_client("transformers", gemma4_vision_path)
+
+
+class TestGemma3VisionTransformersIntegration(_GemmaVisionIntegration):
+    client_fixture = "gemma3_vision_tf_client"
+
+
+class TestGemma4MultimodalTransformersIntegration(_Gemma4MultimodalIntegration):
+    client_fixture = "gemma4_vision_tf_client"

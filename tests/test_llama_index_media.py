@@ -1,19 +1,25 @@
-"""LlamaIndex ``ImageBlock`` / ``AudioBlock`` -> the OpenAI parts core reads (pure, no model).
+"""Images and audio through GemmaLocal: block conversions, then the tiny multimodal models.
 
-One table row per way a block holds its media (bytes, base64 bytes, a file
-object, a path, a URL; with and without a MIME type / format); a table of
-refusals. Nothing is decoded here (core does) and no block is modified.
+Pure tier: one table row per way an ``ImageBlock`` / ``AudioBlock`` holds its
+media (bytes, base64 bytes, a file object, a path, a URL; with and without a
+MIME type / format); a table of refusals. Nothing is decoded there (core
+does) and no block is modified.
+
+End to end: ``chat`` / ``stream_chat`` / ``achat`` and a ``SimpleChatEngine``
+whose history holds an image, on the tiny Gemma 3 vision and Gemma 4
+vision + audio checkpoints (transformers), greedy.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_client
 from llama_index.core.base.llms.types import (
     AudioBlock,
     ChatMessage,
@@ -22,8 +28,10 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     VideoBlock,
 )
+from llama_index.core.chat_engine import SimpleChatEngine
+from media_support import noise_png, tone_wav
 
-from llama_index_gemma_local import to_openai_message, to_openai_messages
+from llama_index_gemma_local import GemmaLocal, to_openai_message, to_openai_messages
 from llama_index_gemma_local.messages import AUDIO_FORMATS, audio_part, image_part
 
 PNG = (
@@ -272,3 +280,112 @@ def test_every_part_is_one_core_reads(tmp_path: Path) -> None:
         block = make(tmp_path)
         part = image_part(block) if isinstance(block, ImageBlock) else audio_part(block)
         assert media.is_media_part(part), part
+
+
+# ------------------------------------------------------------- end to end, tiny models
+#
+# GemmaLocal on the tiny multimodal checkpoints (random weights, real processors):
+# greedy decoding, so the same image gives the same reply and a different image a
+# different one; bytes and a path to the same image are the same model input.
+
+#: (checkpoint fixture, backend): Gemma 3 reads images, Gemma 4 images and audio.
+MULTIMODAL = [
+    ("gemma3_vision_path", "transformers"),
+    ("gemma4_vision_path", "transformers"),
+]
+REPLY_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=MULTIMODAL, ids=lambda p: f"{p[0][:6]}-{p[1]}")
+def mm_client(request: pytest.FixtureRequest) -> Iterator[Any]:
+    fixture, backend = request.param
+    client = make_client(backend, request.getfixturevalue(fixture))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mm_llm(mm_client: Any) -> GemmaLocal:
+    return GemmaLocal(client=mm_client, temperature=0, max_tokens=REPLY_TOKENS)
+
+
+def _ask(block: Any) -> list[ChatMessage]:
+    return [ChatMessage(role="user", blocks=[TextBlock(text="What is in this picture?"), block])]
+
+
+def test_the_image_reaches_the_model(mm_llm: GemmaLocal, tmp_path: Path) -> None:
+    png = noise_png(1)
+    path = tmp_path / "one.png"
+    path.write_bytes(png)
+    first = mm_llm.chat(_ask(ImageBlock(image=png)))
+    from_path = mm_llm.chat(_ask(ImageBlock(path=path)))
+    from_url = mm_llm.chat(_ask(ImageBlock(url=path.as_uri())))
+    other = mm_llm.chat(_ask(ImageBlock(image=noise_png(2))))
+    assert first.message.content == from_path.message.content == from_url.message.content
+    assert first.message.content != other.message.content
+
+
+def test_stream_chat_adds_up_to_chat(mm_llm: GemmaLocal) -> None:
+    messages = _ask(ImageBlock(image=noise_png(3)))
+    whole = mm_llm.chat(messages)
+    deltas = [r.delta or "" for r in mm_llm.stream_chat(messages)]
+    assert len(deltas) > 1
+    assert "".join(deltas) == whole.message.content
+
+
+async def test_async_chat_gives_the_same_reply(mm_llm: GemmaLocal) -> None:
+    messages = _ask(ImageBlock(image=noise_png(4)))
+    reply = await mm_llm.achat(messages)
+    assert reply.message.content == mm_llm.chat(messages).message.content
+
+
+def test_usage_counts_the_image_tokens_core_counts(mm_llm: GemmaLocal, mm_client: Any) -> None:
+    messages = _ask(ImageBlock(image=noise_png(5)))
+    reply = mm_llm.chat(messages)
+    direct = mm_client.create(to_openai_messages(messages), temperature=0, max_tokens=REPLY_TOKENS)
+    assert reply.message.content == direct["choices"][0]["message"]["content"]
+    assert reply.additional_kwargs["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+
+
+def test_multimodal_chat_in_a_chat_engine(mm_llm: GemmaLocal) -> None:
+    def engine_reply(seed: int) -> tuple[str, list[ChatMessage]]:
+        history = [
+            ChatMessage(
+                role="user", blocks=[ImageBlock(image=noise_png(seed)), TextBlock(text="Look.")]
+            ),
+            ChatMessage(role="assistant", content="I see it."),
+        ]
+        engine = SimpleChatEngine.from_defaults(llm=mm_llm, system_prompt="Be brief.")
+        reply = engine.chat("What is in the picture?", chat_history=history)
+        return str(reply), engine.chat_history
+
+    text, history = engine_reply(6)
+    expected = mm_llm.chat(
+        [
+            ChatMessage(role="system", content="Be brief."),
+            *history[:2],
+            ChatMessage(role="user", content="What is in the picture?"),
+        ]
+    )
+    assert text == expected.message.content
+    assert isinstance(history[0].blocks[0], ImageBlock)  # the image stays in the memory
+    assert engine_reply(7)[0] != text
+
+
+def test_audio_block_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) -> None:
+    client = make_client("transformers", gemma4_vision_path)
+    try:
+        llm = GemmaLocal(client=client, temperature=0, max_tokens=REPLY_TOKENS)
+        wav = tone_wav(440)
+        path = tmp_path / "a.wav"
+        path.write_bytes(wav)
+
+        def ask(block: AudioBlock) -> str:
+            messages = [ChatMessage(role="user", blocks=[TextBlock(text="Listen."), block])]
+            return str(llm.chat(messages).message.content)
+
+        same = {ask(AudioBlock(audio=wav, format="wav")), ask(AudioBlock(path=path))}
+        assert len(same) == 1
+        assert ask(AudioBlock(audio=tone_wav(1500), format="wav")) not in same
+    finally:
+        client.close()
