@@ -4,6 +4,7 @@ Data flow in and out, all on the core token stream::
 
     list[BaseMessage] ──convert_messages_to_dicts──▶ OpenAI-style dicts
         (ToolMessage → role "tool"; AIMessage.tool_calls → OpenAI tool_calls;
+        image / audio blocks → image_url / input_audio parts, decoded by core;
         core.normalize_messages validates them before anything loads)
     fields + per-call kwargs ──SamplingParams.build──▶ frozen, validated params
         (bind_tools / with_structured_output only bind core's own options:
@@ -287,6 +288,30 @@ class ChatGemmaLocal(BaseChatModel):
         config caps the batch size. With a LangChain cache configured, inputs
         run one by one so that cache hits cost nothing.
 
+    Images and audio:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        model = ChatGemmaLocal(model="google/gemma-4-E2B-it")
+        model.invoke([HumanMessage([
+            {"type": "text", "text": "What is on this screen?"},
+            {"type": "image", "base64": png_base64, "mime_type": "image/png"},
+        ])])
+        model.invoke([HumanMessage([
+            {"type": "text", "text": "Transcribe this."},
+            {"type": "audio", "base64": wav_base64, "mime_type": "audio/wav"},
+        ])])
+        ```
+
+        Gemma 3 4b/12b/27b and Gemma 4 read images, Gemma 4 E2B/E4B also
+        audio (transformers backend). User messages take LangChain's standard
+        image / audio blocks (`base64` + `mime_type`, or `url`: a `data:` URI,
+        a path, `file://` or `http(s)://`), the older `source_type` blocks and
+        OpenAI's `image_url` / `input_audio` blocks; usage counts the media
+        tokens the model read. A `file_id`, media in another message type
+        and a checkpoint that cannot read it raise `ValueError` before
+        generating.
+
     Share one loaded model:
         ```python
         from core import create_gemma_client
@@ -391,7 +416,8 @@ class ChatGemmaLocal(BaseChatModel):
         backend with default load options. A `token` in `client_kwargs` is
         left out; the rebuilt model uses `HF_TOKEN` or the `hf auth login`.
 
-    Not supported yet: images (an image block raises `TypeError`).
+    Not supported yet: images in a `ToolMessage` (Gemma's chat templates have
+    no place for them: `ValueError`), video and PDF blocks (`TypeError`).
     """
 
     # -------- the model

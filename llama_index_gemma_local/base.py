@@ -241,6 +241,17 @@ class GemmaLocal(FunctionCallingLLM):
         async for r in await llm.astream_complete("Hi"):
             print(r.delta, end="")
 
+    Images and audio (Gemma 3 4b+ and Gemma 4 read images, Gemma 4 E2B/E4B also
+    audio; transformers backend; ``ImageBlock`` / ``AudioBlock`` in user messages,
+    from bytes, a path or a URL; also in a chat engine's ``chat_history``)::
+
+        from llama_index.core.llms import AudioBlock, ImageBlock, TextBlock
+
+        llm.chat([ChatMessage(role="user", blocks=[
+            TextBlock(text="What is on this screen?"), ImageBlock(path="screenshot.png"),
+        ])])
+        llm.chat([ChatMessage(role="user", blocks=[AudioBlock(path="note.wav")])])
+
     Tools (``FunctionCallingLLM``)::
 
         from llama_index.core.tools import FunctionTool
