@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -406,3 +407,55 @@ def test_reasoning_content(g4_server) -> None:
             model="gemma-4-tiny", messages=USER, **{**options, "reasoning_effort": "none"}
         )
         assert "reasoning_content" not in off.choices[0].message.model_dump()
+
+
+# --------------------------------------------------------------------------- MLX
+
+
+def test_mlx_backend(gemma3_path: Path) -> None:
+    """The same server over the MLX client (its model thread): replies equal its create(),
+    and closing a stream cancels the generation there too."""
+    client = make_client("mlx", gemma3_path)
+    sinks: list[Any] = []
+    generate = client._generate
+
+    def recording(prompts: Any, params: Any, sink: Any) -> None:
+        if params.max_tokens == 2000:
+            sinks.append(sink)
+        generate(prompts, params, sink)
+
+    client._generate = recording  # this test's own client
+    try:
+        with (
+            BackgroundServer(client, served_names=["tiny-mlx"]) as running,
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0) as oai,
+        ):
+            options = {"temperature": 1.0, "seed": 8, "max_tokens": 6}
+            reply = oai.chat.completions.create(model="tiny-mlx", messages=USER, **options)
+            expected = client.create(USER, **options)["choices"][0]["message"]["content"]
+            assert reply.choices[0].message.content == expected
+            stream = oai.chat.completions.create(
+                model="tiny-mlx", messages=USER, stream=True, **options
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+                expected
+            )
+            long = oai.chat.completions.create(
+                model="tiny-mlx",
+                messages=USER,
+                stream=True,
+                max_tokens=2000,
+                logit_bias={"1": -100, "106": -100},
+            )
+            next(iter(long))
+            long.close()
+            [sink] = sinks
+            deadline = time.monotonic() + 15
+            while len(client._in_flight) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sink.cancelled and sink.rows[0].completion_tokens < 2000
+            client._worker.submit(lambda: None).result(timeout=10)  # the thread is free again
+            health = httpx.get(f"{running.url}/health").json()
+            assert health["requests"]["active"] == 0
+    finally:
+        client.close()
