@@ -1,7 +1,7 @@
 """gemma-local core: Gemma chat models behind an OpenAI ChatCompletion-style API.
 
-Importing ``core`` imports no torch, transformers or mlx; those load with the
-first model.
+Importing ``core`` imports no torch, transformers, mlx or vllm; those load with
+the first model.
 """
 
 from .base import BaseGemmaChatCompletion
@@ -23,6 +23,7 @@ from .mlx_backend import GemmaMLXChatCompletion
 from .params import SamplingParams
 from .stream import Delta, Prompt, fold_deltas
 from .transformers_backend import GemmaTransformersChatCompletion
+from .vllm_backend import GemmaVLLMChatCompletion
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "GemmaLocalError",
     "GemmaMLXChatCompletion",
     "GemmaTransformersChatCompletion",
+    "GemmaVLLMChatCompletion",
     "MissingDependencyError",
     "ModelNotFoundError",
     "OfflineError",

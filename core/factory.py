@@ -9,10 +9,11 @@ from typing import Any
 
 from .base import BaseGemmaChatCompletion
 
-BACKENDS = ("auto", "transformers", "mlx")
+BACKENDS = ("auto", "transformers", "mlx", "vllm")
 DEFAULT_MODELS = {
     "transformers": "google/gemma-3-12b-it",
     "mlx": "mlx-community/gemma-3-12b-it-4bit-DWQ",
+    "vllm": "google/gemma-3-12b-it",
 }
 
 
@@ -21,7 +22,11 @@ def is_apple_silicon() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` means MLX on Apple Silicon when mlx-lm is installed, transformers otherwise."""
+    """``auto`` means MLX on Apple Silicon when mlx-lm is installed, transformers otherwise.
+
+    vLLM is never chosen by ``auto``: it is a serving engine (a process per GPU,
+    minutes to start) that is asked for by name.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -37,10 +42,14 @@ def create_gemma_client(
     """A chat-completion client on the best (or the named) backend; loads nothing yet.
 
     ``options`` go to the backend's constructor (e.g. ``use_4bit_quantization``
-    for transformers, ``max_kv_size`` for MLX).
+    for transformers, ``max_kv_size`` for MLX, ``tensor_parallel_size`` for vLLM).
     """
     chosen = resolve_backend(backend)
     name = model_name if model_name is not None else DEFAULT_MODELS[chosen]
+    if chosen == "vllm":
+        from .vllm_backend import GemmaVLLMChatCompletion
+
+        return GemmaVLLMChatCompletion(name, **options)
     if chosen == "mlx":
         from .mlx_backend import GemmaMLXChatCompletion
 
