@@ -55,9 +55,9 @@ DEFAULT_MAX_REQUESTS = 256
 
 
 def default_served_names(model_name: str) -> tuple[str, ...]:
-    """The names a request may use for ``model_name``: a local folder's own name first."""
+    """The names a request may use for ``model_name``: a local folder's (or file's) own name first."""
     path = Path(model_name).expanduser()
-    if path.is_dir() and path.name and path.name != model_name:
+    if path.exists() and path.name and path.name != model_name:
         return (path.name, model_name)
     return (model_name,)
 
