@@ -19,6 +19,7 @@ from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugH
 from llama_index.core.callbacks.token_counting import TokenCountingHandler
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from media_support import noise_png
 
 from llama_index_gemma_local import GemmaLocal
 
@@ -281,9 +282,11 @@ def test_bad_per_call_values(llm: GemmaLocal) -> None:
 
 def test_errors_come_before_any_load(gemma3_path: Path) -> None:
     llm = GemmaLocal(str(gemma3_path), backend="transformers")
-    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
-    with pytest.raises(TypeError, match="images are not supported yet"):
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # a truncated PNG
+    with pytest.raises(ValueError, match="not an image PIL can read"):
         llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=png)])])
+    with pytest.raises(ValueError, match="cannot read images: it reads text only"):
+        llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=noise_png(0))])])
     with pytest.raises(ValueError, match="must start with a user message"):
         llm.chat([ChatMessage(role="assistant", content="hi")])
     with pytest.raises(ValueError, match="'function'"):
