@@ -676,7 +676,8 @@ class BaseGemmaChatCompletion:
                     raise ValueError(
                         f"logit_bias token ids {bad} are outside the vocabulary (0..{vocab - 1})"
                     )
-            prompts = [self._prompt(c, params) for c in conversations for _ in range(params.n)]
+            # One prompt per conversation (its media processed once), shared by its n rows.
+            prompts = [p for c in conversations for p in [self._prompt(c, params)] * params.n]
             family = self.family
             sink = TokenSink(
                 prompts,
