@@ -343,6 +343,29 @@ def test_a_waiting_request_whose_client_left_is_cancelled(tf, server, http, sink
     still_serving(http)
 
 
+def test_stopping_the_server_ends_open_streams(tf, sinks) -> None:
+    """An open stream ends at its next chunk with a 503 error event and [DONE]; the
+    server stops at once (not after its graceful timeout) and the generation is cancelled."""
+    body = {"model": "tiny", "messages": USER, "stream": True, "max_tokens": 2000}
+    body["logit_bias"] = NO_END
+    running = BackgroundServer(tf, served_names=["tiny"]).start()
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body) as reply:
+            lines = reply.iter_lines()
+            assert next(lines).startswith("data: ")
+            started = time.perf_counter()
+            stopper = threading.Thread(target=running.close)
+            stopper.start()
+            events = [line.removeprefix("data: ") for line in lines if line]
+        stopper.join(30)
+        assert time.perf_counter() - started < 2.0
+    finally:
+        running.close()
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "service_unavailable"
+    _cancelled_early(tf, sinks[0], 2000)
+
+
 # ------------------------------------------------------------------------ load
 
 

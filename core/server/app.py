@@ -21,7 +21,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,6 +172,7 @@ def create_app(
     app.state.client = client
     app.state.settings = settings
     app.state.admission = admission
+    app.state.stopping = False  # set by core.server.run when the server shuts down
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -297,7 +298,10 @@ async def _answer(
         if isinstance(exc, Exception) and not isinstance(exc, APIError):
             raise _logged(from_exception(exc, body), exc) from exc
         raise
-    return _EventStream(_events(first, chunks, chat.model, chat.include_usage), chunks, ticket)
+    events = _events(
+        first, chunks, chat.model, chat.include_usage, lambda: request.app.state.stopping
+    )
+    return _EventStream(events, chunks, ticket)
 
 
 def _logged(error: APIError, exc: BaseException) -> APIError:
@@ -343,16 +347,34 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+#: What a stream still open when the server stops ends with.
+SHUTTING_DOWN = APIError(
+    503,
+    "the server is shutting down; the reply was cut short",
+    type="server_error",
+    code="service_unavailable",
+)
+
+
 async def _events(
-    first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], model: str, include_usage: bool
+    first: dict[str, Any],
+    chunks: AsyncIterator[dict[str, Any]],
+    model: str,
+    include_usage: bool,
+    stopping: Callable[[], bool],
 ) -> AsyncIterator[bytes]:
     """The SSE bytes of a streamed reply; an error after the first chunk becomes an
-    ``error`` event (the status is already sent), then ``[DONE]``."""
+    ``error`` event (the status is already sent), then ``[DONE]``. When the server
+    stops, an open stream ends at its next chunk the same way (its generation is
+    cancelled as the response closes)."""
     chunk = wire_chunk(first, model, include_usage)
     if chunk is not None:
         yield sse_event(chunk)
     try:
         async for item in chunks:
+            if stopping():
+                yield sse_event(SHUTTING_DOWN.body())
+                break
             chunk = wire_chunk(item, model, include_usage)
             if chunk is not None:
                 yield sse_event(chunk)

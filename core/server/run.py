@@ -50,6 +50,15 @@ def base_url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when it starts to shut down, so that open
+    streams end at their next chunk instead of running into the graceful timeout."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.stopping = True
+        await super().shutdown(sockets)
+
+
 def _config(app: Any, *, log_level: str, quiet: bool) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -80,7 +89,7 @@ def serve(
     own = sock is None
     listening = listen(host, port) if sock is None else sock
     try:
-        uvicorn.Server(_config(app, log_level=log_level, quiet=False)).run(sockets=[listening])
+        _Server(_config(app, log_level=log_level, quiet=False)).run(sockets=[listening])
     finally:
         if own:
             listening.close()
@@ -121,7 +130,7 @@ class BackgroundServer:
             return self
         self._sock = listen(self._host, self._port)
         self.url = base_url(self._sock)
-        self._server = uvicorn.Server(_config(self.app, log_level=self._log_level, quiet=True))
+        self._server = _Server(_config(self.app, log_level=self._log_level, quiet=True))
         self._thread = threading.Thread(
             target=self._run, name=f"gemma-local-server:{self.url}", daemon=True
         )
