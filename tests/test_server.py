@@ -72,6 +72,7 @@ def test_models_and_health(server, oai, name, gemma3_path) -> None:
     assert ids == [gemma3_path.name, str(gemma3_path)]  # the folder's name first
     assert ids[0] == name
     assert oai.models.retrieve(name).owned_by == "gemma-local"
+    assert oai.models.retrieve(ids[1]).id == str(gemma3_path)  # an id with slashes
     with pytest.raises(openai.NotFoundError) as info:
         oai.models.retrieve("gpt-4o")
     assert info.value.code == "model_not_found"
