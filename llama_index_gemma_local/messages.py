@@ -42,6 +42,8 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.utils import resolve_binary
 
+from core.media import AUDIO_FORMATS
+
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
@@ -61,9 +63,8 @@ TOOL_CHOICE_MODES = ("none", "auto", "required")
 # ------------------------------------------------------------------ messages in
 
 
-#: The ``AudioBlock.format`` values core decodes (``core.media.AUDIO_FORMATS``: what
-#: libsndfile reads without ffmpeg), and the other spellings of them that are accepted.
-AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+#: Other spellings of the ``AudioBlock.format`` values core decodes (:data:`AUDIO_FORMATS`,
+#: ``core.media``'s: what libsndfile reads without ffmpeg).
 _AUDIO_ALIASES: Mapping[str, str] = {
     "wave": "wav",
     "x-wav": "wav",

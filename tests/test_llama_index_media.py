@@ -32,7 +32,7 @@ from llama_index.core.chat_engine import SimpleChatEngine
 from media_support import noise_png, tone_wav
 
 from llama_index_gemma_local import GemmaLocal, to_openai_message, to_openai_messages
-from llama_index_gemma_local.messages import AUDIO_FORMATS, audio_part, image_part
+from llama_index_gemma_local.messages import audio_part, image_part
 
 PNG = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
@@ -265,12 +265,6 @@ def test_bad_media_blocks_are_refused_by_name(
         to_openai_messages([message])
     assert words in str(raised.value)
     assert message.model_dump() == before
-
-
-def test_audio_formats_are_the_ones_core_decodes() -> None:
-    from core import media
-
-    assert tuple(AUDIO_FORMATS) == tuple(media.AUDIO_FORMATS)
 
 
 def test_every_part_is_one_core_reads(tmp_path: Path) -> None:
