@@ -266,7 +266,7 @@ async def _answer(
     client: BaseGemmaChatCompletion,
     settings: ServerSettings,
     ticket: Ticket,
-    unknown_model: Any,
+    unknown_model: Callable[[str], APIError],
 ) -> Response:
     raw = await _read_body(request, settings.max_body_size)
     if len(raw) > PARSE_IN_THREAD_BYTES:

@@ -54,8 +54,12 @@ class _Server(uvicorn.Server):
     """uvicorn's server, telling the app when it starts to shut down, so that open
     streams end at their next chunk instead of running into the graceful timeout."""
 
+    def __init__(self, app: Any, *, log_level: str, quiet: bool) -> None:
+        super().__init__(_config(app, log_level=log_level, quiet=quiet))
+        self._app = app
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.config.app.state.stopping = True
+        self._app.state.stopping = True
         await super().shutdown(sockets)
 
 
@@ -89,7 +93,7 @@ def serve(
     own = sock is None
     listening = listen(host, port) if sock is None else sock
     try:
-        _Server(_config(app, log_level=log_level, quiet=False)).run(sockets=[listening])
+        _Server(app, log_level=log_level, quiet=False).run(sockets=[listening])
     finally:
         if own:
             listening.close()
@@ -130,7 +134,7 @@ class BackgroundServer:
             return self
         self._sock = listen(self._host, self._port)
         self.url = base_url(self._sock)
-        self._server = _Server(_config(self.app, log_level=self._log_level, quiet=True))
+        self._server = _Server(self.app, log_level=self._log_level, quiet=True)
         self._thread = threading.Thread(
             target=self._run, name=f"gemma-local-server:{self.url}", daemon=True
         )
