@@ -13,6 +13,12 @@ venv=${1:-.gl/vllm}
 python=${PYTHON:-python3}
 hash=$(cat scripts/vllm_env.sh scripts/vllm-constraints.txt | sha1sum | cut -c1-12)
 stamp="$venv/.installed-$hash"
+# One build at a time: test.sh starts one in the background and the vLLM test waits for it.
+mkdir -p "$(dirname "$venv")"
+if command -v flock > /dev/null; then
+  exec 9> "$venv.lock"
+  flock 9
+fi
 if [ -f "$stamp" ]; then
   echo "vllm env: $venv is up to date"
   exit 0
@@ -27,9 +33,14 @@ pip=("$venv/bin/python" -m pip)
 # pip pulls the CUDA builds of these from PyPI; beside the CPU torch they break `import vllm`
 # (undefined symbols when transformers/vLLM probe for them). Nothing here needs them.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
-# This project (no extras: vLLM brings torch, transformers and llguidance; accelerate is what
+# This project's one dependency (vLLM brings torch, transformers and llguidance), accelerate (what
 # the transformers backend adds, for the parity checks) and the test runner.
-"${pip[@]}" install -q -c scripts/vllm-constraints.txt -e . "accelerate>=1.0" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "jsonschema>=4.0"
-"$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+"${pip[@]}" install -q -c scripts/vllm-constraints.txt "jinja2>=3.1" "accelerate>=1.0" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "jsonschema>=4.0"
+# This project, as an editable install does it (the working tree on sys.path) but without a build:
+# test.sh runs this script beside bootstrap.sh's editable install of the same tree.
+site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+pwd > "$site/gemma_local_tree.pth"
+py="$(cd "$venv" && pwd)/bin/python"
+(cd / && "$py" -c "import core, vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'core:', core.__file__)")
 touch "$stamp"
 echo "vllm env: built $venv in $(( $(date +%s) - start )) s"

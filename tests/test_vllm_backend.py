@@ -328,10 +328,12 @@ def test_sampled_rows_send_every_set_option() -> None:
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)
 def test_vllm_engine_checks() -> None:
-    """Build ``.gl/vllm`` (once) and run ``tests/vllm/vllm_checks.py`` in it."""
+    """Build ``.gl/vllm`` (once; or wait for test.sh's background build) and run
+    ``tests/vllm/vllm_checks.py`` in it (about 1-2 minutes on two cores)."""
     build = subprocess.run(
-        ["bash", "scripts/vllm_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=1800
+        ["bash", "scripts/vllm_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
     env = {
@@ -356,7 +358,7 @@ def test_vllm_engine_checks() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=900,
     )
     tail = result.stdout[-6000:] + result.stderr[-4000:]
     assert result.returncode == 0, tail
