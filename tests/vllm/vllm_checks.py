@@ -9,7 +9,8 @@ One engine for the whole session (starting one takes about a minute on
 two cores): a tiny random-weight Gemma 3 in float32, checked against the
 transformers backend in the same process under greedy decoding, with tools
 and JSON under vLLM's structured outputs (our grammar, llguidance), streaming
-(sync and async) and concurrent requests from threads and from asyncio. A
+(sync and async), concurrent requests from threads and from asyncio, and
+``gemma-local serve``'s server over the vLLM client (the ``openai`` client). A
 random model follows no prompt: every tool / JSON guarantee comes from the
 grammar.
 """
@@ -324,6 +325,60 @@ def test_concurrent_requests_from_threads_and_tasks_match_sequential_ones(
         assert [c["message"]["content"] for c in completion["choices"]] == [
             single["choices"][0]["message"]["content"]
         ] * 2
+
+
+def test_gemma_local_serve_over_vllm(vllm_client: GemmaVLLMChatCompletion) -> None:
+    """The OpenAI-compatible server (``gemma-local serve --backend vllm``) over the same client,
+    driven by the official ``openai`` client: plain, streamed, tools, and 6 concurrent streams."""
+    import openai
+
+    from core.server import BackgroundServer
+
+    messages = CONVERSATIONS[2]
+    expected = vllm_client.create(messages, **GREEDY)
+    with BackgroundServer(vllm_client) as server:
+        name = str(server.app.state.settings.served_names[0])
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as oai:
+            reply = oai.chat.completions.create(model=name, messages=messages, **GREEDY)
+            assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
+            assert reply.usage.completion_tokens == expected["usage"]["completion_tokens"]
+            streamed = oai.chat.completions.create(
+                model=name, messages=messages, stream=True, **GREEDY
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            assert text == expected["choices"][0]["message"]["content"]
+            called = oai.chat.completions.create(
+                model=name,
+                messages=messages,
+                tools=[WEATHER],
+                tool_choice="required",
+                parallel_tool_calls=False,
+                temperature=0.0,
+                max_tokens=120,
+            )
+            call = called.choices[0].message.tool_calls[0]
+            jsonschema.validate(
+                json.loads(call.function.arguments), WEATHER["function"]["parameters"]
+            )
+
+        async def streams() -> list[str]:
+            async with openai.AsyncOpenAI(
+                base_url=f"{server.url}/v1", api_key="none", max_retries=0
+            ) as aoai:
+
+                async def one(m: list[dict[str, str]]) -> str:
+                    stream = await aoai.chat.completions.create(
+                        model=name, messages=m, stream=True, **GREEDY
+                    )
+                    return "".join(
+                        [c.choices[0].delta.content or "" async for c in stream if c.choices]
+                    )
+
+                return await asyncio.gather(*(one(m) for m in CONVERSATIONS + CONVERSATIONS[:2]))
+
+        texts = asyncio.run(streams())
+    sequential = [vllm_client.create(m, **GREEDY) for m in CONVERSATIONS + CONVERSATIONS[:2]]
+    assert texts == [c["choices"][0]["message"]["content"] for c in sequential]
 
 
 # ---------------------------------------------------------------- Gemma 4 (its own engine)
