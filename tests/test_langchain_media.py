@@ -464,3 +464,12 @@ def test_media_on_a_text_only_checkpoint_fails_before_generating(gemma3_path: Pa
         model.invoke(_ask(_image(1)))
     # the model is still usable
     assert isinstance(model.invoke("hi").content, str)
+
+
+def test_media_on_mlx_says_so_before_loading(gemma3_vision_path: Path) -> None:
+    # core's MLX client does not read media yet (mlx-lm has no vision/audio); the
+    # adapters pass its NotImplementedError on before anything loads
+    model = ChatGemmaLocal(model=str(gemma3_vision_path), backend="mlx", max_tokens=4)
+    with pytest.raises(NotImplementedError, match="use GemmaTransformersChatCompletion"):
+        model.invoke(_ask(_image(1)))
+    assert not model.client.is_loaded

@@ -383,3 +383,10 @@ def test_audio_block_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) ->
         assert ask(AudioBlock(audio=tone_wav(1500), format="wav")) not in same
     finally:
         client.close()
+
+
+def test_media_on_mlx_says_so_before_loading(gemma3_vision_path: Path) -> None:
+    llm = GemmaLocal(str(gemma3_vision_path), backend="mlx", max_tokens=4)
+    with pytest.raises(NotImplementedError, match="use GemmaTransformersChatCompletion"):
+        llm.chat(_ask(ImageBlock(image=noise_png(1))))
+    assert not llm.client.is_loaded
