@@ -404,11 +404,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # server's event loop (measured: 50 concurrent requests took 3.5x as long as the
     # same calls made directly, instead of the same time). Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .media import Sources
     from .server import ServerSettings, listen, serve
     from .server.run import base_url
 
+    media = Sources(local_files=args.allow_local_media, urls=args.allow_media_urls)
     settings = ServerSettings.build(
-        args.model, args.served_model_name, api_key, args.max_body_size, args.max_requests
+        args.model, args.served_model_name, api_key, args.max_body_size, args.max_requests, media
     )
     backend = resolve_backend(args.backend)
     _check_backend_options(args, backend)
@@ -436,6 +438,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 api_key=settings.api_key,
                 max_body_size=settings.max_body_size,
                 max_requests=settings.max_requests,
+                media_sources=settings.media_sources,
             )
     finally:
         sock.close()
@@ -493,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=byte_size,
         default="10M",
         help="largest request body, e.g. 512K, 10M; larger gets HTTP 413 (default 10M)",
+    )
+    serve.add_argument(
+        "--allow-media-urls",
+        action="store_true",
+        help="let requests' image / audio parts be http(s) URLs the server fetches (default: "
+        "inline data only; a URL makes the server fetch an address of the sender's choosing)",
+    )
+    serve.add_argument(
+        "--allow-local-media",
+        action="store_true",
+        help="let image / audio parts be paths or file:// URLs on the server's machine "
+        "(default: refused; they read the server's files)",
     )
     serve.add_argument(
         "--log-level",

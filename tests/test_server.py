@@ -23,9 +23,10 @@ import openai
 import pytest
 from conftest import make_client
 from pydantic import BaseModel, Field
-from server_support import KEY, USER, auth, chunks_of
+from server_support import KEY, USER, assert_error_shape, auth, chunks_of
 
 from core.cli import RATING_SCHEMA, WEATHER_TOOL
+from core.media import Sources
 from core.server import BackgroundServer
 
 WEATHER_PARAMS = WEATHER_TOOL["function"]["parameters"]
@@ -458,5 +459,65 @@ def test_mlx_backend(gemma3_path: Path) -> None:
             client._worker.submit(lambda: None).result(timeout=10)  # the thread is free again
             health = httpx.get(f"{running.url}/health").json()
             assert health["requests"]["active"] == 0
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------- images
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_images_inline_only_by_default(gemma3_vision_path: Path, tmp_path: Path) -> None:
+    """A data-URI image is read (the reply equals create()'s); a path, a file:// URL or an
+    http(s) URL is refused with a 400 unless the server allows it (it would read the
+    server's files, or fetch an address of the sender's choosing)."""
+    import base64
+
+    data = _png(3)
+    (tmp_path / "p.png").write_bytes(data)
+    uri = f"data:image/png;base64,{base64.b64encode(data).decode()}"
+
+    def ask(url: str) -> list[dict[str, Any]]:
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+
+    options = {"temperature": 0, "max_tokens": 4}
+    client = make_client("transformers", gemma3_vision_path)
+    try:
+        with (
+            BackgroundServer(client, served_names=["vision"]) as strict,
+            BackgroundServer(
+                client, served_names=["vision"], media_sources=Sources(local_files=True)
+            ) as lenient,
+        ):
+            url = f"{strict.url}/v1/chat/completions"
+            reply = httpx.post(url, json={"model": "vision", "messages": ask(uri), **options})
+            assert reply.status_code == 200, reply.text
+            expected = client.create(ask(uri), **options)
+            assert reply.json()["choices"] == expected["choices"]
+            assert reply.json()["usage"]["prompt_tokens"] > 256  # the image's soft tokens
+            refused = {
+                str(tmp_path / "p.png"): "local files",
+                (tmp_path / "p.png").as_uri(): "local files",
+                "http://127.0.0.1:9/p.png": "URLs",
+            }
+            for source, what in refused.items():
+                body = {"model": "vision", "messages": ask(source), **options}
+                error = assert_error_shape(httpx.post(url, json=body), 400)
+                assert f"does not read media from {what}" in error["message"]
+            body = {"model": "vision", "messages": ask(str(tmp_path / "p.png")), **options}
+            allowed = httpx.post(f"{lenient.url}/v1/chat/completions", json=body)
+            assert allowed.status_code == 200 and allowed.json()["choices"] == expected["choices"]
     finally:
         client.close()

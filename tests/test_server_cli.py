@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from core import cli
+from core.media import Sources
 
 ROOT = Path(__file__).resolve().parent.parent
 TF = ["--backend", "transformers", "--dtype", "float32", "--device-map", "cpu"]
@@ -48,7 +49,12 @@ def test_help(capsys) -> None:
     assert code == 0 and out.startswith("usage: gemma-local serve ")
     for option in ("--model", "--host", "--port", "--api-key", "GEMMA_LOCAL_API_KEY"):
         assert option in out
-    for option in ("--max-requests", "--max-body-size", "--served-model-name", "--backend"):
+    for option in (
+        "--max-requests",
+        "--max-body-size",
+        "--served-model-name",
+        "--allow-media-urls",
+    ):
         assert option in out
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and "serve" in out
@@ -137,8 +143,14 @@ def test_options_reach_the_server(gemma3_path, capsys, monkeypatch, recorded) ->
     assert re.search(r"serving a, b on http://127\.0\.0\.1:\d+/v1 \(API key: required\)", out)
     assert not call["client"].is_loaded  # closed when serving ended
 
+    assert call["media_sources"] == Sources(local_files=False, urls=False)  # inline only
+
     code, out, _ = run([*argv, "--api-key", "sk-flag"], capsys)  # the flag wins
     assert code == 0 and recorded[-1]["api_key"] == "sk-flag"
+    code, out, _ = run([*argv, "--allow-media-urls"], capsys)
+    assert code == 0 and recorded[-1]["media_sources"] == Sources(local_files=False, urls=True)
+    code, out, _ = run([*argv, "--allow-local-media"], capsys)
+    assert code == 0 and recorded[-1]["media_sources"] == Sources(local_files=True, urls=False)
 
 
 def test_an_open_host_without_a_key_is_warned_about(gemma3_path, capsys, recorded) -> None:

@@ -444,12 +444,37 @@ FIELDS = [
     "user",
     "unknown_field",
 ]
+media_urls = st.sampled_from(
+    [
+        "data:image/png;base64,iVBORw0KGgo=",
+        "data:image/png;base64,%%%",
+        "data:,",
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "http://127.0.0.1:9/x.png",
+        "ftp://x",
+        "",
+    ]
+) | st.text(max_size=20)
+content_parts = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", "input_audio", "image", "audio", "video"])},
+    optional={
+        "text": json_values,
+        "image_url": json_values | st.fixed_dictionaries({"url": media_urls}),
+        "input_audio": json_values
+        | st.fixed_dictionaries({"data": st.text(max_size=12), "format": st.text(max_size=5)}),
+        "image": json_values | media_urls,
+    },
+)
 message_values = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["user", "assistant", "system", "tool", "developer", "x"])
         | json_values
     },
-    optional={"content": json_values | st.text(max_size=30), "tool_calls": json_values},
+    optional={
+        "content": json_values | st.text(max_size=30) | st.lists(content_parts, max_size=3),
+        "tool_calls": json_values,
+    },
 )
 
 

@@ -26,6 +26,7 @@ require("fastapi", "uvicorn", feature="gemma-local's server")
 from .app import (  # noqa: E402  (after the dependency check)
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_REQUESTS,
+    INLINE_MEDIA_ONLY,
     ServerSettings,
     create_app,
     default_served_names,
@@ -36,6 +37,7 @@ from .run import BackgroundServer, listen, serve  # noqa: E402
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_REQUESTS",
+    "INLINE_MEDIA_ONLY",
     "APIError",
     "BackgroundServer",
     "ServerSettings",

@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..base import BaseGemmaChatCompletion
+from ..media import Sources, media_kinds, resolve_messages
 from .errors import APIError, error_body, from_exception
 from .protocol import (
     PARSE_IN_THREAD_BYTES,
@@ -52,6 +53,10 @@ T = TypeVar("T")
 #: Defaults of :func:`create_app` (and of ``gemma-local serve``).
 DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
 DEFAULT_MAX_REQUESTS = 256
+#: Media a request may reference: inline only (data URIs, base64 audio). A path or
+#: file:// URL would read the server's files, an http(s) URL make it fetch addresses
+#: of the sender's choosing.
+INLINE_MEDIA_ONLY = Sources(local_files=False, urls=False)
 
 
 def default_served_names(model_name: str) -> tuple[str, ...]:
@@ -107,12 +112,16 @@ class ServerSettings:
         api_key: the bearer token every ``/v1`` request must send; ``None``: no key.
         max_body_size: the largest request body in bytes (larger: 413, unread).
         max_requests: requests admitted at once, generating or waiting (more: 429).
+        media_sources: where image / audio parts may be read from besides the request
+            itself (:class:`core.media.Sources`); by default neither the server's files
+            nor URLs (:data:`INLINE_MEDIA_ONLY`), whatever the client allows.
     """
 
     served_names: tuple[str, ...]
     api_key: str | None
     max_body_size: int
     max_requests: int
+    media_sources: Sources = INLINE_MEDIA_ONLY
 
     @classmethod
     def build(
@@ -122,6 +131,7 @@ class ServerSettings:
         api_key: str | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         max_requests: int = DEFAULT_MAX_REQUESTS,
+        media_sources: Sources | None = None,
     ) -> ServerSettings:
         if served_names is None:
             names = default_served_names(model_name)
@@ -139,7 +149,14 @@ class ServerSettings:
         for option, value in (("max_body_size", max_body_size), ("max_requests", max_requests)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
-        return cls(tuple(dict.fromkeys(names)), api_key, max_body_size, max_requests)
+        if media_sources is None:
+            media_sources = INLINE_MEDIA_ONLY
+        elif not isinstance(media_sources, Sources):
+            raise TypeError(
+                f"media_sources must be a core.media.Sources, got {type(media_sources).__name__}"
+            )
+        names = tuple(dict.fromkeys(names))
+        return cls(names, api_key, max_body_size, max_requests, media_sources)
 
 
 def create_app(
@@ -149,16 +166,18 @@ def create_app(
     api_key: str | None = None,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     max_requests: int = DEFAULT_MAX_REQUESTS,
+    media_sources: Sources | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``client``'s model (see the module doc).
 
     The app does not own ``client``: whoever made it closes it. Requests name
     the model by one of ``served_names`` (default: the model name, and a local
     folder's own name); ``api_key`` (if set) must come as ``Authorization:
-    Bearer <key>`` on every ``/v1`` route (``/health`` is open).
+    Bearer <key>`` on every ``/v1`` route (``/health`` is open). Image and audio parts
+    must come inline unless ``media_sources`` allows more (see :class:`ServerSettings`).
     """
     settings = ServerSettings.build(
-        client.model_name, served_names, api_key, max_body_size, max_requests
+        client.model_name, served_names, api_key, max_body_size, max_requests, media_sources
     )
     admission = Admission(settings.max_requests)
     created = int(time.time())
@@ -277,14 +296,17 @@ async def _answer(
     if chat.model not in settings.served_names:
         raise unknown_model(chat.model)
     try:
+        messages = chat.messages
+        if media_kinds(messages):
+            # Decoded here, from the sources the server allows (the client then finds
+            # them decoded), off the event loop.
+            messages = await asyncio.to_thread(resolve_messages, messages, settings.media_sources)
         if not chat.stream:
-            reply = await _unless_disconnected(
-                request, client.acreate(chat.messages, **chat.options)
-            )
+            reply = await _unless_disconnected(request, client.acreate(messages, **chat.options))
             reply["model"] = chat.model
             ticket.release()
             return JSONResponse(reply)
-        chunks = await client.acreate(chat.messages, stream=True, **chat.options)
+        chunks = await client.acreate(messages, stream=True, **chat.options)
     except APIError:
         raise
     except Exception as exc:
