@@ -102,7 +102,7 @@ def test_unreadable_blocks_are_refused_with_their_type(block, name: str) -> None
 
 @pytest.mark.parametrize("block", [ImageBlock(image=PNG), AudioBlock(audio=b"RIFF0000WAVE")])
 def test_media_blocks_only_in_user_messages(block) -> None:
-    with pytest.raises(ValueError, match="role 'assistant'.*in user messages only"):
+    with pytest.raises(ValueError, match=r"role 'assistant'.*in user messages only"):
         to_openai_messages([ChatMessage(role="assistant", blocks=[block])])
 
 
