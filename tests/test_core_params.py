@@ -217,10 +217,12 @@ def test_bad_messages_raise_before_load(fresh_client) -> None:
             fresh_client.create(messages)
     with pytest.raises(ValueError, match="system message after"):
         fresh_client.create_batch([USER, [*USER, {"role": "system", "content": "late"}]])
-    with pytest.raises(ValueError, match="images are not supported"):
+    # an image path that does not exist is named before anything loads
+    with pytest.raises(ValueError, match=r"messages\[0\]\['content'\]\[0\]: 'x' does not exist"):
         fresh_client.format_prompt(
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
         )
+    assert not fresh_client.is_loaded
 
 
 def test_empty_batch_returns_empty_list_without_loading(fresh_client) -> None:
