@@ -108,7 +108,8 @@ def test_forced_tool_call_matches_the_cpu(pair) -> None:
     arch, cpu, gpu = pair
     options = {
         "temperature": 0.0,
-        "max_tokens": 40,
+        # Gemma 3n writes the call as JSON: its wrapper alone takes tens of tiny-vocabulary tokens
+        "max_tokens": 40 if arch in GEMMA4 else 200,
         "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         # close the string at once where the family delimits strings with a token
