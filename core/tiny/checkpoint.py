@@ -159,6 +159,27 @@ def _save_gemma3n(path: Path, model, dtype: str) -> None:
     config.save_pretrained(str(path))
 
 
+def _hub_siglip_layout(path: Path) -> None:
+    """Gemma 3's vision weights under ``vision_tower.vision_model.``, as the hub's checkpoints
+    (and ``mlx_vlm.convert``'s) hold them.
+
+    transformers 5's ``SiglipVisionModel`` has no ``vision_model`` level and saves
+    ``vision_tower.embeddings...``; it loads either (it drops that prefix on load),
+    but mlx-vlm's gemma3 reads the hub's names only.
+    """
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    weights = load_file(str(file))
+    renamed = {
+        "vision_tower.vision_model." + k.removeprefix("vision_tower.")
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+        else k: v
+        for k, v in weights.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+
+
 def build_tiny_checkpoint(
     path,
     arch: str = "gemma3_text",
@@ -281,6 +302,8 @@ def build_tiny_checkpoint(
         finally:
             if progress_bar:
                 hf_logging.enable_progress_bar()
+        if arch == "gemma3":
+            _hub_siglip_layout(path)
     _patch_config_json(path, arch, dtype, vocab_size)
 
     generation = GenerationConfig(

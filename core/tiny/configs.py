@@ -372,7 +372,10 @@ def _make_gemma4_config(arch: str, vocab_size: int, **dims):
         # first count must be the 128 mel bins, as the real (128, 32).
         subsampling_conv_channels=[128, 4],
         output_proj_dims=32,
-        use_clipped_linears=False,
+        # As the real E2B/E4B audio towers: every conformer linear has clip bounds
+        # (transformers initialises them to +-inf, so they change nothing here), and
+        # mlx-vlm's gemma4 audio tower always loads them.
+        use_clipped_linears=True,
         initializer_range=dims["initializer_range"],
     )
     return Gemma4Config(
