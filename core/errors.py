@@ -57,6 +57,7 @@ EXTRAS = {
     "bitsandbytes": "quantization",
     "mlx": "mlx",
     "mlx_lm": "mlx",
+    "mlx_vlm": "mlx-media",
     "langchain_core": "langchain",
     "llama_index": "llama-index",
     "fastapi": "server",

@@ -154,6 +154,20 @@ class Audio:
     def seconds(self) -> float:
         return float(len(self.samples)) / self.sampling_rate
 
+    def at_rate(self, rate: int) -> Any:
+        """The samples resampled to ``rate`` Hz (float32; ``scipy.signal.resample_poly``),
+        the rate a model's feature extractor reads; the samples themselves at their own rate."""
+        if self.sampling_rate == rate:
+            return self.samples
+        from math import gcd
+
+        import numpy as np
+        from scipy.signal import resample_poly
+
+        g = gcd(self.sampling_rate, rate)
+        out = resample_poly(self.samples, rate // g, self.sampling_rate // g)
+        return np.asarray(out, dtype=np.float32)
+
 
 Media = Image | Audio
 

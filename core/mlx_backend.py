@@ -39,6 +39,7 @@ from typing import Any
 from . import accel
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import MissingDependencyError, UnsupportedPlatformError, require
+from .media import Media, MediaOptions
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 from .worker import ModelWorker, shared_worker
@@ -134,10 +135,19 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             one stream per core this process may use, at most one per row;
             ``1`` keeps a batch on one stream. Unused on the GPU, where one
             stream already fills the device.
+        image_soft_tokens: Gemma 4: the most soft tokens an image may cost
+            (70, 140, 280, 560 or 1120); ``None``: the checkpoint's default.
+        pan_and_scan: Gemma 3: also read crops of large or elongated images;
+            ``None``: the checkpoint's default (off).
+
+    Messages may hold images and audio for checkpoints that read them: those
+    requests go through mlx-vlm's model of the checkpoint, which shares
+    mlx-lm's language weights (:mod:`core.mlx_media`); text keeps mlx-lm.
     """
 
     implementation = "mlx"
     supports_constraints = True
+    reads_media = True
 
     def __init__(
         self,
@@ -148,8 +158,13 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         max_kv_size: int | None = None,
         prefill_step_size: int = 2048,
         cpu_streams: int | None = None,
+        image_soft_tokens: int | None = None,
+        pan_and_scan: bool | None = None,
     ) -> None:
         super().__init__(model_name)
+        self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
+        self.family.processor_options(self.media_options)  # one this family has not: ValueError
+        self._vision: Any = None  # mlx-vlm's model and processor, loaded at the first media
         from .gguf import check_model_path
 
         #: A local GGUF file, loaded through its converted folder (``None``: folder or hub id).
@@ -236,13 +251,17 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                 return shared
             return [*shared, mlx_grammar_processor(grammar, row)]
 
-        if len(prompts) > 1 and self._batchable():
+        media = any(p.media is not None for p in prompts)  # mlx-vlm, one row at a time
+        if len(prompts) > 1 and self._batchable() and not media:
             self._generate_batch(prompts, sampler, processors, sink)
             return
         with wired_limit(self.model):
             for index, prompt in enumerate(prompts):  # one prompt, or a model that cannot batch
                 if sink.done:
                     return
+                if prompt.media is not None:
+                    self._generate_media_row(index, prompt, sampler, processors(index), sink)
+                    continue
                 steps = generate_step(
                     mx.array(prompt.ids),
                     self.model,
@@ -259,6 +278,65 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                             break
                 finally:
                     steps.close()
+
+    # ------------------------------------------------------------------ media
+
+    def _check_media(self, conversations: Sequence[Any]) -> None:
+        from .media import media_kinds
+
+        super()._check_media(conversations)  # what the checkpoint reads
+        if not any(media_kinds(c) for c in conversations):
+            return
+        require("mlx_vlm", feature="Images and audio on the MLX backend")
+        if self.adapter_path is not None:
+            raise NotImplementedError(
+                f"adapter_path ({self.adapter_path}) applies to mlx-lm's text model; images and "
+                "audio go through mlx-vlm's model, which gemma-local loads without adapters. "
+                "Send text, or use a client without adapter_path"
+            )
+
+    def _media_inputs(self, text: str, media: list[Media]) -> tuple[tuple[int, ...], Any]:
+        from . import mlx_media
+        from .base import LOAD_LOCK
+
+        if self._vision is None:
+            path = self.model_name
+            if self._gguf is not None:
+                from .gguf import converted_folder
+
+                path = str(converted_folder(self._gguf))
+            with LOAD_LOCK:  # mlx-vlm's processor loads through transformers
+                self._vision = mlx_media.load(path, self.model)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return mlx_media.encode(
+            self._vision,
+            text,
+            media,
+            self.family.processor_options(self.media_options),
+            add_special_tokens=not (bos and text.startswith(bos)),
+            text_ids=len(self._encode(text)),
+        )
+
+    def _generate_media_row(
+        self, index: int, prompt: Prompt, sampler: Any, processors: list[Any], sink: TokenSink
+    ) -> None:
+        from .mlx_media import generate_row
+
+        def push(token: int) -> bool:
+            sink.push_row(index, token)
+            return bool(sink.finished()[index])
+
+        generate_row(
+            self._vision,
+            prompt.ids,
+            prompt.media,
+            max_tokens=sink.rows[index].max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            max_kv_size=self.max_kv_size,
+            prefill_step_size=self.prefill_step_size,
+            push=push,
+        )
 
     def _batchable(self) -> bool:
         """Whether mlx-lm can run this model on a padded batch.
@@ -423,6 +501,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
 
     def _release(self) -> None:
         self._decoders.clear()
+        self._vision = None
         self._wrapper = None
         self._config = None
         self._context_window = None

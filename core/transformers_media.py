@@ -15,9 +15,9 @@ is missing). ``Gemma4Processor`` cannot be built without torchvision (its
 video processor needs it), so for Gemma 4 the same class is built without
 its video processor (:class:`Gemma4ProcessorWithoutVideo`): images and audio
 go through exactly the same code. Audio is resampled to the feature
-extractor's rate (``scipy.signal.resample_poly``).
+extractor's rate (:meth:`core.media.Audio.at_rate`).
 
-``transformers``, ``torch``, ``numpy`` and ``scipy`` are imported here at
+``transformers`` and ``torch`` are imported here at
 module level: import this module only where they are needed.
 """
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from math import gcd
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoProcessor
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
@@ -115,16 +113,6 @@ class MediaInputs:
     media_tokens: int
 
 
-def _resample(audio: Audio, rate: int) -> Any:
-    if audio.sampling_rate == rate:
-        return audio.samples
-    from scipy.signal import resample_poly
-
-    g = gcd(audio.sampling_rate, rate)
-    out = resample_poly(audio.samples, rate // g, audio.sampling_rate // g)
-    return np.asarray(out, dtype=np.float32)
-
-
 def encode(
     processor: Any,
     text: str,
@@ -148,7 +136,7 @@ def encode(
     if audio:
         extractor = getattr(processor, "feature_extractor", None)
         rate = int(getattr(extractor, "sampling_rate", 16_000))
-        kwargs["audio"] = [_resample(a, rate) for a in audio]
+        kwargs["audio"] = [a.at_rate(rate) for a in audio]
         kwargs["sampling_rate"] = rate
     out = processor(
         text=[text], return_tensors="pt", add_special_tokens=add_special_tokens, **kwargs
