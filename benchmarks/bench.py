@@ -152,8 +152,11 @@ def bench_client(model: Any, tokenizer: Any, name: str, *, record: bool = False)
                 sink.push = recording_push
             pad = self.tokenizer.pad_token_id
             pad = 0 if pad is None else int(pad)
-            if fast_path.supported(self.model, params):
-                return fast_path.generate(self.model, prompts, params, sink, pad_id=pad)
+            if fast_path.supported(self.model, params) and (params.greedy or params.seed is None):
+                grammar = self._grammar_matchers(params, len(prompts))
+                return fast_path.generate(
+                    self.model, prompts, params, sink, pad_id=pad, grammar=grammar
+                )
             return super()._generate(prompts, params, sink)
 
     return BenchClient(name, device_map=None).load()
@@ -627,6 +630,7 @@ class GpuBench:
         log(f"=== {shape}: building random weights on the GPU")
         model = gpu_model(shape, torch.bfloat16, device=self.device)
         tokenizer, path = tokenizer_for(shape, self.work)
+        model.config.save_pretrained(path)  # the client checks the folder is a model's
         client = bench_client(model, tokenizer, str(path), record=args.record)
         convos = conversations(client, 16, p)
         ids = prompt_ids(client, convos)
@@ -634,7 +638,10 @@ class GpuBench:
         limit = self.bandwidth / gb
         section = f"{shape} bf16 ({gb / 1e9:.1f} GB, limit {limit:.0f} tok/s at bs1)"
         self.limits[section] = limit
-        self.run_shape_rows(section, client, model, convos, ids, n, shape)
+        if args.batches:
+            self.run_shape_rows(section, client, model, convos, ids, n, shape)
+        if args.constrained_batches:
+            self.constrained_rows(section, client, convos, n)
         self.write()
         if nf4:
             client.close()
@@ -740,6 +747,71 @@ class GpuBench:
             if args.record and not nf4:
                 self.equality(f"{section} bs{batch}", client, model, b_convos, n)
 
+    def constrained_rows(self, section: str, client: Any, convos: list[Any], n: int) -> None:
+        """Tools and JSON output against the same request unconstrained, per decoded token.
+
+        Every request gets the same ``logit_bias`` (the end ids and every token with a
+        double quote at -100), so a constrained reply runs to ``max_tokens`` inside a free
+        JSON string and an unconstrained one to ``max_tokens`` too. The per-token time is
+        ``(t(n) - t(n1)) / (n - n1)`` (the prefill, which differs by the tool prompt,
+        cancels out), the median of ``--repeats`` pairs; tok/s = rows / per-token time.
+        """
+        tok = client.tokenizer
+        quotes = [i for i in range(len(tok)) if '"' in tok.decode([i])]
+        bias = dict.fromkeys([1, 106, *quotes], -100.0)
+        free = {
+            "type": "object",
+            "properties": {"text": {"type": "string"}},
+            "required": ["text"],
+            "additionalProperties": False,
+        }
+        note = {"type": "function", "function": {"name": "note", "parameters": free}}
+        modes: dict[str, dict[str, Any]] = {
+            "unconstrained": {},
+            "tools (tool_choice=required)": {"tools": [note], "tool_choice": "required"},
+            "JSON schema response_format": {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": free},
+                }
+            },
+        }
+        n1 = max(8, n // 8)
+        for batch in self.args.constrained_batches:
+            rows = convos[:batch]
+
+            def timed(tokens: int, request: dict[str, Any], rows: list[Any] = rows) -> float:
+                options = {"temperature": 0, "max_tokens": tokens, "logit_bias": bias, **request}
+                seconds, out = self.clock(
+                    lambda: (
+                        client.create_batch(rows, **options)
+                        if len(rows) > 1
+                        else [client.create(rows[0], **options)]
+                    )
+                )
+                used = completion_tokens(out)
+                assert used == tokens * len(rows), f"{used} of {tokens * len(rows)} tokens"
+                return seconds
+
+            base = None
+            for mode, request in modes.items():
+
+                def measure(request: dict[str, Any] = request, rows: list[Any] = rows) -> Row:
+                    timed(n, request)  # warm-up: graphs of this bucket and sampler
+                    per_token = median(
+                        [
+                            (timed(n, request) - timed(n1, request)) / (n - n1)
+                            for _ in range(self.args.repeats)
+                        ]
+                    )
+                    return Row(section, "", len(rows), tok_s=len(rows) / per_token)
+
+                row = self.row(section, f"ours, per token: {mode}", batch, measure)
+                if base is None:
+                    base = row
+                elif row.tok_s and base.tok_s:
+                    row.ratios["x unconstrained"] = row.tok_s / base.tok_s
+
     def variants(self) -> None:
         """1b at bs1: the fast path without fused projections, and without compile (graphs only)."""
         torch = self.torch
@@ -748,6 +820,7 @@ class GpuBench:
         shape = "tiny" if self.args.dry_run else "1b"
         model = gpu_model(shape, torch.bfloat16, device=self.device)
         tokenizer, path = tokenizer_for(shape, self.work)
+        model.config.save_pretrained(path)
         client = bench_client(model, tokenizer, str(path))
         convos = conversations(client, 1, self.args.prompt_tokens)
         section = "1b bf16: fast-path variants"
@@ -1429,6 +1502,11 @@ def main() -> None:
     parser.add_argument("--ours-only", default="", help="shapes measured without the raw rows")
     parser.add_argument("--raw-only", action="store_true", help="only the raw rows")
     parser.add_argument("--nf4-batches", default="1,16", help="NF4 batch sizes")
+    parser.add_argument(
+        "--constrained",
+        default="",
+        help="batch sizes of the tools / JSON rows against unconstrained (e.g. 1,16)",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel profile of one bs1 step")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -1444,6 +1522,7 @@ def main() -> None:
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.batches = [int(b) for b in args.batches.split(",") if b]  # "": NF4 rows only
     args.nf4_batches = [int(b) for b in args.nf4_batches.split(",")]
+    args.constrained_batches = [int(b) for b in args.constrained.split(",") if b]
     args.ours_only = [s for s in args.ours_only.split(",") if s]
     args.seq_calls = {
         k: int(v) for k, v in (kv.split("=") for kv in args.seq_calls.split(",") if kv)

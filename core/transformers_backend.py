@@ -374,16 +374,15 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         params = params.in_float32()
         seed = None if params.greedy else params.seed
         media = any(p.media is not None for p in prompts)  # images / audio: generate() reads them
-        # CUDA: static cache + CUDA graphs; its sampling draws from torch's default
-        # generator, so seeded sampling takes generate() with its own generator.
+        grammar = self._grammar_matchers(params, len(prompts))
+        # CUDA: static cache + CUDA graphs (grammars too); its sampling draws from torch's
+        # default generator, so seeded sampling takes generate() with its own generator.
         if (
             seed is None
             and not media
-            and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad)
+            and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad, grammar=grammar)
         ):
             return
-
-        grammar = self._grammar_matchers(params, len(prompts))
 
         class FeedSink(StoppingCriteria):
             """Hands each step's tokens to the sink (and the grammar); reports finished rows."""

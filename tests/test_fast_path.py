@@ -11,6 +11,7 @@ streaming, with the same text, finish reasons and usage.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -434,3 +435,121 @@ def test_client_results_equal_plain_path(
     plain_text = tf_client.create(USER, temperature=0, max_tokens=12)["choices"][0]["message"]
     assert text == plain_text["content"]
     assert chunks[-1]["usage"]["completion_tokens"] <= 12
+
+
+# ------------------------------------------------------------------ grammars
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+FORCED = {"type": "function", "function": {"name": "get_weather"}}
+ANSWER = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "schema": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+            "required": ["ok", "n"],
+        },
+    },
+}
+
+
+def same(completion: dict[str, Any]) -> dict[str, Any]:
+    """A completion without what differs between two equal calls (ids, time, call ids)."""
+    out = strip_ids(completion)
+    out["choices"] = [dict(c, message=dict(c["message"])) for c in out["choices"]]
+    for choice in out["choices"]:
+        calls = choice["message"].get("tool_calls")
+        if calls:
+            choice["message"]["tool_calls"] = [c["function"] for c in calls]
+    return out
+
+
+@pytest.fixture
+def masked_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the constrained decode loops the fast path runs (one per request)."""
+    calls: list[int] = []
+    original = fast_path._Engine._decode_masked
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_path._Engine, "_decode_masked", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tools": [WEATHER], "tool_choice": FORCED, "max_tokens": 80},
+        {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 80},
+        {"tools": [WEATHER], "tool_choice": "auto", "max_tokens": 30},
+        {"response_format": ANSWER, "max_tokens": 60},
+        {"response_format": {"type": "json_object"}, "max_tokens": 24, "stop": ["}"]},
+        {"tools": [WEATHER], "tool_choice": FORCED, "max_tokens": 80, "logit_bias": {100: 5.0}},
+    ],
+    ids=["forced", "required", "auto", "json-schema", "json-object-stop", "forced-bias"],
+)
+def test_constrained_requests_equal_plain_path(
+    tf_client: Any, monkeypatch: pytest.MonkeyPatch, masked_steps: list[int], options: Any
+) -> None:
+    """Tools and JSON output on the fast path: the grammar's mask is applied on the device,
+    and the greedy reply (text, calls, finish reason, usage) is the plain path's."""
+    conversations = [USER, [{"role": "user", "content": "Weather in Oslo, please?"}]]
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "off")
+    expected = [same(c) for c in tf_client.create_batch(conversations, temperature=0, **options)]
+    alone = same(tf_client.create(USER, temperature=0, **options))
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
+    got = [same(c) for c in tf_client.create_batch(conversations, temperature=0, **options)]
+    assert got == expected
+    assert same(tf_client.create(USER, temperature=0, **options)) == alone
+    assert masked_steps, "the constrained loop did not run"
+    if options.get("tool_choice") not in (None, "auto"):
+        for reply in got:
+            call = reply["choices"][0]["message"]["tool_calls"][0]
+            assert call["name"] == "get_weather"
+            assert json.loads(call["arguments"])["unit"] in ("celsius", "fahrenheit")
+
+
+def test_constrained_sampling_and_streaming_on_the_fast_path(
+    tf_client: Any, monkeypatch: pytest.MonkeyPatch, masked_steps: list[int]
+) -> None:
+    """Sampled (unseeded, so on the fast path) constrained rows only ever draw allowed
+    tokens: every call parses and fits the schema; a stream's deltas add up to the call."""
+    monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
+    replies = tf_client.create(
+        USER, temperature=1.5, top_p=0.95, n=3, tools=[WEATHER], tool_choice=FORCED, max_tokens=120
+    )
+    for choice in replies["choices"]:
+        assert choice["finish_reason"] == "tool_calls"
+        arguments = json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+        assert arguments["unit"] in ("celsius", "fahrenheit")
+        assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 10
+    mood = {"type": "string", "enum": ["calm", "stormy"]}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "mood": mood}}
+    schema.update(required=["ok", "mood"], additionalProperties=False)
+    response_format = {"type": "json_schema", "json_schema": {"name": "sea", "schema": schema}}
+    chunks = list(
+        tf_client.create(
+            USER, stream=True, temperature=0, response_format=response_format, max_tokens=120
+        )
+    )
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    answer = json.loads(text)
+    assert isinstance(answer["ok"], bool) and answer["mood"] in ("calm", "stormy")
+    assert len(masked_steps) == 2

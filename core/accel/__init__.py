@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..constrained import GrammarMatchers
     from ..params import SamplingParams
     from ..stream import Prompt, TokenSink
 
@@ -67,18 +68,20 @@ def cuda_generate(
     sink: TokenSink,
     *,
     pad_id: int,
+    grammar: GrammarMatchers | None = None,
 ) -> bool:
     """Serve the request on the fast decode path if it applies; ``False`` (nothing done) if not.
 
     Runs on the thread that owns ``model`` and pushes every step's tokens into
     ``sink``, as ``model.generate`` would (see
-    :func:`core.accel.cuda.fast_path.supported` for when it applies).
+    :func:`core.accel.cuda.fast_path.supported` for when it applies);
+    ``grammar`` (tools, JSON output) constrains the rows and is fed their tokens.
     """
     from .cuda import fast_path
 
     if not fast_path.supported(model, params):
         return False
-    fast_path.generate(model, prompts, params, sink, pad_id=pad_id)
+    fast_path.generate(model, prompts, params, sink, pad_id=pad_id, grammar=grammar)
     return True
 
 

@@ -32,6 +32,14 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   transformers implementation does; under greedy decoding the tokens equal
   the plain path's (``tests/test_fast_path.py`` checks Gemma 1, 2 and 3,
   batches with padding, sliding windows, penalties and biases).
+* **Grammars.** A request constrained by a grammar (tools, a JSON
+  ``response_format``: :class:`~core.constrained.GrammarMatchers`) runs the
+  step as two graphs, the forward and the sampling, with the grammar's
+  bitmask applied on the device between the bias and the sampler (the plain
+  path's order). Each step's token is read back at once (no bursts), and the
+  next step's forward is launched before the host waits for it, so the host
+  feeds the token to the matchers and computes the next mask while the GPU
+  runs that forward.
 * **Stops.** The device does not know about stop strings or end ids: the
   sink does, as on the plain path. Tokens are checked a burst at a time and
   those generated after a row finished are ignored (at most one burst of
@@ -113,11 +121,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...params import SamplingParams
 from ...stream import Prompt, TokenSink
 from . import decode_attention, gemv, rope_store
+
+if TYPE_CHECKING:
+    from ...constrained import GrammarMatchers
 
 logger = logging.getLogger("gemma_local")
 
@@ -180,10 +191,11 @@ def supported(model: Any, params: SamplingParams | None = None) -> bool:
     True for Gemma 1/2/3 decoders (text-only prompts to the multimodal Gemma 3
     too) on one CUDA device with ``sdpa`` or ``eager`` attention, unless
     ``GEMMA_LOCAL_FAST_PATH`` says otherwise. Requests constrained by a
-    grammar (tools, JSON output: ``params.constrained``) take the plain path.
+    grammar (tools, JSON output) are served too: :func:`generate` takes their
+    matchers.
     """
     mode = setting()
-    if mode == "off" or model is None or getattr(params, "constrained", False):
+    if mode == "off" or model is None:
         return False
     if mode == "auto" and _device_type(model) != "cuda":
         return False
@@ -212,6 +224,7 @@ def generate(
     pad_id: int = 0,
     compile: bool | str | None = None,
     cuda_graphs: bool | None = None,
+    grammar: GrammarMatchers | None = None,
 ) -> None:
     """Generate for ``prompts`` (left-padded together) and push every step's tokens into ``sink``.
 
@@ -219,7 +232,9 @@ def generate(
     steps; the loop ends early once ``sink.done`` (every row finished, or the
     reader went away). ``compile`` (default: on CUDA) may name a
     ``torch.compile`` backend; ``cuda_graphs`` defaults to CUDA. Both settings
-    are fixed when a model is first seen (see :func:`release`).
+    are fixed when a model is first seen (see :func:`release`). ``grammar``
+    (one matcher per prompt) constrains every row's tokens; this loop feeds
+    each sampled token to it.
     """
     _import_torch()
     engine = _engine(model, compile=compile, cuda_graphs=cuda_graphs)
@@ -227,9 +242,9 @@ def generate(
     with torch.inference_mode():
         if device.type == "cuda":  # streams, events and graphs of the model's GPU
             with torch.cuda.device(device):
-                engine.run(prompts, params, sink, pad_id)
+                engine.run(prompts, params, sink, pad_id, grammar)
         else:
-            engine.run(prompts, params, sink, pad_id)
+            engine.run(prompts, params, sink, pad_id, grammar)
 
 
 def release(model: Any) -> None:
@@ -874,28 +889,34 @@ class _Sampler:
     top_p: bool = False
     penalty: bool = False
     bias: bool = False
+    #: a grammar's bitmask (``_Bucket.allowed``) masks the logits
+    masked: bool = False
 
     @staticmethod
-    def of(params: SamplingParams) -> _Sampler:
+    def of(params: SamplingParams, masked: bool = False) -> _Sampler:
         penalty = params.repetition_penalty is not None and params.repetition_penalty != 1.0
         bias = bool(params.logit_bias)
         if params.greedy:
-            return _Sampler(True, penalty=penalty, bias=bias)
-        return _Sampler(False, params.top_k, params.top_p < 1.0, penalty, bias)
+            return _Sampler(True, penalty=penalty, bias=bias, masked=masked)
+        return _Sampler(False, params.top_k, params.top_p < 1.0, penalty, bias, masked)
 
 
 def _sample(logits: Any, b: _Bucket, how: _Sampler) -> Any:
     """Next token per row, on the device, in transformers' order of processors.
 
-    Repetition penalty, logit bias, then (sampling) temperature, top-k, top-p
-    and a draw by the exponential-race trick (argmax of p / Exp(1)), which
-    needs no host sync.
+    Repetition penalty, logit bias, the grammar's mask (disallowed ids get the
+    dtype's lowest value, as :class:`~core.constrained.TorchGrammarMask` gives
+    them), then (sampling) temperature, top-k, top-p and a draw by the
+    exponential-race trick (argmax of p / Exp(1)), which needs no host sync.
     """
     if how.penalty:
         penalized = torch.where(logits < 0, logits * b.penalty, logits / b.penalty)
         logits = torch.where(b.seen, penalized, logits)
     if how.bias:
         logits = logits + b.bias
+    if how.masked:  # bit (id % 32) of word (id // 32) of the row's bitmask: 1 = allowed
+        bits = b.allowed.index_select(1, b.word_of).bitwise_right_shift(b.bit_of) & 1
+        logits = torch.where(bits.bool(), logits, torch.finfo(logits.dtype).min)
     if how.greedy:
         return logits.argmax(dim=-1)
     logits = logits / b.temperature
@@ -937,8 +958,14 @@ class _Bucket:
         self.penalty = torch.ones(1, dtype=torch.float32, device=dev)
         self.seen: Any = None
         self.bias: Any = None
+        #: a grammar's bitmask, int32 (batch, vocab / 32), and each id's word and bit in it
+        self.allowed: Any = None
+        self.word_of: Any = None
+        self.bit_of: Any = None
         self.vocab = lay.vocab
         self.graphs: dict[_Sampler, Any] = {}
+        #: masked samplers: (forward graph, sampling graph)
+        self.split_graphs: dict[_Sampler, tuple[Any, Any]] = {}
         self.pool: Any = None
         #: (width, padded) -> (graph, ids, mask, logits) of captured prefills
         self.prefills: OrderedDict[tuple[int, bool], tuple[Any, Any, Any, Any]] = OrderedDict()
@@ -952,6 +979,16 @@ class _Bucket:
             self.seen = torch.zeros(
                 self.batch, self.vocab, dtype=torch.bool, device=self.tok.device
             )
+        if how.masked and self.allowed is None:
+            dev = self.tok.device
+            ids = torch.arange(self.vocab, device=dev)
+            self.allowed = torch.full(
+                (self.batch, -(-self.vocab // 32)), -1, dtype=torch.int32, device=dev
+            )
+            self.word_of = ids // 32
+            self.bit_of = (ids % 32).to(torch.int32)
+        if how.masked:
+            self.allowed.fill_(-1)
         if how.bias:
             if self.bias is None:
                 self.bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.tok.device)
@@ -1022,6 +1059,9 @@ class _Engine:
 
     def _step(self, b: _Bucket, how: _Sampler) -> None:
         logits, _ = self._forward(b)
+        self._sample_step(b, how, logits)
+
+    def _sample_step(self, b: _Bucket, how: _Sampler, logits: Any) -> None:
         nxt = _sample(logits, b, how)
         b.tok.copy_(nxt[:, None])
         b.history.index_copy_(0, b.step + 1, nxt[None, :])
@@ -1117,7 +1157,24 @@ class _Engine:
                 return graph.replay
         return lambda: self._step(b, how)
 
-    def _capture(self, b: _Bucket, how: _Sampler) -> Any:
+    def split_stepper(
+        self, b: _Bucket, how: _Sampler
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A decode step as two callables, the forward and the sampling (graph replays where
+        possible), for a masked sampler: the grammar's mask is loaded between them."""
+        if self.use_graphs:
+            graphs = b.split_graphs.get(how) or self._capture(b, how, split=True)
+            if graphs is not None:
+                forward_graph, sample_graph = graphs
+                return forward_graph.replay, sample_graph.replay
+        held: list[Any] = []
+
+        def forward() -> None:
+            held[:] = [self._forward(b)[0]]
+
+        return forward, lambda: self._sample_step(b, how, held.pop())
+
+    def _capture(self, b: _Bucket, how: _Sampler, split: bool = False) -> Any:
         """Warm up (compiling if needed) and capture one step; before the prompt is read."""
         device = self.layout.device
         started = time.perf_counter()
@@ -1144,7 +1201,15 @@ class _Engine:
                 b.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=b.pool, capture_error_mode="thread_local"):
-                self._step(b, how)
+                if split:
+                    logits, _ = self._forward(b)
+                else:
+                    self._step(b, how)
+            if split:  # the sampling reads the forward graph's logits
+                sampling = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(sampling, pool=b.pool, capture_error_mode="thread_local"):
+                    self._sample_step(b, how, logits)
+                graph = (graph, sampling)
         except Exception as exc:
             torch.cuda.synchronize(device)
             self._fall_back(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
@@ -1152,7 +1217,10 @@ class _Engine:
             return None
         finally:
             torch.cuda.set_rng_state(rng, device)
-        b.graphs[how] = graph
+        if split:
+            b.split_graphs[how] = graph
+        else:
+            b.graphs[how] = graph
         seconds = round(time.perf_counter() - started, 1)
         self.compile_seconds[f"decode step, batch {b.batch}, {b.length} slots"] = seconds
         logger.info("fast path: decode step ready in %.1f s", seconds)
@@ -1161,7 +1229,12 @@ class _Engine:
     # -------------------------------------------------------------- request
 
     def run(
-        self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink, pad_id: int
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        sink: TokenSink,
+        pad_id: int,
+        grammar: GrammarMatchers | None = None,
     ) -> None:
         lay = self.layout
         device = lay.device
@@ -1172,10 +1245,12 @@ class _Engine:
             width = -(-width // PREFILL_STEP) * PREFILL_STEP
         steps = sink.max_new_tokens - 1  # the first token comes from the prefill
         b = self.bucket(batch_bucket(batch), cache_len(width + max(steps, 0)))
-        how = _Sampler.of(params)
+        how = _Sampler.of(params, masked=grammar is not None)
         b.configure(params, how)
         # may compile and capture (first use of this bucket); one token needs no step
-        step = self.stepper(b, how) if steps > 0 else None
+        step: Any = None
+        if steps > 0:
+            step = self.split_stepper(b, how) if how.masked else self.stepper(b, how)
 
         # Rows past the prompts fill the bucket: all padding, their tokens are dropped.
         pads = [width - len(p.ids) for p in prompts] + [width] * (b.batch - batch)
@@ -1191,14 +1266,54 @@ class _Engine:
         if how.penalty:  # the prompt's tokens, not its padding
             b.seen.zero_()
             b.seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)
+        masks = _MaskLoader(b, grammar) if grammar is not None else None
+        if masks is not None:
+            masks.load()
         first = _sample(logits, b, how)
         if how.penalty:
             b.seen.scatter_(1, first[:, None], True)
         b.tok.copy_(first[:, None])
         b.step.fill_(width)
-        sink.push(first.tolist()[:batch])
-        if step is not None and not sink.done:
+        tokens = first.tolist()[:batch]
+        if masks is not None:
+            masks.push(sink, tokens)
+        else:
+            sink.push(tokens)
+        if step is None or sink.done:
+            return
+        if masks is not None:
+            self._decode_masked(b, *step, steps, sink, masks)
+        else:
             self._decode(b, step, width, steps, sink, batch)
+
+    def _decode_masked(
+        self,
+        b: _Bucket,
+        forward: Callable[[], None],
+        sample: Callable[[], None],
+        steps: int,
+        sink: TokenSink,
+        masks: _MaskLoader,
+    ) -> None:
+        """Decode ``steps`` constrained steps: each step's mask is computed on the host while
+        the step's forward runs; the token is read back before the next mask."""
+        cuda = self.layout.device.type == "cuda"
+        host = torch.empty(b.batch, dtype=torch.long, device="cpu", pin_memory=cuda)
+        event = torch.cuda.Event() if cuda else None
+        forward()
+        for i in range(steps):
+            masks.load()  # the grammar has seen every token so far; the forward is running
+            sample()
+            host.copy_(b.tok[:, 0], non_blocking=cuda)
+            if event is not None:
+                event.record()
+            if i + 1 < steps:
+                forward()  # the next step's input is already on the device
+            if event is not None:
+                event.synchronize()
+            masks.push(sink, host.tolist()[: masks.rows])
+            if sink.done:
+                return
 
     def _decode(
         self,
@@ -1238,6 +1353,42 @@ class _Engine:
             if current is None:
                 return
             pending = current
+
+
+class _MaskLoader:
+    """Feeds a request's sampled tokens to its grammar and loads the next mask onto the device."""
+
+    def __init__(self, b: _Bucket, grammar: GrammarMatchers) -> None:
+        cuda = b.tok.device.type == "cuda"
+        self.b, self.grammar = b, grammar
+        self.rows = len(grammar.matchers)
+        # padding rows and ids past the tokenizer's vocabulary: all / never allowed
+        self.host = torch.full(tuple(b.allowed.shape), -1, dtype=torch.int32, pin_memory=cuda)
+        self.words = min(grammar.bitmask.shape[1], self.host.shape[1])
+        self.host[: self.rows, self.words :] = 0
+        self.free = False  # every row retired (prose, or finished): the mask is all ones
+
+    def load(self) -> None:
+        """Copy every row's mask for the next token to the device (after the queued work)."""
+        if self.free:
+            return
+        if all(self.grammar.retired):
+            self.host.fill_(-1)
+            self.free = True
+        else:
+            bitmask = torch.from_numpy(self.grammar.fill())
+            self.host[: self.rows, : self.words].copy_(bitmask[:, : self.words])
+        self.b.allowed.copy_(self.host, non_blocking=self.b.tok.device.type == "cuda")
+
+    def push(self, sink: TokenSink, tokens: list[int]) -> None:
+        """``tokens`` into the sink, then each row that was live into its matcher."""
+        live = [not done for done in sink.finished()]
+        sink.push(tokens)
+        for row, (token, done) in enumerate(zip(tokens, sink.finished(), strict=True)):
+            if live[row]:
+                self.grammar.advance(row, token)
+            if done:
+                self.grammar.retire(row)
 
 
 def _flag(name: str, default: bool) -> bool:
