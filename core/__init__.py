@@ -1,7 +1,7 @@
 """gemma-local core: Gemma chat models behind an OpenAI ChatCompletion-style API.
 
-Importing ``core`` imports no torch, transformers, mlx or vllm; those load with
-the first model.
+Importing ``core`` imports no torch, transformers, mlx, vllm or llama.cpp; those load
+with the first model.
 """
 
 from .base import BaseGemmaChatCompletion
@@ -18,6 +18,7 @@ from .errors import (
     UnsupportedPlatformError,
 )
 from .factory import create_gemma_client, create_gemma_transformers_client, resolve_backend
+from .llamacpp_backend import GemmaLlamaCppChatCompletion
 from .messages import normalize_messages
 from .mlx_backend import GemmaMLXChatCompletion
 from .params import SamplingParams
@@ -33,6 +34,7 @@ __all__ = [
     "ContextWindowExceededError",
     "Delta",
     "GatedModelError",
+    "GemmaLlamaCppChatCompletion",
     "GemmaLocalError",
     "GemmaMLXChatCompletion",
     "GemmaTransformersChatCompletion",

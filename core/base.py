@@ -759,9 +759,14 @@ class BaseGemmaChatCompletion:
         if self._grammar_tokenizer is None:
             preferred = self._end_ids[0] if self._end_ids else None  # the family's end of turn
             ends = sorted(self._eos_ids, key=lambda t: (t != preferred, t))
-            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, ends)
+            self._grammar_tokenizer = self._new_grammar_tokenizer(ends)
         free_prose = family.free_prose(params, params.thinking)
         return GrammarMatchers(self._grammar_tokenizer, grammar, rows, free_prose=free_prose)
+
+    def _new_grammar_tokenizer(self, end_ids: Sequence[int]) -> Any:
+        """llguidance's tokenizer for this model (model thread): the Hugging Face tokenizer's,
+        by default; ``end_ids`` end a reply, the family's end of turn first."""
+        return grammar_tokenizer(self.tokenizer, end_ids)
 
     def stream_deltas(
         self, conversations: Sequence[Messages], params: SamplingParams

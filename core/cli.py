@@ -69,8 +69,8 @@ TRANSFORMERS_ONLY = {"four_bit": "--4bit", "device_map": "--device-map", "dtype"
 
 
 def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
-    """Refuse transformers-only options on MLX and vLLM, naming them (before anything loads)."""
-    if backend not in ("mlx", "vllm"):
+    """Refuse transformers-only options on the other backends, naming them (before any load)."""
+    if backend not in ("mlx", "vllm", "llamacpp"):
         return
     given = [
         flag for dest, flag in TRANSFORMERS_ONLY.items() if getattr(args, dest) not in (None, False)
@@ -79,6 +79,12 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
         return
     verb = "is not an option" if len(given) == 1 else "are not options"
     them = "it" if len(given) == 1 else "them"
+    if backend == "llamacpp":
+        raise ValueError(
+            f"{', '.join(given)} {verb} of the llama.cpp backend (transformers only); "
+            "llama.cpp runs the GGUF file's own quantisation on the CPU: drop "
+            f"{them} or pass --backend transformers"
+        )
     if backend == "vllm":
         raise ValueError(
             f"{', '.join(given)} {verb} of the vLLM backend (transformers only); vLLM places "

@@ -9,12 +9,28 @@ from typing import Any
 
 from .base import BaseGemmaChatCompletion
 
-BACKENDS = ("auto", "transformers", "mlx", "vllm")
-DEFAULT_MODELS = {
-    "transformers": "google/gemma-3-12b-it",
-    "mlx": "mlx-community/gemma-3-12b-it-4bit-DWQ",
-    "vllm": "google/gemma-3-12b-it",
-}
+BACKENDS = ("auto", "transformers", "mlx", "vllm", "llamacpp")
+
+
+class _DefaultModels(dict[str, str]):
+    """The default model of each backend; llama.cpp has none (it loads a file the user has)."""
+
+    def __missing__(self, backend: str) -> str:
+        if backend == "llamacpp":
+            raise ValueError(
+                "backend 'llamacpp' has no default model: pass model_name, the path of a .gguf "
+                "file (Gemma 2, 3 or 4 from llama.cpp, Ollama or the hub)"
+            )
+        raise KeyError(backend)
+
+
+DEFAULT_MODELS = _DefaultModels(
+    {
+        "transformers": "google/gemma-3-12b-it",
+        "mlx": "mlx-community/gemma-3-12b-it-4bit-DWQ",
+        "vllm": "google/gemma-3-12b-it",
+    }
+)
 
 
 def is_apple_silicon() -> bool:
@@ -25,7 +41,8 @@ def resolve_backend(backend: str = "auto") -> str:
     """``auto`` means MLX on Apple Silicon when mlx-lm is installed, transformers otherwise.
 
     vLLM is never chosen by ``auto``: it is a serving engine (a process per GPU,
-    minutes to start) that is asked for by name.
+    minutes to start) that is asked for by name; so is llama.cpp (``llamacpp``,
+    the fastest CPU path for a GGUF file), which needs its own extra.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -42,10 +59,15 @@ def create_gemma_client(
     """A chat-completion client on the best (or the named) backend; loads nothing yet.
 
     ``options`` go to the backend's constructor (e.g. ``use_4bit_quantization``
-    for transformers, ``max_kv_size`` for MLX, ``tensor_parallel_size`` for vLLM).
+    for transformers, ``max_kv_size`` for MLX, ``tensor_parallel_size`` for vLLM,
+    ``n_threads`` for llama.cpp).
     """
     chosen = resolve_backend(backend)
     name = model_name if model_name is not None else DEFAULT_MODELS[chosen]
+    if chosen == "llamacpp":
+        from .llamacpp_backend import GemmaLlamaCppChatCompletion
+
+        return GemmaLlamaCppChatCompletion(name, **options)
     if chosen == "vllm":
         from .vllm_backend import GemmaVLLMChatCompletion
 
