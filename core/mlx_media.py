@@ -83,11 +83,14 @@ PROCESSORS = {
 @dataclass(frozen=True, eq=False)
 class VisionModel:
     """mlx-vlm's model of the checkpoint and its processor; ``shared``: whether its
-    language model holds mlx-lm's arrays (see :func:`share_language_weights`)."""
+    language model holds mlx-lm's arrays (see :func:`share_language_weights`);
+    ``image_defaults``: image options its processor is given unless the request's
+    options say otherwise (see :func:`_image_defaults`)."""
 
     model: Any
     processor: Any
     shared: bool
+    image_defaults: Mapping[str, Any]
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,6 +177,33 @@ def _processor(folder: Path, model_type: str) -> Any:
     return processor
 
 
+def _image_defaults(processor: Any, model_type: str) -> dict[str, Any]:
+    """What transformers' ``Gemma3Processor`` gives its image processor where the checkpoint's
+    ``preprocessor_config.json`` holds ``null`` (RGB conversion, the pan-and-scan crop sizes),
+    and mlx-vlm's passes on only when asked (without them ``pan_and_scan=True`` fails, and
+    an RGBA or grey image keeps its channels)."""
+    if model_type != "gemma3":
+        return {}
+    from transformers import Gemma3Processor
+
+    image_processor = getattr(processor, "image_processor", None)
+    return {
+        key: value
+        for key, value in Gemma3Processor.images_kwargs.items()
+        if getattr(image_processor, key, None) is None
+    }
+
+
+def _fix_image_scale(model: Any, config: Mapping[str, Any], model_type: str) -> None:
+    """mlx-vlm's Gemma 3 divides the image features by the square root of the config's
+    top-level ``hidden_size`` (its default 2048 when the key is absent; transformers 5 does
+    not write it) before its language model multiplies every embedding by that of the text
+    ``hidden_size``; transformers inserts the features unscaled. Without the key the text
+    model's width is the right one (else, e.g. at 2560 wide, features 12% too large)."""
+    if model_type == "gemma3" and "hidden_size" not in config:
+        model.config.hidden_size = model.config.text_config.hidden_size
+
+
 def load(path: str, text_model: Any) -> VisionModel:
     """mlx-vlm's model and processor for the checkpoint at ``path`` (a folder or hub id that
     mlx-lm has already fetched), its language weights shared with ``text_model``."""
@@ -185,13 +215,17 @@ def load(path: str, text_model: Any) -> VisionModel:
     with _auto_processor_kept():
         try:
             model = load_model(folder, lazy=True)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, KeyError) as exc:  # weights it lacks
             raise ValueError(
-                f"mlx-vlm cannot load {path} with its vision / audio towers ({exc}). A "
+                f"mlx-vlm cannot load {path} with its vision / audio towers "
+                f"({type(exc).__name__}: {exc}). A "
                 "checkpoint converted by mlx_lm.convert has lost them; use the original "
                 "checkpoint or one converted by mlx_vlm.convert"
             ) from exc
-        processor = _processor(folder, str(get_model_type(load_config(folder))))
+        config = load_config(folder)
+        model_type = str(get_model_type(config))
+        processor = _processor(folder, model_type)
+    _fix_image_scale(model, config, model_type)
     shared = share_language_weights(model, text_model)
     if not shared:
         logger.warning(
@@ -200,7 +234,7 @@ def load(path: str, text_model: Any) -> VisionModel:
             path,
         )
     mx.eval(model.parameters())
-    return VisionModel(model, processor, shared)
+    return VisionModel(model, processor, shared, _image_defaults(processor, model_type))
 
 
 def encode(
@@ -220,7 +254,7 @@ def encode(
     audio = [m for m in media if isinstance(m, Audio)]
     kwargs: dict[str, Any] = {}
     if images:
-        kwargs.update(options, images=images)
+        kwargs.update(vision.image_defaults, **options, images=images)
     if audio:
         extractor = getattr(processor, "feature_extractor", None)
         rate = int(getattr(extractor, "sampling_rate", 16_000))

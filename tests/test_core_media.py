@@ -1,6 +1,6 @@
 """Images and audio in messages (issue 19): core.media's parsing, the families' checks, and
-the transformers backend on the tiny multimodal checkpoints (Gemma 3 vision, Gemma 4 vision +
-audio), greedy and on the CPU.
+both backends (transformers; MLX through mlx-vlm) on the tiny multimodal checkpoints (Gemma 3
+vision, Gemma 4 vision + audio), greedy and on the CPU; and what the two backends agree on.
 
 Images and sounds are made here (PIL, numpy, soundfile): nothing is downloaded, and the one
 http test serves its image from a local server on an owned thread.
@@ -311,19 +311,27 @@ def test_families_say_what_a_checkpoint_reads() -> None:
         media.MediaOptions(image_soft_tokens=100)
 
 
-# ----------------------------------------------------- transformers backend
+# ------------------------------------------------------------- both backends
+
+#: The backends that read images and audio; every test below runs on each.
+MULTIMODAL = ("transformers", "mlx")
+
+
+@pytest.fixture(scope="module", params=MULTIMODAL)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def gemma3_vision(gemma3_vision_path: Path) -> Iterator[Any]:
-    client = make_client("transformers", gemma3_vision_path)
+def gemma3_vision(backend: str, gemma3_vision_path: Path) -> Iterator[Any]:
+    client = make_client(backend, gemma3_vision_path)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
-def gemma4_vision(gemma4_vision_path: Path) -> Iterator[Any]:
-    client = make_client("transformers", gemma4_vision_path)
+def gemma4_vision(backend: str, gemma4_vision_path: Path) -> Iterator[Any]:
+    client = make_client(backend, gemma4_vision_path)
     yield client
     client.close()
 
@@ -469,29 +477,30 @@ def test_bad_media_leaves_the_client_usable(gemma4_vision) -> None:
     assert reply(gemma4_vision.create(good, **GREEDY))
 
 
+_CANNOT_READ = [
+    (
+        "gemma3_path",
+        "image",
+        r"cannot read images: it reads text only \(model_type 'gemma3_text'\)",
+    ),
+    ("gemma2_path", "image", r"cannot read images: it reads text only \(model_type 'gemma2'\)"),
+    ("gemma4_path", "audio", r"cannot read audio: it reads text only \(model_type 'gemma4_text'\)"),
+    ("gemma3_vision_path", "audio", "cannot read audio: it reads text and images only"),
+]
+
+
 @pytest.mark.parametrize(
-    ("checkpoint", "part", "error"),
-    [
-        (
-            "gemma3_path",
-            "image",
-            r"cannot read images: it reads text only \(model_type 'gemma3_text'\)",
-        ),
-        ("gemma2_path", "image", r"cannot read images: it reads text only \(model_type 'gemma2'\)"),
-        (
-            "gemma4_path",
-            "audio",
-            r"cannot read audio: it reads text only \(model_type 'gemma4_text'\)",
-        ),
-        ("gemma3_vision_path", "audio", "cannot read audio: it reads text and images only"),
-        ("gemma3n_path", "image", "Gemma 3n's images and audio need its full model"),
+    ("backend", "checkpoint", "part", "error"),
+    [(b, *row) for b in MULTIMODAL for row in _CANNOT_READ]
+    + [
+        ("transformers", "gemma3n_path", "image", "Gemma 3n's images and audio need its full model")
     ],
 )
 def test_checkpoints_that_cannot_read_it_refuse_before_loading(
-    request: pytest.FixtureRequest, checkpoint: str, part: str, error: str
+    request: pytest.FixtureRequest, backend: str, checkpoint: str, part: str, error: str
 ) -> None:
     path = request.getfixturevalue(checkpoint)
-    client = make_client("transformers", path)
+    client = make_client(backend, path)
     try:
         media_part = image_url(data_uri(png(0))) if part == "image" else input_audio(wav(300))
         with pytest.raises(ValueError, match=error) as info:
@@ -501,12 +510,25 @@ def test_checkpoints_that_cannot_read_it_refuse_before_loading(
         client.close()
 
 
-def test_processor_options(gemma3_vision_path, gemma4_vision_path) -> None:
+def test_mlx_gemma3n_without_towers_says_why(gemma3n_path: Path) -> None:
+    # MLX reads Gemma 3n's images and audio through mlx-vlm's gemma3n; the tiny 3n holds its
+    # text weights only (its towers need timm / torchvision to build), so mlx-vlm cannot load it.
+    client = make_client("mlx", gemma3n_path)
+    try:
+        with pytest.raises(ValueError, match=r"mlx-vlm cannot load .* vision / audio towers"):
+            client.create(ask(image_url(data_uri(png(0)))), **GREEDY)
+        text = client.create([{"role": "user", "content": "Hello"}], **GREEDY)
+        assert text["usage"]["completion_tokens"] > 0  # still usable for text
+    finally:
+        client.close()
+
+
+def test_processor_options(backend, gemma3_vision_path, gemma4_vision_path) -> None:
     wide = {"type": "image", "image": image(1, width=1024, height=256)}
-    plain = make_client("transformers", gemma3_vision_path)
-    crops = make_client("transformers", gemma3_vision_path, pan_and_scan=True)
-    budget = make_client("transformers", gemma4_vision_path, image_soft_tokens=140)
-    default4 = make_client("transformers", gemma4_vision_path)
+    plain = make_client(backend, gemma3_vision_path)
+    crops = make_client(backend, gemma3_vision_path, pan_and_scan=True)
+    budget = make_client(backend, gemma4_vision_path, image_soft_tokens=140)
+    default4 = make_client(backend, gemma4_vision_path)
     try:
         one = plain.create(ask(wide), **GREEDY)["usage"]["prompt_tokens"]
         more = crops.create(ask(wide), **GREEDY)["usage"]["prompt_tokens"]
@@ -518,28 +540,71 @@ def test_processor_options(gemma3_vision_path, gemma4_vision_path) -> None:
         )["input_ids"][0]
         assert more == len(expected)
         big = {"type": "image", "image": image(2, width=640, height=480)}
-        small = default4.format_prompt(ask(big)).ids.count(default4._processor.image_token_id)
-        large = budget.format_prompt(ask(big)).ids.count(budget._processor.image_token_id)
+        token = _processor(gemma4_vision_path).image_token_id
+        small = default4.format_prompt(ask(big)).ids.count(token)
+        large = budget.format_prompt(ask(big)).ids.count(token)
         assert small <= 70 < large <= 140
     finally:
         for client in (plain, crops, budget, default4):
             client.close()
     with pytest.raises(ValueError, match="image_soft_tokens is a Gemma 4 option"):
-        make_client("transformers", gemma3_vision_path, image_soft_tokens=280)
+        make_client(backend, gemma3_vision_path, image_soft_tokens=280)
     with pytest.raises(ValueError, match="pan_and_scan is a Gemma 3 option"):
-        make_client("transformers", gemma4_vision_path, pan_and_scan=False)
+        make_client(backend, gemma4_vision_path, pan_and_scan=False)
     with pytest.raises(ValueError, match="image_soft_tokens must be one of"):
-        make_client("transformers", gemma4_vision_path, image_soft_tokens=64)
+        make_client(backend, gemma4_vision_path, image_soft_tokens=64)
 
 
-def test_the_mlx_backend_refuses_media_before_loading(gemma3_vision_path) -> None:
-    client = make_client("mlx", gemma3_vision_path)
-    try:
-        with pytest.raises(NotImplementedError, match="does not read images or audio"):
-            client.create(ask(image_url(data_uri(png(0)))), **GREEDY)
-        assert not client.is_loaded
-    finally:
-        client.close()
+def test_json_tools_and_seeds_with_an_image(gemma3_vision) -> None:
+    """Core's grammar, seeded sampler and penalties apply to a request with an image as to text."""
+    import json
+
+    messages = ask(image_url(data_uri(png(6))))
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    out = gemma3_vision.create(
+        messages,
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    assert json.loads(reply(out))["colour"] in ("red", "green", "blue")  # the grammar held
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "describe",
+            "description": "Describe the picture.",
+            "parameters": {
+                "type": "object",
+                "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+                "required": ["colour"],
+            },
+        },
+    }
+    called = gemma3_vision.create(
+        messages,
+        temperature=0,
+        max_tokens=200,
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    (call,) = called["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "describe"
+    assert json.loads(call["function"]["arguments"])["colour"] in ("red", "green", "blue")
+    assert called["choices"][0]["finish_reason"] == "tool_calls"
+    sampled = [
+        reply(gemma3_vision.create(messages, temperature=1.0, max_tokens=8, seed=seed))
+        for seed in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+    token = gemma3_vision.tokenizer.encode("sea", add_special_tokens=False)[0]
+    biased = gemma3_vision.create(messages, temperature=0, max_tokens=4, logit_bias={token: 100})
+    assert reply(biased) == gemma3_vision.tokenizer.decode([token] * 4)
 
 
 def test_a_client_can_refuse_local_files_and_urls(gemma3_vision_path, tmp_path) -> None:
@@ -564,3 +629,199 @@ def test_a_client_can_refuse_local_files_and_urls(gemma3_vision_path, tmp_path) 
         assert not client.is_loaded
     finally:
         client.close()
+
+
+# ------------------------------------------------------------ MLX (mlx-vlm)
+
+
+@pytest.fixture(scope="module")
+def mlx_gemma3(gemma3_vision_path: Path) -> Iterator[Any]:
+    client = make_client("mlx", gemma3_vision_path)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def mlx_gemma4(gemma4_vision_path: Path) -> Iterator[Any]:
+    client = make_client("mlx", gemma4_vision_path)
+    yield client
+    client.close()
+
+
+def test_mlx_vlm_shares_mlx_lms_language_weights(mlx_gemma3, mlx_gemma4) -> None:
+    from mlx.utils import tree_flatten
+
+    for client in (mlx_gemma3, mlx_gemma4):
+        text = [{"role": "user", "content": "Write a short poem about the sea."}]
+        before = reply(client.create(text, **GREEDY))
+        assert client._vision is None  # text only: mlx-vlm not loaded
+        assert reply(client.create(ask(image_url(data_uri(png(0)))), **GREEDY))
+        vision = client._vision
+        assert vision.shared
+        ours = dict(tree_flatten(client.model.parameters()))
+        theirs = dict(tree_flatten(vision.model.parameters()))
+        language = {k: v for k, v in theirs.items() if k.startswith("language_model.")}
+        # Every language weight of mlx-vlm's model is one of mlx-lm's arrays (not a copy);
+        # Gemma 3's separate lm_head is the tied embedding.
+        held = {id(v) for v in ours.values()}
+        assert language and all(id(v) in held for v in language.values())
+        assert any(k.startswith("vision_tower.") for k in theirs)  # the towers are its own
+        assert reply(client.create(text, **GREEDY)) == before  # text still through mlx-lm
+
+
+def test_mlx_leaves_transformers_auto_processor_alone(mlx_gemma4, gemma3_vision_path) -> None:
+    from transformers import AutoProcessor
+
+    before = AutoProcessor.__dict__["from_pretrained"]
+    client = make_client("mlx", gemma3_vision_path)  # a model type mlx-vlm patches on import
+    try:
+        assert reply(client.create(ask(image_url(data_uri(png(0)))), **GREEDY))
+        assert reply(mlx_gemma4.create(ask(input_audio(wav(300))), **GREEDY))
+    finally:
+        client.close()
+    assert AutoProcessor.__dict__["from_pretrained"] is before
+    processor = _processor(gemma3_vision_path)  # transformers' own, returning torch tensors
+    assert type(processor).__module__.startswith("transformers.")
+
+
+def test_mlx_logits_processors_read_the_whole_prompt() -> None:
+    # mlx-vlm hands processors the tokens from its last prefill chunk on; a repetition
+    # penalty must see the prompt as on mlx-lm.
+    import mlx.core as mx
+
+    from core.mlx_media import _whole_context
+
+    seen: list[list[int]] = []
+
+    def record(tokens: Any, logits: Any) -> Any:
+        seen.append(tokens.tolist())
+        return logits
+
+    (process,) = _whole_context([record], [5, 6, 7, 8])
+    logits = mx.zeros((1, 10))
+    process(mx.array([8]), logits)  # chunked prefill: the last prompt token only
+    process(mx.array([8, 3]), logits)
+    (unchunked,) = _whole_context([record], [5, 6, 7, 8])
+    unchunked(mx.array([5, 6, 7, 8]), logits)  # no chunks: the whole prompt
+    assert seen == [[5, 6, 7, 8], [5, 6, 7, 8, 3], [5, 6, 7, 8]]
+
+
+def test_mlx_media_with_adapters_is_refused_before_loading(gemma3_vision_path, tmp_path) -> None:
+    from core import GemmaMLXChatCompletion
+
+    client = GemmaMLXChatCompletion(str(gemma3_vision_path), adapter_path=str(tmp_path))
+    try:
+        with pytest.raises(NotImplementedError, match=r"adapter_path .* mlx-vlm's model"):
+            client.create(ask(image_url(data_uri(png(0)))), **GREEDY)
+        assert not client.is_loaded
+    finally:
+        client.close()
+
+
+# -------------------------------------------- transformers and mlx-vlm agree
+
+
+def _mlx_first_logprobs(client: Any, messages: Any) -> Any:
+    """mlx-vlm's log-probabilities of the first token after the prompt (numpy), on the MLX
+    thread, through the client's mlx-vlm model and processor."""
+
+    def job() -> Any:
+        import mlx.core as mx
+        import numpy as np
+        from mlx_vlm.generate import generate_step
+
+        prompt = client._prompt(client.resolve_media([messages])[0])
+        arrays = dict(prompt.media.arrays)
+        steps = generate_step(
+            mx.array(list(prompt.ids))[None],
+            client._vision.model,
+            arrays.pop("pixel_values", None),
+            arrays.pop("attention_mask"),
+            max_tokens=1,
+            temperature=0.0,
+            **arrays,
+        )
+        _, logprobs = next(steps)
+        steps.close()
+        return np.array(logprobs.astype(mx.float32))
+
+    client.load()
+    return client._worker.call(job)
+
+
+def _torch_first_logprobs(client: Any, prompt: Any, drop: tuple[str, ...] = ()) -> Any:
+    import torch
+
+    tensors = {k: v for k, v in prompt.media.tensors.items() if k not in drop}
+    with torch.inference_mode():
+        logits = client.model(input_ids=torch.tensor([prompt.ids]), **tensors).logits[0, -1]
+    return torch.log_softmax(logits.float(), -1).numpy()
+
+
+def test_backends_agree_on_gemma3_images(gemma3_vision_path) -> None:
+    """Same ids and bit-identical pixel_values (mlx-vlm's Gemma3Processor runs transformers'
+    PIL image processor). The greedy replies differ, and not because of preprocessing:
+    transformers' Gemma 3 lets the tokens of one image attend to each other both ways
+    (token_type_ids), mlx-vlm's attends causally over them. With that mask dropped on the
+    transformers side the two models' next-token distributions agree (as text does; this also
+    checks the image features' scale, see core.mlx_media._fix_image_scale)."""
+    import numpy as np
+
+    tf = make_client("transformers", gemma3_vision_path)
+    mlx = make_client("mlx", gemma3_vision_path)
+    try:
+        for seed in (0, 1):
+            messages = ask(image_url(data_uri(png(seed))), image_url(data_uri(png(seed + 5))))
+            ours, theirs = tf.format_prompt(messages), mlx.format_prompt(messages)
+            assert ours.ids == theirs.ids and ours.text == theirs.text
+            assert ours.ids.count(tf._processor.tokenizer.image_token_id) == 512
+            assert np.array_equal(
+                ours.media.tensors["pixel_values"].numpy(),
+                np.array(theirs.media.arrays["pixel_values"]),
+            )
+            causal = _torch_first_logprobs(tf, ours, drop=("token_type_ids",))
+            both_ways = _torch_first_logprobs(tf, ours)
+            vlm = _mlx_first_logprobs(mlx, messages)
+            assert np.allclose(vlm, causal, atol=1e-3), np.abs(vlm - causal).max()
+            assert np.abs(vlm - both_ways).max() > 10 * np.abs(vlm - causal).max()
+    finally:
+        tf.close()
+        mlx.close()
+
+
+def test_backends_agree_on_gemma4_images_and_audio(gemma4_vision_path) -> None:
+    """Gemma 4: mlx-vlm's image processor and mel features are numpy re-implementations of
+    transformers'. The ids are equal; the image patches agree to float rounding and the greedy
+    replies about images are the same; the mel features differ by about 1e-3, so for audio
+    the next-token distributions are compared (close), not the replies."""
+    import numpy as np
+
+    tf = make_client("transformers", gemma4_vision_path)
+    mlx = make_client("mlx", gemma4_vision_path)
+    try:
+        for seed in (0, 1):
+            messages = ask(image_url(data_uri(png(seed))))
+            ours, theirs = tf.format_prompt(messages), mlx.format_prompt(messages)
+            assert ours.ids == theirs.ids
+            # transformers: 16 px patches, rows first, padded; mlx-vlm: the resized image.
+            image_4d = np.array(theirs.media.arrays["pixel_values"])[0]
+            channels, height, width = image_4d.shape
+            patches = (
+                image_4d.reshape(channels, height // 16, 16, width // 16, 16)
+                .transpose(1, 3, 2, 4, 0)
+                .reshape(-1, 16 * 16 * channels)
+            )
+            reference = ours.media.tensors["pixel_values"][0].numpy()
+            assert np.allclose(patches, reference[: len(patches)], atol=1e-6)
+            assert reply(tf.create(messages, **GREEDY)) == reply(mlx.create(messages, **GREEDY))
+        listen = ask(input_audio(wav(300)), text="Listen.")
+        ours, theirs = tf.format_prompt(listen), mlx.format_prompt(listen)
+        assert ours.ids == theirs.ids
+        mel = np.array(theirs.media.arrays["input_features"])
+        assert np.allclose(mel, ours.media.tensors["input_features"].numpy(), atol=5e-3)
+        assert np.allclose(
+            _mlx_first_logprobs(mlx, listen), _torch_first_logprobs(tf, ours), atol=5e-3
+        )
+    finally:
+        tf.close()
+        mlx.close()
