@@ -6,7 +6,8 @@ is one row of a table; each bad block is one row of another. The conversion
 never mutates its input and decodes nothing (core does).
 
 End to end: ChatGemmaLocal on the tiny Gemma 3 vision and Gemma 4
-vision + audio checkpoints (transformers; random weights, real processors),
+vision + audio checkpoints (transformers, and MLX through mlx-vlm; random weights, real
+processors),
 greedy: the same image gives the same reply, a different one another, every
 block form of one image is the same input, usage equals core's count.
 """
@@ -327,6 +328,8 @@ def test_every_converted_part_is_a_part_core_reads() -> None:
 MULTIMODAL = [
     ("gemma3_vision_path", "transformers"),
     ("gemma4_vision_path", "transformers"),
+    ("gemma3_vision_path", "mlx"),
+    ("gemma4_vision_path", "mlx"),
 ]
 REPLY_TOKENS = 12
 
@@ -433,8 +436,9 @@ def test_images_in_earlier_turns(mm_model: ChatGemmaLocal) -> None:
     assert mm_model.invoke(history).content != mm_model.invoke(other).content
 
 
-def test_audio_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) -> None:
-    client = make_client("transformers", gemma4_vision_path)
+@pytest.mark.parametrize("backend", ["transformers", "mlx"])
+def test_audio_reaches_gemma4(backend: str, gemma4_vision_path: Path, tmp_path: Path) -> None:
+    client = make_client(backend, gemma4_vision_path)
     try:
         model = ChatGemmaLocal(client=client, temperature=0, max_tokens=REPLY_TOKENS)
         wav = tone_wav(440)
@@ -466,10 +470,13 @@ def test_media_on_a_text_only_checkpoint_fails_before_generating(gemma3_path: Pa
     assert isinstance(model.invoke("hi").content, str)
 
 
-def test_media_on_mlx_says_so_before_loading(gemma3_vision_path: Path) -> None:
-    # core's MLX client does not read media yet (mlx-lm has no vision/audio); the
-    # adapters pass its NotImplementedError on before anything loads
+def test_mlx_loads_mlx_vlm_at_the_first_image(gemma3_vision_path: Path) -> None:
+    # backend="mlx": text through mlx-lm; the first image loads mlx-vlm's model (core.mlx_media)
     model = ChatGemmaLocal(model=str(gemma3_vision_path), backend="mlx", max_tokens=4)
-    with pytest.raises(NotImplementedError, match="use GemmaTransformersChatCompletion"):
-        model.invoke(_ask(_image(1)))
-    assert not model.client.is_loaded
+    try:
+        assert isinstance(model.invoke("hi").content, str)
+        assert model.client._vision is None
+        assert model.invoke(_ask(_image(1))).content
+        assert model.client._vision is not None and model.client._vision.shared
+    finally:
+        model.client.close()

@@ -442,3 +442,25 @@ class TestGemma3VisionTransformersIntegration(_GemmaVisionIntegration):
 
 class TestGemma4MultimodalTransformersIntegration(_Gemma4MultimodalIntegration):
     client_fixture = "gemma4_vision_tf_client"
+
+
+@pytest.fixture(scope="module")
+def gemma3_vision_mlx_client(gemma3_vision_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _own_client("mlx", gemma3_vision_path)
+
+
+@pytest.fixture(scope="module")
+def gemma4_vision_mlx_client(gemma4_vision_path: Path) -> Iterator[BaseGemmaChatCompletion]:
+    yield from _own_client("mlx", gemma4_vision_path)
+
+
+class TestGemma3VisionMLXIntegration(_GemmaVisionIntegration):
+    """The same suite on the MLX backend: images through mlx-vlm (core.mlx_media)."""
+
+    client_fixture = "gemma3_vision_mlx_client"
+
+
+class TestGemma4MultimodalMLXIntegration(_Gemma4MultimodalIntegration):
+    """The same suite on the MLX backend: images and audio through mlx-vlm."""
+
+    client_fixture = "gemma4_vision_mlx_client"

@@ -7,7 +7,7 @@ does) and no block is modified.
 
 End to end: ``chat`` / ``stream_chat`` / ``achat`` and a ``SimpleChatEngine``
 whose history holds an image, on the tiny Gemma 3 vision and Gemma 4
-vision + audio checkpoints (transformers), greedy.
+vision + audio checkpoints (transformers, and MLX through mlx-vlm), greedy.
 """
 
 from __future__ import annotations
@@ -286,6 +286,8 @@ def test_every_part_is_one_core_reads(tmp_path: Path) -> None:
 MULTIMODAL = [
     ("gemma3_vision_path", "transformers"),
     ("gemma4_vision_path", "transformers"),
+    ("gemma3_vision_path", "mlx"),
+    ("gemma4_vision_path", "mlx"),
 ]
 REPLY_TOKENS = 12
 
@@ -366,8 +368,9 @@ def test_multimodal_chat_in_a_chat_engine(mm_llm: GemmaLocal) -> None:
     assert engine_reply(7)[0] != text
 
 
-def test_audio_block_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) -> None:
-    client = make_client("transformers", gemma4_vision_path)
+@pytest.mark.parametrize("backend", ["transformers", "mlx"])
+def test_audio_block_reaches_gemma4(backend: str, gemma4_vision_path: Path, tmp_path: Path) -> None:
+    client = make_client(backend, gemma4_vision_path)
     try:
         llm = GemmaLocal(client=client, temperature=0, max_tokens=REPLY_TOKENS)
         wav = tone_wav(440)
@@ -385,8 +388,13 @@ def test_audio_block_reaches_gemma4(gemma4_vision_path: Path, tmp_path: Path) ->
         client.close()
 
 
-def test_media_on_mlx_says_so_before_loading(gemma3_vision_path: Path) -> None:
+def test_mlx_loads_mlx_vlm_at_the_first_image(gemma3_vision_path: Path) -> None:
+    # backend="mlx": text through mlx-lm; the first image loads mlx-vlm's model (core.mlx_media)
     llm = GemmaLocal(str(gemma3_vision_path), backend="mlx", max_tokens=4)
-    with pytest.raises(NotImplementedError, match="use GemmaTransformersChatCompletion"):
-        llm.chat(_ask(ImageBlock(image=noise_png(1))))
-    assert not llm.client.is_loaded
+    try:
+        assert isinstance(llm.complete("hi").text, str)
+        assert llm.client._vision is None
+        assert llm.chat(_ask(ImageBlock(image=noise_png(1)))).message.content
+        assert llm.client._vision is not None and llm.client._vision.shared
+    finally:
+        llm.client.close()
