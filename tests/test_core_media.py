@@ -669,6 +669,38 @@ def test_mlx_vlm_shares_mlx_lms_language_weights(mlx_gemma3, mlx_gemma4) -> None
         assert reply(client.create(text, **GREEDY)) == before  # text still through mlx-lm
 
 
+def test_mlx_quantized_checkpoints(gemma3_vision_path, gemma4_vision_path, tmp_path) -> None:
+    """4-bit checkpoints written by mlx_vlm.convert (as the mlx-community ones): mlx-lm reads
+    their text, mlx-vlm shares its quantized arrays and reads the image. One written by
+    mlx_lm.convert has lost its towers and its vision config: it reads text only, and an
+    image is refused before loading."""
+    from mlx_lm import convert as lm_convert
+    from mlx_vlm.convert import convert as vlm_convert
+
+    for path in (gemma3_vision_path, gemma4_vision_path):
+        out = tmp_path / f"{path.name}-vlm-4bit"
+        vlm_convert(str(path), str(out), quantize=True, q_bits=4, q_group_size=64)
+        client = make_client("mlx", out)
+        try:
+            a, b = (
+                reply(client.create(ask(image_url(data_uri(png(s)))), **GREEDY)) for s in (0, 1)
+            )
+            assert a != b and client._vision.shared
+            assert client.get_model_info()["quantization"] == "mlx 4-bit (group size 64)"
+        finally:
+            client.close()
+    out = tmp_path / "lm-4bit"
+    lm_convert(str(gemma3_vision_path), str(out), quantize=True, q_bits=4, q_group_size=64)
+    client = make_client("mlx", out)
+    try:
+        with pytest.raises(ValueError, match=r"cannot read images: it reads text only"):
+            client.create(ask(image_url(data_uri(png(0)))), **GREEDY)  # no vision_config left
+        assert not client.is_loaded
+        assert reply(client.create([{"role": "user", "content": "Hello"}], **GREEDY))
+    finally:
+        client.close()
+
+
 def test_mlx_leaves_transformers_auto_processor_alone(mlx_gemma4, gemma3_vision_path) -> None:
     from transformers import AutoProcessor
 
