@@ -37,19 +37,24 @@ torch, and no second copy of a 262k vocabulary in memory. Constrained decoding
 builds llguidance's tokenizer from the same vocabulary (``LLTokenizer.from_llamacpp``).
 
 Rows of a batch (``n`` > 1, :meth:`create_batch`) run one after another on the
-one llama.cpp context; each row clears the KV cache and prefills its prompt,
-so a row's tokens never depend on the rows before it.
+one llama.cpp context. Like llama-cpp-python and llama.cpp's server, a row
+keeps the KV cache of the longest prefix its prompt shares with what the cache
+holds (the previous row or request: a chat's earlier turns, the ``n`` rows of
+one prompt) and prefills only the rest; ``reuse_prefix=False`` clears the cache
+for every row (each prompt then prefills whole, so a reply never depends on the
+requests before it, not even in the last bits of a float).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
 import struct
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .base import BaseGemmaChatCompletion
@@ -161,6 +166,7 @@ class LlamaApi:
             "llama_get_logits_ith": (f32p, [vp, i32]),
             "llama_get_memory": (vp, [vp]),
             "llama_memory_clear": (None, [vp, c.c_bool]),
+            "llama_memory_seq_rm": (c.c_bool, [vp, i32, i32, i32]),
         }
         missing = [name for name in signatures if not hasattr(self.lib, name)]
         if missing:
@@ -177,6 +183,26 @@ class LlamaApi:
         if name == "lib":  # not set yet (never recurse)
             raise AttributeError(name)
         return getattr(self.lib, name)
+
+    @contextlib.contextmanager
+    def logging_to_python(self) -> Iterator[None]:
+        """llama.cpp's log to the logger ``gemma_local.llamacpp`` (DEBUG) while a model loads.
+
+        xllamacpp's copy of llama.cpp logs there all the time (see :func:`load_api`).
+        llama-cpp-python's library is shared with llama-cpp-python, whose callback
+        prints every line to stderr until one of its ``Llama(verbose=False)`` has
+        been made: it is swapped for ours during the load and put back after.
+        """
+        if self.name != "llama-cpp-python":
+            yield
+            return
+        from llama_cpp import _logger
+
+        self.llama_log_set(_LOG_FORWARDER, None)
+        try:
+            yield
+        finally:
+            self.llama_log_set(ctypes.cast(_logger.llama_log_callback, _LOG_CALLBACK), None)
 
 
 _APIS: dict[str, LlamaApi] = {}
@@ -229,8 +255,11 @@ def load_api(library: str) -> LlamaApi:
             import llama_cpp
             from llama_cpp import llama_cpp as bindings
 
-            # llama-cpp-python installs its own log callback (quiet unless verbose).
-            api = LlamaApi(bindings._lib, "llama-cpp-python", str(llama_cpp.__version__))
+            # A CDLL of our own on the same library: its function objects carry our
+            # signatures, llama-cpp-python's keep theirs. llama-cpp-python installs its
+            # own log callback (quiet unless verbose).
+            lib = ctypes.CDLL(bindings._lib._name)
+            api = LlamaApi(lib, "llama-cpp-python", str(llama_cpp.__version__))
         api.llama_backend_init()
         _check_defaults(api)
         _APIS[library] = api
@@ -438,6 +467,8 @@ class LlamaCppModel:
     n_ctx: int
     n_threads: int
     n_batch: int
+    #: The tokens whose keys and values the KV cache holds (sequence 0), in order.
+    cached: list[int] = field(default_factory=list)
 
     def free(self) -> None:
         if self.context:
@@ -466,6 +497,9 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
             use). On a busy machine fewer threads can be faster: llama.cpp's
             threads wait for each other at every op.
         n_batch: the most prompt tokens one prefill step processes.
+        reuse_prefix: keep the KV cache of the prefix a prompt shares with the
+            previous one and prefill only the rest (default ``True``, as
+            llama.cpp's server does); ``False`` prefills every prompt whole.
         library: where llama.cpp comes from: ``"auto"`` (llama-cpp-python's
             library if installed, else xllamacpp's), ``"xllamacpp"`` or
             ``"llama-cpp-python"`` (see :mod:`core.llamacpp_backend`).
@@ -481,6 +515,7 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_batch: int = DEFAULT_N_BATCH,
+        reuse_prefix: bool = True,
         library: str = "auto",
     ) -> None:
         super().__init__(model_name)
@@ -505,7 +540,10 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
             raise ValueError(f"n_batch must be a positive integer, got {n_batch!r}")
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        if not isinstance(reuse_prefix, bool):
+            raise ValueError(f"reuse_prefix must be True or False, got {reuse_prefix!r}")
         self.n_batch = n_batch
+        self.reuse_prefix = reuse_prefix
         self.library = resolve_library(library)
         self._named_family = family_for(source.architecture)
 
@@ -515,9 +553,13 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         return self._gguf.architecture
 
     def _load_model_and_tokenizer(self) -> None:
+        api = load_api(self.library)
+        with api.logging_to_python():
+            self._load_with(api)
+
+    def _load_with(self, api: LlamaApi) -> None:
         from . import accel
 
-        api = load_api(self.library)
         path = str(self._gguf.path)
         model = api.llama_model_load_from_file(path.encode(), api.llama_model_default_params())
         if not model:
@@ -577,7 +619,6 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
 
         handle: LlamaCppModel = self.model
         api, context, width = handle.api, handle.context, handle.n_vocab
-        memory = api.llama_get_memory(context)
         grammar = self._grammar_matchers(params, len(prompts))
         rng = np.random.default_rng(None if params.greedy else params.seed)
         penalty = params.repetition_penalty not in (None, 1.0)
@@ -589,18 +630,19 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
                 array = (ctypes.c_int32 * len(chunk))(*chunk)
                 status = api.llama_decode(context, api.llama_batch_get_one(array, len(chunk)))
                 if status != 0:
+                    self._forget_cache()
                     raise RuntimeError(
                         f"llama_decode failed ({status}): the KV cache of {handle.n_ctx} tokens "
                         "is full or the batch was refused; pass a larger n_ctx"
                     )
+                handle.cached.extend(chunk)
             pointer = api.llama_get_logits_ith(context, -1)
             return np.ctypeslib.as_array(pointer, shape=(width,))
 
         for row, prompt in enumerate(prompts):
             if sink.done:
                 return
-            api.llama_memory_clear(memory, True)
-            logits = step(prompt.ids)
+            logits = step(prompt.ids[self._keep_prefix(prompt.ids) :])
             seen: list[int] | None = list(prompt.ids) if penalty else None
             while True:
                 mask = None
@@ -618,6 +660,33 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
                 if seen is not None:
                     seen.append(token)
                 logits = step([token])
+
+    def _keep_prefix(self, ids: Sequence[int]) -> int:
+        """Trim the KV cache to the prefix it shares with ``ids`` (model thread); its length.
+
+        At least the prompt's last token is always decoded again (its logits are
+        the first step's). Everything is cleared when ``reuse_prefix`` is off or
+        llama.cpp cannot remove part of a sequence (it then answers false).
+        """
+        handle: LlamaCppModel = self.model
+        api, memory = handle.api, handle.api.llama_get_memory(handle.context)
+        keep = 0
+        if self.reuse_prefix:
+            limit = min(len(handle.cached), len(ids) - 1)
+            while keep < limit and handle.cached[keep] == ids[keep]:
+                keep += 1
+        if keep == len(handle.cached):
+            return keep
+        if keep > 0 and api.llama_memory_seq_rm(memory, 0, keep, -1):
+            del handle.cached[keep:]
+            return keep
+        self._forget_cache()
+        return 0
+
+    def _forget_cache(self) -> None:
+        handle: LlamaCppModel = self.model
+        handle.api.llama_memory_clear(handle.api.llama_get_memory(handle.context), True)
+        handle.cached.clear()
 
     # ----------------------------------------------------------------- extras
 

@@ -354,6 +354,32 @@ def test_close_releases_and_the_next_request_loads_again(tiny_gguf: Path) -> Non
     client.close()
 
 
+def test_prefix_reuse_keeps_replies(llama, tiny_gguf: Path) -> None:
+    """Prompts that share a prefix with the cache (a chat's next turn, the same prompt again)
+    get the replies a client that prefills every prompt whole gives."""
+    whole = GemmaLlamaCppChatCompletion(
+        str(tiny_gguf), library=LIBRARY, n_threads=1, reuse_prefix=False
+    )
+    try:
+        chat = [{"role": "user", "content": "Hello there, how are you?"}]
+        for _ in range(2):
+            ours = llama.create(chat, temperature=0, max_tokens=12)
+            assert reply(ours) == reply(whole.create(chat, temperature=0, max_tokens=12))
+            chat = [
+                *chat,
+                {"role": "assistant", "content": reply(ours)},
+                {"role": "user", "content": "And then?"},
+            ]
+        prompt = llama.format_prompt(chat)
+        llama.create(chat, temperature=0, max_tokens=3)
+        assert llama.model.cached[: len(prompt.ids)] == list(prompt.ids)
+        assert len(llama.model.cached) == len(prompt.ids) + 2  # the last token is not decoded
+    finally:
+        whole.close()
+    with pytest.raises(ValueError, match="reuse_prefix must be True or False"):
+        GemmaLlamaCppChatCompletion(str(tiny_gguf), reuse_prefix=1)  # type: ignore[arg-type]
+
+
 def test_context_window_is_n_ctx(tiny_gguf: Path) -> None:
     from core import ContextWindowExceededError
 
@@ -436,7 +462,7 @@ def teacher_forced_argmax(
     def job() -> list[int]:
         handle = client.model
         api = handle.api
-        api.llama_memory_clear(api.llama_get_memory(handle.context), True)
+        client._forget_cache()  # this helper decodes behind the client's back
         picks = []
         tokens = prompt
         for token in continuation:
@@ -449,6 +475,7 @@ def teacher_forced_argmax(
             )
             picks.append(int(logits.argmax()))
             tokens = [token]
+        client._forget_cache()
         return picks
 
     return client._worker.call(job)
