@@ -607,7 +607,8 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
 
     def _release(self) -> None:
         if isinstance(self.model, LlamaCppModel):
-            self.model.free()
+            with self.model.api.logging_to_python():
+                self.model.free()
         self._context_window = None
 
     # -------------------------------------------------------------- generation
