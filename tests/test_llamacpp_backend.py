@@ -195,6 +195,44 @@ def test_library_choice_and_a_missing_library(tiny_gguf: Path, monkeypatch) -> N
     client.close()
 
 
+def test_sample_token_rules() -> None:
+    from core.llamacpp_backend import sample_token
+    from core.params import SamplingParams
+
+    logits = np.array([1.0, 3.0, 2.0, -1.0, 0.5], dtype=np.float32)
+    before = logits.copy()
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams.build(temperature=0)
+    assert sample_token(logits, greedy, rng) == 1
+    mask = np.array([False, True, False, False, False])
+    assert sample_token(logits, greedy, rng, mask=mask) == 2  # the grammar forbids 1
+    biased = SamplingParams.build(temperature=0, logit_bias={4: 3.0})
+    assert sample_token(logits, biased, rng) == 4
+    # transformers' penalty after the bias: 3.0 / 2 = 1.5 < 2.0
+    penalised = SamplingParams.build(temperature=0, repetition_penalty=2.0)
+    assert sample_token(logits, penalised, rng, seen=[1]) == 2
+    for options in ({"top_k": 1}, {"top_p": 0.01}):
+        sampled = SamplingParams.build(temperature=1.5, **options)
+        assert {sample_token(logits, sampled, rng) for _ in range(20)} == {1}
+    top2 = SamplingParams.build(temperature=1.0, top_k=2)
+    assert {sample_token(logits, top2, rng) for _ in range(200)} == {1, 2}
+    assert np.array_equal(logits, before)  # llama.cpp's buffer is never written
+
+
+def test_vocabulary_round_trip(llama) -> None:
+    llama.load()
+    tokenizer = llama.tokenizer
+    text = "Un café, s'il vous plaît ☕ 2+2=4"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode(text)[0] == tokenizer.bos_token_id == 2
+    turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert turn == 106 and turn in tokenizer.all_special_ids
+    assert tokenizer.decode([turn, *ids]) == text  # control tokens are skipped
+    assert tokenizer.convert_tokens_to_ids("<0x41>") != tokenizer.unk_token_id
+    assert len(tokenizer) == 384
+
+
 # -------------------------------------------------- the same model, two engines
 
 
