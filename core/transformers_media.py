@@ -83,9 +83,19 @@ class Gemma4ProcessorWithoutVideo(Gemma4Processor, _WithoutVideo):
 
 def load_processor(source: str, model_type: str | None, **kwargs: Any) -> Any:
     """The checkpoint's processor (``AutoProcessor``; Gemma 4 without its video processor
-    when that cannot load). Raises ``ValueError`` when the checkpoint ships none."""
+    when that cannot load). Raises ``ValueError`` when the checkpoint ships none.
+
+    Once mlx-vlm's Gemma modules are imported (by the caller; gemma-local puts
+    ``AutoProcessor`` back after its own import, see :mod:`core.mlx_media`),
+    ``AutoProcessor`` answers with mlx-vlm's processors, which return MLX arrays;
+    then transformers' class of the same name is loaded instead."""
     try:
-        return AutoProcessor.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        if not type(processor).__module__.startswith("mlx_vlm."):
+            return processor
+        import transformers
+
+        return getattr(transformers, type(processor).__name__).from_pretrained(source, **kwargs)
     except Exception as exc:
         if model_type not in ("gemma4", "gemma4_unified"):
             raise _no_processor(source, exc) from exc

@@ -674,12 +674,21 @@ def test_mlx_quantized_checkpoints(gemma3_vision_path, gemma4_vision_path, tmp_p
     their text, mlx-vlm shares its quantized arrays and reads the image. One written by
     mlx_lm.convert has lost its towers and its vision config: it reads text only, and an
     image is refused before loading."""
+    import subprocess
+    import sys
+
     from mlx_lm import convert as lm_convert
-    from mlx_vlm.convert import convert as vlm_convert
 
     for path in (gemma3_vision_path, gemma4_vision_path):
         out = tmp_path / f"{path.name}-vlm-4bit"
-        vlm_convert(str(path), str(out), quantize=True, q_bits=4, q_group_size=64)
+        # In a process of its own: mlx_vlm.convert loads the processor through the
+        # AutoProcessor patch that mlx-vlm installs on import, which core.mlx_media takes
+        # back in this process.
+        convert = (
+            "import sys; from mlx_vlm.convert import convert; "
+            "convert(sys.argv[1], sys.argv[2], quantize=True, q_bits=4, q_group_size=64)"
+        )
+        subprocess.run([sys.executable, "-c", convert, str(path), str(out)], check=True)
         client = make_client("mlx", out)
         try:
             a, b = (
@@ -697,6 +706,43 @@ def test_mlx_quantized_checkpoints(gemma3_vision_path, gemma4_vision_path, tmp_p
             client.create(ask(image_url(data_uri(png(0)))), **GREEDY)  # no vision_config left
         assert not client.is_loaded
         assert reply(client.create([{"role": "user", "content": "Hello"}], **GREEDY))
+    finally:
+        client.close()
+
+
+def test_mlx_close_releases_mlx_vlm_and_loads_it_again(gemma4_vision_path) -> None:
+    client = make_client("mlx", gemma4_vision_path)
+    try:
+        messages = ask(image_url(data_uri(png(3))), input_audio(wav(400)))
+        first = client.create(messages, **GREEDY)
+        vision = client._vision
+        client.close()
+        assert client._vision is None and not client.is_loaded
+        again = client.create(messages, **GREEDY)
+        assert client._vision is not None and client._vision is not vision
+        assert reply(again) == reply(first) and again["usage"] == first["usage"]
+    finally:
+        client.close()
+
+
+def test_transformers_takes_its_own_processor_under_mlx_vlms_patch(
+    gemma3_vision_path, monkeypatch
+) -> None:
+    # A program that imported mlx-vlm's Gemma modules itself has mlx-vlm's AutoProcessor
+    # patch; the transformers backend still gets transformers' processor (torch tensors).
+    from mlx_vlm.models.base import install_auto_processor_patch
+    from mlx_vlm.models.gemma3.processing_gemma3 import Gemma3Processor
+    from transformers import AutoProcessor
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", AutoProcessor.from_pretrained)
+    install_auto_processor_patch("gemma3", Gemma3Processor)
+    assert type(AutoProcessor.from_pretrained(str(gemma3_vision_path))) is Gemma3Processor
+    processor = _processor(gemma3_vision_path)
+    assert type(processor).__module__.startswith("transformers.")
+    client = make_client("transformers", gemma3_vision_path)
+    try:
+        prompt = client.format_prompt(ask(image_url(data_uri(png(0)))))
+        assert "pixel_values" in prompt.media.tensors
     finally:
         client.close()
 
