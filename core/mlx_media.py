@@ -50,6 +50,16 @@ differ between the backends on Gemma 3; rows with media run one after another
 (``adapter_path``) apply to mlx-lm's text model only, so media requests are
 refused on a client with adapters.
 
+**transformers.AutoProcessor.** Importing mlx-vlm's Gemma modules replaces
+``AutoProcessor.from_pretrained`` for the whole process (mlx-vlm's processors,
+MLX arrays, for Gemma checkpoints). gemma-local puts it back after its own
+import (:func:`_auto_processor_kept`) and builds mlx-vlm's processor by its
+class; the transformers backend also takes transformers' class when the patch
+is there anyway. A program that calls mlx-vlm's own ``load`` for Gemma in the
+same process relies on that patch: it should import mlx-vlm's Gemma modules
+first (``import mlx_vlm.models.gemma3, mlx_vlm.models.gemma4``), whose patch is
+then left as it was.
+
 ``mlx`` and ``mlx_vlm`` are imported inside the functions, on the MLX thread.
 """
 
