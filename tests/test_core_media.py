@@ -76,6 +76,13 @@ def reply(result: dict[str, Any]) -> str:
 
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 8}
+#: A JSON schema whose replies are short (the tiny models never end a free string).
+COLOUR: dict[str, Any] = {
+    "type": "object",
+    "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
 
 
 # ------------------------------------------------------------- parsing
@@ -442,6 +449,27 @@ def test_batches_mix_requests_with_and_without_media(gemma3_vision, gemma4_visio
         assert [c["message"]["content"] for c in n["choices"]] == [reply(alone[0])] * 2
 
 
+def test_gemma4_thinks_about_an_image(gemma4_vision) -> None:
+    """Gemma 4's thinking channel with an image: the family's parser splits the thought
+    from the JSON reply, and usage counts the thought, as for text. The tiny model is
+    steered: <|channel> (100) and <channel|> (101) open and close the thought at once,
+    <turn|> (106) ends the reply."""
+    import json
+
+    out = gemma4_vision.create(
+        ask(image_url(data_uri(png(2)))),
+        temperature=0,
+        max_tokens=96,
+        thinking=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": COLOUR}},
+        logit_bias={100: 100, 101: 100, 106: 100},
+    )
+    message = out["choices"][0]["message"]
+    assert json.loads(message["content"])["colour"] in ("red", "green", "blue")
+    assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
 def test_media_tokens_count_against_the_context_window(gemma3_vision) -> None:
     # 8 images x 260 tokens > the tiny model's 2048-token window.
     parts = [image_url(data_uri(png(i))) for i in range(8)]
@@ -560,17 +588,11 @@ def test_json_tools_and_seeds_with_an_image(gemma3_vision) -> None:
     import json
 
     messages = ask(image_url(data_uri(png(6))))
-    schema = {
-        "type": "object",
-        "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
-        "required": ["colour"],
-        "additionalProperties": False,
-    }
     out = gemma3_vision.create(
         messages,
         temperature=0,
         max_tokens=60,
-        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": COLOUR}},
     )
     assert json.loads(reply(out))["colour"] in ("red", "green", "blue")  # the grammar held
     tool = {
