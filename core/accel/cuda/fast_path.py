@@ -1282,7 +1282,8 @@ class _Engine:
         if step is None or sink.done:
             return
         if masks is not None:
-            self._decode_masked(b, *step, steps, sink, masks)
+            forward, sample = step
+            self._decode_masked(b, forward, sample, steps, sink, masks)
         else:
             self._decode(b, step, width, steps, sink, batch)
 
