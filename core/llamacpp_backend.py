@@ -469,6 +469,11 @@ class LlamaCppModel:
     n_batch: int
     #: The tokens whose keys and values the KV cache holds (sequence 0), in order.
     cached: list[int] = field(default_factory=list)
+    #: The last prompt prefilled, and a copy of the logits of its last position: while
+    #: the cache starts with that prompt, the same prompt again (the next of ``n``
+    #: rows, a repeated request) needs no step before its first token.
+    prompt_ids: tuple[int, ...] = ()
+    prompt_logits: Any = None
 
     def free(self) -> None:
         if self.context:
@@ -605,6 +610,11 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
     def _new_grammar_tokenizer(self, end_ids: Sequence[int]) -> Any:
         return self.tokenizer.grammar_tokenizer(end_ids)
 
+    def _clear_accelerator_cache(self) -> None:
+        """:meth:`clear_cache`: forget the KV cache (the next prompt prefills whole)."""
+        if isinstance(self.model, LlamaCppModel) and self.model.context:
+            self._forget_cache()
+
     def _release(self) -> None:
         if isinstance(self.model, LlamaCppModel):
             with self.model.api.logging_to_python():
@@ -643,7 +653,13 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         for row, prompt in enumerate(prompts):
             if sink.done:
                 return
-            logits = step(prompt.ids[self._keep_prefix(prompt.ids) :])
+            keep = self._keep_prefix(prompt.ids)
+            if keep == len(prompt.ids):  # the cache holds this prompt and its logits
+                logits = handle.prompt_logits
+            else:
+                logits = step(prompt.ids[keep:])
+                handle.prompt_ids = tuple(prompt.ids)
+                handle.prompt_logits = np.array(logits)  # ~1 MB for Gemma's vocabulary
             seen: list[int] | None = list(prompt.ids) if penalty else None
             while True:
                 mask = None
@@ -665,12 +681,27 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
     def _keep_prefix(self, ids: Sequence[int]) -> int:
         """Trim the KV cache to the prefix it shares with ``ids`` (model thread); its length.
 
-        At least the prompt's last token is always decoded again (its logits are
-        the first step's). Everything is cleared when ``reuse_prefix`` is off or
-        llama.cpp cannot remove part of a sequence (it then answers false).
+        The whole prompt is kept when it is the last one prefilled and the cache
+        still starts with it (its last position's logits were kept:
+        :attr:`LlamaCppModel.prompt_logits`); otherwise at least its last token is
+        decoded again (its logits are the first step's). Everything is cleared
+        when ``reuse_prefix`` is off or llama.cpp cannot remove part of a
+        sequence (it then answers false).
         """
         handle: LlamaCppModel = self.model
         api, memory = handle.api, handle.api.llama_get_memory(handle.context)
+        whole = len(ids)
+        same_prompt = (
+            self.reuse_prefix
+            and handle.prompt_logits is not None
+            and handle.prompt_ids == tuple(ids)
+            and handle.cached[:whole] == list(ids)
+        )
+        if same_prompt and (
+            len(handle.cached) == whole or api.llama_memory_seq_rm(memory, 0, whole, -1)
+        ):
+            del handle.cached[whole:]
+            return whole
         keep = 0
         if self.reuse_prefix:
             limit = min(len(handle.cached), len(ids) - 1)
@@ -680,6 +711,8 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
             return keep
         if keep > 0 and api.llama_memory_seq_rm(memory, 0, keep, -1):
             del handle.cached[keep:]
+            if keep < len(handle.prompt_ids):
+                handle.prompt_ids, handle.prompt_logits = (), None
             return keep
         self._forget_cache()
         return 0
@@ -688,6 +721,7 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         handle: LlamaCppModel = self.model
         handle.api.llama_memory_clear(handle.api.llama_get_memory(handle.context), True)
         handle.cached.clear()
+        handle.prompt_ids, handle.prompt_logits = (), None
 
     # ----------------------------------------------------------------- extras
 

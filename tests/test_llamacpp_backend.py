@@ -412,10 +412,45 @@ def test_prefix_reuse_keeps_replies(llama, tiny_gguf: Path) -> None:
         llama.create(chat, temperature=0, max_tokens=3)
         assert llama.model.cached[: len(prompt.ids)] == list(prompt.ids)
         assert len(llama.model.cached) == len(prompt.ids) + 2  # the last token is not decoded
+        # the same prompt again, and the n rows of one prompt, need no prefill at all
+        assert llama.model.prompt_ids == prompt.ids
+        counting = CountingApi(llama.model.api)
+        llama.model.api = counting
+        try:
+            again = llama.create(chat, temperature=0, max_tokens=3, n=3)
+        finally:
+            llama.model.api = counting.api
+        assert counting.decodes == 3 * 2  # tokens 2 and 3 of each row; no prompt token
+        assert {c["message"]["content"] for c in again["choices"]} == {
+            reply(whole.create(chat, temperature=0, max_tokens=3))
+        }
+        llama.clear_cache()  # forgets the cache: the next prompt prefills whole
+        assert llama.model.cached == []
+        assert reply(llama.create(chat, temperature=0, max_tokens=12)) == reply(
+            whole.create(chat, temperature=0, max_tokens=12)
+        )
     finally:
         whole.close()
     with pytest.raises(ValueError, match="reuse_prefix must be True or False"):
         GemmaLlamaCppChatCompletion(str(tiny_gguf), reuse_prefix=1)  # type: ignore[arg-type]
+
+
+class CountingApi:
+    """A llama.cpp API that counts ``llama_decode`` calls."""
+
+    def __init__(self, api: Any) -> None:
+        self.api, self.decodes = api, 0
+
+    def __getattr__(self, name: str) -> Any:
+        function = getattr(self.api, name)
+        if name != "llama_decode":
+            return function
+
+        def decode(*args: Any) -> Any:
+            self.decodes += 1
+            return function(*args)
+
+        return decode
 
 
 def test_context_window_is_n_ctx(tiny_gguf: Path) -> None:
