@@ -32,7 +32,10 @@ against another's; ``--no-rss`` leaves that out.
 
 Every row gets the same prompt token ids (gemma-local's rendering of the chat
 prompt, ``<bos>`` included) and generates exactly ``--new-tokens`` tokens (the
-end ids are biased away). TTFT is the time to the first generated token;
+end ids are biased away). TTFT is the time to the first generated token (llama.cpp and the
+llama.cpp backend keep the prompt's KV cache from the round before, as llama.cpp's
+server does, so theirs is one prompt token and a step); cold TTFT is a one-token
+request with nothing cached (``reset()`` / ``clear_cache()`` first);
 tok/s = new tokens / wall time of the whole call; decode tok/s leaves out the
 first token. Medians of ``--repeats`` rounds after one warm-up, each round running every
 row once (order rotated), so that load on a shared machine hits them alike. Ratios are
@@ -161,6 +164,13 @@ class LlamaModel:
         text = self.llm.detokenize(out).decode("utf-8", errors="replace")
         return {"first": first, "total": total, "text": text}
 
+    def cold(self) -> float:
+        """Seconds to the first token of the prompt with nothing cached (``reset()``)."""
+        self.llm.reset()
+        started = time.perf_counter()
+        next(iter(self.llm.generate(self.ids, temp=0.0, top_k=1, reset=True)))
+        return time.perf_counter() - started
+
 
 def llama_worker() -> int:
     """``--llama-worker``: a job line on stdin, then one JSON line out per ``run`` line."""
@@ -168,6 +178,9 @@ def llama_worker() -> int:
     model = LlamaModel(**job)
     print(json.dumps({"load_s": model.load_s, "version": model.version}), flush=True)
     for line in sys.stdin:
+        if line.strip() == "cold":
+            print(json.dumps({"cold": model.cold()}), flush=True)
+            continue
         if line.strip() != "run":
             break
         print(json.dumps(model.once()), flush=True)
@@ -210,6 +223,9 @@ class LlamaRunner:
 
     def once(self) -> dict:
         return self.local.once() if self.local is not None else self._ask("run")
+
+    def cold(self) -> float:
+        return self.local.cold() if self.local is not None else float(self._ask("cold")["cold"])
 
     def close(self) -> None:
         if self.process is not None:
@@ -293,6 +309,14 @@ class OurRunner:
             raise RuntimeError(f"{self.name}: generated {count} tokens, not {self.new_tokens}")
         return {"first": first, "total": total, "text": "".join(pieces)}
 
+    def cold(self) -> float:
+        """Seconds to a one-token reply with nothing cached (``clear_cache()`` first: the
+        llama.cpp backend forgets the prompt it keeps; the others keep none)."""
+        self.client.clear_cache()
+        started = time.perf_counter()
+        self.client.create(PROMPT, **{**self.options, "max_tokens": 1})
+        return time.perf_counter() - started
+
     def close(self) -> None:
         self.client.close()
 
@@ -367,13 +391,14 @@ def measure(runners: list[Any], repeats: int, new_tokens: int) -> list[dict]:
         order = list(range(len(runners)))
         order = order[round_ % len(order) :] + order[: round_ % len(order)]
         for i in order:
-            results[i].append(runners[i].once())
+            results[i].append({**runners[i].once(), "cold": runners[i].cold()})
         print(f"round {round_ + 1}/{repeats} done", flush=True)
     rows = []
     for i, runner in enumerate(runners):
         runs = [(r["first"], r["total"]) for r in results[i]]
         row = summarise(runner.name, runs, new_tokens, results[i][-1]["text"])
         row["load_s"], row["note"] = runner.load_s, runner.note
+        row["cold_ttft_ms"] = statistics.median(r["cold"] for r in results[i]) * 1000
         rows.append(row)
     return rows
 
@@ -392,25 +417,28 @@ def common_prefix(a: str, b: str) -> int:
 
 def table(rows: list[dict], reference: dict | None) -> str:
     lines = [
-        "| run | tok/s | decode tok/s | TTFT ms | RSS MB | load s | x llama.cpp (decode tok/s) "
-        "| x llama.cpp (TTFT) | x llama.cpp (RSS) | same text as llama.cpp | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| run | tok/s | decode tok/s | TTFT ms | cold TTFT ms | RSS MB | load s "
+        "| x llama.cpp (decode tok/s) | x llama.cpp (TTFT) | x llama.cpp (cold TTFT) "
+        "| x llama.cpp (RSS) | same text as llama.cpp | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
         rss = row.get("rss_mb")
         if reference is None or row is reference:
-            ratio = ttft = memory = same = ""
+            ratio = ttft = cold = memory = same = ""
         else:
             ratio = f"{row['decode_tok_s'] / reference['decode_tok_s']:.2f}x"
             ttft = f"{row['ttft_ms'] / reference['ttft_ms']:.2f}x"
+            cold = f"{row['cold_ttft_ms'] / reference['cold_ttft_ms']:.2f}x"
             base = reference.get("rss_mb")
             memory = f"{rss / base:.2f}x" if rss and base else ""
             shared = common_prefix(row["text"], reference["text"])
             same = "yes" if row["text"] == reference["text"] else f"first {shared} chars"
         lines.append(
             f"| {row['name']} | {row['tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
-            f"{row['ttft_ms']:.0f} | {f'{rss:.0f}' if rss else ''} | {row.get('load_s', 0):.1f} | "
-            f"{ratio} | {ttft} | {memory} | {same} | {row.get('note', '')} |"
+            f"{row['ttft_ms']:.0f} | {row['cold_ttft_ms']:.0f} | {f'{rss:.0f}' if rss else ''} | "
+            f"{row.get('load_s', 0):.1f} | {ratio} | {ttft} | {cold} | {memory} | {same} | "
+            f"{row.get('note', '')} |"
         )
     return "\n".join(lines)
 
