@@ -22,7 +22,8 @@ Data flow (all on the one MLX thread, :func:`core.worker.shared_worker`)::
 multimodal checkpoint. mlx-vlm's model is built with ``lazy=True`` (nothing is
 read yet), its language-model parameters are replaced by the arrays mlx-lm
 already holds (:func:`share_language_weights`: the same names, shapes and
-dtypes in both packages for Gemma 3 and Gemma 4, tied heads included), and
+dtypes in both packages for Gemma 3 and Gemma 4, tied heads included; Gemma
+3n's under another prefix, :data:`LANGUAGE_PREFIXES`), and
 then only what is left (vision and audio towers, projectors) is evaluated, so
 memory grows by the towers only. If the two trees ever disagree (another
 mlx-vlm version, a layout this code does not know), mlx-vlm keeps its own
@@ -112,13 +113,22 @@ class MediaInputs:
     media_tokens: int
 
 
-def share_language_weights(vision_model: Any, text_model: Any) -> bool:
+#: Where mlx-lm's tree holds a parameter that mlx-vlm's holds under another prefix, per
+#: model type: mlx-vlm's gemma3n has ``language_model.model.*``, mlx-lm's
+#: ``model.language_model.*`` (the same modules below that).
+LANGUAGE_PREFIXES = {"gemma3n": ("language_model.model.", "model.language_model.")}
+
+
+def share_language_weights(
+    vision_model: Any, text_model: Any, prefixes: tuple[str, str] | None = None
+) -> bool:
     """Give mlx-vlm's (lazily loaded) language model mlx-lm's arrays; ``True`` when done.
 
     Every ``language_model.*`` parameter of ``vision_model`` must be found in
-    ``text_model`` under the same name with the same shape and dtype, or be the
-    very array of one that is (a head tied to the embeddings); otherwise nothing
-    is replaced and ``False`` comes back.
+    ``text_model`` under the same name (with ``prefixes`` = ``(theirs, ours)``:
+    its prefix ``theirs`` read as ``ours``) with the same shape and dtype, or be
+    the very array of one that is (a head tied to the embeddings); otherwise
+    nothing is replaced and ``False`` comes back.
     """
     from mlx.utils import tree_flatten
 
@@ -132,7 +142,10 @@ def share_language_weights(vision_model: Any, text_model: Any) -> bool:
     replaced: list[tuple[str, Any]] = []
     aliases = []
     for name, value in theirs:
-        mine = ours.get(name)
+        if prefixes is not None and name.startswith(prefixes[0]):
+            mine = ours.get(prefixes[1] + name.removeprefix(prefixes[0]))
+        else:
+            mine = ours.get(name)
         if mine is None:
             aliases.append((name, value))
             continue
@@ -236,7 +249,7 @@ def load(path: str, text_model: Any) -> VisionModel:
         model_type = str(get_model_type(config))
         processor = _processor(folder, model_type)
     _fix_image_scale(model, config, model_type)
-    shared = share_language_weights(model, text_model)
+    shared = share_language_weights(model, text_model, LANGUAGE_PREFIXES.get(model_type))
     if not shared:
         logger.warning(
             "mlx-vlm's language model of %s does not match mlx-lm's; it keeps weights of its "

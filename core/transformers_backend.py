@@ -450,7 +450,9 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
                 f"{self.model_name}: Gemma 3n's images and audio need its full model "
                 "(Gemma3nForConditionalGeneration), whose vision tower needs timm, and timm "
                 "needs torchvision; gemma-local loads Gemma 3n for text only "
-                "(Gemma3nForCausalLM). Send text, or use a Gemma 3 / Gemma 4 checkpoint"
+                "(Gemma3nForCausalLM). Send text, use backend='mlx' (mlx-vlm reads Gemma 3n's "
+                'images and audio: pip install "gemma-local[mlx-media]"), or use a Gemma 3 / '
+                "Gemma 4 checkpoint"
             )
         super()._check_media(conversations)
 

@@ -158,3 +158,18 @@ def gemma3n_path(tiny_dir: Path) -> Path:
     """Gemma 3n checkpoint (``gemma3n``, text weights only: transformers loads it with
     ``Gemma3nForCausalLM``; ``AutoModelForCausalLM`` needs timm), float32."""
     return _build(tiny_dir, "gemma3n")
+
+
+@pytest.fixture(scope="session")
+def gemma3n_media_path(tiny_dir: Path) -> Path:
+    """Gemma 3n checkpoint with its vision and audio towers and processor, for mlx-vlm
+    (``core.tiny.gemma3n_towers``: a tiny audio tower, the fixed-size 294M MobileNetV5
+    vision tower in bfloat16, ~590 MB); transformers cannot build its towers (timm)."""
+    from core.tiny.gemma3n_towers import add_gemma3n_towers
+
+    path = tiny_dir / "gemma3n-media-float32"
+    if not (path / "processor_config.json").exists():
+        from core.tiny import build_tiny_checkpoint
+
+        add_gemma3n_towers(build_tiny_checkpoint(path, "gemma3n"))
+    return path

@@ -539,8 +539,8 @@ def test_checkpoints_that_cannot_read_it_refuse_before_loading(
 
 
 def test_mlx_gemma3n_without_towers_says_why(gemma3n_path: Path) -> None:
-    # MLX reads Gemma 3n's images and audio through mlx-vlm's gemma3n; the tiny 3n holds its
-    # text weights only (its towers need timm / torchvision to build), so mlx-vlm cannot load it.
+    # MLX reads Gemma 3n's images and audio through mlx-vlm's gemma3n; this tiny 3n holds its
+    # text weights only (gemma3n_media_path has the towers), so mlx-vlm cannot load it.
     client = make_client("mlx", gemma3n_path)
     try:
         with pytest.raises(ValueError, match=r"mlx-vlm cannot load .* vision / audio towers"):
@@ -925,3 +925,121 @@ def test_backends_agree_on_gemma4_images_and_audio(gemma4_vision_path) -> None:
     finally:
         tf.close()
         mlx.close()
+
+
+# ------------------------------------------------------- Gemma 3n (MLX only)
+# transformers builds Gemma 3n's towers only through timm, which needs torchvision (not
+# installable beside the CPU torch; see README): its backend refuses Gemma 3n media before
+# loading (test_checkpoints_that_cannot_read_it_refuse_before_loading). On MLX, mlx-vlm's
+# gemma3n reads them. The tiny checkpoint's vision tower is mlx-vlm's fixed MobileNetV5-300M
+# (one 512 px image takes minutes on a CPU), so these tests send audio; images go through
+# the same code (core.mlx_media), as on Gemma 3 / 4.
+
+
+@pytest.fixture(scope="module")
+def mlx_gemma3n(gemma3n_media_path: Path) -> Iterator[Any]:
+    client = make_client("mlx", gemma3n_media_path)
+    yield client
+    client.close()
+
+
+def test_gemma3n_hears_the_audio_on_mlx(mlx_gemma3n) -> None:
+    low, high, low_again = (
+        reply(mlx_gemma3n.create(ask(input_audio(wav(hz)), text="Listen."), **GREEDY))
+        for hz in (200, 3000, 200)
+    )
+    assert low != high and low == low_again
+    eight = mlx_gemma3n.format_prompt(ask(input_audio(wav(200, rate=8000)), text="Listen."))
+    sixteen = mlx_gemma3n.format_prompt(ask(input_audio(wav(200)), text="Listen."))
+    assert eight.ids == sixteen.ids  # resampled to the feature extractor's 16 kHz
+
+
+def test_gemma3n_audio_prompt_tokens_on_mlx(mlx_gemma3n, gemma3n_media_path) -> None:
+    """The ids and mel features are transformers' Gemma3nProcessor's (mlx-vlm's processor
+    runs the same feature extractor): 188 <audio_soft_token> per clip between
+    <start_of_audio> and <end_of_audio>, every one counted in prompt_tokens."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    messages = ask(input_audio(wav(300)), input_audio(wav(900, seconds=1.5)), text="Listen.")
+    prompt = mlx_gemma3n.format_prompt(messages)
+    processor = AutoProcessor.from_pretrained(str(gemma3n_media_path))
+    samples = [media.decode_audio(wav(300), "w").samples]
+    samples.append(media.decode_audio(wav(900, seconds=1.5), "w").samples)
+    expected = processor(text=[prompt.text], audio=samples, add_special_tokens=False)
+    assert list(prompt.ids) == list(expected["input_ids"][0])
+    assert prompt.ids.count(processor.audio_token_id) == 2 * 188
+    assert prompt.text.count("<audio_soft_token>") == 2  # the template's one marker per clip
+    assert np.array_equal(
+        np.array(prompt.media.arrays["input_features"]), expected["input_features"]
+    )
+    result = mlx_gemma3n.create(messages, **GREEDY)
+    assert result["usage"]["prompt_tokens"] == len(prompt.ids)
+    text_only = mlx_gemma3n.format_prompt(ask(text="Listen."))
+    assert len(prompt.ids) > len(text_only.ids) + 2 * 188
+
+
+def test_gemma3n_streams_and_batches_audio_on_mlx(mlx_gemma3n) -> None:
+    from mlx.utils import tree_flatten
+
+    listen = ask(input_audio(wav(500)), text="Listen.")
+    whole = mlx_gemma3n.create(listen, **GREEDY)
+    chunks = list(mlx_gemma3n.create(listen, stream=True, **GREEDY))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == reply(whole)
+    assert chunks[-1]["usage"] == whole["usage"]
+    conversations = [
+        listen,
+        [{"role": "user", "content": "Write a short poem about the sea."}],
+        ask(input_audio(wav(250)), text="And this?"),
+    ]
+    alone = [mlx_gemma3n.create(c, **GREEDY) for c in conversations]
+    batch = mlx_gemma3n.create_batch(conversations, **GREEDY)
+    assert [reply(r) for r in batch] == [reply(r) for r in alone]
+    assert [r["usage"] for r in batch] == [r["usage"] for r in alone]
+    n = mlx_gemma3n.create(listen, n=2, **GREEDY)
+    assert [c["message"]["content"] for c in n["choices"]] == [reply(whole)] * 2
+    # mlx-vlm's gemma3n names its language model language_model.model.*, mlx-lm's
+    # model.language_model.*: the same arrays all the same (core.mlx_media.LANGUAGE_PREFIXES).
+    # Both packages replace each layer's AltUp coefficient matrices (4 x 4) by clipped
+    # copies on every forward pass: those are equal, not the same arrays.
+    import numpy as np
+
+    vision = mlx_gemma3n._vision
+    assert vision.shared
+    ours = dict(tree_flatten(mlx_gemma3n.model.parameters()))
+    held = {id(v) for v in ours.values()}
+    language = {
+        k: v for k, v in tree_flatten(vision.model.parameters()) if k.startswith("language_model.")
+    }
+    coefs = {k for k in language if k.endswith("_coefs.weight")}
+    assert len(coefs) == 8 and len(language) > 100
+    assert all(id(language[k]) in held for k in language.keys() - coefs)
+    for k in coefs:
+        mine = ours["model.language_model." + k.removeprefix("language_model.model.")]
+        assert np.array_equal(np.array(language[k]), np.array(mine))
+
+
+def test_gemma3n_bad_audio_leaves_the_client_usable_on_mlx(mlx_gemma3n) -> None:
+    good = ask(input_audio(wav(400)), text="Listen.")
+    spelled = ask(input_audio(wav(400)), text="<audio_soft_token> here")
+    for messages, error in (
+        (ask(input_audio(b"x", "m4a")), "supported audio formats"),
+        (ask(input_audio(b"RIFF....WAVE", "wav")), "audio"),
+        (spelled, r"holds 2 <audio_soft_token> markers for 1 audio parts"),
+    ):
+        before = copy.deepcopy(messages)
+        with pytest.raises(ValueError, match=error):
+            mlx_gemma3n.create(messages, **GREEDY)
+        assert messages == before
+    assert reply(mlx_gemma3n.create(good, **GREEDY))
+
+
+def test_transformers_refuses_gemma3n_audio_before_loading(gemma3n_media_path) -> None:
+    client = make_client("transformers", gemma3n_media_path)
+    try:
+        with pytest.raises(ValueError, match=r"Gemma 3n's images and audio need .* timm") as info:
+            client.create(ask(input_audio(wav(300))), **GREEDY)
+        assert str(gemma3n_media_path) in str(info.value) and not client.is_loaded
+    finally:
+        client.close()

@@ -100,7 +100,12 @@ def test_packaged_templates_identical_to_fixtures():
     assert (
         fixtures
         == packaged
-        == ["gemma2_chat_template.jinja", "gemma3_chat_template.jinja", "gemma4_chat_template.jinja"]
+        == [
+            "gemma2_chat_template.jinja",
+            "gemma3_chat_template.jinja",
+            "gemma3n_chat_template.jinja",
+            "gemma4_chat_template.jinja",
+        ]
     )
     for name in fixtures:
         assert (PACKAGED / name).read_bytes() == (FIXTURES / name).read_bytes(), name

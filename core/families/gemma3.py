@@ -111,6 +111,11 @@ class Gemma3Family:
     def media_placeholders(self, config: Mapping[str, Any] | None) -> Mapping[str, str]:
         # The Gemma 3 template writes <start_of_image> for an image part; Gemma3Processor
         # expands it to "\n\n<start_of_image>" + 256 x <image_soft_token> + "<end_of_image>\n\n".
+        # Gemma 3n's writes <image_soft_token> / <audio_soft_token>, which Gemma3nProcessor
+        # expands the same way (256 image / 188 audio soft tokens between <start_of_...>
+        # and <end_of_...>).
+        if config and config.get("model_type") in ("gemma3n", "gemma3n_text"):
+            return {"image": "<image_soft_token>", "audio": "<audio_soft_token>"}
         return {"image": "<start_of_image>"}
 
     def check_media(

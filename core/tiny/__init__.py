@@ -46,7 +46,10 @@ Gemma 4 (:data:`GEMMA4_ARCHS`) and Gemma 3n follow their own releases:
 * ``gemma3n`` is laid out like the real (multimodal) Gemma 3n checkpoints but
   holds text weights only: mlx-lm loads it, transformers loads it with
   ``Gemma3nForCausalLM`` (``AutoModelForCausalLM`` builds the full model,
-  whose vision tower needs ``timm``).  Gemma 3 tokenizer, template and stop ids;
+  whose vision tower needs ``timm``).  Gemma 3 tokenizer and stop ids, the
+  Gemma 3n template, its six media tokens at the last ids;
+  :func:`.gemma3n_towers.add_gemma3n_towers` adds the towers mlx-vlm reads (a
+  tiny audio tower, the full-size MobileNetV5 vision tower) and the processor;
 * their ``config.json`` writes every field mlx-lm reads, because mlx-lm's
   defaults are those of the real models (see :func:`.configs._patch_gemma4_text`).
 

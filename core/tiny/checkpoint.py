@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .configs import (
     _DIMS,
+    GEMMA3N_AUDIO,
     GEMMA4_IMAGE_SOFT_TOKENS,
     GEMMA4_PATCH_SIZE,
     GEMMA4_POOLING,
@@ -33,6 +34,7 @@ from .tokenizer import (
     build_tokenizer,
     eos_token_ids,
     is_gemma4,
+    special_token_ids,
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -113,8 +115,8 @@ def _save_gemma4_processor(path: Path) -> None:
 def _save_gemma3n(path: Path, model, dtype: str) -> None:
     """Save a Gemma3nForCausalLM as the real (multimodal) Gemma 3n checkpoints are laid out.
 
-    ``config.json`` is a ``gemma3n`` config (text + the default vision / audio
-    configs; no tower weights: this checkpoint is for text), the weights sit
+    ``config.json`` is a ``gemma3n`` config (text + the vision / audio configs
+    of :mod:`.gemma3n_towers`, whose weights that module adds), the weights sit
     under ``model.language_model.``, and the KV-shared layers keep their own
     (unused) k/v projections and k-norm as in the published files: mlx-lm's
     gemma3n loads them strictly, transformers ignores them.
@@ -145,12 +147,22 @@ def _save_gemma3n(path: Path, model, dtype: str) -> None:
         str(path / "model.safetensors"),
         metadata={"format": "pt"},
     )
-    # The media token ids keep their real values (outside the tiny vocabulary,
-    # like the towers' vocab_offset): this checkpoint is for text.
+    # The media tokens are the vocabulary's last six ids (see GEMMA3N_MEDIA_TOKENS): the
+    # vision range starts at <end_of_image>, the audio range at <end_of_audio>, two ids
+    # each (the real ones: 128 each). The towers' weights come from add_gemma3n_towers.
+    ids = special_token_ids("gemma3n", text.vocab_size)
     config = Gemma3nConfig(
         text_config=text,
-        vision_config=Gemma3nVisionConfig(),
-        audio_config=Gemma3nAudioConfig(),
+        vision_config=Gemma3nVisionConfig(vocab_size=2, vocab_offset=ids["<end_of_image>"]),
+        audio_config=Gemma3nAudioConfig(
+            vocab_size=2, vocab_offset=ids["<end_of_audio>"], **GEMMA3N_AUDIO
+        ),
+        boi_token_id=ids["<start_of_image>"],
+        eoi_token_id=ids["<end_of_image>"],
+        image_token_id=ids["<image_soft_token>"],
+        boa_token_id=ids["<start_of_audio>"],
+        eoa_token_id=ids["<end_of_audio>"],
+        audio_token_id=ids["<audio_soft_token>"],
         initializer_range=text.initializer_range,
         tie_word_embeddings=True,
     )

@@ -27,6 +27,19 @@ MM_TOKENS_PER_IMAGE = 256
 GEMMA4_PATCH_SIZE = 16
 GEMMA4_POOLING = 3
 GEMMA4_IMAGE_SOFT_TOKENS = 70
+#: Gemma 3n's processor size for the tiny checkpoint's images (the real one: 768 px; see
+#: :mod:`core.tiny.gemma3n_towers` for why not smaller).
+GEMMA3N_IMAGE_SIZE = 512
+#: Gemma 3n's audio tower at tiny dims (the real one: 1536 wide, 12 conformer layers,
+#: 8 heads, 128 / 32 subsampling channels); the 128 mel bins and the 4 x 4 time
+#: reduction (one soft token per 160 ms) are the real ones.
+GEMMA3N_AUDIO = dict(
+    hidden_size=32,
+    conf_num_attention_heads=2,
+    conf_num_hidden_layers=1,
+    sscp_conv_channel_size=[8, 8],
+    input_feat_size=128,
+)
 
 #: Default model dimensions per arch (build_tiny_checkpoint's keyword arguments).
 _GEMMA3_DIMS = dict(

@@ -33,6 +33,27 @@ SPECIAL_TOKENS = {
 #: Image tokens of the multimodal ("gemma3") checkpoint; they take the last
 #: three ids of the vocabulary (the real ones sit near the end too).
 IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+#: Gemma 3n's media tokens, in the order of their real ids (255999, 256000, 262144,
+#: 262145, 262272, 262273); they take the last six ids of the tiny vocabulary, so
+#: the towers' ranges (``vocab_offset``: ``<end_of_image>`` for vision,
+#: ``<end_of_audio>`` for audio, two ids each) hold media tokens only, as in the real one.
+GEMMA3N_MEDIA_TOKENS = (
+    "<start_of_image>",
+    "<start_of_audio>",
+    "<end_of_image>",
+    "<image_soft_token>",
+    "<end_of_audio>",
+    "<audio_soft_token>",
+)
+#: The named media tokens of the real Gemma 3n tokenizer_config.json (Gemma3nProcessor reads them).
+GEMMA3N_NAMED_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "boa_token": "<start_of_audio>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+    "eoa_token": "<end_of_audio>",
+    "audio_token": "<audio_soft_token>",
+}
 #: Stop tokens written to generation_config.json (``<eos>``, ``<end_of_turn>``).
 EOS_TOKEN_IDS = (1, 106)
 
@@ -104,8 +125,9 @@ _TEMPLATE_FILES = {
     "gemma4_moe": "gemma4_chat_template.jinja",
     "gemma4": "gemma4_chat_template.jinja",
     "gemma4_unified": "gemma4_chat_template.jinja",
-    # Gemma 3n uses the Gemma 3 template and token ids.
-    "gemma3n": "gemma3_chat_template.jinja",
+    # Gemma 3n: Gemma 3's template and token ids, but an image part is written as
+    # <image_soft_token> and an audio part as <audio_soft_token> (Gemma3nProcessor expands them).
+    "gemma3n": "gemma3n_chat_template.jinja",
 }
 
 # Plain text for training the tiny BPE.  Only _ALPHABET gets single-character
@@ -167,9 +189,9 @@ def special_token_ids(arch: str = "gemma3_text", vocab_size: int = 512) -> dict[
             ids[tok] = vocab_size - len(GEMMA4_MEDIA_TOKENS) + i
         return ids
     ids = dict(SPECIAL_TOKENS)
-    if arch == "gemma3":
-        for i, tok in enumerate(IMAGE_TOKENS):
-            ids[tok] = vocab_size - len(IMAGE_TOKENS) + i
+    media = {"gemma3": IMAGE_TOKENS, "gemma3n": GEMMA3N_MEDIA_TOKENS}.get(arch, ())
+    for i, tok in enumerate(media):
+        ids[tok] = vocab_size - len(media) + i
     return ids
 
 
@@ -235,6 +257,8 @@ def _make_tokenizer(arch: str, vocab_size: int):
         kwargs["extra_special_tokens"] = dict(
             zip(("boi_token", "eoi_token", "image_token"), IMAGE_TOKENS, strict=True)
         )
+    elif arch == "gemma3n":
+        kwargs["extra_special_tokens"] = dict(GEMMA3N_NAMED_TOKENS)
     tok = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
