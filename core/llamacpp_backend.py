@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
+import json
 import logging
 import struct
 import threading
@@ -291,12 +293,14 @@ class LlamaVocabTokenizer:
     (:attr:`all_special_ids`) and joins the other pieces' bytes.
     ``convert_tokens_to_ids`` knows the control, user-defined, unknown and
     byte tokens (what core asks it for); other strings map to the unknown id.
-    There is no ``apply_chat_template``: the engine renders the family's
-    packaged Gemma chat template (the GGUF files of Google's Gemma models carry
-    none, or the same one).
+    ``chat_template`` is the GGUF's own (``tokenizer.chat_template``) or, when
+    the file has none (Google's Gemma GGUFs), the packaged one of its
+    architecture; :meth:`apply_chat_template` renders it as transformers does,
+    compiled once.
     """
 
-    def __init__(self, api: LlamaApi, vocab: int) -> None:
+    def __init__(self, api: LlamaApi, vocab: int, chat_template: str | None = None) -> None:
+        self.chat_template = chat_template
         self._api = api
         self._vocab = vocab
         self._size = int(api.llama_vocab_n_tokens(vocab))
@@ -326,6 +330,27 @@ class LlamaVocabTokenizer:
         self.bos_token = self._text(bos) if bos >= 0 else None
         self.eos_token = self._text(eos) if eos >= 0 else None
         self.added_tokens_decoder: dict[int, Any] = {}
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        *,
+        tokenize: bool = False,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """The chat template rendered for ``conversation`` (text only: ``tokenize=False``)."""
+        if tokenize:
+            raise ValueError("LlamaVocabTokenizer renders text only (tokenize=False)")
+        if not self.chat_template:
+            raise ValueError("no chat template: the GGUF carries none and none was set")
+        return compiled_template(self.chat_template).render(
+            messages=list(conversation),
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
 
     def _text(self, token: int) -> str:
         return (self._api.llama_vocab_get_text(self._vocab, token) or b"").decode(
@@ -396,6 +421,41 @@ class LlamaVocabTokenizer:
         return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
             tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=list(end_ids)
         )
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_template(source: str) -> Any:
+    """A chat template compiled as transformers compiles one (sandboxed, HF's filters)."""
+    import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:  # transformers' tojson: no HTML escaping
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 # ----------------------------------------------------------------- sampling
@@ -591,7 +651,15 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
             threads = self.n_threads or accel.usable_cores()
             api.llama_set_n_threads(context, threads, threads)
             vocab = api.llama_model_get_vocab(model)
-            self.tokenizer = LlamaVocabTokenizer(api, vocab)
+            template = api.llama_model_chat_template(model, None)
+            if template:
+                chat_template = template.decode("utf-8")
+            else:  # as the transformers backend does for such a file (core.gguf)
+                from .gguf import chat_template as packaged
+
+                logger.info("%s carries no chat template; using the packaged one", path)
+                chat_template = packaged(self._gguf.architecture)
+            self.tokenizer = LlamaVocabTokenizer(api, vocab, chat_template)
         except BaseException:
             if context:
                 api.llama_free(context)

@@ -562,6 +562,11 @@ def test_real_270m_reply_stream_and_tool_call(real_gguf: Path) -> None:
     try:
         out = client.create(FRANCE, temperature=0, max_tokens=7)
         assert reply(out) == FRANCE_REPLY
+        # Google's GGUF carries no chat template: the packaged Gemma 3 one renders it
+        packaged = Path(__file__).parents[1] / "core" / "chat_templates"
+        assert client.tokenizer.chat_template == (
+            (packaged / "gemma3_chat_template.jinja").read_text(encoding="utf-8")
+        )
         assert out["usage"]["completion_tokens"] == 7
         chunks = list(client.create(FRANCE, temperature=0, max_tokens=7, stream=True))
         streamed = "".join(
