@@ -378,6 +378,31 @@ def test_adapters_take_the_client(llama) -> None:
     assert answer.message.content == expected
 
 
+def test_served_over_http_equals_create(llama) -> None:
+    """``gemma-local serve`` on the llama.cpp client, driven by the openai SDK."""
+    import openai
+
+    from core.server import BackgroundServer
+
+    conversation = CONVERSATIONS[0]
+    expected = llama.create(conversation, temperature=0, max_tokens=12)
+    with (
+        BackgroundServer(llama, served_names=["tiny-gguf"]) as running,
+        openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0) as oai,
+    ):
+        out = oai.chat.completions.create(
+            model="tiny-gguf", messages=conversation, temperature=0, max_tokens=12
+        )
+        assert out.choices[0].message.content == reply(expected)
+        assert out.usage is not None
+        assert out.usage.completion_tokens == expected["usage"]["completion_tokens"]
+        stream = oai.chat.completions.create(
+            model="tiny-gguf", messages=conversation, temperature=0, max_tokens=12, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == reply(expected)
+
+
 def test_close_releases_and_the_next_request_loads_again(tiny_gguf: Path) -> None:
     client = GemmaLlamaCppChatCompletion(str(tiny_gguf), library=LIBRARY, n_threads=1, n_ctx=256)
     first = reply(client.create(CONVERSATIONS[0], temperature=0, max_tokens=8))
