@@ -57,6 +57,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .base import BaseGemmaChatCompletion
@@ -555,7 +556,15 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
 
     Args:
         model_name: the path of a ``.gguf`` file of Gemma 2, 3 or 4 (from
-            llama.cpp, Ollama, LM Studio or the hub).
+            llama.cpp, Ollama, LM Studio or the hub), or of a local Hugging
+            Face folder of a Gemma 1, 2 or 3 text decoder (``gemma``,
+            ``gemma2``, ``gemma3_text``): converted once to a GGUF file cached
+            in ``$GEMMA_LOCAL_CACHE/gguf/`` (:mod:`core.gguf_writer`).
+        gguf_type: how a Hugging Face folder's matrices are stored in its
+            GGUF: ``"q8_0"`` (``None``, the default: near-lossless, the
+            fastest decode), ``"f16"`` or ``"f32"`` (lossless for a float32
+            folder: the same greedy replies as transformers). Not an option
+            for a ``.gguf`` file.
         n_ctx: the KV cache size in tokens, prompt and reply together
             (``None``: the model's training context, at most 8192).
         n_threads: llama.cpp's threads (``None``: the cores this process may
@@ -582,17 +591,35 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         n_batch: int = DEFAULT_N_BATCH,
         reuse_prefix: bool = True,
         library: str = "auto",
+        gguf_type: str | None = None,
     ) -> None:
         super().__init__(model_name)
         from .families import family_for
-        from .gguf import check_model_path
+        from .gguf import GGUFSource, check_model_path
+        from .gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES, HFGemmaFolder, check_hf_folder
 
+        if gguf_type is not None and gguf_type not in GGUF_TYPES:
+            raise ValueError(f"gguf_type must be one of {GGUF_TYPES} or None, got {gguf_type!r}")
         source = check_model_path(model_name)
+        #: A Hugging Face folder converted to GGUF on first load (None for a .gguf file).
+        self._hf_folder: HFGemmaFolder | None = None
+        self.gguf_type = gguf_type
         if source is None:
-            raise ModelNotFoundError(
-                f"the llama.cpp backend loads a GGUF file, and {model_name!r} is not one "
-                "(a folder or hub id: load it with backend='transformers' or 'mlx', or pass the "
-                "path of a .gguf file)"
+            path = Path(model_name).expanduser()
+            if not path.exists() and not path.is_absolute() and model_name.count("/") == 1:
+                raise ModelNotFoundError(
+                    f"the llama.cpp backend loads a local .gguf file or Hugging Face folder, and "
+                    f"{model_name!r} is neither (a hub id: download it first, e.g. with `hf "
+                    "download`, or load it with backend='transformers' or 'mlx')"
+                )
+            self._hf_folder = check_hf_folder(model_name)
+            self.gguf_type = gguf_type or DEFAULT_GGUF_TYPE
+            # the path is the converted file's, known (and written) at load time
+            source = GGUFSource(path, "", self._hf_folder.architecture)
+        elif gguf_type is not None:
+            raise ValueError(
+                f"gguf_type={gguf_type!r} applies to a Hugging Face folder, and {model_name!r} is "
+                "a GGUF file (its tensors are loaded as they are stored)"
             )
         #: The GGUF file (its architecture read from its header, nothing loaded).
         self._gguf = source
@@ -625,6 +652,12 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
     def _load_with(self, api: LlamaApi) -> None:
         from . import accel
 
+        if self._hf_folder is not None:
+            from .gguf import GGUFSource
+            from .gguf_writer import converted_gguf
+
+            file = converted_gguf(self._hf_folder, self.gguf_type or "")
+            self._gguf = GGUFSource(file.parent, file.name, self._gguf.architecture)
         path = str(self._gguf.path)
         model = api.llama_model_load_from_file(path.encode(), api.llama_model_default_params())
         if not model:
@@ -797,6 +830,7 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
         info: dict[str, Any] = {
             "library": self.library,
             "gguf_architecture": self._gguf.architecture,
+            "gguf_type": self.gguf_type,
             "device": "cpu",
             "n_ctx": self.n_ctx,
             "n_threads": self.n_threads,

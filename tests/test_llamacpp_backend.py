@@ -128,9 +128,11 @@ def test_bad_paths_fail_in_the_constructor(tmp_path: Path) -> None:
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    with pytest.raises(ModelNotFoundError, match="loads a GGUF file"):
+    # a folder is converted to GGUF only if it holds a Gemma text decoder
+    # (tests/test_llamacpp_hf_folder.py); a hub id is not downloaded
+    with pytest.raises(ValueError, match="holds a None model"):
         GemmaLlamaCppChatCompletion(str(folder))
-    with pytest.raises(ModelNotFoundError, match="loads a GGUF file"):
+    with pytest.raises(ModelNotFoundError, match=r"loads a local \.gguf file or Hugging Face"):
         GemmaLlamaCppChatCompletion("google/gemma-3-1b-it")
 
 

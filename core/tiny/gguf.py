@@ -20,6 +20,7 @@ writes readable characters, not byte soup.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from .tokenizer import chat_template
@@ -66,45 +67,37 @@ def tiny_vocabulary() -> tuple[list[str], list[int]]:
 
 def write_tiny_gemma3_gguf(path: str | Path, *, seed: int = 0, dtype: str = "float32") -> Path:
     """Write the tiny Gemma 3 GGUF file to ``path`` (``dtype``: ``float32`` or ``float16``)."""
-    import gguf
     import numpy as np
+
+    from ..gguf_writer import GemmaGGUFSpec, write_gemma_gguf
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, types = tiny_vocabulary()
-    arch = "gemma3"
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name("tiny Gemma 3")
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_key_length(HEAD_DIM)
-    writer.add_value_length(HEAD_DIM)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(1_000_000.0)
-    writer.add_sliding_window(SLIDING_WINDOW)
-    writer.add_file_type(
-        gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16
+    spec = GemmaGGUFSpec(
+        architecture="gemma3",
+        name="tiny Gemma 3",
+        context_length=CONTEXT,
+        hidden_size=HIDDEN,
+        layers=LAYERS,
+        ffn=FFN,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        rms_eps=1e-6,
+        rope_base=1_000_000.0,
+        sliding_window=SLIDING_WINDOW,
+        tokens=tokens,
+        scores=[0.0] * len(tokens),
+        types=types,
+        bos=NAMED["<bos>"],
+        eos=NAMED["<eos>"],
+        unk=NAMED["<unk>"],
+        pad=NAMED["<pad>"],
+        chat_template=chat_template("gemma3_text"),
     )
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types(types)
-    writer.add_bos_token_id(NAMED["<bos>"])
-    writer.add_eos_token_id(NAMED["<eos>"])
-    writer.add_unk_token_id(NAMED["<unk>"])
-    writer.add_pad_token_id(NAMED["<pad>"])
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
-    writer.add_chat_template(chat_template("gemma3_text"))
-
     weight_type = np.float32 if dtype == "float32" else np.float16
 
     def matrix(rows: int, cols: int, scale: float) -> np.ndarray:
@@ -119,26 +112,24 @@ def write_tiny_gemma3_gguf(path: str | Path, *, seed: int = 0, dtype: str = "flo
     quiet = [i for i, kind in enumerate(types) if kind in (BYTE, CONTROL)]
     quiet = [i for i in quiet if i not in (NAMED["<eos>"], TURN["<end_of_turn>"])]
     embedding[quiet] *= 0.02
-    writer.add_tensor("token_embd.weight", embedding.astype(weight_type))
-    for layer in range(LAYERS):
-        prefix = f"blk.{layer}."
-        writer.add_tensor(prefix + "attn_norm.weight", norm(HIDDEN))
-        writer.add_tensor(prefix + "attn_q.weight", matrix(HEADS * HEAD_DIM, HIDDEN, 0.5))
-        writer.add_tensor(prefix + "attn_k.weight", matrix(KV_HEADS * HEAD_DIM, HIDDEN, 0.5))
-        writer.add_tensor(prefix + "attn_v.weight", matrix(KV_HEADS * HEAD_DIM, HIDDEN, 0.5))
-        writer.add_tensor(prefix + "attn_q_norm.weight", norm(HEAD_DIM, centre=4.0))
-        writer.add_tensor(prefix + "attn_k_norm.weight", norm(HEAD_DIM))
-        writer.add_tensor(prefix + "attn_output.weight", matrix(HIDDEN, HEADS * HEAD_DIM, 0.05))
-        writer.add_tensor(prefix + "post_attention_norm.weight", norm(HIDDEN))
-        writer.add_tensor(prefix + "ffn_norm.weight", norm(HIDDEN))
-        writer.add_tensor(prefix + "ffn_gate.weight", matrix(FFN, HIDDEN, 0.5))
-        writer.add_tensor(prefix + "ffn_up.weight", matrix(FFN, HIDDEN, 0.125))
-        writer.add_tensor(prefix + "ffn_down.weight", matrix(HIDDEN, FFN, 0.09))
-        writer.add_tensor(prefix + "post_ffw_norm.weight", norm(HIDDEN))
-    writer.add_tensor("output_norm.weight", norm(HIDDEN, centre=4.0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        yield ("token_embd.weight", embedding.astype(weight_type))
+        for layer in range(LAYERS):
+            prefix = f"blk.{layer}."
+            yield (prefix + "attn_norm.weight", norm(HIDDEN))
+            yield (prefix + "attn_q.weight", matrix(HEADS * HEAD_DIM, HIDDEN, 0.5))
+            yield (prefix + "attn_k.weight", matrix(KV_HEADS * HEAD_DIM, HIDDEN, 0.5))
+            yield (prefix + "attn_v.weight", matrix(KV_HEADS * HEAD_DIM, HIDDEN, 0.5))
+            yield (prefix + "attn_q_norm.weight", norm(HEAD_DIM, centre=4.0))
+            yield (prefix + "attn_k_norm.weight", norm(HEAD_DIM))
+            yield (prefix + "attn_output.weight", matrix(HIDDEN, HEADS * HEAD_DIM, 0.05))
+            yield (prefix + "post_attention_norm.weight", norm(HIDDEN))
+            yield (prefix + "ffn_norm.weight", norm(HIDDEN))
+            yield (prefix + "ffn_gate.weight", matrix(FFN, HIDDEN, 0.5))
+            yield (prefix + "ffn_up.weight", matrix(FFN, HIDDEN, 0.125))
+            yield (prefix + "ffn_down.weight", matrix(HIDDEN, FFN, 0.09))
+            yield (prefix + "post_ffw_norm.weight", norm(HIDDEN))
+        yield ("output_norm.weight", norm(HIDDEN, centre=4.0))
+
+    return write_gemma_gguf(path, spec, tensors(), gguf_type="f32" if dtype == "float32" else "f16")
