@@ -15,6 +15,7 @@ from .errors import (
     ModelNotFoundError,
     OfflineError,
     OutOfMemoryError,
+    QueueFullError,
     UnsupportedPlatformError,
 )
 from .factory import create_gemma_client, create_gemma_transformers_client, resolve_backend
@@ -44,6 +45,7 @@ __all__ = [
     "OfflineError",
     "OutOfMemoryError",
     "Prompt",
+    "QueueFullError",
     "SamplingParams",
     "ToolCall",
     "UnsupportedPlatformError",

@@ -71,8 +71,9 @@ from .media import (
 )
 from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
+from .scheduler import Engine, Request, Scheduler, check_limits
 from .stream import Delta, Prompt, TokenSink, sentinel_decoder
-from .worker import Emit, InFlight, ModelWorker, astream_job, stream_job
+from .worker import HANDED_OFF, Cancel, Emit, InFlight, ModelWorker, astream_job, stream_job
 
 logger = logging.getLogger("gemma_local")
 
@@ -180,9 +181,12 @@ class BaseGemmaChatCompletion:
     #: Whether ``_generate`` applies :meth:`_grammar_matchers` (tools, JSON output).
     supports_constraints: ClassVar[bool] = False
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(
+        self, model_name: str, *, max_batch_size: int | None = None, max_queue: int | None = None
+    ) -> None:
         if not isinstance(model_name, str) or not model_name.strip():
             raise ValueError(f"model_name must be a hub id or a local folder, got {model_name!r}")
+        batch_size, queue_size = check_limits(max_batch_size, max_queue)
         self.model_name = model_name
         self.model: Any = None
         self.tokenizer: Any = None
@@ -198,6 +202,16 @@ class BaseGemmaChatCompletion:
         self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built once
         self._worker = self._new_worker()
         self._in_flight = InFlight()  # what close() cancels
+        #: Merges every request into the running batch (continuous batching).
+        self._scheduler = Scheduler(
+            self._worker,
+            self._batch_engine,
+            self._run_whole,
+            self._runs_whole,
+            self._translate_error,
+            max_batch_size=batch_size,
+            max_queue=queue_size,
+        )
         _LIVE_CLIENTS.add(self)
 
     # ------------------------------------------------------------------ hooks
@@ -285,6 +299,23 @@ class BaseGemmaChatCompletion:
     def _eos_token_ids(self) -> set[int]:
         """End-of-turn ids from the model's generation config (backends add theirs)."""
         return set()
+
+    def _batch_engine(self) -> Engine | None:
+        """The backend's continuous batch for the loaded model (model thread; see
+        :mod:`core.scheduler`), or ``None``: requests run whole through ``_generate``,
+        one after another."""
+        return None
+
+    def _runs_whole(self, request: Request, alone: bool) -> bool:
+        """Whether ``request`` runs whole through ``_generate`` instead of joining the batch:
+        when ``_generate`` was replaced (a subclass's or a test's own), or ``alone`` (it would
+        decode alone) on a backend's faster single-request path (the CUDA fast path)."""
+        return False
+
+    def _own_generate(self, owner: type) -> bool:
+        """Whether ``_generate`` is still ``owner``'s (not overridden by a subclass or
+        replaced on the instance); the batch engine stands in for it only then."""
+        return getattr(self._generate, "__func__", None) is owner.__dict__.get("_generate")
 
     def _release(self) -> None:
         """Drop backend state on :meth:`close` (runs on the model thread)."""
@@ -460,6 +491,9 @@ class BaseGemmaChatCompletion:
         self._worker.close()
 
     def _unload_on_worker(self) -> None:
+        self._scheduler.reset(
+            ClientClosedError(f"close() was called on the {self.model_name} client")
+        )
         self._release()
         self._grammar_tokenizer = None
         self.model = self.tokenizer = None
@@ -663,9 +697,10 @@ class BaseGemmaChatCompletion:
     # ------------------------------------------------------------- generation
 
     def _job(self, conversations: Sequence[Messages], params: SamplingParams) -> Any:
-        """The worker-side body of one request: format, generate, emit deltas."""
+        """The worker-side body of one request: format it and hand it to the scheduler,
+        which generates it (in the running batch, or whole) and emits its deltas."""
 
-        def body(emit: Emit, cancel: Any) -> None:
+        def body(emit: Emit, cancel: Cancel) -> Any:
             # Loaded when the request was made, but a close() from another thread
             # may have been queued before this job: load again rather than fail.
             self._load_on_worker()
@@ -692,16 +727,26 @@ class BaseGemmaChatCompletion:
                 parser=lambda: family.output_parser(params, params.thinking),
                 stop_on_content=family.keep_special_tokens,
             )
-            try:
-                self._generate(prompts, params, sink)
-            except Exception as exc:
-                oom = translate_oom(exc, self.model_name)
-                if oom is not None:
-                    raise oom from exc
-                raise
-            sink.close()
+            self._scheduler.admit(Request(prompts, params, sink, None, emit, cancel))
+            return HANDED_OFF
 
         return body
+
+    def _run_whole(self, request: Request) -> None:
+        """Serve ``request`` through ``_generate`` (model thread; the scheduler closes its sink)."""
+        self._generate(request.prompts, request.params, request.sink)
+
+    def _translate_error(self, exc: BaseException) -> BaseException:
+        """What a request's reader gets for a backend error (out of memory made clear)."""
+        oom = translate_oom(exc, self.model_name)
+        if oom is None:
+            return exc
+        oom.__cause__ = exc
+        return oom
+
+    def _check_queue(self, in_flight: int) -> None:
+        """Refuse a request (:class:`~core.errors.QueueFullError`) when the queue is full."""
+        self._scheduler.check_room(in_flight)
 
     def _check(
         self,
@@ -773,10 +818,13 @@ class BaseGemmaChatCompletion:
     ) -> Iterator[Delta]:
         """The raw :class:`Delta` stream of a request (what adapters build on)."""
         self._check_constraints(params)
+        self._check_queue(len(self._in_flight))  # at once, not at the first read
         conversations = self.resolve_media(conversations)  # decoded here, not on the model thread
         self._check_media(conversations)
         self.load()
-        return stream_job(self._worker, self._job(conversations, params), self._in_flight)
+        return stream_job(
+            self._worker, self._job(conversations, params), self._in_flight, self._check_queue
+        )
 
     async def astream_deltas(
         self, conversations: Sequence[Messages], params: SamplingParams
@@ -785,12 +833,15 @@ class BaseGemmaChatCompletion:
         import asyncio
 
         self._check_constraints(params)
+        self._check_queue(len(self._in_flight))
         if any(media_kinds(c) for c in conversations):  # may read files or fetch URLs
             conversations = await asyncio.to_thread(self.resolve_media, conversations)
         self._check_media(conversations)
         if not self._loaded:
             await asyncio.wrap_future(self._worker.submit(self._load_on_worker))
-        job = astream_job(self._worker, self._job(conversations, params), self._in_flight)
+        job = astream_job(
+            self._worker, self._job(conversations, params), self._in_flight, self._check_queue
+        )
         try:
             async for delta in job:
                 yield delta

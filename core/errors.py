@@ -42,6 +42,14 @@ class ClientClosedError(GemmaLocalError, RuntimeError):
     """``close()`` cancelled this request (queued or generating); the client itself stays usable."""
 
 
+class QueueFullError(GemmaLocalError, RuntimeError):
+    """The client's request queue is full (its ``max_queue`` requests wait for a row already).
+
+    Raised at once by the call that would have queued; retry later, or raise
+    ``max_queue`` / ``max_batch_size`` on the client. The HTTP server answers 429.
+    """
+
+
 class TiedWeightsError(GemmaLocalError, RuntimeError):
     """Weights the model's config ties (``lm_head`` to the embeddings) came back untied from a load.
 

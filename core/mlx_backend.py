@@ -135,6 +135,11 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             one stream per core this process may use, at most one per row;
             ``1`` keeps a batch on one stream. Unused on the GPU, where one
             stream already fills the device.
+        max_batch_size: the most rows decoded together (default 16): concurrent
+            requests join the running batch until it holds that many
+            (continuous batching, :mod:`core.scheduler`).
+        max_queue: the most requests waiting for a row (default 256); one more
+            raises :class:`~core.errors.QueueFullError` at once.
         image_soft_tokens: Gemma 4: the most soft tokens an image may cost
             (70, 140, 280, 560 or 1120); ``None``: the checkpoint's default.
         pan_and_scan: Gemma 3: also read crops of large or elongated images;
@@ -160,8 +165,10 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         cpu_streams: int | None = None,
         image_soft_tokens: int | None = None,
         pan_and_scan: bool | None = None,
+        max_batch_size: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
-        super().__init__(model_name)
+        super().__init__(model_name, max_batch_size=max_batch_size, max_queue=max_queue)
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
         self._vision: Any = None  # mlx-vlm's model and processor, loaded at the first media
@@ -278,6 +285,22 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                             break
                 finally:
                     steps.close()
+
+    def _batch_engine(self) -> Any:
+        """One mlx-lm ``BatchGenerator`` that requests join and leave (:mod:`core.mlx_batch`),
+        for a model mlx-lm can batch (not Gemma 2)."""
+        if not self._batchable():
+            return None
+        from .mlx_batch import MLXBatch
+
+        return MLXBatch(self, self._scheduler.max_batch_size)
+
+    def _runs_whole(self, request: Any, alone: bool) -> bool:
+        """A replaced ``_generate`` serves every request whole, and so does a request with
+        images or audio (mlx-vlm's model prefills it: :meth:`_generate_media_row`)."""
+        if not self._own_generate(GemmaMLXChatCompletion):
+            return True
+        return any(p.media is not None for p in request.prompts)
 
     # ------------------------------------------------------------------ media
 

@@ -165,6 +165,11 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     Messages may hold images and audio (:mod:`core.media`) for checkpoints that
     read them: the checkpoint's own processor (``AutoProcessor``) turns them into
     the soft tokens and tensors the model was trained with.
+        max_batch_size: the most rows decoded together (default 16): concurrent
+            requests join the running batch until it holds that many
+            (continuous batching, :mod:`core.scheduler`).
+        max_queue: the most requests waiting for a row (default 256); one more
+            raises :class:`~core.errors.QueueFullError` at once.
     """
 
     implementation = "transformers"
@@ -188,8 +193,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         gguf_file: str | None = None,
         image_soft_tokens: int | None = None,
         pan_and_scan: bool | None = None,
+        max_batch_size: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
-        super().__init__(model_name)
+        super().__init__(model_name, max_batch_size=max_batch_size, max_queue=max_queue)
         #: The image processor's options (``None``: the checkpoint's defaults).
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
@@ -362,6 +369,29 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
     # -------------------------------------------------------------- generation
+
+    def _batch_engine(self) -> Any:
+        """Left-padded rows in one ``DynamicCache`` (:mod:`core.torch_batch`), for a model whose
+        cache it can pad and trim."""
+        from . import torch_batch
+
+        if not torch_batch.supported(self.model):
+            return None
+        return torch_batch.TorchBatch(self.model, self._grammar_matchers)
+
+    def _runs_whole(self, request: Any, alone: bool) -> bool:
+        """A replaced ``_generate`` serves every request whole, and so does a request with
+        images or audio (its prefill needs the processor's tensors); a request decoding alone takes
+        the CUDA fast path (static cache, CUDA graphs) where it applies (its sampling draws
+        from torch's default generator, so not when seeded)."""
+        if not self._own_generate(GemmaTransformersChatCompletion):
+            return True
+        if any(p.media is not None for p in request.prompts):  # images / audio: generate() reads them
+            return True
+        params = request.params
+        if not alone or (not params.greedy and params.seed is not None):
+            return False
+        return accel.cuda_fast_path_applies(self.model, params)
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch

@@ -68,14 +68,29 @@ class InFlight:
         with self._lock:
             return len(self._flags)
 
-    def submit(self, worker: ModelWorker, fn: Callable[[], None], flag: Cancel) -> None:
-        """Track ``flag`` and run ``fn`` on ``worker``."""
+    def submit(
+        self,
+        worker: ModelWorker,
+        fn: Callable[[], None],
+        flag: Cancel,
+        check: Callable[[int], None] | None = None,
+    ) -> None:
+        """Track ``flag`` and run ``fn`` on ``worker``.
+
+        ``check(n)``, with ``n`` the jobs in flight before this one, may refuse
+        the job by raising (a full queue); it runs under the lock, so two jobs
+        never both take the last place.
+        """
         if worker.on_worker():  # runs inline: not under the lock
             with self._lock:
+                if check is not None:
+                    check(len(self._flags))
                 self._flags.add(flag)
             worker.submit(fn)
             return
         with self._lock:
+            if check is not None:
+                check(len(self._flags))
             self._flags.add(flag)
             worker.submit(fn)
 
@@ -144,6 +159,18 @@ class ModelWorker:
             self._jobs.put(job)
         return future
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` behind every job submitted so far, even from the worker itself.
+
+        The scheduler's steps re-post themselves this way, so jobs submitted
+        meanwhile (a load, ``close()``'s unload) run between two steps.
+        """
+        with self._lock:
+            if not self.alive:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._jobs.put(fn)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker and wait for it."""
         return self.submit(fn).result()
@@ -174,17 +201,32 @@ def shared_worker(name: str) -> ModelWorker:
         return worker
 
 
-def _run_emitting(body: Callable[[Emit, threading.Event], None], emit: Emit, cancel: Cancel) -> None:
+class HandedOff:
+    """What a stream job's body returns when its request lives on elsewhere (the scheduler),
+    which ends it later with :func:`finish_job`."""
+
+
+HANDED_OFF = HandedOff()
+
+
+def finish_job(emit: Emit, cancel: Cancel, error: BaseException | None = None) -> None:
+    """End a stream job: its ``error`` (if it was not cancelled), the cancel error, the end."""
+    if error is not None and cancel.error is None:
+        emit(error)
+    if cancel.error is not None:  # cancelled by close(): the reader learns why
+        emit(cancel.error)
+    emit(_DONE)
+
+
+def _run_emitting(body: Callable[[Emit, Cancel], Any], emit: Emit, cancel: Cancel) -> None:
+    error: BaseException | None = None
     try:
-        if cancel.error is None:  # a job cancelled while queued never starts
-            body(emit, cancel)
+        # a job cancelled while queued never starts
+        if cancel.error is None and body(emit, cancel) is HANDED_OFF:
+            return
     except BaseException as exc:
-        if cancel.error is None:
-            emit(exc)
-    finally:
-        if cancel.error is not None:  # cancelled by close(): the reader learns why
-            emit(cancel.error)
-        emit(_DONE)
+        error = exc
+    finish_job(emit, cancel, error)
 
 
 def _checked(item: Any, cancel: Cancel) -> Any:
@@ -198,8 +240,9 @@ def _checked(item: Any, cancel: Cancel) -> Any:
 
 def stream_job(
     worker: ModelWorker,
-    body: Callable[[Emit, threading.Event], None],
+    body: Callable[[Emit, Cancel], Any],
     in_flight: InFlight | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> Generator[Any, None, None]:
     """Run ``body(emit, cancel)`` on the worker and yield what it emits.
 
@@ -218,7 +261,7 @@ def stream_job(
     if in_flight is None:
         worker.submit(job)
     else:
-        in_flight.submit(worker, job, cancel)
+        in_flight.submit(worker, job, cancel, check)
     finished = False
     try:
         while (item := out.get()) is not _DONE:
@@ -235,8 +278,9 @@ def stream_job(
 
 async def astream_job(
     worker: ModelWorker,
-    body: Callable[[Emit, threading.Event], None],
+    body: Callable[[Emit, Cancel], Any],
     in_flight: InFlight | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> AsyncGenerator[Any, None]:
     """The async twin of :func:`stream_job`: the event loop never blocks.
 
@@ -259,7 +303,7 @@ async def astream_job(
     if in_flight is None:
         worker.submit(job)
     else:
-        in_flight.submit(worker, job, cancel)
+        in_flight.submit(worker, job, cancel, check)
     finished = False
     try:
         while (item := await out.get()) is not _DONE:

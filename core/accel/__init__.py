@@ -85,6 +85,13 @@ def cuda_generate(
     return True
 
 
+def cuda_fast_path_applies(model: Any, params: SamplingParams) -> bool:
+    """Whether :func:`cuda_generate` would serve a request with ``params`` on ``model``."""
+    from .cuda import fast_path
+
+    return fast_path.supported(model, params)
+
+
 def cuda_release(model: Any) -> None:
     """Drop the compiled graphs and KV buffers the fast path keeps on ``model`` (if any)."""
     from .cuda import fast_path

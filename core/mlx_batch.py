@@ -1,0 +1,145 @@
+"""The MLX backend's continuous batch: one mlx-lm ``BatchGenerator`` that rows join and leave.
+
+mlx-lm's ``BatchGenerator`` inserts and removes rows between steps, with a
+sampler and logits processors per row; the scheduler (:mod:`core.scheduler`)
+drives it. Each joining row's prompt (all but its last token) is prefilled
+into a cache of its own, without padding (on a CPU device, a row per MLX CPU
+stream at a time: :meth:`GemmaMLXChatCompletion._prefill_rows`), and the
+row is inserted with that cache, so it decodes what it would alone. On a CPU
+device the batch steps through the split step over the CPU streams
+(:func:`core.accel.mlx_split_step`) where it applies.
+
+End tokens, stop strings and ``max_tokens`` are the sink's business: the
+generator is given no stop tokens and one token more than the row may take,
+and rows leave when the scheduler removes them. Grammar rows feed their
+matcher inside their logits processor (:func:`~core.constrained.mlx_grammar_processor`),
+since mlx-lm computes the next step before the current tokens are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .scheduler import Row
+
+
+class _Sink:
+    """What :meth:`_prefill_rows` checks between waves: nobody cancels a prefill here."""
+
+    done = False
+
+
+class MLXBatch:
+    """The running batch of an MLX model (see the module docstring)."""
+
+    feeds_grammar = True
+
+    def __init__(self, client: Any, max_rows: int) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
+
+        from . import accel
+
+        self._client = client
+        self._streams: list[Any] = [None]
+        decoder = None
+        if mx.default_device().type == mx.DeviceType.cpu:
+            wanted = client.cpu_streams if client.cpu_streams is not None else accel.usable_cores()
+            if wanted > 1:
+                self._streams = accel.mlx_cpu_streams(wanted)
+                decoder = client._split_decoder(self._streams)
+        self._greedy = make_sampler(temp=0.0)
+        self.generator = BatchGenerator(
+            decoder if decoder is not None else client.model,
+            stop_tokens=None,
+            sampler=self._greedy,
+            completion_batch_size=max_rows,
+            prefill_batch_size=max_rows,
+            prefill_step_size=client.prefill_step_size,
+            max_kv_size=client.max_kv_size,
+            stream=self._streams[0] if decoder is not None else None,
+        )
+        self._rows: dict[int, Row] = {}
+
+    def add(self, rows: Sequence[Row]) -> list[tuple[Row, int]]:
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_logits_processors
+
+        from .constrained import mlx_grammar_processor
+        from .mlx_backend import make_request_sampler
+
+        client = self._client
+        for request in {id(r.request): r.request for r in rows}.values():
+            if request.state is None:
+                params = request.params.in_float32()
+                request.grammar = client._grammar_matchers(params, len(request.rows))
+                shared = make_logits_processors(
+                    logit_bias=dict(params.logit_bias) or None,
+                    repetition_penalty=params.repetition_penalty,
+                )
+                sampler = self._greedy if params.greedy else make_request_sampler(params)
+                request.state = (sampler, shared)
+        prompts = [row.prompt for row in rows]
+        if len(self._streams) > 1 and all(len(p.ids) > 1 for p in prompts):
+            groups = client._stream_groups(prompts)
+            streams = self._streams[: len(groups)]
+            caches = client._prefill_rows(prompts, groups, streams, _Sink())
+        else:
+            caches = [make_prompt_cache(client.model, client.max_kv_size) for _ in prompts]
+            self._prefill(prompts, caches)
+        processors = []
+        for row in rows:
+            _, shared = row.request.state
+            grammar = row.request.grammar
+            own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
+            processors.append([*shared, *own])
+        uids = self.generator.insert(
+            [[p.ids[-1]] for p in prompts],
+            [row.max_tokens + 1 for row in rows],
+            caches=caches,
+            all_tokens=[list(p.ids[:-1]) for p in prompts],
+            samplers=[row.request.state[0] for row in rows],
+            logits_processors=processors,
+        )
+        for uid, row in zip(uids, rows, strict=True):
+            row.state = uid
+            self._rows[uid] = row
+        return []  # the first tokens come with the next step
+
+    def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any]) -> None:
+        """Each prompt but its last token into its cache, on the default stream."""
+        import mlx.core as mx
+
+        model, step = self._client.model, self._client.prefill_step_size
+        for prompt, cache in zip(prompts, caches, strict=True):
+            ids = prompt.ids[:-1]
+            for start in range(0, len(ids), step):
+                model(mx.array(ids[start : start + step])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+
+    def step(self) -> list[tuple[Row, int]]:
+        out = []
+        for response in self.generator.next_generated():
+            row = self._rows.get(response.uid)
+            if row is None:
+                continue
+            out.append((row, int(response.token)))
+            if response.finish_reason is not None:  # the generator dropped it itself
+                del self._rows[response.uid]
+        return out
+
+    def remove(self, rows: Sequence[Row]) -> None:
+        uids = [row.state for row in rows if row.state in self._rows]
+        for row in rows:
+            self._rows.pop(row.state, None)
+            row.state = None
+        if uids:
+            self.generator.remove(uids)
+
+    def close(self) -> None:
+        for row in self._rows.values():
+            row.state = None
+        self._rows.clear()
+        self.generator.close()
