@@ -7,7 +7,9 @@ into a cache of its own, without padding (on a CPU device, a row per MLX CPU
 stream at a time: :meth:`GemmaMLXChatCompletion._prefill_rows`), and the
 row is inserted with that cache, so it decodes what it would alone. On a CPU
 device the batch steps through the split step over the CPU streams
-(:func:`core.accel.mlx_split_step`) where it applies.
+(:func:`core.accel.mlx_split_step`) where it applies, and where it does not
+(quantized projections) each stream decodes its own rows in a generator of its
+own (a joining row goes to the one with the fewest), stepped in turn.
 
 End tokens, stop strings and ``max_tokens`` are the sink's business: the
 generator is given no stop tokens and one token more than the row may take,
@@ -51,17 +53,26 @@ class MLXBatch:
                 self._streams = accel.mlx_cpu_streams(wanted)
                 decoder = client._split_decoder(self._streams)
         self._greedy = make_sampler(temp=0.0)
-        self.generator = BatchGenerator(
-            decoder if decoder is not None else client.model,
-            stop_tokens=None,
-            sampler=self._greedy,
-            completion_batch_size=max_rows,
-            prefill_batch_size=max_rows,
-            prefill_step_size=client.prefill_step_size,
-            max_kv_size=client.max_kv_size,
-            stream=self._streams[0] if decoder is not None else None,
+        plan = (
+            [(decoder, self._streams[0])]
+            if decoder is not None
+            else [(client.model, stream) for stream in self._streams]
         )
-        self._rows: dict[int, Row] = {}
+        self.generators = [
+            BatchGenerator(
+                model,
+                stop_tokens=None,
+                sampler=self._greedy,
+                completion_batch_size=max_rows,
+                prefill_batch_size=max_rows,
+                prefill_step_size=client.prefill_step_size,
+                max_kv_size=client.max_kv_size,
+                stream=stream,
+            )
+            for model, stream in plan
+        ]
+        #: uid -> row, per generator
+        self._rows: list[dict[int, Row]] = [{} for _ in self.generators]
 
     def add(self, rows: Sequence[Row]) -> list[tuple[Row, int]]:
         from mlx_lm.models.cache import make_prompt_cache
@@ -95,17 +106,19 @@ class MLXBatch:
             grammar = row.request.grammar
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
-        uids = self.generator.insert(
-            [[p.ids[-1]] for p in prompts],
-            [row.max_tokens + 1 for row in rows],
-            caches=caches,
-            all_tokens=[list(p.ids[:-1]) for p in prompts],
-            samplers=[row.request.state[0] for row in rows],
-            logits_processors=processors,
-        )
-        for uid, row in zip(uids, rows, strict=True):
-            row.state = uid
-            self._rows[uid] = row
+        for i, row in enumerate(rows):
+            g = min(range(len(self.generators)), key=lambda k: len(self._rows[k]))
+            prompt = prompts[i]
+            [uid] = self.generators[g].insert(
+                [[prompt.ids[-1]]],
+                [row.max_tokens + 1],
+                caches=[caches[i]],
+                all_tokens=[list(prompt.ids[:-1])],
+                samplers=[row.request.state[0]],
+                logits_processors=[processors[i]],
+            )
+            row.state = (g, uid)
+            self._rows[g][uid] = row
         return []  # the first tokens come with the next step
 
     def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any]) -> None:
@@ -121,25 +134,33 @@ class MLXBatch:
 
     def step(self) -> list[tuple[Row, int]]:
         out = []
-        for response in self.generator.next_generated():
-            row = self._rows.get(response.uid)
-            if row is None:
+        for generator, rows in zip(self.generators, self._rows, strict=True):
+            if not rows:
                 continue
-            out.append((row, int(response.token)))
-            if response.finish_reason is not None:  # the generator dropped it itself
-                del self._rows[response.uid]
+            for response in generator.next_generated():
+                row = rows.get(response.uid)
+                if row is None:
+                    continue
+                out.append((row, int(response.token)))
+                if response.finish_reason is not None:  # the generator dropped it itself
+                    del rows[response.uid]
         return out
 
     def remove(self, rows: Sequence[Row]) -> None:
-        uids = [row.state for row in rows if row.state in self._rows]
+        gone: list[list[int]] = [[] for _ in self.generators]
         for row in rows:
-            self._rows.pop(row.state, None)
+            g, uid = row.state
+            if self._rows[g].pop(uid, None) is not None:
+                gone[g].append(uid)
             row.state = None
-        if uids:
-            self.generator.remove(uids)
+        for generator, uids in zip(self.generators, gone, strict=True):
+            if uids:
+                generator.remove(uids)
 
     def close(self) -> None:
-        for row in self._rows.values():
-            row.state = None
-        self._rows.clear()
-        self.generator.close()
+        for rows in self._rows:
+            for row in rows.values():
+                row.state = None
+            rows.clear()
+        for generator in self.generators:
+            generator.close()

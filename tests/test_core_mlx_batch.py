@@ -258,9 +258,9 @@ def test_split_batch_equals_one_by_one_and_the_one_stream_batch(
 ) -> None:
     conversations = [*PROMPTS, LONG]
     singles = [split_client.create(m, **GREEDY) for m in conversations]
-    assert generators == []  # one row: generate_step, no batch
     batch = split_client.create_batch(conversations, **GREEDY)
-    [generator] = generators  # one batch, its step spread over both streams
+    # the client's one running batch (continuous batching), its step spread over both streams
+    [generator] = generators
     assert generator.stream == mlx_split._CPU_STREAMS[0]
     assert isinstance(generator.model, mlx_split._SplitDecode)
     assert generator.model._streams == mlx_split._CPU_STREAMS[:2]
