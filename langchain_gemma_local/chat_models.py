@@ -30,12 +30,13 @@ saying so (the token count and the partial output) rather than a schema error.
 A tool call cut short that way is an ``invalid_tool_calls`` entry whose
 ``error`` names the limit, never a silently empty message.
 
-``batch()`` / ``abatch()`` start ONE batched generation over every input
-(``stream_deltas(conversations, params)``) and then run LangChain's ordinary
-``invoke`` / ``ainvoke`` per input, each of which reads its own row of that
-generation instead of starting one. So every input keeps its own callbacks,
-tags, run id, ``on_llm_new_token`` events and error handling, while the model
-does a single batched pass.
+``batch()`` / ``abatch()`` are LangChain's own: one ``invoke`` / ``ainvoke``
+per input, all at once (``batch()`` runs as many threads as inputs unless
+``max_concurrency`` says fewer). Each call submits its own request to the core
+client, whose scheduler merges concurrent requests into one running batch
+(continuous batching, ``core.scheduler``). So every input keeps its own
+callbacks, tags, run id, ``on_llm_new_token`` events and error handling, while
+the model decodes them together.
 
 Nothing here formats prompts, tokenizes or counts tokens: the core client does,
 once, for every adapter.
@@ -43,14 +44,13 @@ once, for every adapter.
 This module holds :class:`ChatGemmaLocal`; its helpers live beside it, one job each:
 ``messages`` (LangChain messages → OpenAI dicts), ``structured`` (``tool_choice``
 and schemas in core's forms, the structured-output parsers), ``_deltas`` (core
-deltas → usage and cut-off calls, the ``timeout`` deadline), ``_batch`` (the
-rows of one batched generation) and ``_clients`` (the shared core clients).
+deltas → usage and cut-off calls, the ``timeout`` deadline) and ``_clients``
+(the shared core clients).
 Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from operator import itemgetter
@@ -70,7 +70,7 @@ from langchain_core.messages import (
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
-from langchain_core.runnables.config import get_config_list, get_executor_for_config
+from langchain_core.runnables.config import get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -79,7 +79,6 @@ from typing_extensions import Self
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, fold_deltas, normalize_messages
 from core.factory import resolve_backend
 
-from ._batch import _CLAIM, _AsyncBatchRows, _BatchPlan, _BatchRows, _Claim
 from ._clients import _shared_client, _shared_key
 from ._deltas import (
     _akeep_last,
@@ -281,12 +280,13 @@ class ChatGemmaLocal(BaseChatModel):
         await model.abatch(["Tell me a joke", "Tell me a fact"])
         ```
 
-        Unlike LangChain's default (a thread pool over `invoke`), the inputs
-        are generated together as ONE batch on the model, with the same
-        replies as one-by-one calls under greedy decoding (`temperature=0`).
-        Each input keeps its own callbacks and run. `max_concurrency` in the
-        config caps the batch size. With a LangChain cache configured, inputs
-        run one by one so that cache hits cost nothing.
+        Every input is its own `invoke`, all running at once, and the core
+        client decodes concurrent requests together in one running batch
+        (continuous batching), with the same replies as one-by-one calls
+        under greedy decoding (`temperature=0`, float32). Each input keeps its
+        own callbacks and run. `max_concurrency` in the config caps how many
+        run together. With a LangChain cache configured, LangChain's default
+        thread pool runs them.
 
     Images and audio:
         ```python
@@ -648,26 +648,13 @@ class ChatGemmaLocal(BaseChatModel):
         params, timeout = self._options(stop, kwargs)
         return self._conversation(messages), params, timeout
 
-    def _claimed(
-        self, conversation: list[dict[str, Any]], params: SamplingParams, kind: type[Any]
-    ) -> _Claim | None:
-        """The batch row reserved for this call, if it runs inside ``batch()`` / ``abatch()``."""
-        claim = _CLAIM.get()
-        if claim is not None and isinstance(claim.rows, kind):
-            return claim if claim.take(self, conversation, params) else None
-        return None
-
     def _deltas(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[Iterator[Delta], SamplingParams]:
         conversation, params, timeout = self._request(messages, stop, kwargs)
         client = self._core()
         cold = not client.is_loaded
-        claim = self._claimed(conversation, params, _BatchRows)
-        if claim is not None and isinstance(claim.rows, _BatchRows):
-            deltas = claim.rows.row(claim.index)
-        else:
-            deltas = client.stream_deltas([conversation], params)  # loads if needed
+        deltas = client.stream_deltas([conversation], params)  # loads if needed
         return _until_deadline(deltas, timeout, cold), params
 
     def _adeltas(
@@ -676,11 +663,7 @@ class ChatGemmaLocal(BaseChatModel):
         conversation, params, timeout = self._request(messages, stop, kwargs)
         client = self._core()
         cold = not client.is_loaded
-        claim = self._claimed(conversation, params, _AsyncBatchRows)
-        if claim is not None and isinstance(claim.rows, _AsyncBatchRows):
-            deltas = claim.rows.row(claim.index)
-        else:
-            deltas = client.astream_deltas([conversation], params)  # loads on the model thread
+        deltas = client.astream_deltas([conversation], params)  # loads on the model thread
         return _auntil_deadline(deltas, timeout, cold), params
 
     def _chunk(self, delta: Delta, params: SamplingParams) -> ChatGenerationChunk:
@@ -954,25 +937,6 @@ class ChatGemmaLocal(BaseChatModel):
             return False
         return self.cache is not None or get_llm_cache() is not None
 
-    def _plan_batch(self, inputs: Sequence[Any], kwargs: dict[str, Any]) -> _BatchPlan | None:
-        """Which inputs join the batched generation; ``None`` if fewer than two can."""
-        try:
-            other = {k: v for k, v in kwargs.items() if k != "stop"}
-            params, _ = self._options(kwargs.get("stop"), other)
-        except Exception:
-            return None  # every call fails the same way on its own
-        conversations: list[list[dict[str, Any]]] = []
-        slots: list[int | None] = []
-        for input_ in inputs:
-            try:
-                conversation = self._conversation(self._convert_input(input_).to_messages())
-            except Exception:
-                slots.append(None)
-                continue
-            slots.append(len(conversations))
-            conversations.append(conversation)
-        return _BatchPlan(conversations, params, slots) if len(conversations) > 1 else None
-
     def batch(
         self,
         inputs: list[Any],
@@ -981,106 +945,20 @@ class ChatGemmaLocal(BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        """Generate the inputs in one batched pass, keeping one LangChain run per input.
+        """LangChain's ``batch``, with every input's ``invoke`` running at once.
 
-        ``max_concurrency`` in the config caps how many go into one pass.
+        Each call is a request of its own, and the core client's scheduler
+        decodes concurrent requests together (continuous batching); LangChain's
+        default pool would run only a few at a time. ``max_concurrency`` in the
+        config caps how many run together. With a LangChain cache configured,
+        LangChain's default pool runs them.
         """
-        if len(inputs) < 2 or self._cache_active():
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        configs = get_config_list(config, len(inputs))
-        size = configs[0].get("max_concurrency") or len(inputs)
-        outputs: list[Any] = []
-        for start in range(0, len(inputs), size):
-            group = slice(start, start + size)
-            outputs += self._batch_group(inputs[group], configs[group], return_exceptions, kwargs)
-        return outputs
-
-    def _batch_group(
-        self,
-        inputs: list[Any],
-        configs: list[RunnableConfig],
-        return_exceptions: bool,
-        kwargs: dict[str, Any],
-    ) -> list[Any]:
-        plan = self._plan_batch(inputs, kwargs)
-        if plan is None:
-            return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
-        client = self._core()
-        rows = _BatchRows(
-            lambda: client.stream_deltas(plan.conversations, plan.params), len(plan.conversations)
-        )
-
-        def invoke(input_: Any, config: RunnableConfig, claim: _Claim | None) -> Any:
-            token = _CLAIM.set(claim)
-            try:
-                return self.invoke(input_, config, **kwargs)
-            except Exception as exc:
-                if return_exceptions:
-                    return exc
-                raise
-            finally:
-                _CLAIM.reset(token)
-
-        try:
-            with get_executor_for_config(configs[0]) as executor:
-                return list(executor.map(invoke, inputs, configs, plan.claims(self, rows)))
-        finally:
-            rows.close()
-
-    async def abatch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """Async :meth:`batch`: one batched pass over ``astream_deltas``."""
-        if len(inputs) < 2 or self._cache_active():
-            return await super().abatch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        configs = get_config_list(config, len(inputs))
-        size = configs[0].get("max_concurrency") or len(inputs)
-        outputs: list[Any] = []
-        for start in range(0, len(inputs), size):
-            group = slice(start, start + size)
-            outputs += await self._abatch_group(
-                inputs[group], configs[group], return_exceptions, kwargs
-            )
-        return outputs
-
-    async def _abatch_group(
-        self,
-        inputs: list[Any],
-        configs: list[RunnableConfig],
-        return_exceptions: bool,
-        kwargs: dict[str, Any],
-    ) -> list[Any]:
-        plan = self._plan_batch(inputs, kwargs)
-        if plan is None:
-            return await super().abatch(
-                inputs, configs, return_exceptions=return_exceptions, **kwargs
-            )
-        client = self._core()
-        rows = _AsyncBatchRows(
-            lambda: client.astream_deltas(plan.conversations, plan.params), len(plan.conversations)
-        )
-
-        async def ainvoke(input_: Any, config: RunnableConfig, claim: _Claim | None) -> Any:
-            _CLAIM.set(claim)  # this task's own copy of the context
-            try:
-                return await self.ainvoke(input_, config, **kwargs)
-            except Exception as exc:
-                if return_exceptions:
-                    return exc
-                raise
-
-        try:
-            calls = map(ainvoke, inputs, configs, plan.claims(self, rows))
-            return list(await asyncio.gather(*calls))
-        finally:
-            await rows.aclose()
+        if len(inputs) > 1 and not self._cache_active():
+            configs = get_config_list(config, len(inputs))
+            if configs[0].get("max_concurrency") is None:
+                configs = [{**c, "max_concurrency": len(inputs)} for c in configs]
+            config = configs
+        return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     # ------------------------------------------------------------ serialization
 

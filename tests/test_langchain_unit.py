@@ -54,6 +54,18 @@ class ScriptedGemma(BaseGemmaChatCompletion):
         self.calls: list[tuple[list[list[dict[str, Any]]], SamplingParams]] = []
         self.stopped_early = 0
         self.fail_with: BaseException | None = None
+        self.running = 0  # streams being read now, and the most at once
+        self.peak = 0
+        self._count = threading.Lock()
+
+    def _started(self) -> None:
+        with self._count:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+
+    def _ended(self) -> None:
+        with self._count:
+            self.running -= 1
 
     def load(self) -> ScriptedGemma:
         if not self._loaded:
@@ -101,6 +113,7 @@ class ScriptedGemma(BaseGemmaChatCompletion):
 
     def _run(self, deltas: list[Delta]) -> Iterator[Delta]:
         sent = 0
+        self._started()
         try:
             if self.fail_with is not None:
                 raise self.fail_with
@@ -109,6 +122,7 @@ class ScriptedGemma(BaseGemmaChatCompletion):
                 yield delta
                 sent += 1
         finally:
+            self._ended()
             if sent < len(deltas):
                 self.stopped_early += 1
 
@@ -119,6 +133,7 @@ class ScriptedGemma(BaseGemmaChatCompletion):
         self.load()
         deltas = self._script(conversations, params)
         sent = 0
+        self._started()
         try:
             if self.fail_with is not None:
                 raise self.fail_with
@@ -127,6 +142,7 @@ class ScriptedGemma(BaseGemmaChatCompletion):
                 yield delta
                 sent += 1
         finally:
+            self._ended()
             if sent < len(deltas):
                 self.stopped_early += 1
 
@@ -532,25 +548,34 @@ def test_identity_and_langsmith_params(fake: ScriptedGemma) -> None:
 PROMPTS = ["alpha", "beta gamma", "delta epsilon zeta"]
 
 
-def test_batch_is_one_generation(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
-    results = model.batch(PROMPTS)
-    assert [r.content for r in results] == [f"echo {p}" for p in PROMPTS]
-    assert len(fake.calls) == 1
-    conversations, _ = fake.calls[0]
-    assert [c[-1]["content"] for c in conversations] == PROMPTS
-    assert [r.usage_metadata["output_tokens"] for r in results] == [2, 3, 4]  # type: ignore[index]
+def submitted(fake: ScriptedGemma) -> list[str]:
+    """The last user turn of each request the client got (one conversation each), sorted."""
+    assert all(len(conversations) == 1 for conversations, _ in fake.calls)
+    return sorted(conversations[0][-1]["content"] for conversations, _ in fake.calls)
 
 
-async def test_abatch_is_one_generation(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
+def test_batch_submits_every_input_at_once(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
+    """Each input is a request of its own, all running together: the core client's
+    scheduler batches them (continuous batching)."""
+    fake.delay = 0.05
+    results = model.batch(PROMPTS * 3)
+    assert [r.content for r in results] == [f"echo {p}" for p in PROMPTS * 3]
+    assert submitted(fake) == sorted(PROMPTS * 3)
+    assert fake.peak == 9  # more than LangChain's default pool would run on a small machine
+    assert [r.usage_metadata["output_tokens"] for r in results[:3]] == [2, 3, 4]  # type: ignore[index]
+
+
+async def test_abatch_submits_every_input_at_once(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
+    fake.delay = 0.01
     results = await model.abatch(PROMPTS)
     assert [r.content for r in results] == [f"echo {p}" for p in PROMPTS]
-    assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 3
+    assert submitted(fake) == sorted(PROMPTS) and fake.peak == 3
 
 
 def test_batch_keeps_one_run_per_input(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
     recorders = [TokenRecorder() for _ in PROMPTS]
     model.batch(PROMPTS, config=[{"callbacks": [r]} for r in recorders], max_tokens=2)
-    assert len(fake.calls) == 1
+    assert submitted(fake) == sorted(PROMPTS)
     assert ["".join(r.tokens) for r in recorders] == ["echo alpha", "echo beta", "echo delta"]
     assert [(r.starts, r.ends) for r in recorders] == [(1, 1)] * 3
 
@@ -558,9 +583,8 @@ def test_batch_keeps_one_run_per_input(model: ChatGemmaLocal, fake: ScriptedGemm
 def test_batch_options_and_bind(model: ChatGemmaLocal, fake: ScriptedGemma) -> None:
     results = model.bind(max_tokens=1).batch(PROMPTS, stop=["zz"])
     assert [r.content for r in results] == ["echo"] * 3
-    assert len(fake.calls) == 1
-    params = fake.calls[0][1]
-    assert (params.max_tokens, params.stop) == (1, ("zz",))
+    assert len(fake.calls) == 3
+    assert {(p.max_tokens, p.stop) for _, p in fake.calls} == {(1, ("zz",))}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -571,7 +595,7 @@ def test_batch_bad_input_fails_alone(fake: ScriptedGemma, streaming: bool) -> No
     results = model.batch(inputs, return_exceptions=True)
     assert results[0].content == "echo one" and results[2].content == "echo two"
     assert isinstance(results[1], TypeError) and isinstance(results[3], ValueError)
-    assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 2
+    assert submitted(fake) == ["one", "two"]  # the bad inputs fail before reaching the client
     with pytest.raises(TypeError, match="FunctionMessage"):
         model.batch(inputs)
 
@@ -581,7 +605,7 @@ async def test_abatch_bad_input_fails_alone(model: ChatGemmaLocal, fake: Scripte
     results = await model.abatch(inputs, return_exceptions=True)
     assert results[0].content == "echo one" and results[2].content == "echo two"
     assert isinstance(results[1], TypeError)
-    assert len(fake.calls) == 1
+    assert submitted(fake) == ["one", "two"]
 
 
 def test_batch_generation_error_reaches_every_input(
@@ -606,6 +630,7 @@ async def test_abatch_generation_error_reaches_every_input(
 async def test_max_concurrency_caps_batch_size(
     model: ChatGemmaLocal, fake: ScriptedGemma, asynchronous: bool
 ) -> None:
+    fake.delay = 0.01
     prompts = [f"p{i}" for i in range(5)]
     config = {"max_concurrency": 2}
     if asynchronous:
@@ -613,7 +638,7 @@ async def test_max_concurrency_caps_batch_size(
     else:
         results = model.batch(prompts, config=config)  # type: ignore[arg-type]
     assert [r.content for r in results] == [f"echo {p}" for p in prompts]
-    assert [len(conversations) for conversations, _ in fake.calls] == [2, 2, 1]
+    assert submitted(fake) == prompts and fake.peak == 2
 
 
 def test_batch_timeout_stops_one_row(fake: ScriptedGemma) -> None:
