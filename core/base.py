@@ -306,6 +306,14 @@ class BaseGemmaChatCompletion:
         one after another."""
         return None
 
+    def _scheduled(self) -> bool:
+        """Whether requests go through the scheduler: on backends with a batch engine.
+
+        Others (subclasses of the original design, vLLM, whose engine batches
+        requests itself on their own threads) run each request whole in its job.
+        """
+        return type(self)._batch_engine is not BaseGemmaChatCompletion._batch_engine
+
     def _runs_whole(self, request: Request, alone: bool) -> bool:
         """Whether ``request`` runs whole through ``_generate`` instead of joining the batch:
         when ``_generate`` was replaced (a subclass's or a test's own), or ``alone`` (it would
@@ -727,6 +735,16 @@ class BaseGemmaChatCompletion:
                 parser=lambda: family.output_parser(params, params.thinking),
                 stop_on_content=family.keep_special_tokens,
             )
+            if not self._scheduled():  # runs whole, here (on its own thread for vLLM)
+                try:
+                    self._generate(prompts, params, sink)
+                except Exception as exc:
+                    oom = translate_oom(exc, self.model_name)
+                    if oom is not None:
+                        raise oom from exc
+                    raise
+                sink.close()
+                return None
             self._scheduler.admit(Request(prompts, params, sink, None, emit, cancel))
             return HANDED_OFF
 
