@@ -255,10 +255,18 @@ def test_queue_full_is_429_at_once(tf) -> None:
         long = {"model": "tiny", "messages": USER, "max_tokens": 2000, "logit_bias": NO_END}
         with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as first:
             assert first.status_code == 200  # generating
-            waiting: list[httpx.Response] = []
-            second = threading.Thread(  # waits for the model behind the first
-                target=lambda: waiting.append(post(http, {**long, "max_tokens": 8}))
-            )
+            waiting: list[int] = []
+            done = threading.Event()
+
+            def read_second() -> None:  # decodes beside the first (continuous batching)
+                body = {**long, "stream": True}
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    waiting.append(response.status_code)
+                    for _ in response.iter_lines():
+                        if done.is_set():
+                            break
+
+            second = threading.Thread(target=read_second)
             second.start()
             wait_until(lambda: http.get("/health").json()["requests"]["active"] == 2)
             started = time.perf_counter()
@@ -269,9 +277,10 @@ def test_queue_full_is_429_at_once(tf) -> None:
             assert raised.value.code == "rate_limit_exceeded"
             assert raised.value.response.headers["retry-after"] == "1"
             assert "--max-requests 2" in raised.value.message
-        # the first stream is closed: the second runs, and both places are free again
+            done.set()
+        # both streams are closed: both places are free again
         second.join(60)
-        assert waiting[0].status_code == 200
+        assert waiting == [200]
         wait_until(lambda: http.get("/health").json()["requests"]["active"] == 0)
         reply = post(http, {"model": "tiny", "messages": USER, "max_tokens": 1})
         assert reply.status_code == 200
