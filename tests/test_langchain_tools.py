@@ -567,16 +567,16 @@ async def test_invoke_folds_deltas_into_the_message_streaming_builds(
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["batch", "abatch"])
-async def test_batch_with_tools_is_one_generation(asynchronous: bool) -> None:
-    client = ScriptedCalls([SCRIPT, [Delta(0, "Hello"), Delta(0, "", "stop", 3, 1)]])
+async def test_batch_with_tools_submits_each_input_with_the_tools(asynchronous: bool) -> None:
+    """One request per input (the core client batches them), each with the bound tools."""
+    client = ScriptedCalls([SCRIPT])
     model = ChatGemmaLocal(client=client).bind_tools([get_weather, ping], tool_choice="auto")
     inputs = ["a", "b", "c"]
     results = await model.abatch(inputs) if asynchronous else model.batch(inputs)
-    assert len(client.requests) == 1
-    count, params = client.requests[0]
-    assert count == 3 and [t.name for t in params.tools] == ["get_weather", "ping"]
-    assert [len(r.tool_calls) for r in results] == [2, 0, 2]
-    assert results[1].content == "Hello"
+    assert [count for count, _ in client.requests] == [1, 1, 1]
+    for _, params in client.requests:
+        assert [t.name for t in params.tools] == ["get_weather", "ping"]
+    assert [len(r.tool_calls) for r in results] == [2, 2, 2]
 
 
 def test_a_client_that_cannot_constrain_refuses_tools_before_generating() -> None:
@@ -713,7 +713,7 @@ def test_batch_with_tools_matches_one_by_one(
     alone = [bound.invoke(p) for p in prompts]
     spy = SpyDeltas(client, monkeypatch)
     together = bound.batch(prompts)
-    assert [count for count, _ in spy.calls] == [3]  # one batched generation
+    assert [count for count, _ in spy.calls] == [1, 1, 1]  # a request per input, batched by core
     for one, batched in zip(alone, together, strict=True):
         check_calls(batched)
         assert name_args(batched.tool_calls) == name_args(one.tool_calls)
@@ -821,7 +821,7 @@ def test_structured_output_streams_to_the_invoke_result(llm: ChatGemmaLocal, met
         assert chunks and chunks[-1] == result
 
 
-def test_structured_output_batch_is_one_generation(
+def test_structured_output_batch_is_a_request_per_input(
     llm: ChatGemmaLocal, client: BaseGemmaChatCompletion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     llm = llm.model_copy(update={"max_tokens": STRUCTURED_MAX_TOKENS})
@@ -830,7 +830,7 @@ def test_structured_output_batch_is_one_generation(
     alone = [runnable.invoke(p) for p in prompts]
     spy = SpyDeltas(client, monkeypatch)
     assert runnable.batch(prompts) == alone
-    assert [count for count, _ in spy.calls] == [2]
+    assert [count for count, _ in spy.calls] == [1, 1]
 
 
 # ------------------------------------------------------------ real models: LangGraph agent
