@@ -341,6 +341,16 @@ class BaseGemmaChatCompletion:
     def is_loaded(self) -> bool:
         return self._loaded
 
+    @property
+    def max_batch_size(self) -> int:
+        """The most rows decoded together (the running batch, :mod:`core.scheduler`)."""
+        return self._scheduler.max_batch_size
+
+    @property
+    def max_queue(self) -> int:
+        """The most requests waiting for a row; one more raises :class:`~core.errors.QueueFullError`."""
+        return self._scheduler.max_queue
+
     def load(self) -> BaseGemmaChatCompletion:
         """Load the model now (otherwise the first request does). Returns ``self``.
 

@@ -383,6 +383,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
@@ -416,13 +426,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     media = Sources(local_files=args.allow_local_media, urls=args.allow_media_urls)
     settings = ServerSettings.build(
-        args.model, args.served_model_name, api_key, args.max_body_size, args.max_requests, media
+        args.model, args.served_model_name, api_key, args.max_body_size, media
     )
     backend = resolve_backend(args.backend)
     _check_backend_options(args, backend)
+    options = _client_options(args)
+    limits = {"max_batch_size": args.max_batch_size, "max_queue": args.max_queue}
+    if backend == "vllm" and any(v is not None for v in limits.values()):
+        raise ValueError(
+            "--max-batch-size / --max-queue are not options of the vLLM backend: vLLM's engine "
+            "schedules its own batch (GemmaVLLMChatCompletion(engine_args={'max_num_seqs': N}) "
+            "in Python); drop them or pass --backend transformers or mlx"
+        )
+    options.update({k: v for k, v in limits.items() if v is not None})
     sock = listen(args.host, args.port)  # a taken port fails now, not after the load
     try:
-        with create_gemma_client(backend, args.model, **_client_options(args)) as client:
+        with create_gemma_client(backend, args.model, **options) as client:
             print(f"loading {args.model} ({backend}) ...", flush=True)
             client.load()
             url = base_url(sock)
@@ -443,7 +462,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 served_names=settings.served_names,
                 api_key=settings.api_key,
                 max_body_size=settings.max_body_size,
-                max_requests=settings.max_requests,
                 media_sources=settings.media_sources,
             )
     finally:
@@ -492,10 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's own name)",
     )
     serve.add_argument(
-        "--max-requests",
+        "--max-batch-size",
         type=_positive_int,
-        default=256,
-        help="requests admitted at once, generating or waiting; more get HTTP 429 (default 256)",
+        default=None,
+        help="requests decoded together in the running batch (default 16)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_count,
+        default=None,
+        help="requests waiting for a place in the batch; one more gets HTTP 429 at once "
+        "(default 256)",
     )
     serve.add_argument(
         "--max-body-size",

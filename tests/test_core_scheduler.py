@@ -80,7 +80,10 @@ def test_rows_of_different_options_share_a_batch(client) -> None:
             {
                 "temperature": 0,
                 "max_tokens": 60,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "p", "schema": schema},
+                },
             },
         ),
         (PROMPTS[1], {"temperature": 0, "max_tokens": 10, "n": 2}),
@@ -148,6 +151,44 @@ async def test_asyncio_gather_shares_the_batch(client) -> None:
     together = await asyncio.gather(*(client.acreate(m, **GREEDY) for m in SIXTEEN[:6]))
     for a, b in zip(alone, together, strict=True):
         assert choices_and_usage(b) == choices_and_usage(a)
+
+
+async def test_cancelling_an_asyncio_task_removes_its_row(client) -> None:
+    """A cancelled ``acreate`` (its task, or an async stream closed early) leaves the
+    batch at the next step; a request decoding beside it gets its lone reply."""
+    import asyncio
+
+    reference = client.create(PROMPTS[0], **GREEDY)
+
+    def rows() -> int:
+        return client._worker.call(lambda: client._scheduler.active_rows)
+
+    async def until_rows(count: int, *, at_most: bool = False) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            now = await asyncio.to_thread(rows)
+            if now == count or (at_most and now < count):
+                return
+            assert time.monotonic() < deadline, f"the batch never held {count} rows"
+            await asyncio.sleep(0.01)
+
+    endless = asyncio.create_task(client.acreate(USER, **ENDLESS))
+    await until_rows(1)
+    other = asyncio.create_task(client.acreate(PROMPTS[0], **GREEDY))
+    await until_rows(2)
+    endless.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await endless
+    await until_rows(1, at_most=True)  # the cancelled row left (the other may be done)
+    assert choices_and_usage(await other) == choices_and_usage(reference)
+    await until_rows(0)
+
+    stream = await client.acreate(USER, stream=True, **ENDLESS)
+    async for _ in stream:
+        break
+    await until_rows(1)
+    await stream.aclose()
+    await until_rows(0)
 
 
 def test_create_batch_rows_join_a_running_batch(client) -> None:

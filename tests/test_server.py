@@ -79,7 +79,7 @@ def test_models_and_health(server, oai, name, gemma3_path) -> None:
     assert info.value.code == "model_not_found"
     health = httpx.get(f"{server.url}/health").json()  # no key needed
     assert health["status"] == "ok" and health["model"] == name and health["loaded"] is True
-    assert health["requests"] == {"active": 0, "limit": 256}
+    assert health["requests"] == {"active": 0, "max_batch_size": 16, "max_queue": 256}
 
 
 # ----------------------------------------------------- replies equal create()'s

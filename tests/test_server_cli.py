@@ -50,7 +50,8 @@ def test_help(capsys) -> None:
     for option in ("--model", "--host", "--port", "--api-key", "GEMMA_LOCAL_API_KEY"):
         assert option in out
     for option in (
-        "--max-requests",
+        "--max-batch-size",
+        "--max-queue",
         "--max-body-size",
         "--served-model-name",
         "--allow-media-urls",
@@ -65,7 +66,9 @@ def test_help(capsys) -> None:
     [
         (["--port", "70000"], "argument --port: must be a port number 0..65535"),
         (["--port", "http"], "argument --port: must be a port number"),
-        (["--max-requests", "0"], "argument --max-requests: must be an integer >= 1, got '0'"),
+        (["--max-batch-size", "0"], "argument --max-batch-size: must be an integer >= 1, got '0'"),
+        (["--max-queue", "-1"], "argument --max-queue: must be an integer >= 0, got '-1'"),
+        (["--max-queue", "many"], "argument --max-queue: must be an integer >= 0, got 'many'"),
         (["--max-body-size", "lots"], "argument --max-body-size: must be a size in bytes"),
         (["--max-body-size", "0M"], "argument --max-body-size: must be a size in bytes"),
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
@@ -85,6 +88,10 @@ def test_usage_errors(capsys, no_client, argv, message) -> None:
         (["--model", "m", "--api-key", " "], "--api-key must not be empty"),
         (["--model", "m", "--served-model-name", ""], "each served model name must be a non-empty"),
         (["--model", "m", "--backend", "mlx", "--4bit"], "--4bit is not an option of the MLX"),
+        (
+            ["--model", "m", "--backend", "vllm", "--max-queue", "3"],
+            "--max-batch-size / --max-queue are not options of the vLLM backend",
+        ),
         (["--model", "m", "--host", "no.such.host.invalid"], "cannot listen on host"),
     ],
 )
@@ -130,13 +137,14 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 def test_options_reach_the_server(gemma3_path, capsys, monkeypatch, recorded) -> None:
     monkeypatch.setenv("GEMMA_LOCAL_API_KEY", "sk-from-env")
-    argv = ["serve", "--model", str(gemma3_path), *TF, "--port", "0", "--max-requests", "7"]
+    argv = ["serve", "--model", str(gemma3_path), *TF, "--port", "0", "--max-queue", "7"]
     argv += ["--max-body-size", "1M", "--served-model-name", "a", "--served-model-name", "b"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
     [call] = recorded
     assert call["api_key"] == "sk-from-env" and call["served_names"] == ("a", "b")
-    assert call["max_requests"] == 7 and call["max_body_size"] == 1 << 20
+    assert call["client"].max_queue == 7 and call["max_body_size"] == 1 << 20
+    assert call["client"].max_batch_size == 16  # the default
     assert call["log_level"] == "info" and isinstance(call["sock"], socket.socket)
     assert call["client"].implementation == "transformers"
     assert call["loaded"] and call["dtype"] == "torch.float32"  # --dtype reached the client

@@ -3,8 +3,8 @@
 A real uvicorn server per module (127.0.0.1, free port, a thread) over a tiny
 Gemma 3. Every refusal is a 4xx in OpenAI's error shape, with ``create()``'s
 own message for a bad option; 401 without the key, 404 for an unknown model,
-413 over the body limit (before parsing), 429 at once when the admission limit
-is reached. Fuzzed bodies never get a 5xx and the server keeps serving; 100
+413 over the body limit (before parsing), 429 at once when the client's queue
+is full (its QueueFullError). Fuzzed bodies never get a 5xx and the server keeps serving; 100
 concurrent streams all end with ``[DONE]``; a client that goes away cancels
 its generation on the model thread.
 """
@@ -43,7 +43,7 @@ def tf(gemma3_path: Path) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def server(tf: Any) -> Iterator[BackgroundServer]:
     with BackgroundServer(
-        tf, api_key=KEY, served_names=["tiny", "tiny-alias"], max_body_size=LIMIT, max_requests=150
+        tf, api_key=KEY, served_names=["tiny", "tiny-alias"], max_body_size=LIMIT
     ) as running:
         yield running
 
@@ -247,40 +247,45 @@ def test_body_limit(http) -> None:
 # ------------------------------------------------------------------------------- 429
 
 
-def test_queue_full_is_429_at_once(tf) -> None:
+def test_queue_full_is_429_at_once(gemma3_path) -> None:
+    """One row decoding and one request waiting fill a client of max_batch_size=1,
+    max_queue=1: a third request is a 429 in OpenAI's shape, at once, with the
+    client's QueueFullError message; the waiting one is served once the row frees."""
+    small_client = make_client("transformers", gemma3_path, max_batch_size=1, max_queue=1)
     with (
-        BackgroundServer(tf, served_names=["tiny"], max_requests=2) as small,
+        small_client,
+        BackgroundServer(small_client, served_names=["tiny"]) as small,
         httpx.Client(base_url=small.url, timeout=60) as http,
     ):
+        health = http.get("/health").json()["requests"]
+        assert health == {"active": 0, "max_batch_size": 1, "max_queue": 1}
         long = {"model": "tiny", "messages": USER, "max_tokens": 2000, "logit_bias": NO_END}
         with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as first:
-            assert first.status_code == 200  # generating
-            waiting: list[int] = []
-            done = threading.Event()
-
-            def read_second() -> None:  # decodes beside the first (continuous batching)
-                body = {**long, "stream": True}
-                with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                    waiting.append(response.status_code)
-                    for _ in response.iter_lines():
-                        if done.is_set():
-                            break
-
-            second = threading.Thread(target=read_second)
+            assert first.status_code == 200  # decoding: the batch's one row
+            waiting: list[httpx.Response] = []
+            second = threading.Thread(  # waits for the row behind the first
+                target=lambda: waiting.append(post(http, {**long, "max_tokens": 8}))
+            )
             second.start()
             wait_until(lambda: http.get("/health").json()["requests"]["active"] == 2)
+            wait_until(lambda: len(small_client._in_flight) == 2)  # queued in the client
             started = time.perf_counter()
             client = openai.OpenAI(base_url=f"{small.url}/v1", api_key="x", max_retries=0)
             with client, pytest.raises(openai.RateLimitError) as raised:
                 client.chat.completions.create(model="tiny", messages=USER, max_tokens=1)
             assert time.perf_counter() - started < 2.0  # answered at once, not queued
             assert raised.value.code == "rate_limit_exceeded"
+            assert raised.value.type == "requests"
             assert raised.value.response.headers["retry-after"] == "1"
-            assert "--max-requests 2" in raised.value.message
-            done.set()
-        # both streams are closed: both places are free again
+            assert "max_queue=1" in raised.value.message
+            assert "request queue is full" in raised.value.message
+            # streamed requests are refused the same way, before any event
+            refused = http.post("/v1/chat/completions", json={**long, "stream": True})
+            assert_error_shape(refused, 429)
+        # the first stream is closed: the second gets the row, and the queue is free again
         second.join(60)
-        assert waiting == [200]
+        assert waiting[0].status_code == 200
+        assert waiting[0].json()["usage"]["completion_tokens"] == 8
         wait_until(lambda: http.get("/health").json()["requests"]["active"] == 0)
         reply = post(http, {"model": "tiny", "messages": USER, "max_tokens": 1})
         assert reply.status_code == 200

@@ -4,7 +4,7 @@ Routes: ``POST /v1/chat/completions`` (JSON, or server-sent events with
 ``stream: true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
 Data flow::
 
-    HTTP request ──app (key, admission, size limit, JSON)──▶ client.acreate(messages, **options)
+    HTTP request ──app (key, size limit, JSON)──▶ client.acreate(messages, **options)
         ──core.openai_format──▶ chat.completion / chat.completion.chunk dicts
         ──▶ JSON response, or ``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``
 
@@ -25,7 +25,6 @@ require("fastapi", "uvicorn", feature="gemma-local's server")
 
 from .app import (  # noqa: E402  (after the dependency check)
     DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_REQUESTS,
     INLINE_MEDIA_ONLY,
     ServerSettings,
     create_app,
@@ -36,7 +35,6 @@ from .run import BackgroundServer, listen, serve  # noqa: E402
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
-    "DEFAULT_MAX_REQUESTS",
     "INLINE_MEDIA_ONLY",
     "APIError",
     "BackgroundServer",

@@ -2,15 +2,17 @@
 
 One request, in order::
 
-    API key (401) ─▶ admission (429) ─▶ body read up to the limit (413) ─▶ JSON (400)
-        ─▶ model name (404) ─▶ client.acreate(...) (400 with create()'s message)
+    API key (401) ─▶ body read up to the limit (413) ─▶ JSON (400) ─▶ model name (404)
+        ─▶ client.acreate(...) (400 with create()'s message; 429 when its queue is full)
         ─▶ a chat.completion, or server-sent events of its chunks
 
 The generation is the client's own async API: nothing here formats a reply
 (:mod:`core.openai_format` does), and nothing blocks the event loop (the
-model runs on the client's worker thread). Requests are admitted up to
-``max_requests`` at once (generating or waiting for the model); one more gets
-429 at once, never a wait. A client that goes away (a closed stream, a
+model runs on the client's worker thread). There is one limit on requests,
+the client's own (:mod:`core.scheduler`): ``max_batch_size`` rows decode
+together and ``max_queue`` requests wait for a row; one more gets the client's
+:class:`~core.errors.QueueFullError`, answered at once with 429 (never a
+wait). A client that goes away (a closed stream, a
 dropped connection while it waits) cancels its generation: the reply's
 iterator is closed, which cancels the job on the model thread.
 """
@@ -52,7 +54,6 @@ T = TypeVar("T")
 
 #: Defaults of :func:`create_app` (and of ``gemma-local serve``).
 DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
-DEFAULT_MAX_REQUESTS = 256
 #: Media a request may reference: inline only (data URIs, base64 audio). A path or
 #: file:// URL would read the server's files, an http(s) URL make it fetch addresses
 #: of the sender's choosing.
@@ -67,40 +68,31 @@ def default_served_names(model_name: str) -> tuple[str, ...]:
     return (model_name,)
 
 
-class Admission:
-    """How many requests are in (generating or waiting for the model), at most ``limit``.
+class Active:
+    """How many chat requests the server is answering (for ``/health``; event loop only).
 
-    Used from the event loop only; :meth:`admit` answers 429 at once when full.
+    Not a limit: the client's queue is (``max_batch_size`` / ``max_queue``), whose
+    :class:`~core.errors.QueueFullError` the server answers with 429.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
+    def __init__(self) -> None:
+        self.count = 0
 
-    def admit(self) -> Ticket:
-        if self.active >= self.limit:
-            raise APIError(
-                429,
-                f"the server is busy: {self.active} requests are generating or waiting, its "
-                f"limit (gemma-local serve --max-requests {self.limit}); retry shortly",
-                type="requests",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        self.active += 1
+    def enter(self) -> Ticket:
+        self.count += 1
         return Ticket(self)
 
 
 class Ticket:
-    """One admitted request; :meth:`release` (idempotent) frees its place."""
+    """One request being answered; :meth:`release` (idempotent) ends it."""
 
-    def __init__(self, admission: Admission) -> None:
-        self._admission: Admission | None = admission
+    def __init__(self, active: Active) -> None:
+        self._active: Active | None = active
 
     def release(self) -> None:
-        if self._admission is not None:
-            self._admission.active -= 1
-            self._admission = None
+        if self._active is not None:
+            self._active.count -= 1
+            self._active = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,6 @@ class ServerSettings:
         served_names: the model names requests may use; the first is listed first.
         api_key: the bearer token every ``/v1`` request must send; ``None``: no key.
         max_body_size: the largest request body in bytes (larger: 413, unread).
-        max_requests: requests admitted at once, generating or waiting (more: 429).
         media_sources: where image / audio parts may be read from besides the request
             itself (:class:`core.media.Sources`); by default neither the server's files
             nor URLs (:data:`INLINE_MEDIA_ONLY`), whatever the client allows.
@@ -120,7 +111,6 @@ class ServerSettings:
     served_names: tuple[str, ...]
     api_key: str | None
     max_body_size: int
-    max_requests: int
     media_sources: Sources = INLINE_MEDIA_ONLY
 
     @classmethod
@@ -130,7 +120,6 @@ class ServerSettings:
         served_names: Sequence[str] | None = None,
         api_key: str | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        max_requests: int = DEFAULT_MAX_REQUESTS,
         media_sources: Sources | None = None,
     ) -> ServerSettings:
         if served_names is None:
@@ -146,9 +135,12 @@ class ServerSettings:
                 raise ValueError(f"each served model name must be a non-empty string, got {name!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValueError("api_key must be a non-empty string, or None for no key")
-        for option, value in (("max_body_size", max_body_size), ("max_requests", max_requests)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        if (
+            not isinstance(max_body_size, int)
+            or isinstance(max_body_size, bool)
+            or max_body_size < 1
+        ):
+            raise ValueError(f"max_body_size must be an integer >= 1, got {max_body_size!r}")
         if media_sources is None:
             media_sources = INLINE_MEDIA_ONLY
         elif not isinstance(media_sources, Sources):
@@ -156,7 +148,7 @@ class ServerSettings:
                 f"media_sources must be a core.media.Sources, got {type(media_sources).__name__}"
             )
         names = tuple(dict.fromkeys(names))
-        return cls(names, api_key, max_body_size, max_requests, media_sources)
+        return cls(names, api_key, max_body_size, media_sources)
 
 
 def create_app(
@@ -165,7 +157,6 @@ def create_app(
     served_names: Sequence[str] | None = None,
     api_key: str | None = None,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    max_requests: int = DEFAULT_MAX_REQUESTS,
     media_sources: Sources | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``client``'s model (see the module doc).
@@ -175,11 +166,13 @@ def create_app(
     folder's own name); ``api_key`` (if set) must come as ``Authorization:
     Bearer <key>`` on every ``/v1`` route (``/health`` is open). Image and audio parts
     must come inline unless ``media_sources`` allows more (see :class:`ServerSettings`).
+    How many requests run and wait is the client's to say (its ``max_batch_size`` and
+    ``max_queue``): one more than it takes is a 429.
     """
     settings = ServerSettings.build(
-        client.model_name, served_names, api_key, max_body_size, max_requests, media_sources
+        client.model_name, served_names, api_key, max_body_size, media_sources
     )
-    admission = Admission(settings.max_requests)
+    active = Active()
     created = int(time.time())
     app = FastAPI(
         title="gemma-local",
@@ -190,7 +183,7 @@ def create_app(
     )
     app.state.client = client
     app.state.settings = settings
-    app.state.admission = admission
+    app.state.active = active
     app.state.stopping = False  # set by core.server.run when the server shuts down
 
     @app.exception_handler(APIError)
@@ -252,7 +245,11 @@ def create_app(
             "status": "ok",
             "model": settings.served_names[0],
             "loaded": client.is_loaded,
-            "requests": {"active": admission.active, "limit": admission.limit},
+            "requests": {
+                "active": active.count,
+                "max_batch_size": client.max_batch_size,
+                "max_queue": client.max_queue,
+            },
         }
 
     @app.get("/v1/models")
@@ -270,7 +267,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        ticket = admission.admit()
+        ticket = active.enter()
         try:
             return await _answer(request, client, settings, ticket, unknown_model)
         except BaseException:
@@ -407,7 +404,7 @@ async def _events(
 
 class _EventStream(StreamingResponse):
     """Server-sent events that close the reply's chunk iterator (cancelling its
-    generation) and free the request's admission however the response ends:
+    generation) and end the request's count however the response ends:
     finished, failed, or the client gone mid-stream."""
 
     def __init__(

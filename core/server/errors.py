@@ -17,6 +17,7 @@ from ..errors import (
     ContextWindowExceededError,
     GemmaLocalError,
     OutOfMemoryError,
+    QueueFullError,
 )
 
 
@@ -69,7 +70,9 @@ def from_exception(exc: BaseException, body: Mapping[str, Any] | None = None) ->
     Core checks every option and message before anything runs and raises
     ``ValueError`` / ``TypeError`` (or ``NotImplementedError`` for what a
     backend cannot do): those are the caller's mistakes, 400 with core's
-    message. ``close()`` of the client (the server shutting down) is 503.
+    message. A full queue (:class:`~core.errors.QueueFullError`, the client's
+    ``max_batch_size`` rows decoding and ``max_queue`` requests waiting) is 429,
+    with ``Retry-After``. ``close()`` of the client (the server shutting down) is 503.
     """
     if isinstance(exc, APIError):
         return exc
@@ -78,6 +81,14 @@ def from_exception(exc: BaseException, body: Mapping[str, Any] | None = None) ->
         return APIError(400, message, code="context_length_exceeded", param="messages")
     if isinstance(exc, (ValueError, TypeError, NotImplementedError)):
         return APIError(400, message, param=_param(message, body))
+    if isinstance(exc, QueueFullError):
+        return APIError(
+            429,
+            message,
+            type="requests",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, ClientClosedError):
         return APIError(503, message, type="server_error", code="service_unavailable")
     if isinstance(exc, OutOfMemoryError):
