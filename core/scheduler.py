@@ -241,7 +241,11 @@ class Scheduler:
         return self._engine
 
     def _join(self) -> None:
+        """Waiting requests join while the batch has room; those that join in one tick are
+        prefilled in one :meth:`Engine.add` (an engine may spread their prefills, as MLX
+        does over its CPU streams)."""
         rows = sum(len(r.rows) for r in self._active)
+        joining: list[Request] = []
         while self._waiting:
             request = self._waiting[0]
             if request.cancel.is_set():
@@ -249,24 +253,38 @@ class Scheduler:
                 self._finish(request)
                 continue
             if rows and rows + len(request.rows) > self.max_batch_size:
-                return
+                break
             self._waiting.popleft()
             engine = self._engine_now()
             alone = not rows and not self._waiting
             if engine is None or self._wants_whole(request, alone):
+                if joining:  # those before it join first, in arrival order
+                    self._add(engine, joining)
+                    joining = []
                 self._whole(request)
+                rows = sum(len(r.rows) for r in self._active)
                 continue
-            try:
-                first = engine.add(request.rows)
-            except Exception as exc:
-                self._finish(request, self._on_error(exc))
-                self._reset_engine()  # a failed prefill may have left it half-merged
-                rows = 0
-                continue
-            self._active.append(request)
+            joining.append(request)
             rows += len(request.rows)
-            for row, token in first:
-                request.push(row, token, feed_grammar=not engine.feeds_grammar)
+        if joining:
+            self._add(self._engine_now(), joining)
+
+    def _add(self, engine: Engine | None, requests: list[Request]) -> None:
+        """Prefill ``requests`` into the batch and push the first tokens the engine knows."""
+        assert engine is not None
+        try:
+            first = engine.add([row for request in requests for row in request.rows])
+        except Exception as exc:
+            # A failed prefill may have left the batch half-merged: every request in it ends.
+            error = self._on_error(exc)
+            for request in [*self._active, *requests]:
+                self._finish(request, error)
+            self._active = []
+            self._reset_engine()
+            return
+        self._active.extend(requests)
+        for row, token in first:
+            row.request.push(row, token, feed_grammar=not engine.feeds_grammar)
 
     def _whole(self, request: Request) -> None:
         try:
@@ -296,7 +314,9 @@ class Scheduler:
         engine = self._engine
         if engine is None:
             return
-        gone = [row for r in self._active for row in r.rows if row.state is not None and row.finished]
+        gone = [
+            row for r in self._active for row in r.rows if row.state is not None and row.finished
+        ]
         if gone:
             engine.remove(gone)
         still = []

@@ -191,6 +191,57 @@ async def test_cancelling_an_asyncio_task_removes_its_row(client) -> None:
     await until_rows(0)
 
 
+def test_requests_arriving_together_join_in_one_prefill(client, monkeypatch) -> None:
+    """Requests waiting at the same tick reach the engine in one ``add`` (MLX spreads
+    their prefills over its CPU streams), and each gets its lone reply."""
+    alone = [client.create(m, **GREEDY) for m in SIXTEEN[:4]]
+    engine = client._worker.call(lambda: client._scheduler._engine)
+    added: list[int] = []
+    add = type(engine).add
+
+    def counted(self, rows):
+        added.append(len(rows))
+        return add(self, rows)
+
+    monkeypatch.setattr(type(engine), "add", counted)
+    gate = threading.Event()
+    client._worker.submit(gate.wait)  # the model thread waits: the four requests queue
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.create, m, **GREEDY) for m in SIXTEEN[:4]]
+        while len(client._in_flight) < 4:
+            time.sleep(0.005)
+        gate.set()
+        together = [f.result(60) for f in futures]
+    assert added == [4]
+    for a, b in zip(alone, together, strict=True):
+        assert choices_and_usage(b) == choices_and_usage(a)
+
+
+def test_a_failed_prefill_ends_the_batch_with_its_error(client, monkeypatch) -> None:
+    """A prefill that raises ends the requests of the batch it may have half-joined with
+    that error (none is cut short silently); the client then serves as before."""
+    reference = client.create(PROMPTS[0], **GREEDY)
+    engine = client._worker.call(lambda: client._scheduler._engine)
+    add = type(engine).add
+
+    def failing(self, rows):
+        raise RuntimeError("prefill failed here")
+
+    long = client.create(USER, stream=True, **ENDLESS)
+    next(long)
+    monkeypatch.setattr(type(engine), "add", failing)
+    try:
+        with pytest.raises(RuntimeError, match="prefill failed here"):
+            client.create(PROMPTS[0], **GREEDY)
+        with pytest.raises(RuntimeError, match="prefill failed here"):
+            for _ in long:
+                pass
+    finally:
+        long.close()
+        monkeypatch.setattr(type(engine), "add", add)
+    assert choices_and_usage(client.create(PROMPTS[0], **GREEDY)) == choices_and_usage(reference)
+
+
 def test_create_batch_rows_join_a_running_batch(client) -> None:
     alone = [client.create(m, **GREEDY) for m in PROMPTS]
     long = client.create(USER, stream=True, **ENDLESS)
