@@ -4,8 +4,13 @@ mlx-lm's ``BatchGenerator`` inserts and removes rows between steps, with a
 sampler and logits processors per row; the scheduler (:mod:`core.scheduler`)
 drives it. Each joining row's prompt (all but its last token) is prefilled
 into a cache of its own, without padding (on a CPU device, a row per MLX CPU
-stream at a time: :meth:`GemmaMLXChatCompletion._prefill_rows`), and the
-row is inserted with that cache, so it decodes what it would alone. On a CPU
+stream at a time: :meth:`GemmaMLXChatCompletion._prefill_rows`); its last
+prompt token then runs alone and its first token is sampled there and then
+(as ``generate_step`` does: the row's processors see the whole prompt), so the
+first token is out without waiting for a step of the whole batch (mlx-lm's
+generator reads a new row's first token only after one more batch step).
+The row is inserted with that cache and its first token as input, so it
+decodes what it would alone. On a CPU
 device the batch steps through the split step over the CPU streams
 (:func:`core.accel.mlx_split_step`) where it applies, and where it does not
 (quantized projections) each stream decodes its own rows in a generator of its
@@ -24,6 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .scheduler import Row
+
+
+def _default() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 class _Sink:
@@ -93,10 +104,14 @@ class MLXBatch:
                 sampler = self._greedy if params.greedy else make_request_sampler(params)
                 request.state = (sampler, shared)
         prompts = [row.prompt for row in rows]
+        stream_of: list[Any] = [None] * len(rows)
         if len(self._streams) > 1 and all(len(p.ids) > 1 for p in prompts):
             groups = client._stream_groups(prompts)
             streams = self._streams[: len(groups)]
             caches = client._prefill_rows(prompts, groups, streams, _Sink())
+            for group, stream in zip(groups, streams, strict=True):
+                for i in group:
+                    stream_of[i] = stream
         else:
             caches = [make_prompt_cache(client.model, client.max_kv_size) for _ in prompts]
             self._prefill(prompts, caches)
@@ -106,20 +121,47 @@ class MLXBatch:
             grammar = row.request.grammar
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
+        firsts = self._first_tokens(rows, caches, processors, stream_of)
         for i, row in enumerate(rows):
             g = min(range(len(self.generators)), key=lambda k: len(self._rows[k]))
-            prompt = prompts[i]
             [uid] = self.generators[g].insert(
-                [[prompt.ids[-1]]],
-                [row.max_tokens + 1],
+                [[firsts[i]]],
+                [row.max_tokens],  # one more than it may still take: the sink ends it
                 caches=[caches[i]],
-                all_tokens=[list(prompt.ids[:-1])],
+                all_tokens=[list(prompts[i].ids)],
                 samplers=[row.request.state[0]],
                 logits_processors=[processors[i]],
             )
             row.state = (g, uid)
             self._rows[g][uid] = row
-        return []  # the first tokens come with the next step
+        return list(zip(rows, firsts, strict=True))
+
+    def _first_tokens(
+        self,
+        rows: Sequence[Row],
+        caches: Sequence[Any],
+        processors: Sequence[list[Any]],
+        streams: Sequence[Any],
+    ) -> list[int]:
+        """Each row's last prompt token through the model in its own cache, and its first
+        token sampled as ``generate_step`` samples it (processors over the whole prompt)."""
+        import mlx.core as mx
+
+        model = self._client.model
+        logits = []
+        for row, cache, stream in zip(rows, caches, streams, strict=True):
+            with mx.stream(stream) if stream is not None else _default():
+                logits.append(model(mx.array([row.prompt.ids[-1:]]), cache=cache)[:, -1, :])
+        mx.eval(logits, [c.state for cache in caches for c in cache])
+        tokens = []
+        for row, scores, own in zip(rows, logits, processors, strict=True):
+            if own:
+                context = mx.array(row.prompt.ids)
+                for processor in own:
+                    scores = processor(context, scores)
+            logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+            tokens.append(int(row.request.state[0](logprobs).item()))
+        return tokens
 
     def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any]) -> None:
         """Each prompt but its last token into its cache, on the default stream."""

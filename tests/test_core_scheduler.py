@@ -193,15 +193,17 @@ async def test_cancelling_an_asyncio_task_removes_its_row(client) -> None:
 
 def test_requests_arriving_together_join_in_one_prefill(client, monkeypatch) -> None:
     """Requests waiting at the same tick reach the engine in one ``add`` (MLX spreads
-    their prefills over its CPU streams), and each gets its lone reply."""
+    their prefills over its CPU streams), which gives each row its first token there
+    and then (no step of the whole batch before it), and each gets its lone reply."""
     alone = [client.create(m, **GREEDY) for m in SIXTEEN[:4]]
     engine = client._worker.call(lambda: client._scheduler._engine)
-    added: list[int] = []
+    added: list[tuple[int, int]] = []
     add = type(engine).add
 
     def counted(self, rows):
-        added.append(len(rows))
-        return add(self, rows)
+        first = add(self, rows)
+        added.append((len(rows), len(first)))
+        return first
 
     monkeypatch.setattr(type(engine), "add", counted)
     gate = threading.Event()
@@ -212,7 +214,7 @@ def test_requests_arriving_together_join_in_one_prefill(client, monkeypatch) -> 
             time.sleep(0.005)
         gate.set()
         together = [f.result(60) for f in futures]
-    assert added == [4]
+    assert added == [(4, 4)]
     for a, b in zip(alone, together, strict=True):
         assert choices_and_usage(b) == choices_and_usage(a)
 
