@@ -138,7 +138,7 @@ def bench_client(model: Any, tokenizer: Any, name: str, *, record: bool = False)
             text = model.config.get_text_config()
             self._context_window = getattr(text, "max_position_embeddings", None)
 
-        def _generate(self, prompts: Any, params: Any, sink: Any) -> None:
+        def _recording_generate(self, prompts: Any, params: Any, sink: Any) -> None:
             if record:
                 self.last_tokens = tokens = [[] for _ in prompts]
                 push = sink.push
@@ -159,6 +159,8 @@ def bench_client(model: Any, tokenizer: Any, name: str, *, record: bool = False)
                 )
             return super()._generate(prompts, params, sink)
 
+    if record:  # a _generate of its own: requests run whole (no continuous batch)
+        BenchClient._generate = BenchClient._recording_generate  # type: ignore[method-assign]
     return BenchClient(name, device_map=None).load()
 
 
@@ -642,6 +644,8 @@ class GpuBench:
             self.run_shape_rows(section, client, model, convos, ids, n, shape)
         if args.constrained_batches:
             self.constrained_rows(section, client, convos, n)
+        if args.concurrent:
+            self.concurrent_rows(section, client, convos, n)
         self.write()
         if nf4:
             client.close()
@@ -811,6 +815,70 @@ class GpuBench:
                     base = row
                 elif row.tok_s and base.tok_s:
                     row.ratios["x unconstrained"] = row.tok_s / base.tok_s
+
+    def concurrent_rows(self, section: str, client: Any, convos: list[Any], n: int) -> None:
+        """``--concurrent K``: K threads each calling ``create()`` at once (the continuous
+        batch) against the same K calls one after another; the p50 time to first token
+        (``max_tokens=1``) of a request arriving while K - 1 others decode against an idle
+        one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        k = self.args.concurrent
+        rows = convos[:k]
+
+        def call(convo: Any, tokens: int = n) -> dict[str, Any]:
+            return client.create(convo, temperature=0, max_tokens=tokens)
+
+        def concurrently() -> list[dict[str, Any]]:
+            with ThreadPoolExecutor(k) as pool:
+                return list(pool.map(call, rows))
+
+        def sequentially() -> list[dict[str, Any]]:
+            return [call(c) for c in rows]
+
+        call(rows[0])  # warm-up: the one-row step
+        concurrently()  # warm-up: the wider steps
+        out: dict[str, Row] = {}
+        for name, fn in (("sequential", sequentially), ("concurrent", concurrently)):
+
+            def measure(fn: Callable[[], list[dict[str, Any]]] = fn) -> Row:
+                seconds, results = self.clock(fn)
+                tokens = completion_tokens(results)
+                return Row(section, "", k, tok_s=tokens / seconds, tokens=tokens)
+
+            label = f"ours: {k} {name} create() calls" + (
+                " (threads)" if name == "concurrent" else ""
+            )
+            out[name] = self.row(section, label, k if name == "concurrent" else 1, measure)
+        if out["concurrent"].tok_s and out["sequential"].tok_s:
+            out["concurrent"].ratios["x sequential"] = (
+                out["concurrent"].tok_s / out["sequential"].tok_s
+            )
+
+        def ttft(loaded: bool) -> Row:
+            streams = []
+            if loaded:
+                for convo in rows[1:]:
+                    stream = client.create(convo, temperature=0, max_tokens=n, stream=True)
+                    next(stream)
+                    streams.append(stream)
+            try:
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    call(rows[0], 1)
+                    times.append(time.perf_counter() - start)
+            finally:
+                for stream in streams:
+                    stream.close()
+            return Row(section, "", k if loaded else 1, ttft_ms=median(times) * 1000)
+
+        idle = self.row(section, "ours: time to first token, idle", 1, lambda: ttft(False))
+        busy = self.row(
+            section, f"ours: time to first token, {k - 1} others decoding", k, lambda: ttft(True)
+        )
+        if idle.ttft_ms and busy.ttft_ms:
+            busy.ratios["x idle"] = busy.ttft_ms / idle.ttft_ms
 
     def variants(self) -> None:
         """1b at bs1: the fast path without fused projections, and without compile (graphs only)."""
@@ -1502,6 +1570,9 @@ def main() -> None:
     parser.add_argument("--ours-only", default="", help="shapes measured without the raw rows")
     parser.add_argument("--raw-only", action="store_true", help="only the raw rows")
     parser.add_argument("--nf4-batches", default="1,16", help="NF4 batch sizes")
+    parser.add_argument(
+        "--concurrent", type=int, default=0, help="threads of the continuous-batching rows"
+    )
     parser.add_argument(
         "--constrained",
         default="",

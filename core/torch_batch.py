@@ -83,8 +83,9 @@ class _Options:
                 self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.plain = params.greedy and self.bias is None and self.penalty is None
 
-    def token(self, row: Row, scores: Any) -> int:
-        """``row``'s next token from its ``(1, vocab)`` float32 logits."""
+    def token(self, row: Row, scores: Any, *, masked: bool = False) -> int:
+        """``row``'s next token from its ``(1, vocab)`` float32 logits (``masked``: the
+        grammar's mask is applied already)."""
         import torch
 
         from .constrained import disallowed_tokens
@@ -96,10 +97,10 @@ class _Options:
             history = torch.tensor([row.state.ids], device=scores.device)
             scores = self.penalty(history, scores)
         grammar = row.grammar
-        if grammar is not None and not grammar.retired[row.index]:
-            masked = torch.from_numpy(disallowed_tokens(grammar.fill_row(row.index), scores.shape[-1]))
-            masked = masked.to(scores.device).to(scores.dtype)
-            scores = scores + masked.mul_(torch.finfo(scores.dtype).min)
+        if grammar is not None and not grammar.retired[row.index] and not masked:
+            blocked = torch.from_numpy(disallowed_tokens(grammar.fill_row(row.index), scores.shape[-1]))
+            blocked = blocked.to(scores.device).to(scores.dtype)
+            scores = scores + blocked.mul_(torch.finfo(scores.dtype).min)
         if self.params.greedy:
             return int(scores.argmax(-1).item())
         for warper in self.warpers:

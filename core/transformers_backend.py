@@ -371,27 +371,32 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     # -------------------------------------------------------------- generation
 
     def _batch_engine(self) -> Any:
-        """Left-padded rows in one ``DynamicCache`` (:mod:`core.torch_batch`), for a model whose
-        cache it can pad and trim."""
+        """Where the CUDA fast path applies, rows in the slots of its static cache
+        (:mod:`core.accel.cuda.slots`, CUDA graphs); elsewhere left-padded rows in one
+        ``DynamicCache`` (:mod:`core.torch_batch`), for a model whose cache it can pad and trim."""
         from . import torch_batch
 
+        rows = self._scheduler.max_batch_size
+        self._slot_batch = accel.cuda_batch(self.model, self._grammar_matchers, rows=rows)
+        if self._slot_batch is not None:
+            return self._slot_batch
         if not torch_batch.supported(self.model):
             return None
         return torch_batch.TorchBatch(self.model, self._grammar_matchers)
 
     def _runs_whole(self, request: Any, alone: bool) -> bool:
         """A replaced ``_generate`` serves every request whole, and so does a request with
-        images or audio (its prefill needs the processor's tensors); a request decoding alone takes
-        the CUDA fast path (static cache, CUDA graphs) where it applies (its sampling draws
-        from torch's default generator, so not when seeded)."""
+        images or audio (its prefill needs the processor's tensors) and, on the fast path's
+        batch, one whose prompt and ``max_tokens`` do not fit its cache slots (the fast path
+        serves it alone, in a bucket of its size)."""
         if not self._own_generate(GemmaTransformersChatCompletion):
             return True
         if any(p.media is not None for p in request.prompts):  # images / audio: generate() reads them
             return True
-        params = request.params
-        if not alone or (not params.greedy and params.seed is not None):
+        slots = getattr(self, "_slot_batch", None)
+        if slots is None:
             return False
-        return accel.cuda_fast_path_applies(self.model, params)
+        return not all(slots.fits(len(row.prompt.ids), row.max_tokens) for row in request.rows)
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch

@@ -479,6 +479,17 @@ def same(completion: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.fixture(scope="module")
+def whole_client(gemma3_path: Path) -> Any:
+    """A client whose requests all run whole on the fast path: its continuous batch has
+    16 cache slots, which no request here fits."""
+    from test_fast_path_batch import slot_client
+
+    client = slot_client(gemma3_path, "cpu", GEMMA_LOCAL_SLOT_TOKENS="16")
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def masked_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the constrained decode loops the fast path runs (one per request)."""
@@ -506,7 +517,11 @@ def masked_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     ids=["forced", "required", "auto", "json-schema", "json-object-stop", "forced-bias"],
 )
 def test_constrained_requests_equal_plain_path(
-    tf_client: Any, monkeypatch: pytest.MonkeyPatch, masked_steps: list[int], options: Any
+    tf_client: Any,
+    whole_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    masked_steps: list[int],
+    options: Any,
 ) -> None:
     """Tools and JSON output on the fast path: the grammar's mask is applied on the device,
     and the greedy reply (text, calls, finish reason, usage) is the plain path's."""
@@ -515,9 +530,9 @@ def test_constrained_requests_equal_plain_path(
     expected = [same(c) for c in tf_client.create_batch(conversations, temperature=0, **options)]
     alone = same(tf_client.create(USER, temperature=0, **options))
     monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
-    got = [same(c) for c in tf_client.create_batch(conversations, temperature=0, **options)]
+    got = [same(c) for c in whole_client.create_batch(conversations, temperature=0, **options)]
     assert got == expected
-    assert same(tf_client.create(USER, temperature=0, **options)) == alone
+    assert same(whole_client.create(USER, temperature=0, **options)) == alone
     assert masked_steps, "the constrained loop did not run"
     if options.get("tool_choice") not in (None, "auto"):
         for reply in got:
@@ -527,12 +542,12 @@ def test_constrained_requests_equal_plain_path(
 
 
 def test_constrained_sampling_and_streaming_on_the_fast_path(
-    tf_client: Any, monkeypatch: pytest.MonkeyPatch, masked_steps: list[int]
+    whole_client: Any, monkeypatch: pytest.MonkeyPatch, masked_steps: list[int]
 ) -> None:
     """Sampled (unseeded, so on the fast path) constrained rows only ever draw allowed
     tokens: every call parses and fits the schema; a stream's deltas add up to the call."""
     monkeypatch.setenv("GEMMA_LOCAL_FAST_PATH", "on")
-    replies = tf_client.create(
+    replies = whole_client.create(
         USER, temperature=1.5, top_p=0.95, n=3, tools=[WEATHER], tool_choice=FORCED, max_tokens=120
     )
     for choice in replies["choices"]:
@@ -545,7 +560,7 @@ def test_constrained_sampling_and_streaming_on_the_fast_path(
     schema.update(required=["ok", "mood"], additionalProperties=False)
     response_format = {"type": "json_schema", "json_schema": {"name": "sea", "schema": schema}}
     chunks = list(
-        tf_client.create(
+        whole_client.create(
             USER, stream=True, temperature=0, response_format=response_format, max_tokens=120
         )
     )

@@ -55,7 +55,14 @@ if TYPE_CHECKING:
     from ..params import SamplingParams
     from ..stream import Prompt, TokenSink
 
-__all__ = ["cuda_generate", "cuda_release", "mlx_cpu_streams", "mlx_split_step", "usable_cores"]
+__all__ = [
+    "cuda_batch",
+    "cuda_generate",
+    "cuda_release",
+    "mlx_cpu_streams",
+    "mlx_split_step",
+    "usable_cores",
+]
 
 
 # ------------------------------------------------------------------- transformers
@@ -85,11 +92,16 @@ def cuda_generate(
     return True
 
 
-def cuda_fast_path_applies(model: Any, params: SamplingParams) -> bool:
-    """Whether :func:`cuda_generate` would serve a request with ``params`` on ``model``."""
+def cuda_batch(model: Any, grammar_for: Any, *, rows: int) -> Any | None:
+    """The fast path's continuous batch of ``rows`` rows for ``model`` (a scheduler engine,
+    :mod:`core.accel.cuda.slots`), or ``None`` where the fast path does not apply."""
     from .cuda import fast_path
 
-    return fast_path.supported(model, params)
+    if not fast_path.supported(model):
+        return None
+    from .cuda import slots
+
+    return slots.SlotBatch(model, grammar_for, rows=rows, slots=slots.slot_count(model))
 
 
 def cuda_release(model: Any) -> None:

@@ -941,16 +941,25 @@ def _sample(logits: Any, b: _Bucket, how: _Sampler) -> Any:
 class _Bucket:
     """Static buffers of one (batch, cache_len) shape and the graphs captured on them."""
 
-    def __init__(self, lay: _Layout, batch: int, length: int) -> None:
+    def __init__(
+        self, lay: _Layout, batch: int, length: int, parent: _Bucket | None = None
+    ) -> None:
         dev, dtype = lay.device, lay.dtype
         shape = (batch, lay.kv_heads)
         self.batch, self.length = batch, length
-        slots = [length if w is None else min(length, w) for w in lay.windows]
-        self.keys = [torch.zeros(*shape, s, lay.head_dim, dtype=dtype, device=dev) for s in slots]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+        if parent is not None:  # the first ``batch`` rows of ``parent``: views, one step counter
+            self.keys = [k[:batch] for k in parent.keys]
+            self.values = [v[:batch] for v in parent.values]
+            self.tok, self.step, self.pad = parent.tok[:batch], parent.step, parent.pad[:batch]
+        else:
+            slots = [length if w is None else min(length, w) for w in lay.windows]
+            self.keys = [
+                torch.zeros(*shape, s, lay.head_dim, dtype=dtype, device=dev) for s in slots
+            ]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+            self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+            self.step = torch.zeros(1, dtype=torch.long, device=dev)
+            self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
         # step-major, so that a burst of steps is one contiguous block to copy
         self.history = torch.zeros(length + 1, batch, dtype=torch.long, device=dev)
         self.temperature = torch.ones(1, dtype=torch.float32, device=dev)
@@ -964,8 +973,10 @@ class _Bucket:
         self.bit_of: Any = None
         self.vocab = lay.vocab
         self.graphs: dict[_Sampler, Any] = {}
-        #: masked samplers: (forward graph, sampling graph)
-        self.split_graphs: dict[_Sampler, tuple[Any, Any]] = {}
+        #: masked samplers: (forward graph, sampling graph, the forward graph's logits)
+        self.split_graphs: dict[_Sampler, tuple[Any, Any, Any]] = {}
+        #: the last split forward's float32 logits ``[batch, vocab]``
+        self.logits: Any = None
         self.pool: Any = None
         #: (width, padded) -> (graph, ids, mask, logits) of captured prefills
         self.prefills: OrderedDict[tuple[int, bool], tuple[Any, Any, Any, Any]] = OrderedDict()
@@ -997,6 +1008,20 @@ class _Bucket:
             if pairs:
                 ids = torch.tensor([t for t, _ in pairs], device=self.tok.device)
                 self.bias[ids] = torch.tensor([v for _, v in pairs], device=self.tok.device)
+
+
+@dataclass
+class _Caches:
+    """Per-layer key and value buffers outside a bucket (a prompt prefilled on its own)."""
+
+    keys: list[Any]
+    values: list[Any]
+
+    @staticmethod
+    def of(lay: _Layout, rows: int, slots: int) -> _Caches:
+        shape = (rows, lay.kv_heads, slots, lay.head_dim)
+        keys = [torch.empty(shape, dtype=lay.dtype, device=lay.device) for _ in lay.layers]
+        return _Caches(keys, [torch.empty_like(k) for k in keys])
 
 
 class _Engine:
@@ -1081,7 +1106,7 @@ class _Engine:
             self.forward = _decode_forward
             return _decode_forward(*args)
 
-    def _prefill(self, b: _Bucket, ids: Any, mask: Any, padded: bool) -> Any:
+    def _prefill(self, b: _Bucket | _Caches, ids: Any, mask: Any, padded: bool) -> Any:
         args = (self.layout, b.keys, b.values, ids, mask, padded)
         if self.prefill_layer is _prefill_layer:
             return _prefill_forward(*args)
@@ -1165,14 +1190,18 @@ class _Engine:
         if self.use_graphs:
             graphs = b.split_graphs.get(how) or self._capture(b, how, split=True)
             if graphs is not None:
-                forward_graph, sample_graph = graphs
-                return forward_graph.replay, sample_graph.replay
-        held: list[Any] = []
+                forward_graph, sample_graph, logits = graphs
+
+                def replay() -> None:
+                    forward_graph.replay()
+                    b.logits = logits
+
+                return replay, sample_graph.replay
 
         def forward() -> None:
-            held[:] = [self._forward(b)[0]]
+            b.logits = self._forward(b)[0]
 
-        return forward, lambda: self._sample_step(b, how, held.pop())
+        return forward, lambda: self._sample_step(b, how, b.logits)
 
     def _capture(self, b: _Bucket, how: _Sampler, split: bool = False) -> Any:
         """Warm up (compiling if needed) and capture one step; before the prompt is read."""
@@ -1209,7 +1238,7 @@ class _Engine:
                 sampling = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(sampling, pool=b.pool, capture_error_mode="thread_local"):
                     self._sample_step(b, how, logits)
-                graph = (graph, sampling)
+                graph = (graph, sampling, logits)
         except Exception as exc:
             torch.cuda.synchronize(device)
             self._fall_back(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
