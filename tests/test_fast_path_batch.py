@@ -74,9 +74,22 @@ def slot_client(path: Path, device: str, **env: str) -> Any:
     return client
 
 
-@pytest.fixture(scope="module", params=DEVICES)
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+MODES = [
+    pytest.param((device, mode), id=f"{device}-{mode}", marks=[NO_CUDA] if device == "cuda" else [])
+    for device in ("cpu", "cuda")
+    for mode in ("pipelined", "stepwise")
+]
+
+
+@pytest.fixture(scope="module", params=MODES)
 def fast(request: pytest.FixtureRequest, gemma3_path: Path) -> Iterator[Any]:
-    client = slot_client(gemma3_path, request.param)
+    """The fast path's batch; ``pipelined``: when every row is greedy the next step is
+    launched before the host reads a step's tokens (``stepwise``: one step at a time)."""
+    device, mode = request.param
+    client = slot_client(gemma3_path, device)
+    engine = client._worker.call(lambda: client._scheduler._engine)
+    engine.pipeline = mode == "pipelined"
     yield client
     client.close()
 
@@ -174,7 +187,8 @@ def test_rows_are_reused_after_others_leave(fast: Any, plain: Any) -> None:
         with ThreadPoolExecutor(6) as pool:
             return list(
                 pool.map(
-                    lambda a: fast.create(a[0], temperature=0, max_tokens=a[1]), zip(order, sizes, strict=True)
+                    lambda a: fast.create(a[0], temperature=0, max_tokens=a[1]),
+                    zip(order, sizes, strict=True),
                 )
             )
 

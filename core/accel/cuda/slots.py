@@ -92,6 +92,12 @@ class SlotBatch:
         self.held: list[Row | None] = [None] * self.rows
         self._how = fast_path._Sampler(True)
         self._views: dict[int, tuple[Any, Callable[[], None]]] = {}
+        #: a launched step: its view and the rows it decodes (their tokens not read yet)
+        self._inflight: tuple[Any, list[tuple[int, Any]]] | None = None
+        self._cuda = self.layout.device.type == "cuda"
+        self._host = torch.empty(self.rows, dtype=torch.long, pin_memory=self._cuda)
+        #: greedy rows: the next step is launched before the host reads this one's tokens
+        self.pipeline = fast_path._flag("GEMMA_LOCAL_SLOT_PIPELINE", True)
         self._word_of: Any = None  # each id's word and bit in a grammar's bitmask
         self._bit_of: Any = None
 
@@ -159,35 +165,70 @@ class SlotBatch:
             if row is not None:
                 row.state = None
         self.held = [None] * self.rows
+        self._inflight = None
         self._views.clear()
 
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[tuple[Row, int]]:
         torch = self.torch
-        live = [i for i, row in enumerate(self.held) if row is not None]
-        if not live:
-            return []
-        view, forward = self._view(self._width(live[-1] + 1))
         with torch.inference_mode(), self._device():
-            forward()
-            self.bucket.step.add_(1)
-            self.next_index += 1
-            scores = self._masked(view.logits, live)
-            tokens = scores.argmax(dim=-1).tolist()
+            if self._inflight is None:
+                live = [i for i, row in enumerate(self.held) if row is not None]
+                if not live:
+                    return []
+                self._launch(live)
+            assert self._inflight is not None
+            view, launched = self._inflight
+            self._inflight = None
+            # rows that left since the launch are dropped; rows that joined wait for the next
+            rows = [(i, row) for i, row in launched if self.held[i] is row]
+            if not rows:
+                return []
+            index = torch.tensor([i for i, _ in rows], device=self.layout.device)
+            scores = self._masked(view.logits, rows)
+            if self.pipeline and all(self._plain(row) for _, row in rows):
+                # every row greedy: its token goes to the device, the next step is launched,
+                # and the host reads the tokens while that step runs
+                best = scores.argmax(dim=-1)
+                view.tok.index_copy_(0, index, best.index_select(0, index)[:, None])
+                self._host[: best.shape[0]].copy_(best, non_blocking=True)
+                done = torch.cuda.Event() if self._cuda else None
+                if done is not None:
+                    done.record()
+                live = [i for i, row in enumerate(self.held) if row is not None]
+                self._launch(live)
+                if done is not None:
+                    done.synchronize()
+                tokens = self._host[: best.shape[0]].tolist()
+            else:
+                tokens = scores.argmax(dim=-1).tolist()
+                for i, row in rows:
+                    if not row.request.state.plain:  # bias, penalty, sampling: its own pipeline
+                        tokens[i] = row.request.state.token(row, scores[i : i + 1], masked=True)
+                chosen = torch.tensor([tokens[i] for i, _ in rows], device=self.layout.device)
+                view.tok.index_copy_(0, index, chosen[:, None])
             out: list[tuple[Row, int]] = []
-            for i in live:
-                row = self.held[i]
-                assert row is not None
-                options = row.request.state
-                if not options.plain:  # bias, penalty, sampling: the row's own pipeline
-                    tokens[i] = options.token(row, scores[i : i + 1], masked=True)
+            for i, row in rows:
                 row.state.ids.append(tokens[i])
                 out.append((row, tokens[i]))
-            view.tok[:, 0] = torch.tensor(tokens, device=self.layout.device)
         return out
 
-    def _masked(self, scores: Any, live: list[int]) -> Any:
+    @staticmethod
+    def _plain(row: Row) -> bool:
+        grammar = row.grammar
+        free = grammar is None or grammar.retired[row.index]
+        return bool(row.request.state.plain) and free
+
+    def _launch(self, live: list[int]) -> None:
+        """Launch the decode step of the rows ``live`` at the next cache index."""
+        view, forward = self._view(self._width(live[-1] + 1))
+        forward()
+        self.bucket.step.add_(1)
+        self.next_index += 1
+        self._inflight = (view, [(i, self.held[i]) for i in live])
+
+    def _masked(self, scores: Any, live: list[tuple[int, Row]]) -> Any:
         """``scores`` with each constrained row's disallowed tokens at the lowest value.
 
         The rows' bitmasks (one int32 word per 32 ids) are filled on the host, copied
@@ -196,9 +237,7 @@ class SlotBatch:
         """
         torch = self.torch
         rows = []
-        for i in live:
-            row = self.held[i]
-            assert row is not None
+        for i, row in live:
             grammar = row.grammar
             if grammar is not None and not grammar.retired[row.index]:
                 rows.append((i, grammar.fill_row(row.index)[0]))
