@@ -71,6 +71,8 @@ from .media import (
 )
 from .openai_format import Completion, achunks, chunks
 from .params import SamplingParams
+from .prefix_cache import DEFAULT_TOKENS as DEFAULT_PROMPT_CACHE_TOKENS
+from .prefix_cache import PrefixCache
 from .scheduler import Engine, Request, Scheduler, check_limits
 from .stream import Delta, Prompt, TokenSink, sentinel_decoder
 from .worker import HANDED_OFF, Cancel, Emit, InFlight, ModelWorker, astream_job, stream_job
@@ -182,11 +184,31 @@ class BaseGemmaChatCompletion:
     supports_constraints: ClassVar[bool] = False
 
     def __init__(
-        self, model_name: str, *, max_batch_size: int | None = None, max_queue: int | None = None
+        self,
+        model_name: str,
+        *,
+        max_batch_size: int | None = None,
+        max_queue: int | None = None,
+        prompt_cache_tokens: int | None = None,
     ) -> None:
         if not isinstance(model_name, str) or not model_name.strip():
             raise ValueError(f"model_name must be a hub id or a local folder, got {model_name!r}")
         batch_size, queue_size = check_limits(max_batch_size, max_queue)
+        if prompt_cache_tokens is None:
+            prompt_cache_tokens = DEFAULT_PROMPT_CACHE_TOKENS
+        elif (
+            not isinstance(prompt_cache_tokens, int)
+            or isinstance(prompt_cache_tokens, bool)
+            or prompt_cache_tokens < 0
+        ):
+            raise ValueError(
+                "prompt_cache_tokens must be an integer >= 0 (the tokens of earlier prompts "
+                f"kept for reuse; 0 turns reuse off) or None (default "
+                f"{DEFAULT_PROMPT_CACHE_TOKENS}), got {prompt_cache_tokens!r}"
+            )
+        #: Earlier prompts' caches: a prompt that extends one is prefilled from where it ends
+        #: (batch engines that support it; cleared by close() and clear_cache()).
+        self.prompt_cache = PrefixCache(max_tokens=prompt_cache_tokens)
         self.model_name = model_name
         self.model: Any = None
         self.tokenizer: Any = None
@@ -513,6 +535,7 @@ class BaseGemmaChatCompletion:
             ClientClosedError(f"close() was called on the {self.model_name} client")
         )
         self._release()
+        self.prompt_cache.clear()
         self._grammar_tokenizer = None
         self.model = self.tokenizer = None
         self._loaded = False
@@ -527,11 +550,12 @@ class BaseGemmaChatCompletion:
         self.close()
 
     def clear_cache(self) -> None:
-        """Free cached accelerator memory (CUDA / MLX); harmless on CPU."""
+        """Free cached accelerator memory (CUDA / MLX) and the stored prompt caches."""
         if self._worker.alive:
             self._worker.call(self._clear_on_worker)
 
     def _clear_on_worker(self) -> None:
+        self.prompt_cache.clear()
         gc.collect()
         self._clear_accelerator_cache()
 

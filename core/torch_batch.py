@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .prefix_cache import PrefixCache
 from .scheduler import Request, Row
 
 
@@ -98,7 +99,9 @@ class _Options:
             scores = self.penalty(history, scores)
         grammar = row.grammar
         if grammar is not None and not grammar.retired[row.index] and not masked:
-            blocked = torch.from_numpy(disallowed_tokens(grammar.fill_row(row.index), scores.shape[-1]))
+            blocked = torch.from_numpy(
+                disallowed_tokens(grammar.fill_row(row.index), scores.shape[-1])
+            )
             blocked = blocked.to(scores.device).to(scores.dtype)
             scores = scores + blocked.mul_(torch.finfo(scores.dtype).min)
         if self.params.greedy:
@@ -114,9 +117,11 @@ class TorchBatch:
 
     feeds_grammar = False
 
-    def __init__(self, model: Any, grammar_for: Any) -> None:
+    def __init__(self, model: Any, grammar_for: Any, prefixes: PrefixCache | None = None) -> None:
         self.model = model
         self._grammar_for = grammar_for  # (params, rows) -> GrammarMatchers | None
+        #: earlier prompts' caches: a prompt that extends one is prefilled from where it ends
+        self.prefixes = prefixes
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: Any = None  # (rows, length) 1 = a real token, 0 = left padding
@@ -145,20 +150,30 @@ class TorchBatch:
         return first
 
     def _prefill(self, row: Row) -> tuple[Any, Any]:
+        """``row``'s prompt alone in a cache of its own: from a copy of the longest stored
+        prompt it extends (only the rest runs), else from scratch; the result is stored."""
+        import copy
+
         import torch
         from transformers import DynamicCache
 
         device = self.model.device
-        ids = torch.tensor([row.prompt.ids], device=device)
-        cache = DynamicCache(config=self.model.config)
+        prompt = row.prompt.ids
+        hit = self.prefixes.lookup(prompt) if self.prefixes is not None else None
+        start, cache = (
+            (hit[0], copy.deepcopy(hit[1])) if hit else (0, DynamicCache(config=self.model.config))
+        )
+        ids = torch.tensor([prompt[start:]], device=device)
         out = self.model(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(ids.shape[1], device=device)[None],
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
+            position_ids=torch.arange(start, len(prompt), device=device)[None],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        if self.prefixes is not None:
+            self.prefixes.store(prompt, copy.deepcopy(cache))
         return cache, out.logits[:, -1, :].to(dtype=torch.float32)
 
     def _merge(self, row: Row, cache: Any, token: int) -> None:
@@ -186,7 +201,9 @@ class TorchBatch:
             mask = torch.ones((1, length), dtype=torch.long, device=device)
             if length > width:
                 _pad(self.cache, length)
-                pad = torch.zeros((self.mask.shape[0], length - width), dtype=torch.long, device=device)
+                pad = torch.zeros(
+                    (self.mask.shape[0], length - width), dtype=torch.long, device=device
+                )
                 self.mask = torch.cat([pad, self.mask], dim=1)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             if _holds(mine):
@@ -262,7 +279,9 @@ class TorchBatch:
 
 def _holds(layer: Any) -> bool:
     """Whether a cache layer holds keys (KV-sharing and dummy layers hold none)."""
-    return bool(getattr(layer, "is_initialized", False)) and getattr(layer, "keys", None) is not None
+    return (
+        bool(getattr(layer, "is_initialized", False)) and getattr(layer, "keys", None) is not None
+    )
 
 
 def _pad(cache: Any, length: int) -> None:

@@ -170,6 +170,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             (continuous batching, :mod:`core.scheduler`).
         max_queue: the most requests waiting for a row (default 256); one more
             raises :class:`~core.errors.QueueFullError` at once.
+        prompt_cache_tokens: tokens of earlier prompts whose KV cache is kept
+            (default 65536, least recently used first out; 0: off). A prompt that
+            extends a kept one (the next turn of a chat or an agent loop: same
+            system prompt, tools and history) is prefilled from where it ends.
     """
 
     implementation = "transformers"
@@ -195,8 +199,14 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         pan_and_scan: bool | None = None,
         max_batch_size: int | None = None,
         max_queue: int | None = None,
+        prompt_cache_tokens: int | None = None,
     ) -> None:
-        super().__init__(model_name, max_batch_size=max_batch_size, max_queue=max_queue)
+        super().__init__(
+            model_name,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            prompt_cache_tokens=prompt_cache_tokens,
+        )
         #: The image processor's options (``None``: the checkpoint's defaults).
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
@@ -377,12 +387,14 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         from . import torch_batch
 
         rows = self._scheduler.max_batch_size
-        self._slot_batch = accel.cuda_batch(self.model, self._grammar_matchers, rows=rows)
+        self._slot_batch = accel.cuda_batch(
+            self.model, self._grammar_matchers, rows=rows, prefixes=self.prompt_cache
+        )
         if self._slot_batch is not None:
             return self._slot_batch
         if not torch_batch.supported(self.model):
             return None
-        return torch_batch.TorchBatch(self.model, self._grammar_matchers)
+        return torch_batch.TorchBatch(self.model, self._grammar_matchers, self.prompt_cache)
 
     def _runs_whole(self, request: Any, alone: bool) -> bool:
         """A replaced ``_generate`` serves every request whole, and so does a request with
@@ -391,7 +403,9 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         serves it alone, in a bucket of its size)."""
         if not self._own_generate(GemmaTransformersChatCompletion):
             return True
-        if any(p.media is not None for p in request.prompts):  # images / audio: generate() reads them
+        if any(
+            p.media is not None for p in request.prompts
+        ):  # images / audio: generate() reads them
             return True
         slots = getattr(self, "_slot_batch", None)
         if slots is None:

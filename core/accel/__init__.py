@@ -92,7 +92,7 @@ def cuda_generate(
     return True
 
 
-def cuda_batch(model: Any, grammar_for: Any, *, rows: int) -> Any | None:
+def cuda_batch(model: Any, grammar_for: Any, *, rows: int, prefixes: Any = None) -> Any | None:
     """The fast path's continuous batch of ``rows`` rows for ``model`` (a scheduler engine,
     :mod:`core.accel.cuda.slots`), or ``None`` where the fast path does not apply."""
     from .cuda import fast_path
@@ -101,7 +101,9 @@ def cuda_batch(model: Any, grammar_for: Any, *, rows: int) -> Any | None:
         return None
     from .cuda import slots
 
-    return slots.SlotBatch(model, grammar_for, rows=rows, slots=slots.slot_count(model))
+    return slots.SlotBatch(
+        model, grammar_for, rows=rows, slots=slots.slot_count(model), prefixes=prefixes
+    )
 
 
 def cuda_release(model: Any) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...prefix_cache import PrefixCache
 from ...scheduler import Row
 from . import fast_path
 
@@ -76,7 +77,13 @@ class SlotBatch:
     feeds_grammar = False
 
     def __init__(
-        self, model: Any, grammar_for: Callable[[Any, int], Any], *, rows: int, slots: int
+        self,
+        model: Any,
+        grammar_for: Callable[[Any, int], Any],
+        *,
+        rows: int,
+        slots: int,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         torch = fast_path._import_torch()
         self.torch = torch
@@ -85,6 +92,8 @@ class SlotBatch:
         self.rows = fast_path.batch_bucket(rows)
         self.slots = slots
         self._grammar_for = grammar_for
+        #: earlier prompts' keys and values (sliding-window layers: their last window)
+        self.prefixes = prefixes
         self.bucket = fast_path._Bucket(self.layout, self.rows, slots)
         self.next_index = slots  # the cache index the next step writes (host copy)
         self.bucket.step.fill_(self.next_index)
@@ -134,24 +143,79 @@ class SlotBatch:
         return first
 
     def _prefill(self, index: int, ids: Sequence[int]) -> Any:
-        """Prefill ``ids`` alone and copy its keys and values into row ``index``, right-aligned
-        to the next cache index; returns the last position's float32 logits ``(1, vocab)``."""
+        """Prefill ``ids`` alone (from the longest stored prompt it extends, if any) and copy
+        its keys and values into row ``index``, right-aligned to the next cache index;
+        returns the last position's float32 logits ``(1, vocab)``."""
         torch, lay = self.torch, self.layout
         width = len(ids)
-        prompt = torch.tensor([list(ids)], device=lay.device)
-        own = fast_path._Caches.of(lay, 1, width)
-        logits = self.engine._prefill(own, prompt, torch.ones_like(prompt), padded=False)
-        start = self.next_index - width  # the prompt's first cache index
+        hit = self.prefixes.lookup(ids) if self.prefixes is not None else None
+        if hit is not None:
+            logits, own = self._extend(hit[1], hit[0], ids)
+        else:
+            prompt = torch.tensor([list(ids)], device=lay.device)
+            own = fast_path._Caches.of(lay, 1, width)
+            logits = self.engine._prefill(own, prompt, torch.ones_like(prompt), padded=False)
+        end = self.next_index  # the prompt's last token goes to end - 1
         for mine, theirs in ((self.bucket.keys, own.keys), (self.bucket.values, own.values)):
             for buffer, written in zip(mine, theirs, strict=True):
-                ring = int(buffer.shape[2])
-                keep = min(width, ring)  # a sliding window's ring keeps its last slots' worth
-                where = torch.arange(start + width - keep, start + width, device=lay.device)
-                buffer[index : index + 1].index_copy_(
-                    2, where % ring, written[:, :, width - keep :]
-                )
-        self.bucket.pad[index] = start
+                ring, held = int(buffer.shape[2]), int(written.shape[2])
+                keep = min(held, ring)  # a sliding window's ring keeps its last slots' worth
+                where = torch.arange(end - keep, end, device=lay.device)
+                buffer[index : index + 1].index_copy_(2, where % ring, written[:, :, held - keep :])
+        self.bucket.pad[index] = end - width
+        if self.prefixes is not None:
+            self.prefixes.store(ids, self._trimmed(own))
         return logits
+
+    def _trimmed(self, caches: Any) -> Any:
+        """``caches`` with each sliding-window layer cut to its last window (all a later
+        prompt's queries can see of it); copies, so the full buffers can be freed."""
+        keys, values = [], []
+        for window, k, v in zip(self.layout.windows, caches.keys, caches.values, strict=True):
+            if window is not None and k.shape[2] > window:
+                k, v = k[:, :, -window:].clone(), v[:, :, -window:].clone()
+            keys.append(k)
+            values.append(v)
+        return fast_path._Caches(keys, values)
+
+    def _extend(self, stored: Any, start: int, ids: Sequence[int]) -> tuple[Any, Any]:
+        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (eagerly:
+        a turn's new tokens are few); returns the last logits and the whole prompt's caches."""
+        torch, lay = self.torch, self.layout
+        length = len(ids)
+        prompt = torch.tensor([list(ids[start:])], device=lay.device)
+        x = lay.embed(prompt)
+        rope = fast_path._position_embeddings(
+            lay, x, torch.arange(start, length, device=lay.device)[None]
+        )
+        queries = torch.arange(start, length, device=lay.device)[:, None]
+        keys, values, masks = [], [], {}
+        for i, layer in enumerate(lay.layers):
+            past_k, past_v = stored.keys[i], stored.values[i]
+            window = lay.windows[i]
+            held = int(past_k.shape[2]) + len(prompt[0])
+            if (window, held) not in masks:  # the keys' positions: the last ``held`` of the prompt
+                at = torch.arange(length - held, length, device=lay.device)[None, :]
+                allowed = at <= queries
+                if window is not None:
+                    allowed = allowed & (at > queries - window)
+                masks[(window, held)] = allowed[None, None]
+            w = fast_path._Weights.of(lay, i)
+            h = layer.input_layernorm(x)
+            q, k, v = fast_path._project(lay, w, h)
+            cos, sin = rope[lay.types[i]]
+            q, k = fast_path._rope(q, k, cos, sin)
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            keys.append(k)
+            values.append(v)
+            if lay.rep > 1:
+                k, v = k.repeat_interleave(lay.rep, dim=1), v.repeat_interleave(lay.rep, dim=1)
+            out = fast_path._attention(lay, w.scaling, q, k, v, masks[(window, held)])
+            x, h = fast_path._layer_rest(
+                lay, w, x, out.transpose(1, 2).reshape(1, len(prompt[0]), -1)
+            )
+            x = fast_path._settle(fast_path._post_feedforward(lay, layer), x, h)
+        return fast_path._logits(lay, x), fast_path._Caches(keys, values)
 
     def remove(self, rows: Sequence[Row]) -> None:
         for row in rows:

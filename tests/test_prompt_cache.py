@@ -1,0 +1,107 @@
+"""Prompt-prefix reuse (issue 21): a prompt that extends an earlier one on the same client is
+prefilled from where that one ends, on the transformers batch (a copy of the stored
+``DynamicCache``) and on the fast path's batch (the stored keys and values, the new tokens
+run over them). Every reply equals the same client's reply without reuse (greedy, float32).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_client
+from test_fast_path_batch import slot_client
+
+pytest.importorskip("torch")
+
+SYSTEM = {"role": "system", "content": "You are a terse assistant. " * 12}
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+def turns(client: Any, opening: str, count: int = 4) -> list[dict]:
+    """``count`` turns of one chat: each prompt is the last one, its reply and a new question."""
+    messages = [SYSTEM, {"role": "user", "content": opening}]
+    replies = []
+    for i in range(count):
+        reply = client.create(messages, **GREEDY)
+        replies.append(reply)
+        text = reply["choices"][0]["message"]["content"] or ""
+        messages = [
+            *messages,
+            {"role": "assistant", "content": text},
+            {"role": "user", "content": f"and then {i}?"},
+        ]
+    return replies
+
+
+def outcome(reply: dict) -> tuple:
+    return reply["choices"][0]["message"], reply["choices"][0]["finish_reason"], reply["usage"]
+
+
+@pytest.fixture(scope="module")
+def no_reuse(gemma3_path: Path) -> Any:
+    client = make_client("transformers", gemma3_path, prompt_cache_tokens=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path"])
+def reuse(request: pytest.FixtureRequest, gemma3_path: Path) -> Any:
+    if request.param == "fast-path":
+        client = slot_client(gemma3_path, "cpu")
+    else:
+        client = make_client("transformers", gemma3_path)
+    yield client
+    client.close()
+
+
+def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(
+    reuse: Any, no_reuse: Any
+) -> None:
+    before = reuse.prompt_cache.hits
+    got = turns(reuse, "Tell me about tides.")
+    expected = turns(no_reuse, "Tell me about tides.")
+    assert [outcome(r) for r in got] == [outcome(r) for r in expected]
+    assert reuse.prompt_cache.hits - before >= 3  # turns 2, 3 and 4 started from turn 1..3
+    assert no_reuse.prompt_cache.hits == 0 and len(no_reuse.prompt_cache) == 0
+
+
+def test_concurrent_conversations_reuse_their_own_prefixes(reuse: Any, no_reuse: Any) -> None:
+    openings = ["Waves?", "Why is the sea salty?", "Name a fish.", "What is a reef?"]
+    expected = [turns(no_reuse, o, 3) for o in openings]
+    with ThreadPoolExecutor(len(openings)) as pool:
+        got = list(pool.map(lambda o: turns(reuse, o, 3), openings))
+    for a, b in zip(expected, got, strict=True):
+        assert [outcome(r) for r in b] == [outcome(r) for r in a]
+
+
+def test_close_and_clear_cache_drop_the_stored_prompts(gemma3_path: Path) -> None:
+    client = make_client("transformers", gemma3_path, prompt_cache_tokens=4096)
+    try:
+        turns(client, "Hi there", 2)
+        assert len(client.prompt_cache) >= 1 and client.prompt_cache.hits >= 1
+        client.clear_cache()
+        assert len(client.prompt_cache) == 0
+        turns(client, "Hi there", 1)
+        assert len(client.prompt_cache) == 1
+    finally:
+        client.close()
+    assert len(client.prompt_cache) == 0
+
+
+def test_the_budget_bounds_what_is_kept(gemma3_path: Path) -> None:
+    client = make_client("transformers", gemma3_path, prompt_cache_tokens=400)
+    try:
+        for opening in ("one", "two", "three", "four", "five"):
+            turns(client, opening, 1)
+            assert client.prompt_cache.tokens <= 400
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "lots", True])
+def test_a_bad_budget_is_refused_before_loading(gemma3_path: Path, value: Any) -> None:
+    with pytest.raises(ValueError, match="prompt_cache_tokens must be an integer >= 0"):
+        make_client("transformers", gemma3_path, prompt_cache_tokens=value)
