@@ -31,6 +31,7 @@ waiting for a row (and no free row) fails at once with
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from .errors import QueueFullError
 from .params import SamplingParams
 from .stream import Prompt, TokenSink
 from .worker import Cancel, Emit, ModelWorker, finish_job
+
+logger = logging.getLogger("gemma_local")
 
 #: Default most rows decoded together, and most requests waiting for a row.
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -226,18 +229,26 @@ class Scheduler:
 
     def _tick(self) -> None:
         self._posted = False
-        self._leave()
-        self._join()
-        self._step()
-        self._leave()
+        try:
+            self._leave()
+            self._join()
+            self._step()
+            self._leave()
+        except Exception as exc:  # a bug of ours: end every request with it, never hang them
+            logger.exception("the batch scheduler failed; ending its requests")
+            self.reset(self._on_error(exc))
         self._count_rows()
         if self._active or self._waiting:
             self._post()
 
     def _engine_now(self) -> Engine | None:
         if not self._engine_made:
-            self._engine = self._make_engine()
             self._engine_made = True
+            try:
+                self._engine = self._make_engine()
+            except Exception:  # requests still run, one at a time through the backend
+                logger.exception("could not build the batch engine; requests run one at a time")
+                self._engine = None
         return self._engine
 
     def _join(self) -> None:

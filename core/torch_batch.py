@@ -33,15 +33,26 @@ from .scheduler import Request, Row
 
 def supported(model: Any) -> bool:
     """Whether ``model``'s ``DynamicCache`` holds only layers this batch can pad and trim."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers import DynamicCache, cache_utils
 
     try:
         cache = DynamicCache(config=model.config)
     except Exception:
         return False
-    kinds = (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer)
+    # DummyLayer (KV-shared layers) is in newer transformers releases only
+    names = ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer")
+    kinds = tuple(k for k in (getattr(cache_utils, n, None) for n in names) if k is not None)
     return bool(cache.layers) and all(type(layer) in kinds for layer in cache.layers)
+
+
+def cache_keyword(model: Any) -> str:
+    """The name ``model.forward`` takes its cache by: ``cache`` (transformers >= 5.2x;
+    ``past_key_values`` deprecated) or ``past_key_values`` (earlier 5.x, where an unknown
+    ``cache=`` would vanish into ``**kwargs`` and the model would run without it)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class _Slot:
@@ -122,6 +133,7 @@ class TorchBatch:
         self._grammar_for = grammar_for  # (params, rows) -> GrammarMatchers | None
         #: earlier prompts' caches: a prompt that extends one is prefilled from where it ends
         self.prefixes = prefixes
+        self._cache_keyword = cache_keyword(model)
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: Any = None  # (rows, length) 1 = a real token, 0 = left padding
@@ -168,7 +180,7 @@ class TorchBatch:
             input_ids=ids,
             attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
             position_ids=torch.arange(start, len(prompt), device=device)[None],
-            cache=cache,
+            **{self._cache_keyword: cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -258,7 +270,7 @@ class TorchBatch:
                 input_ids=self.last,
                 attention_mask=self.mask,
                 position_ids=positions,
-                cache=self.cache,
+                **{self._cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=1,
             )

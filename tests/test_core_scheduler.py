@@ -326,3 +326,56 @@ def test_a_batch_larger_than_max_batch_size_still_runs(gemma3_path) -> None:
             assert choices_and_usage(b) == choices_and_usage(a)
     finally:
         fresh.close()
+
+
+def test_an_engine_that_cannot_be_built_leaves_requests_running_whole(gemma3_path) -> None:
+    client = make_client("transformers", gemma3_path)
+    try:
+        reference = client.create(PROMPTS[1], **GREEDY)
+        client._worker.call(lambda: client._scheduler._reset_engine())
+
+        def broken() -> None:
+            raise ImportError("cannot import name 'DummyLayer'")
+
+        client._batch_engine = broken
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda _: client.create(PROMPTS[1], **GREEDY), range(3)))
+        for reply in replies:
+            assert choices_and_usage(reply) == choices_and_usage(reference)
+    finally:
+        client.close()
+
+
+def test_a_scheduler_bug_ends_the_requests_instead_of_hanging_them(gemma3_path) -> None:
+    client = make_client("transformers", gemma3_path)
+    try:
+        client.create(PROMPTS[1], **GREEDY)
+        engine = client._worker.call(lambda: client._scheduler._engine)
+        remove = engine.remove
+
+        def failing(rows) -> None:
+            raise RuntimeError("remove failed")
+
+        engine.remove = failing
+        with pytest.raises(RuntimeError, match="remove failed"):
+            client.create(PROMPTS[1], **GREEDY)
+        engine.remove = remove
+        assert client.create(PROMPTS[1], **GREEDY)["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )
+    finally:
+        client.close()
+
+
+def test_the_cache_keyword_follows_the_transformers_release() -> None:
+    from core.torch_batch import cache_keyword
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"
