@@ -398,9 +398,12 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
     def _runs_whole(self, request: Any, alone: bool) -> bool:
         """A replaced ``_generate`` serves every request whole, and so does a request with
-        images or audio (its prefill needs the processor's tensors) and, on the fast path's
-        batch, one whose prompt and ``max_tokens`` do not fit its cache slots (the fast path
-        serves it alone, in a bucket of its size)."""
+        images or audio (its prefill needs the processor's tensors). With the fast path's
+        batch, so does a request whose prompt and ``max_tokens`` do not fit its cache slots,
+        and a request of several rows (``create_batch``, ``n``) that finds the client idle:
+        the fast path serves those in a bucket of their own size, with captured prefills and
+        tokens read in bursts (the shared batch's cache holds ``GEMMA_LOCAL_SLOT_TOKENS``
+        slots a row, which every step's attention reads)."""
         if not self._own_generate(GemmaTransformersChatCompletion):
             return True
         if any(
@@ -410,6 +413,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         slots = getattr(self, "_slot_batch", None)
         if slots is None:
             return False
+        if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket
+            return True
         return not all(slots.fits(len(row.prompt.ids), row.max_tokens) for row in request.rows)
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:

@@ -228,3 +228,21 @@ def test_slot_tokens_setting_is_checked(monkeypatch: pytest.MonkeyPatch, gemma3_
     assert slots.slot_count(model) == 1000  # at most the context window
     monkeypatch.delenv("GEMMA_LOCAL_SLOT_TOKENS")
     assert slots.slot_count(model) == 1000
+
+
+def test_what_runs_whole_beside_the_slots(fast: Any) -> None:
+    """A batch of rows that finds the client idle takes the fast path's own bucket; one
+    arriving beside others joins the slots; a row too long for them always runs whole."""
+    from core.params import SamplingParams
+    from core.scheduler import Request
+    from core.stream import Prompt
+
+    def request(rows: int, max_tokens: int = 16) -> Request:
+        prompts = [Prompt("", (2, 3, 4)) for _ in range(rows)]
+        sink = type("Sink", (), {"rows": [type("R", (), {"max_tokens": max_tokens})()] * rows})()
+        return Request(prompts, SamplingParams.build(max_tokens=max_tokens), sink, None, None, None)
+
+    assert fast._runs_whole(request(2), alone=True)
+    assert not fast._runs_whole(request(2), alone=False)
+    assert not fast._runs_whole(request(1), alone=True)
+    assert fast._runs_whole(request(1, max_tokens=10**6), alone=False)

@@ -107,6 +107,7 @@ class SlotBatch:
         self._host = torch.empty(self.rows, dtype=torch.long, pin_memory=self._cuda)
         #: greedy rows: the next step is launched before the host reads this one's tokens
         self.pipeline = fast_path._flag("GEMMA_LOCAL_SLOT_PIPELINE", True)
+        self._indexes: dict[tuple[int, ...], Any] = {}
         self._word_of: Any = None  # each id's word and bit in a grammar's bitmask
         self._bit_of: Any = None
 
@@ -249,7 +250,7 @@ class SlotBatch:
             rows = [(i, row) for i, row in launched if self.held[i] is row]
             if not rows:
                 return []
-            index = torch.tensor([i for i, _ in rows], device=self.layout.device)
+            index = self._index(tuple(i for i, _ in rows))
             scores = self._masked(view.logits, rows)
             if self.pipeline and all(self._plain(row) for _, row in rows):
                 # every row greedy: its token goes to the device, the next step is launched,
@@ -277,6 +278,16 @@ class SlotBatch:
                 row.state.ids.append(tokens[i])
                 out.append((row, tokens[i]))
         return out
+
+    def _index(self, rows: tuple[int, ...]) -> Any:
+        """``rows`` as a device tensor, made once per set of rows: a copy from pageable host
+        memory would wait for the step in flight and undo the pipelining."""
+        index = self._indexes.get(rows)
+        if index is None:
+            if len(self._indexes) > 256:
+                self._indexes.clear()
+            index = self._indexes[rows] = self.torch.tensor(rows, device=self.layout.device)
+        return index
 
     @staticmethod
     def _plain(row: Row) -> bool:
