@@ -947,6 +947,11 @@ class _Bucket:
         dev, dtype = lay.device, lay.dtype
         shape = (batch, lay.kv_heads)
         self.batch, self.length = batch, length
+        self.keys: list[Any]
+        self.values: list[Any]
+        self.tok: Any
+        self.step: Any
+        self.pad: Any
         if parent is not None:  # the first ``batch`` rows of ``parent``: views, one step counter
             self.keys = [k[:batch] for k in parent.keys]
             self.values = [v[:batch] for v in parent.values]

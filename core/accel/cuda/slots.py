@@ -102,7 +102,7 @@ class SlotBatch:
         self._how = fast_path._Sampler(True)
         self._views: dict[int, tuple[Any, Callable[[], None]]] = {}
         #: a launched step: its view and the rows it decodes (their tokens not read yet)
-        self._inflight: tuple[Any, list[tuple[int, Any]]] | None = None
+        self._inflight: tuple[Any, list[tuple[int, Row]]] | None = None
         self._cuda = self.layout.device.type == "cuda"
         self._host = torch.empty(self.rows, dtype=torch.long, pin_memory=self._cuda)
         #: greedy rows: the next step is launched before the host reads this one's tokens
@@ -301,7 +301,7 @@ class SlotBatch:
         forward()
         self.bucket.step.add_(1)
         self.next_index += 1
-        self._inflight = (view, [(i, self.held[i]) for i in live])
+        self._inflight = (view, [(i, row) for i in live if (row := self.held[i]) is not None])
 
     def _masked(self, scores: Any, live: list[tuple[int, Row]]) -> Any:
         """``scores`` with each constrained row's disallowed tokens at the lowest value.
