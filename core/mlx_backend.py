@@ -167,8 +167,14 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         pan_and_scan: bool | None = None,
         max_batch_size: int | None = None,
         max_queue: int | None = None,
+        prompt_cache_tokens: int | None = None,
     ) -> None:
-        super().__init__(model_name, max_batch_size=max_batch_size, max_queue=max_queue)
+        super().__init__(
+            model_name,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            prompt_cache_tokens=prompt_cache_tokens,
+        )
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
         self._vision: Any = None  # mlx-vlm's model and processor, loaded at the first media

@@ -25,6 +25,7 @@ since mlx-lm computes the next step before the current tokens are read.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,18 +104,32 @@ class MLXBatch:
                 )
                 sampler = self._greedy if params.greedy else make_request_sampler(params)
                 request.state = (sampler, shared)
-        prompts = [row.prompt for row in rows]
+        all_prompts = [row.prompt for row in rows]
+        caches: list[Any] = [None] * len(rows)
         stream_of: list[Any] = [None] * len(rows)
-        if len(self._streams) > 1 and all(len(p.ids) > 1 for p in prompts):
+        # a prompt that extends a kept one starts from a copy of its cache
+        fresh = []
+        for i, prompt in enumerate(all_prompts):
+            hit = client.prompt_cache.lookup(prompt.ids)
+            if hit is None:
+                fresh.append(i)
+                continue
+            caches[i] = copy.deepcopy(hit[1])
+            self._prefill([prompt], [caches[i]], start=hit[0])
+        prompts = [all_prompts[i] for i in fresh]
+        if len(self._streams) > 1 and prompts and all(len(p.ids) > 1 for p in prompts):
             groups = client._stream_groups(prompts)
             streams = self._streams[: len(groups)]
-            caches = client._prefill_rows(prompts, groups, streams, _Sink())
+            made = client._prefill_rows(prompts, groups, streams, _Sink())
             for group, stream in zip(groups, streams, strict=True):
                 for i in group:
-                    stream_of[i] = stream
+                    stream_of[fresh[i]] = stream
         else:
-            caches = [make_prompt_cache(client.model, client.max_kv_size) for _ in prompts]
-            self._prefill(prompts, caches)
+            made = [make_prompt_cache(client.model, client.max_kv_size) for _ in prompts]
+            self._prefill(prompts, made)
+        for i, cache in zip(fresh, made, strict=True):
+            caches[i] = cache
+        prompts = all_prompts
         processors = []
         for row in rows:
             _, shared = row.request.state
@@ -122,6 +137,9 @@ class MLXBatch:
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
         firsts = self._first_tokens(rows, caches, processors, stream_of)
+        if client.prompt_cache.enabled:  # kept before the generator takes the caches over
+            for prompt, cache in zip(prompts, caches, strict=True):
+                client.prompt_cache.store(prompt.ids, copy.deepcopy(cache))
         for i, row in enumerate(rows):
             g = min(range(len(self.generators)), key=lambda k: len(self._rows[k]))
             [uid] = self.generators[g].insert(
@@ -163,13 +181,14 @@ class MLXBatch:
             tokens.append(int(row.request.state[0](logprobs).item()))
         return tokens
 
-    def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any]) -> None:
-        """Each prompt but its last token into its cache, on the default stream."""
+    def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any], start: int = 0) -> None:
+        """Each prompt but its last token into its cache (which holds its first ``start``
+        tokens already), on the default stream."""
         import mlx.core as mx
 
         model, step = self._client.model, self._client.prefill_step_size
         for prompt, cache in zip(prompts, caches, strict=True):
-            ids = prompt.ids[:-1]
+            ids = prompt.ids[start:-1]
             for start in range(0, len(ids), step):
                 model(mx.array(ids[start : start + step])[None], cache=cache)
                 mx.eval([c.state for c in cache])

@@ -47,19 +47,27 @@ def no_reuse(gemma3_path: Path) -> Any:
     client.close()
 
 
-@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path"])
-def reuse(request: pytest.FixtureRequest, gemma3_path: Path) -> Any:
-    if request.param == "fast-path":
-        client = slot_client(gemma3_path, "cpu")
-    else:
-        client = make_client("transformers", gemma3_path)
+@pytest.fixture(scope="module")
+def mlx_no_reuse(gemma3_path: Path) -> Any:
+    client = make_client("mlx", gemma3_path, prompt_cache_tokens=0)
     yield client
     client.close()
 
 
-def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(
-    reuse: Any, no_reuse: Any
-) -> None:
+@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path", "mlx"])
+def pair(request: pytest.FixtureRequest, gemma3_path: Path) -> Any:
+    """(a client that reuses prompts, the same backend without reuse)."""
+    if request.param == "fast-path":
+        client = slot_client(gemma3_path, "cpu")
+    else:
+        client = make_client("mlx" if request.param == "mlx" else "transformers", gemma3_path)
+    plain = request.getfixturevalue("mlx_no_reuse" if request.param == "mlx" else "no_reuse")
+    yield client, plain
+    client.close()
+
+
+def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(pair: Any) -> None:
+    reuse, no_reuse = pair
     before = reuse.prompt_cache.hits
     got = turns(reuse, "Tell me about tides.")
     expected = turns(no_reuse, "Tell me about tides.")
@@ -68,7 +76,8 @@ def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(
     assert no_reuse.prompt_cache.hits == 0 and len(no_reuse.prompt_cache) == 0
 
 
-def test_concurrent_conversations_reuse_their_own_prefixes(reuse: Any, no_reuse: Any) -> None:
+def test_concurrent_conversations_reuse_their_own_prefixes(pair: Any) -> None:
+    reuse, no_reuse = pair
     openings = ["Waves?", "Why is the sea salty?", "Name a fish.", "What is a reef?"]
     expected = [turns(no_reuse, o, 3) for o in openings]
     with ThreadPoolExecutor(len(openings)) as pool:
