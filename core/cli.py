@@ -438,6 +438,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "schedules its own batch (GemmaVLLMChatCompletion(engine_args={'max_num_seqs': N}) "
             "in Python); drop them or pass --backend transformers or mlx"
         )
+    if backend == "llamacpp" and any(v is not None for v in limits.values()):
+        raise ValueError(
+            "--max-batch-size / --max-queue are not options of the llama.cpp backend, which "
+            "runs one request at a time (no running batch); drop them or pass --backend "
+            "transformers or mlx"
+        )
     options.update({k: v for k, v in limits.items() if v is not None})
     sock = listen(args.host, args.port)  # a taken port fails now, not after the load
     try:

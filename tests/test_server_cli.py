@@ -92,6 +92,10 @@ def test_usage_errors(capsys, no_client, argv, message) -> None:
             ["--model", "m", "--backend", "vllm", "--max-queue", "3"],
             "--max-batch-size / --max-queue are not options of the vLLM backend",
         ),
+        (
+            ["--model", "m.gguf", "--backend", "llamacpp", "--max-batch-size", "4"],
+            "--max-batch-size / --max-queue are not options of the llama.cpp backend",
+        ),
         (["--model", "m", "--host", "no.such.host.invalid"], "cannot listen on host"),
     ],
 )
