@@ -20,6 +20,13 @@ into ``$GEMMA_LOCAL_CACHE``):
   one row per thread count and llama.cpp library: xllamacpp's binary wheel
   (what ``gemma-local[llamacpp]`` installs) and, when llama-cpp-python is
   importable here, llama-cpp-python's own library (the peer's engine);
+- gemma-local ``create(stream=True)`` on the llama.cpp backend given the
+  Hugging Face folder below (what a user with an HF folder runs), converted
+  once to a cached GGUF of each ``--hf-gguf-types`` type (default Q8_0, the
+  backend's default, and F16): these read more bytes per token than the Q4_K_M
+  file (Q8_0: 8.5 bits a weight, F16: 16, Q4_K_M: ~4.8), so their ratio is
+  "an HF-folder user on llama.cpp against a llama.cpp user on a 4-bit file",
+  not kernel against kernel;
 - gemma-local ``create(stream=True)``, transformers bfloat16 and float32, and
   MLX (``mlx[cpu]``), on the float32 Hugging Face folder :mod:`core.gguf`
   converts from that GGUF (the same dequantised weights both backends load
@@ -332,20 +339,48 @@ def llamacpp_libraries() -> list[str]:
     ]
 
 
-def llamacpp_runner(gguf: Path, ids: list[int], new_tokens: int, threads: int, library: str):
+def llamacpp_runner(
+    gguf: Path,
+    ids: list[int],
+    new_tokens: int,
+    threads: int,
+    library: str,
+    gguf_type: str | None = None,
+):
+    """The llama.cpp backend on ``gguf``: a GGUF file, or (``gguf_type`` set) the HF folder,
+    converted to a GGUF of that type (once, cached: converted before the client is timed)."""
     from core import GemmaLlamaCppChatCompletion
 
+    name = f"gemma-local llama.cpp backend ({library}), {threads} thread(s)"
+    convert_s = None
+    if gguf_type is not None:
+        from core.gguf_writer import check_hf_folder, converted_gguf
+
+        started = time.perf_counter()
+        converted = converted_gguf(check_hf_folder(str(gguf)), gguf_type)
+        convert_s = time.perf_counter() - started
+        name = (
+            f"gemma-local llama.cpp backend ({library}) on the HF folder "
+            f"(converted to {gguf_type.upper()}), {threads} thread(s)"
+        )
     runner = OurRunner(
-        f"gemma-local llama.cpp backend ({library}), {threads} thread(s)",
+        name,
         lambda: GemmaLlamaCppChatCompletion(
-            str(gguf), n_threads=threads, n_ctx=len(ids) + new_tokens + 16, library=library
+            str(gguf),
+            n_threads=threads,
+            n_ctx=len(ids) + new_tokens + 16,
+            library=library,
+            gguf_type=gguf_type,
         ),
         ids,
         new_tokens,
     )
     api = runner.client.model.api
     runner.note = f"{api.name} {api.version}, n_threads={threads}"
-    runner.job = {"threads": threads, "library": library}
+    if gguf_type is not None:
+        size = converted.stat().st_size / 1e6
+        runner.note += f", {size:.0f} MB GGUF (cached; converting took {convert_s:.1f} s here)"
+    runner.job = {"threads": threads, "library": library, "gguf_type": gguf_type}
     return runner
 
 
@@ -359,6 +394,11 @@ def our_runners(
         for threads in thread_counts(args):
             for library in llamacpp_libraries():
                 runners.append(llamacpp_runner(gguf, ids, args.new_tokens, threads, library))
+            for gguf_type in [t for t in args.hf_gguf_types.split(",") if t]:
+                library = llamacpp_libraries()[0]
+                runners.append(
+                    llamacpp_runner(folder, ids, args.new_tokens, threads, library, gguf_type)
+                )
     for dtype in () if args.no_transformers else ("bfloat16", "float32"):
         runners.append(
             OurRunner(
@@ -469,7 +509,15 @@ def rss_worker() -> int:
         with contextlib.redirect_stdout(sys.stderr):
             runner = LlamaModel(str(gguf), ids, new_tokens, job["threads"])
     elif kind == "llamacpp-backend":
-        runner = llamacpp_runner(gguf, ids, new_tokens, job["threads"], job["library"])
+        gguf_type = job.get("gguf_type")
+        runner = llamacpp_runner(
+            folder if gguf_type else gguf,
+            ids,
+            new_tokens,
+            job["threads"],
+            job["library"],
+            gguf_type,
+        )
     else:
         from core import GemmaMLXChatCompletion, GemmaTransformersChatCompletion
 
@@ -578,6 +626,12 @@ def main() -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument(
         "--no-llamacpp-backend", action="store_true", help="leave out gemma-local's llama.cpp rows"
+    )
+    parser.add_argument(
+        "--hf-gguf-types",
+        default="q8_0,f16",
+        help="the llama.cpp backend on the HF folder, converted to these GGUF types "
+        "(comma-separated, of q8_0, f16, f32; empty: none): one row each per thread count",
     )
     parser.add_argument("--no-rss", action="store_true", help="do not measure memory")
     parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
