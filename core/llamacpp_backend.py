@@ -1,5 +1,9 @@
 """llama.cpp backend: a GGUF file run by llama.cpp's CPU kernels, behind the same client.
 
+A Hugging Face Gemma 1 / 2 / 3 text folder is converted once to a cached GGUF
+first (:mod:`core.gguf_writer`, ``gguf_type``: Q8_0 by default) and then runs
+the same way.
+
 Data flow::
 
     Prompt.ids (llama.cpp's own tokenizer, the GGUF's vocabulary)
@@ -546,7 +550,7 @@ class LlamaCppModel:
 
 
 class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
-    """Gemma from a GGUF file through llama.cpp (its quantised CPU kernels).
+    """Gemma from a GGUF file, or a Hugging Face folder converted once to one, through llama.cpp.
 
     The fastest CPU path for GGUF files (Q4_K_M and the other llama.cpp
     quantisations run as they are, never dequantised): see the README's speed
