@@ -1,4 +1,4 @@
-"""LangChain chat model over a local Gemma (``core`` client, transformers or MLX).
+"""LangChain chat model over a local Gemma (``core`` client: transformers, MLX, llama.cpp or vLLM).
 
 Data flow in and out, all on the core token stream::
 
@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from typing_extensions import Self
 
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, fold_deltas, normalize_messages
-from core.factory import resolve_backend
+from core.factory import BACKENDS, check_backend_settings, resolve_backend
 
 from ._clients import _shared_client, _shared_key
 from ._deltas import (
@@ -154,7 +154,7 @@ _LOAD_FIELDS = frozenset({"use_4bit_quantization", "device_map", "client_kwargs"
 
 
 class ChatGemmaLocal(BaseChatModel):
-    """Google's Gemma chat models running locally (Hugging Face transformers or Apple MLX).
+    """Google's Gemma chat models running locally (transformers, Apple MLX, llama.cpp or vLLM).
 
     A drop-in LangChain chat model: use it in any chain, agent graph or
     runnable like a hosted one. Generation runs on this machine through the
@@ -167,6 +167,8 @@ class ChatGemmaLocal(BaseChatModel):
         pip install "gemma-local[langchain,transformers]"  # CPU / CUDA / MPS
         pip install "gemma-local[langchain,mlx]"           # Apple Silicon
         pip install "gemma-local[langchain,quantization]"  # + bitsandbytes 4-bit
+        pip install "gemma-local[langchain,llamacpp]"      # GGUF files on the CPU
+        pip install "gemma-local[langchain,vllm]"          # vLLM's engine (GPUs)
         ```
 
         Gemma checkpoints on the Hugging Face hub are gated: accept the licence
@@ -196,18 +198,20 @@ class ChatGemmaLocal(BaseChatModel):
 
     Key init args — the model:
         model: str | None
-            Hub id (`"google/gemma-3-12b-it"`) or local folder. Default: the
-            backend's default model.
-        backend: "auto" | "transformers" | "mlx"
+            Hub id (`"google/gemma-3-12b-it"`) or local folder; for llama.cpp
+            the path of a `.gguf` file (required). Default: the backend's
+            default model.
+        backend: "auto" | "transformers" | "mlx" | "llamacpp" | "vllm"
             `"auto"` picks MLX on Apple Silicon (when mlx-lm is installed),
-            transformers elsewhere.
+            transformers elsewhere; llama.cpp and vLLM are asked for by name.
         use_4bit_quantization: bool
             transformers only: bitsandbytes NF4 (about a quarter of the memory).
         device_map: str | dict | None
             transformers only: `"auto"`, `"cpu"`, `"cuda:0"`, `"mps"`, ...
         client_kwargs: dict | None
-            Other backend options, e.g. `{"torch_dtype": "bfloat16"}` or
-            `{"max_kv_size": 4096}` (MLX).
+            Other backend options, e.g. `{"torch_dtype": "bfloat16"}`,
+            `{"max_kv_size": 4096}` (MLX), `{"n_threads": 8, "n_ctx": 8192}`
+            (llama.cpp) or `{"tensor_parallel_size": 2}` (vLLM).
         client: core client | None
             An existing `core` client to share one loaded model with LlamaIndex
             or direct core use.
@@ -229,6 +233,20 @@ class ChatGemmaLocal(BaseChatModel):
         Constructing loads nothing: the weights load on the first call (or
         `model.client.load()`). Models built with the same model, backend and
         load options share one loaded copy of the weights.
+
+        A GGUF file on llama.cpp (the fastest CPU path), or vLLM's engine:
+
+        ```python
+        model = ChatGemmaLocal(backend="llamacpp", model="gemma-3-4b-it-Q4_K_M.gguf")
+        model = ChatGemmaLocal(backend="vllm", model="google/gemma-3-12b-it",
+                               client_kwargs={"tensor_parallel_size": 2})
+        ```
+
+        Settings a backend cannot take fail here, before anything loads:
+        `use_4bit_quantization` / `device_map` on any backend but transformers,
+        llama.cpp without `model`, and vLLM where the `vllm` package is not
+        installed (`MissingDependencyError` naming the `vllm` extra and
+        `scripts/vllm_env.sh`, the environment it runs in).
 
     Invoke:
         ```python
@@ -423,16 +441,21 @@ class ChatGemmaLocal(BaseChatModel):
     # -------- the model
 
     model: str | None = None
-    """Hub id (e.g. ``"google/gemma-3-12b-it"``) or a local folder.
+    """Hub id (e.g. ``"google/gemma-3-12b-it"``) or a local folder; on llama.cpp
+    the path of a ``.gguf`` file (or a Hugging Face Gemma folder, converted on
+    first load).
 
     Default ``None``: the backend's default (``google/gemma-3-12b-it`` on
-    transformers, ``mlx-community/gemma-3-12b-it-4bit-DWQ`` on MLX), or the
-    model of ``client``. Always the resolved name after construction.
+    transformers and vLLM, ``mlx-community/gemma-3-12b-it-4bit-DWQ`` on MLX;
+    llama.cpp has none, so it needs ``model``), or the model of ``client``.
+    Always the resolved name after construction.
     """
 
-    backend: Literal["auto", "transformers", "mlx"] = "auto"
-    """Backend to run on. Default ``"auto"``: MLX on Apple Silicon when mlx-lm is
-    installed, transformers otherwise."""
+    backend: Literal["auto", "transformers", "mlx", "llamacpp", "vllm"] = "auto"
+    """Backend to run on (``core.factory.BACKENDS``). Default ``"auto"``: MLX on
+    Apple Silicon when mlx-lm is installed, transformers otherwise. ``"llamacpp"``
+    runs a GGUF file (``gemma-local[llamacpp]``); ``"vllm"`` runs vLLM's engine
+    (``gemma-local[vllm]``, or the environment ``scripts/vllm_env.sh`` builds)."""
 
     client: BaseGemmaChatCompletion | None = Field(default=None, exclude=True)
     """The core client that generates. Default ``None``: one is made for ``model``
@@ -442,17 +465,21 @@ class ChatGemmaLocal(BaseChatModel):
 
     use_4bit_quantization: bool = False
     """transformers only: load with bitsandbytes NF4 4-bit quantisation (needs
-    ``gemma-local[quantization]`` and a CUDA GPU). Default ``False``."""
+    ``gemma-local[quantization]`` and a CUDA GPU). Default ``False``. On another
+    backend ``True`` raises ``ValueError`` (MLX and llama.cpp checkpoints carry
+    their own quantisation; vLLM takes ``engine_args={"quantization": ...}``)."""
 
     device_map: str | dict[str, Any] | None = None
     """transformers only: where the weights go (``"auto"``, ``"cpu"``, ``"cuda:0"``,
     ``"mps"`` or an accelerate device map). Default ``None``: the backend's
-    default, ``"auto"``."""
+    default, ``"auto"``. Set on another backend it raises ``ValueError``."""
 
     client_kwargs: dict[str, Any] | None = None
     """Other keyword arguments for the backend client, e.g.
-    ``{"torch_dtype": "bfloat16", "attn_implementation": "sdpa"}`` (transformers) or
-    ``{"max_kv_size": 4096}`` (MLX). Default ``None``: none."""
+    ``{"torch_dtype": "bfloat16", "attn_implementation": "sdpa"}`` (transformers),
+    ``{"max_kv_size": 4096}`` (MLX), ``{"n_threads": 8, "n_ctx": 8192}`` (llama.cpp)
+    or ``{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}`` (vLLM).
+    Default ``None``: none."""
 
     # -------- sampling
 
@@ -548,12 +575,9 @@ class ChatGemmaLocal(BaseChatModel):
                 client = None
         if client is None:
             backend = resolve_backend(self.backend)
-            if backend == "mlx" and (self.use_4bit_quantization or self.device_map is not None):
-                raise ValueError(
-                    "use_4bit_quantization and device_map apply to the transformers backend; "
-                    "on MLX use a 4-bit MLX checkpoint such as "
-                    "mlx-community/gemma-3-12b-it-4bit-DWQ"
-                )
+            # transformers-only options elsewhere, llama.cpp without a model, vLLM
+            # not installed: clear errors now, before a client exists
+            check_backend_settings(backend, self.model, load_options)
             client = _shared_client(backend, self.model, load_options)
         elif key is None:
             # the caller's own client decides the model and how it loads
@@ -609,7 +633,7 @@ class ChatGemmaLocal(BaseChatModel):
             raise NotImplementedError(
                 f"the client {type(client).__name__} cannot constrain decoding, so "
                 "ChatGemmaLocal cannot serve tools or structured output with it; use a "
-                "transformers or MLX client"
+                "built-in client (transformers, MLX, llama.cpp or vLLM)"
             )
         return params
 
@@ -991,7 +1015,7 @@ class ChatGemmaLocal(BaseChatModel):
             return serialized
         kwargs = dict(serialized["kwargs"])
         backend = self._core().implementation
-        if backend in ("transformers", "mlx"):
+        if backend in BACKENDS:  # a custom client's implementation is no backend
             kwargs["backend"] = backend
         if self.client_kwargs is not None and "token" in self.client_kwargs:
             options = {k: v for k, v in self.client_kwargs.items() if k != "token"}

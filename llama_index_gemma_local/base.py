@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from core import BaseGemmaChatCompletion, Delta, SamplingParams, create_gemma_client, fold_deltas
 from core.errors import MissingDependencyError
-from core.factory import DEFAULT_MODELS, resolve_backend
+from core.factory import DEFAULT_MODELS, check_backend_settings, resolve_backend
 
 try:
     import llama_index.core.instrumentation as instrument
@@ -192,6 +192,9 @@ def _shared_client(
     ``asyncio.gather``) never load two copies of the same weights.
     """
     chosen = resolve_backend(backend)
+    # transformers-only options elsewhere, llama.cpp without a model, vLLM not
+    # installed: clear errors before a client exists
+    check_backend_settings(chosen, model, options)
     name = model if model is not None else DEFAULT_MODELS[chosen]
     key = (chosen, name, repr(sorted(options.items())))
     with _SHARED_LOCK:
@@ -203,7 +206,7 @@ def _shared_client(
 
 
 class GemmaLocal(FunctionCallingLLM):
-    """A local Gemma chat model as a LlamaIndex ``FunctionCallingLLM`` (transformers or Apple MLX).
+    """A local Gemma chat model as a LlamaIndex ``FunctionCallingLLM`` (transformers, MLX, llama.cpp, vLLM).
 
     Chat-first: every call goes through the model's own chat template;
     ``complete(prompt)`` is ``chat([user: prompt])``. Works anywhere LlamaIndex
@@ -213,7 +216,8 @@ class GemmaLocal(FunctionCallingLLM):
 
     Setup:
         ``pip install "gemma-local[transformers,llama-index]"`` (or ``[mlx,llama-index]``
-        on Apple Silicon).
+        on Apple Silicon, ``[llamacpp,llama-index]`` for GGUF files on the CPU,
+        ``[vllm,llama-index]`` for vLLM's engine).
 
     Instantiate (constructing never loads weights; the first call does). Every
     ``GemmaLocal`` built with the same ``backend``, ``model`` and
@@ -224,6 +228,16 @@ class GemmaLocal(FunctionCallingLLM):
         llm = GemmaLocal(model="google/gemma-3-12b-it", temperature=0.2, max_tokens=512)
         # or share one loaded model with other adapters / the OpenAI-style API:
         llm = GemmaLocal(client=core.create_gemma_client("mlx"), temperature=0.2)
+        # a GGUF file on llama.cpp (model required), or vLLM's engine:
+        llm = GemmaLocal("gemma-3-4b-it-Q4_K_M.gguf", backend="llamacpp",
+                         client_kwargs={"n_threads": 8})
+        llm = GemmaLocal("google/gemma-3-12b-it", backend="vllm",
+                         client_kwargs={"tensor_parallel_size": 2})
+
+    Settings a backend cannot take raise before anything loads: ``use_4bit_quantization``
+    / ``device_map`` in ``client_kwargs`` on any backend but transformers, llama.cpp
+    without ``model``, and vLLM where the ``vllm`` package is not installed
+    (``MissingDependencyError`` naming the ``vllm`` extra and ``scripts/vllm_env.sh``).
 
     Chat / complete::
 
@@ -298,24 +312,28 @@ class GemmaLocal(FunctionCallingLLM):
     model: str | None = Field(
         default=None,
         description=(
-            "Hub id or local folder of the Gemma checkpoint. Default: None, the backend's "
-            "default (google/gemma-3-12b-it on transformers, "
+            "Hub id or local folder of the Gemma checkpoint; on llama.cpp the path of a "
+            ".gguf file (required there). Default: None, the backend's "
+            "default (google/gemma-3-12b-it on transformers and vLLM, "
             "mlx-community/gemma-3-12b-it-4bit-DWQ on MLX). Set to the client's model "
             "when a client is given."
         ),
     )
-    backend: Literal["auto", "transformers", "mlx"] = Field(
+    backend: Literal["auto", "transformers", "mlx", "llamacpp", "vllm"] = Field(
         default="auto",
         description=(
-            "Which backend loads the model. Default: 'auto' (MLX on Apple Silicon with "
-            "mlx-lm installed, transformers otherwise). Ignored when a client is given."
+            "Which backend loads the model (core.factory.BACKENDS). Default: 'auto' (MLX on "
+            "Apple Silicon with mlx-lm installed, transformers otherwise). 'llamacpp' runs a "
+            "GGUF file (gemma-local[llamacpp]); 'vllm' runs vLLM's engine (gemma-local[vllm], "
+            "or the environment scripts/vllm_env.sh builds). Ignored when a client is given."
         ),
     )
     client_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description=(
             "Options for the backend's constructor, e.g. use_4bit_quantization, device_map, "
-            "torch_dtype (transformers) or max_kv_size (MLX). Default: {}."
+            "torch_dtype (transformers only), max_kv_size (MLX), n_threads, n_ctx "
+            "(llama.cpp) or tensor_parallel_size, engine_args (vLLM). Default: {}."
         ),
     )
     temperature: float | None = Field(
@@ -495,8 +513,8 @@ class GemmaLocal(FunctionCallingLLM):
         if params.constrained and not client.supports_constraints:
             raise NotImplementedError(
                 f"the client {type(client).__name__} cannot constrain decoding, so GemmaLocal "
-                "cannot serve tools or structured output with it; use a transformers or MLX "
-                "client"
+                "cannot serve tools or structured output with it; use a built-in client "
+                "(transformers, MLX, llama.cpp or vLLM)"
             )
         family = client.family
         family.check(params, params.thinking)
