@@ -760,25 +760,14 @@ class GpuBench:
         ``(t(n) - t(n1)) / (n - n1)`` (the prefill, which differs by the tool prompt,
         cancels out), the median of ``--repeats`` pairs; tok/s = rows / per-token time.
         """
-        tok = client.tokenizer
-        quotes = [i for i in range(len(tok)) if '"' in tok.decode([i])]
-        bias = dict.fromkeys([1, 106, *quotes], -100.0)
-        free = {
-            "type": "object",
-            "properties": {"text": {"type": "string"}},
-            "required": ["text"],
-            "additionalProperties": False,
-        }
-        note = {"type": "function", "function": {"name": "note", "parameters": free}}
+        from bench_constrained import e2e_modes, ids_with
+
+        bias = dict.fromkeys([1, 106, *ids_with(client.tokenizer, '"')], -100.0)
+        constrained = e2e_modes()  # bench_constrained's schema and tool: a free JSON string
         modes: dict[str, dict[str, Any]] = {
             "unconstrained": {},
-            "tools (tool_choice=required)": {"tools": [note], "tool_choice": "required"},
-            "JSON schema response_format": {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "n", "schema": free},
-                }
-            },
+            "tools (tool_choice=required)": constrained["tools"],
+            "JSON schema response_format": constrained["json_schema"],
         }
         n1 = max(8, n // 8)
         for batch in self.args.constrained_batches:
