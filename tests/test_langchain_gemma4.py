@@ -195,7 +195,13 @@ CANNOT_THINK = r"reasoning=True needs a model that can think \(Gemma 4\); .* is 
 def test_reasoning_on_gemma3_fails_before_any_load(gemma3_path: Path) -> None:
     with pytest.raises(ValueError, match=CANNOT_THINK):
         ChatGemmaLocal(model=str(gemma3_path), backend="transformers", reasoning=True)
-    model = ChatGemmaLocal(model=str(gemma3_path), backend="transformers", temperature=0)
+    # client_kwargs of its own: a shared client no other test (in this process) has loaded
+    model = ChatGemmaLocal(
+        model=str(gemma3_path),
+        backend="transformers",
+        temperature=0,
+        client_kwargs={"max_queue": 255},
+    )
     for call in (
         lambda: model.invoke("hi", reasoning=True),
         lambda: list(model.stream("hi", reasoning=True)),
@@ -209,7 +215,7 @@ def test_reasoning_on_gemma3_fails_before_any_load(gemma3_path: Path) -> None:
 
 
 async def test_reasoning_on_gemma3_fails_before_any_load_async(gemma3_path: Path) -> None:
-    model = ChatGemmaLocal(model=str(gemma3_path), backend="mlx")
+    model = ChatGemmaLocal(model=str(gemma3_path), backend="mlx", client_kwargs={"max_queue": 255})
     with pytest.raises(ValueError, match=CANNOT_THINK):
         await model.ainvoke("hi", reasoning=True)
     with pytest.raises(ValueError, match=CANNOT_THINK):
@@ -506,13 +512,13 @@ def test_real_tool_message_round_trip(g4: BaseGemmaChatCompletion) -> None:
     first = bound.invoke(ASK)
     [call] = first.tool_calls
     result = ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])
-    second = llm(g4, max_tokens=6).bind_tools([get_weather]).invoke(
-        [HumanMessage(ASK), first, result]
+    second = (
+        llm(g4, max_tokens=6).bind_tools([get_weather]).invoke([HumanMessage(ASK), first, result])
     )
     assert second.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
     no_control_tokens(second.content)
     prompt = g4.format_prompt(convert_messages_to_dicts([HumanMessage(ASK), first, result]))
-    assert f"<|tool_call>call:get_weather{{city:<|\"|>{call['args']['city']}<|\"|>}}<tool_call|>" in (
+    assert f'<|tool_call>call:get_weather{{city:<|"|>{call["args"]["city"]}<|"|>}}<tool_call|>' in (
         prompt.text
     )
     assert "<|tool_response>response:get_weather{" in prompt.text
@@ -707,6 +713,8 @@ def test_other_gemma4_checkpoints_think_and_call_tools(
         usage = message.usage_metadata
         assert usage is not None
         # the grammar lets a model spell the "thought" label in more tokens than 6
-        assert 3 <= usage.get("output_token_details", {}).get("reasoning", 0) < usage["output_tokens"]
+        assert (
+            3 <= usage.get("output_token_details", {}).get("reasoning", 0) < usage["output_tokens"]
+        )
         structured = llm(client, logit_bias=TERSE).with_structured_output(Forecast)
         assert isinstance(structured.invoke("Forecast for Oslo?"), Forecast)
