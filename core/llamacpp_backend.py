@@ -660,7 +660,8 @@ class GemmaLlamaCppChatCompletion(BaseGemmaChatCompletion):
             from .gguf import GGUFSource
             from .gguf_writer import converted_gguf
 
-            file = converted_gguf(self._hf_folder, self.gguf_type or "")
+            assert self.gguf_type is not None  # set with _hf_folder in __init__
+            file = converted_gguf(self._hf_folder, self.gguf_type)
             self._gguf = GGUFSource(file.parent, file.name, self._gguf.architecture)
         path = str(self._gguf.path)
         model = api.llama_model_load_from_file(path.encode(), api.llama_model_default_params())

@@ -137,8 +137,8 @@ class MLXBatch:
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
         firsts = self._first_tokens(rows, caches, processors, stream_of)
-        if client.prompt_cache.enabled:  # kept before the generator takes the caches over
-            for prompt, cache in zip(prompts, caches, strict=True):
+        for prompt, cache in zip(prompts, caches, strict=True):  # before the generator has them
+            if client.prompt_cache.wants(prompt.ids):
                 client.prompt_cache.store(prompt.ids, copy.deepcopy(cache))
         for i, row in enumerate(rows):
             g = min(range(len(self.generators)), key=lambda k: len(self._rows[k]))

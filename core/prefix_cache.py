@@ -83,13 +83,17 @@ class PrefixCache:
             self.hits += 1
             return len(best), self._entries[best]
 
+    def wants(self, ids: Sequence[int]) -> bool:
+        """Whether :meth:`store` would keep a prompt of ``ids`` (ask before copying a cache)."""
+        return self.enabled and MIN_PREFIX <= len(ids) <= self.max_tokens
+
     def store(self, ids: Sequence[int], value: Any) -> None:
         """Keep ``value`` (a cache of exactly the prompt ``ids``), evicting the least
         recently used entries past the limits. Prompts longer than ``max_tokens`` are not
         kept."""
-        key = tuple(ids)
-        if not self.enabled or len(key) < MIN_PREFIX or len(key) > self.max_tokens:
+        if not self.wants(ids):
             return
+        key = tuple(ids)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

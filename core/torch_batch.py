@@ -184,7 +184,7 @@ class TorchBatch:
             use_cache=True,
             logits_to_keep=1,
         )
-        if self.prefixes is not None:
+        if self.prefixes is not None and self.prefixes.wants(prompt):
             self.prefixes.store(prompt, copy.deepcopy(cache))
         return cache, out.logits[:, -1, :].to(dtype=torch.float32)
 

@@ -209,6 +209,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         )
         #: The image processor's options (``None``: the checkpoint's defaults).
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
+        #: the scheduler's engine when it is the CUDA fast path's batch (set by _batch_engine)
+        self._slot_batch: Any = None
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
         self._processor: Any = None  # the checkpoint's processor, loaded at the first media
         from .gguf import check_model_path
@@ -410,7 +412,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             p.media is not None for p in request.prompts
         ):  # images / audio: generate() reads them
             return True
-        slots = getattr(self, "_slot_batch", None)
+        slots = self._slot_batch
         if slots is None:
             return False
         if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket

@@ -86,3 +86,10 @@ def test_threads_store_and_look_up_together() -> None:
     for t in threads:
         t.join()
     assert len(cache) <= 8 and cache.tokens <= 10_000
+
+
+def test_wants_says_what_store_keeps() -> None:
+    cache = PrefixCache(max_entries=4, max_tokens=100)
+    assert cache.wants(ids(MIN_PREFIX)) and cache.wants(ids(100))
+    assert not cache.wants(ids(MIN_PREFIX - 1)) and not cache.wants(ids(101))
+    assert not PrefixCache(max_tokens=0).wants(ids(50))

@@ -914,9 +914,8 @@ def _sample(logits: Any, b: _Bucket, how: _Sampler) -> Any:
         logits = torch.where(b.seen, penalized, logits)
     if how.bias:
         logits = logits + b.bias
-    if how.masked:  # bit (id % 32) of word (id // 32) of the row's bitmask: 1 = allowed
-        bits = b.allowed.index_select(1, b.word_of).bitwise_right_shift(b.bit_of) & 1
-        logits = torch.where(bits.bool(), logits, torch.finfo(logits.dtype).min)
+    if how.masked:
+        logits = b.bits.mask(logits, b.allowed)
     if how.greedy:
         return logits.argmax(dim=-1)
     logits = logits / b.temperature
@@ -933,6 +932,23 @@ def _sample(logits: Any, b: _Bucket, how: _Sampler) -> Any:
     race = torch.empty_like(probs).exponential_().clamp_min_(1e-20)
     choice = (probs / race).argmax(dim=-1)
     return choice if index is None else index.gather(-1, choice[:, None])[:, 0]
+
+
+class _Bits:
+    """Where each vocabulary id sits in an llguidance bitmask: bit ``id % 32`` of int32 word
+    ``id // 32`` of its row (1 = allowed), as index tensors on the device."""
+
+    def __init__(self, vocab: int, device: Any) -> None:
+        ids = torch.arange(vocab, device=device)
+        self.words = -(-vocab // 32)
+        self.word = ids // 32
+        self.bit = (ids % 32).to(torch.int32)
+
+    def mask(self, logits: Any, allowed: Any) -> Any:
+        """``logits`` ``[rows, vocab]`` with every id ``allowed`` ``[rows, words]`` forbids at
+        the dtype's lowest value (what :class:`~core.constrained.TorchGrammarMask` gives them)."""
+        bits = allowed.index_select(1, self.word).bitwise_right_shift(self.bit) & 1
+        return torch.where(bits.bool(), logits, torch.finfo(logits.dtype).min)
 
 
 # ------------------------------------------------------------------- buckets
@@ -972,10 +988,9 @@ class _Bucket:
         self.penalty = torch.ones(1, dtype=torch.float32, device=dev)
         self.seen: Any = None
         self.bias: Any = None
-        #: a grammar's bitmask, int32 (batch, vocab / 32), and each id's word and bit in it
+        #: a grammar's bitmask, int32 (batch, vocab / 32), and how to read it
         self.allowed: Any = None
-        self.word_of: Any = None
-        self.bit_of: Any = None
+        self.bits: Any = None  # _Bits, made with the first grammar
         self.vocab = lay.vocab
         self.graphs: dict[_Sampler, Any] = {}
         #: masked samplers: (forward graph, sampling graph, the forward graph's logits)
@@ -996,13 +1011,10 @@ class _Bucket:
                 self.batch, self.vocab, dtype=torch.bool, device=self.tok.device
             )
         if how.masked and self.allowed is None:
-            dev = self.tok.device
-            ids = torch.arange(self.vocab, device=dev)
+            self.bits = _Bits(self.vocab, self.tok.device)
             self.allowed = torch.full(
-                (self.batch, -(-self.vocab // 32)), -1, dtype=torch.int32, device=dev
+                (self.batch, self.bits.words), -1, dtype=torch.int32, device=self.tok.device
             )
-            self.word_of = ids // 32
-            self.bit_of = (ids % 32).to(torch.int32)
         if how.masked:
             self.allowed.fill_(-1)
         if how.bias:

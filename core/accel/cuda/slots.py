@@ -108,8 +108,7 @@ class SlotBatch:
         #: greedy rows: the next step is launched before the host reads this one's tokens
         self.pipeline = fast_path._flag("GEMMA_LOCAL_SLOT_PIPELINE", True)
         self._indexes: dict[tuple[int, ...], Any] = {}
-        self._word_of: Any = None  # each id's word and bit in a grammar's bitmask
-        self._bit_of: Any = None
+        self._bits: Any = None  # fast_path._Bits of the vocabulary, made at the first grammar
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a row of ``prompt_tokens`` and up to ``max_tokens`` fits the ring."""
@@ -164,7 +163,7 @@ class SlotBatch:
                 where = torch.arange(end - keep, end, device=lay.device)
                 buffer[index : index + 1].index_copy_(2, where % ring, written[:, :, held - keep :])
         self.bucket.pad[index] = end - width
-        if self.prefixes is not None:
+        if self.prefixes is not None and self.prefixes.wants(ids):
             self.prefixes.store(ids, self._trimmed(own))
         return logits
 
@@ -320,19 +319,15 @@ class SlotBatch:
             return scores
         import numpy as np
 
-        vocab = scores.shape[-1]
-        if self._word_of is None:
-            ids = torch.arange(vocab, device=scores.device)
-            self._word_of, self._bit_of = ids // 32, (ids % 32).to(torch.int32)
-        words = -(-vocab // 32)
+        if self._bits is None:
+            self._bits = fast_path._Bits(scores.shape[-1], scores.device)
+        words = self._bits.words
         host = np.full((scores.shape[0], words), -1, dtype=np.int32)
         for i, bitmask in rows:
             width = min(words, bitmask.shape[0])
             host[i, :width] = bitmask[:width]
             host[i, width:] = 0  # ids past the tokenizer's vocabulary: never
-        allowed = torch.from_numpy(host).to(scores.device, non_blocking=True)
-        bits = allowed.index_select(1, self._word_of).bitwise_right_shift(self._bit_of) & 1
-        return torch.where(bits.bool(), scores, torch.finfo(scores.dtype).min)
+        return self._bits.mask(scores, torch.from_numpy(host).to(scores.device))
 
     def _width(self, rows: int) -> int:
         """The graph width that covers ``rows`` rows: 1, 4, 16, 64... (each width compiles and
