@@ -200,8 +200,21 @@ def supported(model: Any, params: SamplingParams | None = None) -> bool:
     if mode == "auto" and _device_type(model) != "cuda":
         return False
     if model not in _KNOWN:
-        _KNOWN[model] = _Layout.find(model) is not None
+        _KNOWN[model] = _Layout.find(model) is not None or _own_forward().find(model) is not None
     return _KNOWN[model]
+
+
+def shares_slots(model: Any) -> bool:
+    """Whether the continuous batch of :mod:`core.accel.cuda.slots` can run ``model`` (the
+    Gemma 1-3 forward of this module; Gemma 4's own-forward engine serves whole requests)."""
+    return _Layout.find(model) is not None
+
+
+def _own_forward() -> Any:
+    """:mod:`core.accel.cuda.own_forward` (the decoders this module has no forward for)."""
+    from . import own_forward
+
+    return own_forward.ModelLayout
 
 
 #: model -> whether its layout is known (so the check costs nothing per request).
@@ -260,23 +273,7 @@ def describe(model: Any) -> dict[str, Any]:
     engine = getattr(model, _ENGINE_ATTR, None)
     if engine is None:
         return {"active": False}
-    return {
-        "active": True,
-        "compile": engine.compile,
-        "cuda_graphs": engine.use_graphs,
-        "fused_projections": engine.layout.fused,
-        "decode_attention": "triton" if engine.layout.decode_kernel else "matmul",
-        "triton_products": engine.layout.gemv is not None,
-        "folded_residuals": engine.layout.gemv_residual is not None,
-        "rope_store": engine.layout.rope_store is not None,
-        "pdl": engine.layout.pdl,
-        "residual_norm": engine.layout.residual_norm is not None,
-        "compiled_prefill": engine.prefill_layer is not _prefill_layer,
-        "prefill_graphs": sum(len(b.prefills) for b in engine.buckets.values()),
-        "compile_seconds": dict(engine.compile_seconds),
-        "buckets": [list(key) for key in engine.buckets],
-        "fallbacks": list(engine.fallbacks),
-    }
+    return engine.describe()
 
 
 def batch_bucket(rows: int) -> int:
@@ -375,6 +372,15 @@ class _Layout:
             raise TypeError("model spread over several devices")
         if model.training:
             raise TypeError("model in training mode")
+
+    def cache_shapes(self) -> list[tuple[int, int] | None]:
+        """(KV heads, head dim) of each layer's cache (every layer has one, all alike)."""
+        return [(self.kv_heads, self.head_dim)] * len(self.layers)
+
+    def slot_counts(self, length: int) -> list[int]:
+        """Each layer's cache slots in a bucket of ``length``: the bucket, or a sliding
+        window's ring where the window is shorter."""
+        return [length if w is None else min(length, w) for w in self.windows]
 
     @staticmethod
     def find(model: Any) -> _Layout | None:
@@ -961,7 +967,6 @@ class _Bucket:
         self, lay: _Layout, batch: int, length: int, parent: _Bucket | None = None
     ) -> None:
         dev, dtype = lay.device, lay.dtype
-        shape = (batch, lay.kv_heads)
         self.batch, self.length = batch, length
         self.keys: list[Any]
         self.values: list[Any]
@@ -969,15 +974,18 @@ class _Bucket:
         self.step: Any
         self.pad: Any
         if parent is not None:  # the first ``batch`` rows of ``parent``: views, one step counter
-            self.keys = [k[:batch] for k in parent.keys]
-            self.values = [v[:batch] for v in parent.values]
+            self.keys = [None if k is None else k[:batch] for k in parent.keys]
+            self.values = [None if v is None else v[:batch] for v in parent.values]
             self.tok, self.step, self.pad = parent.tok[:batch], parent.step, parent.pad[:batch]
         else:
-            slots = [length if w is None else min(length, w) for w in lay.windows]
+            # a layer without a cache of its own (Gemma 4's KV-shared layers) gets None
             self.keys = [
-                torch.zeros(*shape, s, lay.head_dim, dtype=dtype, device=dev) for s in slots
+                None
+                if shape is None
+                else torch.zeros(batch, shape[0], slots, shape[1], dtype=dtype, device=dev)
+                for shape, slots in zip(lay.cache_shapes(), lay.slot_counts(length), strict=True)
             ]
-            self.values = [torch.zeros_like(k) for k in self.keys]
+            self.values = [None if k is None else torch.zeros_like(k) for k in self.keys]
             self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
             self.step = torch.zeros(1, dtype=torch.long, device=dev)
             self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -1086,6 +1094,27 @@ class _Engine:
                 # time. One compiled layer (dynamic shapes) serves every layer and prompt
                 # length: regional compilation, seconds instead of a whole-model compile.
                 self.prefill_layer = compiled(_prefill_layer, dynamic=True)
+
+    def describe(self) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "active": True,
+            "forward": "gemma",
+            "compile": self.compile,
+            "cuda_graphs": self.use_graphs,
+            "fused_projections": lay.fused,
+            "decode_attention": "triton" if lay.decode_kernel else "matmul",
+            "triton_products": lay.gemv is not None,
+            "folded_residuals": lay.gemv_residual is not None,
+            "rope_store": lay.rope_store is not None,
+            "pdl": lay.pdl,
+            "residual_norm": lay.residual_norm is not None,
+            "compiled_prefill": self.prefill_layer is not _prefill_layer,
+            "prefill_graphs": sum(len(b.prefills) for b in self.buckets.values()),
+            "compile_seconds": dict(self.compile_seconds),
+            "buckets": [list(key) for key in self.buckets],
+            "fallbacks": list(self.fallbacks),
+        }
 
     # -------------------------------------------------------------- buckets
 
@@ -1539,6 +1568,12 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     if engine is not None:
         return engine
     _import_torch()
+    if _Layout.find(model) is None:  # Gemma 4: the model's own modules (own_forward)
+        from . import own_forward
+
+        engine = own_forward.engine(model, compile=compile, cuda_graphs=cuda_graphs)
+        setattr(model, _ENGINE_ATTR, engine)
+        return engine
     layout = _Layout(model)
     cuda = layout.device.type == "cuda"
     if compile is None:
