@@ -1,9 +1,20 @@
 """Decode speed: gemma-local against the raw backends, side by side in one process.
 
-GPU (random weights of the real Gemma 3 shapes, built on the device; nothing
-is downloaded)::
+GPU (random weights of the real Gemma 3 and Gemma 4 shapes, built on the
+device; nothing is downloaded)::
 
     python benchmarks/bench.py gpu --shapes 1b,12b [--nf4] [--check]
+    python benchmarks/bench.py gpu --shapes 31b --batches 1 --skip-static --cold-start
+
+shapes (:data:`SHAPES`): Gemma 3 ``1b`` and ``12b``; Gemma 4 ``31b`` (dense,
+K=V global attention), ``26b-a4b`` (128 experts, top 8, beside a dense MLP) and
+``e4b`` (per-layer embeddings, the last 18 layers KV-shared), text only, loaded
+as ``Gemma4ForConditionalGeneration`` like the real checkpoints; ``tiny`` and
+``tiny4`` (a Gemma 4 with MoE, per-layer embeddings and KV sharing) for
+``--dry-run``, which runs the same code on the CPU in seconds. The "limit" of a
+shape is the copy bandwidth over the weight bytes one bs1 step reads
+(:func:`read_bytes`: a MoE layer's routed experts only, one row of the per-layer
+embeddings).
 
 rows per shape, at batch size 1 and 16: ours (``client.create`` /
 ``client.create_batch``: the fast path), raw ``model.generate`` (dynamic
@@ -11,7 +22,11 @@ cache) and raw ``generate(cache_implementation="static")`` (transformers
 compiles the forward itself), plus 16 (or ``--seq-calls``) sequential
 ``create`` calls; with ``--nf4`` the 12b shape again in bitsandbytes NF4;
 with ``--check`` a float32 greedy-equality check of the fast path against
-``model.generate`` (left-padded batch, sliding window shorter than the text).
+``model.generate`` (left-padded batch, sliding window shorter than the text);
+with ``--cold-start``, before anything else runs on a shape, the very first
+``create()`` of a fresh client (compilation and graph capture included): its
+time to first token and total time against raw ``generate``'s first call
+(``x raw first call``).
 
 CPU (a small Gemma 3: hidden 512, 4 layers, about 16M parameters)::
 
@@ -28,7 +43,8 @@ Every run prints a table (tok/s, time to first token, peak memory, ratios) and
 writes ``<out>/results-<device>.md`` and ``.json``; ``--update`` puts the table
 into ``benchmarks/RESULTS.md`` between its markers. Greedy decoding
 throughout; the end-of-turn / end-of-text rows of the random embeddings are
-zeroed so that every run generates exactly ``--new-tokens`` tokens.
+zeroed (Gemma 4: ``<|tool_response>`` too) so that every run generates exactly
+``--new-tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -55,9 +71,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: Gemma 3's end ids (``<eos>``, ``<end_of_turn>``); Gemma 4's add ``<|tool_response>``
+#: (:data:`EOS4`). Their rows of the random embeddings are zeroed (see :func:`gpu_model`).
 EOS = (1, 106)
+EOS4 = (1, 106, 50)
 
-#: The real shapes (config.json of google/gemma-3-1b-it and the text tower of gemma-3-12b-it).
+#: The real shapes: config.json of google/gemma-3-1b-it, the text tower of gemma-3-12b-it,
+#: and the text towers of gemma-4-31B-it, gemma-4-26B-A4B-it and gemma-4-E4B-it (loaded,
+#: like the real Gemma 4 checkpoints, as ``Gemma4ForConditionalGeneration``, here without
+#: the vision / audio towers). Every Gemma 4 shape has 5 sliding layers to 1 full, RoPE
+#: theta 1e4 on sliding layers and proportional RoPE (a quarter of the dims, theta 1e6) on
+#: full ones, final logit soft-capping 30 (see :func:`gemma4_text_config`).
 SHAPES: dict[str, dict[str, Any]] = {
     # --dry-run only: the same code path on the CPU in seconds.
     "tiny": dict(
@@ -93,7 +117,91 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=256,
         sliding_window=1024,
     ),
+    # --dry-run only: a Gemma 4 with every part of the real ones at once (K=V global
+    # attention with fewer, wider global heads; MoE beside the dense MLP; per-layer
+    # embeddings; the last 2 layers KV-shared), 6 layers (sliding, sliding, full) x 2.
+    "tiny4": dict(
+        arch="gemma4",
+        pattern=3,
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=32,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=32,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=1024,
+        num_kv_shared_layers=2,
+    ),
+    "31b": dict(
+        arch="gemma4",
+        vocab_size=262144,
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_hidden_layers=60,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=256,
+        global_head_dim=512,
+        num_global_key_value_heads=4,
+        attention_k_eq_v=True,
+        sliding_window=1024,
+        hidden_size_per_layer_input=0,
+    ),
+    "26b-a4b": dict(
+        arch="gemma4",
+        vocab_size=262144,
+        hidden_size=2816,
+        intermediate_size=2112,  # the dense MLP beside the experts
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        sliding_window=1024,
+        enable_moe_block=True,
+        num_experts=128,
+        top_k_experts=8,
+        moe_intermediate_size=704,
+        hidden_size_per_layer_input=0,
+    ),
+    "e4b": dict(
+        arch="gemma4",
+        vocab_size=262144,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=42,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=512,
+        hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=18,
+    ),
 }
+#: The shapes ``--dry-run`` may build (small enough for the CPU).
+DRY_RUN_SHAPES = ("tiny", "tiny4")
+
+
+def is_gemma4_shape(shape: str) -> bool:
+    return str(SHAPES[shape]["arch"]).startswith("gemma4")
+
+
+def shape_end_ids(shape: str) -> tuple[int, ...]:
+    return EOS4 if is_gemma4_shape(shape) else EOS
 
 
 @dataclass
@@ -259,6 +367,41 @@ def completion_tokens(results: list[dict[str, Any]]) -> int:
 # --------------------------------------------------------------------- GPU
 
 
+def gemma4_text_config(spec: dict[str, Any], layer_types: list[str]) -> Any:
+    """The ``Gemma4TextConfig`` of a Gemma 4 shape: ``spec`` (its dims, without ``arch``)
+    plus what every real Gemma 4 has, as :mod:`core.tiny` builds it.
+
+    Only keyword arguments that transformers 5.17 and 5.24 both take: ``global_head_dim``
+    and ``num_global_key_value_heads`` go into ``per_layer_config`` in both (which
+    5.24's ``config.head_dim`` then refuses to summarise; read it per layer).
+    """
+    from transformers import Gemma4TextConfig
+
+    dims = dict(spec)
+    dims.setdefault("vocab_size_per_layer_input", dims["vocab_size"])
+    return Gemma4TextConfig(
+        **dims,
+        layer_types=layer_types,
+        rope_parameters={
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1_000_000.0,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        final_logit_softcapping=30.0,
+        max_position_embeddings=32768,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+    )
+
+
 def gpu_model(
     shape: str,
     dtype: Any,
@@ -267,7 +410,13 @@ def gpu_model(
     device: str = "cuda",
     pattern: int = 6,
 ) -> Any:
-    """Random weights of a real shape, initialised directly on the GPU."""
+    """Random weights of a real shape, initialised directly on the GPU.
+
+    ``pattern``: every ``pattern``-th layer is a full-attention one (a shape's own
+    ``pattern`` wins). The norms get random weights and the end ids' embedding rows
+    (:func:`shape_end_ids`) are zeroed: with the tied ``lm_head`` their logits are 0, never
+    the argmax, so every greedy run generates exactly the tokens it asks for.
+    """
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -278,57 +427,115 @@ def gpu_model(
 
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
+    pattern = spec.pop("pattern", pattern)
     if layers is not None:
         spec["num_hidden_layers"] = layers
     if window is not None:
         spec["sliding_window"] = window
     n = spec["num_hidden_layers"]
-    text = Gemma3TextConfig(
-        **spec,
-        query_pre_attn_scalar=256,
-        layer_types=[
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)
-        ],
-        max_position_embeddings=32768,
-        hidden_activation="gelu_pytorch_tanh",
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-        tie_word_embeddings=True,
-    )
-    config: Any = text
-    if arch == "gemma3":  # loads as Gemma3ForConditionalGeneration, like the real 12b
-        vocab = spec["vocab_size"]
-        config = Gemma3Config(
-            text_config=text,
-            vision_config=SiglipVisionConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=64,
-                patch_size=16,
-                vision_use_head=False,
-            ),
-            mm_tokens_per_image=4,
-            boi_token_index=vocab - 3,
-            eoi_token_index=vocab - 2,
-            image_token_index=vocab - 1,
+    layer_types = [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)
+    ]
+    gemma4 = is_gemma4_shape(shape)
+    stop = list(shape_end_ids(shape))
+    config: Any
+    if gemma4:
+        from transformers import Gemma4Config
+
+        from core.tiny import special_token_ids
+
+        ids = special_token_ids(arch, spec["vocab_size"])
+        # Gemma4ForConditionalGeneration (what the real checkpoints load as) without
+        # the vision and audio towers: text only, the decoder and its layout the real ones.
+        config = Gemma4Config(
+            text_config=gemma4_text_config(spec, layer_types),
+            vision_config=None,
+            audio_config=None,
+            boi_token_id=ids["<|image>"],
+            eoi_token_id=ids["<image|>"],
+            image_token_id=ids["<|image|>"],
+            video_token_id=ids["<|video|>"],
+            boa_token_id=ids["<|audio>"],
+            eoa_token_index=ids["<audio|>"],
+            audio_token_id=ids["<|audio|>"],
             tie_word_embeddings=True,
         )
+    else:
+        text = Gemma3TextConfig(
+            **spec,
+            query_pre_attn_scalar=256,
+            layer_types=layer_types,
+            max_position_embeddings=32768,
+            hidden_activation="gelu_pytorch_tanh",
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+            tie_word_embeddings=True,
+        )
+        config = text
+        if arch == "gemma3":  # loads as Gemma3ForConditionalGeneration, like the real 12b
+            vocab = spec["vocab_size"]
+            config = Gemma3Config(
+                text_config=text,
+                vision_config=SiglipVisionConfig(
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=64,
+                    patch_size=16,
+                    vision_use_head=False,
+                ),
+                mm_tokens_per_image=4,
+                boi_token_index=vocab - 3,
+                eoi_token_index=vocab - 2,
+                image_token_index=vocab - 1,
+                tie_word_embeddings=True,
+            )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    model.generation_config.eos_token_id = list(EOS)
+    model.generation_config.eos_token_id = stop
     model.generation_config.pad_token_id = 0
+    model.generation_config.bos_token_id = 2
     with torch.no_grad():
         gen = torch.Generator(device=device).manual_seed(0)
+        # Gemma 1-3 scale by (1 + weight), initialised 0; Gemma 4 by weight, initialised 1.
+        base = 1.0 if gemma4 else 0.0
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") and "vision" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen, device=device) * 0.5)
+                noise = torch.randn(param.shape, generator=gen, device=device) * 0.5
+                param.copy_(base + noise)
         embed = model.get_input_embeddings().weight
-        embed[list(EOS)] = 0  # never the argmax: every run generates exactly n tokens
+        embed[stop] = 0  # never the argmax: every run generates exactly n tokens
     return model
+
+
+def end_ids(model: Any) -> list[int]:
+    """The model's end ids (its generation config's, as :func:`gpu_model` set them)."""
+    ids = model.generation_config.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def read_bytes(model: Any) -> int:
+    """Weight bytes one decode step at batch size 1 reads: what bounds its speed.
+
+    Everything, once (the tied embedding is read whole by ``lm_head``), except: of a MoE
+    layer's experts only the ``top_k_experts`` a token is routed to; of the per-layer
+    embedding table (Gemma 4 E models, ``embed_tokens_per_layer``) one row.
+    """
+    text = model.config.get_text_config()
+    experts = getattr(text, "num_experts", None) or 0
+    active = getattr(text, "top_k_experts", None) or 0
+    total = 0
+    for name, p in model.named_parameters():  # each once: the tied lm_head is embed_tokens
+        size = p.numel() * p.element_size()
+        if "embed_tokens_per_layer" in name:
+            size = p.shape[-1] * p.element_size()
+        elif experts and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            size = size * active // experts
+        total += size
+    return total
 
 
 def tokenizer_for(shape: str, work: Path) -> Any:
@@ -383,7 +590,7 @@ def raw_generate(
         temperature=None,
         top_p=None,
         top_k=None,
-        eos_token_id=list(EOS),
+        eos_token_id=end_ids(model),
         pad_token_id=0,
     )
     if static:
@@ -575,7 +782,7 @@ class GpuBench:
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                eos_token_id=list(EOS),
+                eos_token_id=end_ids(model),
                 pad_token_id=0,
             )
         expected = out[:, width:].tolist()
@@ -634,12 +841,15 @@ class GpuBench:
         tokenizer, path = tokenizer_for(shape, self.work)
         model.config.save_pretrained(path)  # the client checks the folder is a model's
         client = bench_client(model, tokenizer, str(path), record=args.record)
-        convos = conversations(client, 16, p)
+        convos = conversations(client, 16, p)  # the tokenizer only: the model is untouched
         ids = prompt_ids(client, convos)
-        gb = weight_bytes(model)
-        limit = self.bandwidth / gb
-        section = f"{shape} bf16 ({gb / 1e9:.1f} GB, limit {limit:.0f} tok/s at bs1)"
+        gb, read = weight_bytes(model), read_bytes(model)
+        limit = self.bandwidth / read
+        reads = "" if read == gb else f", {read / 1e9:.2f} GB read per token"
+        section = f"{shape} bf16 ({gb / 1e9:.1f} GB{reads}, limit {limit:.0f} tok/s at bs1)"
         self.limits[section] = limit
+        if args.cold_start:
+            self.cold_start(shape, model, tokenizer, path, convos[0], ids[:1], n)
         if args.batches:
             self.run_shape_rows(section, client, model, convos, ids, n, shape)
         if args.constrained_batches:
@@ -667,6 +877,92 @@ class GpuBench:
         del client, model
         gc.collect()
         self.empty_cache()
+
+    def cold_start(
+        self,
+        shape: str,
+        model: Any,
+        tokenizer: Any,
+        path: Path,
+        convo: Any,
+        ids: list[list[int]],
+        n: int,
+    ) -> None:
+        """``--cold-start``: the first request on a model nothing has run yet, against the
+        first calls of raw ``model.generate``.
+
+        Ours first: a fresh client, its ``load()``, then its very first ``create(stream=True)``
+        of ``n`` tokens (compilation and graph capture included): time to the first chunk
+        with text (with random weights a first token without text, e.g. a byte, delays it
+        by a token or so) and to the end. Then raw ``generate``: its first call
+        (``max_new_tokens=1``: its time to first token) and the next one, of ``n`` tokens.
+        Raw runs second, so whatever process-wide warm-up ours paid for (CUDA kernels
+        loaded on first use) raw does not: the ratios are conservative. Ratios are times:
+        ``x raw first call`` = ours' time to first token / raw's first call's.
+        """
+        section = f"{shape} bf16: cold start (the first request on a fresh model)"
+        sync = self.clock.sync
+        measured: dict[str, float] = {}
+
+        def ours() -> Row:
+            start = time.perf_counter()
+            client = bench_client(model, tokenizer, str(path))
+            loaded = time.perf_counter() - start
+            try:
+                sync()
+                start = time.perf_counter()
+                ttft, tokens = None, 0
+                for chunk in client.create(convo, temperature=0, max_tokens=n, stream=True):
+                    if ttft is None and any(
+                        c.get("delta", {}).get("content") for c in chunk.get("choices", ())
+                    ):
+                        ttft = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                sync()
+                total = time.perf_counter() - start
+            finally:
+                client.close()
+            if ttft is None:
+                raise RuntimeError("the first request streamed no text")
+            measured.update(ours_ttft=ttft, ours_total=total)
+            note = f"load() {loaded:.2f} s (not in the times)"
+            if tokens != n:
+                note += f"; generated {tokens} tokens"
+            return Row(
+                section,
+                "",
+                1,
+                tok_s=tokens / total,
+                ttft_ms=ttft * 1000,
+                first_call_s=total,
+                tokens=tokens,
+                note=note,
+            )
+
+        def raw() -> Row:
+            ttft, _ = self.clock(lambda: raw_generate(model, ids, 1))
+            total, out = self.clock(lambda: raw_generate(model, ids, n))
+            tokens = sum(len(r) for r in out)
+            measured.update(raw_ttft=ttft, raw_total=total)
+            return Row(
+                section,
+                "",
+                1,
+                tok_s=tokens / total,
+                ttft_ms=ttft * 1000,
+                first_call_s=total,
+                tokens=tokens,
+                note="TTFT: the first call (max_new_tokens=1); first call s: the next call, "
+                f"{n} tokens (a dynamic cache compiles nothing)",
+            )
+
+        first = self.row(section, "ours: first create() of a fresh client (stream)", 1, ours)
+        self.row(section, "raw generate: first calls (after ours)", 1, raw)
+        if {"ours_ttft", "raw_ttft"} <= measured.keys():
+            first.ratios["x raw first call"] = measured["ours_ttft"] / measured["raw_ttft"]
+        if {"ours_total", "raw_total"} <= measured.keys():
+            first.ratios["total x raw"] = measured["ours_total"] / measured["raw_total"]
 
     def run_shape_rows(
         self,
@@ -762,7 +1058,7 @@ class GpuBench:
         """
         from bench_constrained import e2e_modes, ids_with
 
-        bias = dict.fromkeys([1, 106, *ids_with(client.tokenizer, '"')], -100.0)
+        bias = dict.fromkeys([*end_ids(client.model), *ids_with(client.tokenizer, '"')], -100.0)
         constrained = e2e_modes()  # bench_constrained's schema and tool: a free JSON string
         modes: dict[str, dict[str, Any]] = {
             "unconstrained": {},
@@ -1539,7 +1835,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("device", choices=["gpu", "cpu"])
-    parser.add_argument("--shapes", default="1b,12b", help="GPU shapes, comma separated (1b, 12b)")
+    parser.add_argument(
+        "--shapes",
+        default="1b,12b",
+        help=f"GPU shapes, comma separated ({', '.join(SHAPES)})",
+    )
     parser.add_argument("--batches", default="1,16", help="GPU batch sizes")
     parser.add_argument("--nf4", action="store_true", help="also the 12b shape in bitsandbytes NF4")
     parser.add_argument(
@@ -1577,9 +1877,27 @@ def main() -> None:
         help="folder for results-<device>.md/.json and logs",
     )
     parser.add_argument("--update", default=None, help="RESULTS.md to update in place")
-    parser.add_argument("--dry-run", action="store_true", help="gpu: the tiny shape on the CPU")
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="per shape, first: the first create() on the fresh model against generate's first call",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"gpu: on the CPU, shapes {', '.join(DRY_RUN_SHAPES)} only (default tiny)",
+    )
     args = parser.parse_args()
+    if args.dry_run and args.shapes == parser.get_default("shapes"):
+        args.shapes = "tiny"
     args.shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    if args.device == "gpu" and args.dry_run:
+        big = [s for s in args.shapes if s not in DRY_RUN_SHAPES]
+        if big:
+            parser.error(f"--dry-run runs {', '.join(DRY_RUN_SHAPES)} only, not {big}")
     args.batches = [int(b) for b in args.batches.split(",") if b]  # "": NF4 rows only
     args.nf4_batches = [int(b) for b in args.nf4_batches.split(",")]
     args.constrained_batches = [int(b) for b in args.constrained.split(",") if b]
