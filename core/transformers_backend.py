@@ -419,6 +419,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         if slots is None:
             # Gemma 4 on the fast path: a request alone runs there, others share a batch
             return alone and self._fast_alone
+        if not slots.ready():  # compiling in the background: the plain path meanwhile
+            return True
         if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket
             return True
         return not all(slots.fits(len(row.prompt.ids), row.max_tokens) for row in request.rows)

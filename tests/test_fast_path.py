@@ -93,7 +93,11 @@ def plain(model: Any, prompts: list[list[int]], n: int, **options: Any) -> list[
 def fast(model: Any, prompts: list[list[int]], params: SamplingParams, **kw: Any) -> RecordingSink:
     ps = [Prompt("", tuple(p)) for p in prompts]
     sink = RecordingSink(ps, params, kw.pop("cancel", None))
-    fast_path.generate(model, ps, params, sink, compile=kw.pop("compile", False), **kw)
+    compile = kw.pop("compile", False)
+    if not fast_path.generate(model, ps, params, sink, compile=compile, **kw):
+        # its bucket is compiling in the background (compile=True): once it is built, it serves
+        assert fast_path.settle(model, timeout=900)
+        assert fast_path.generate(model, ps, params, sink, compile=compile, **kw)
     sink.close()
     return sink
 
@@ -240,6 +244,72 @@ def test_compiled_engine_equals_plain_path(gemma3_path: Path) -> None:
     assert fast_path.describe(model)["compile"] == "eager"
 
 
+def test_a_bucket_compiling_in_the_background_leaves_its_request_to_the_plain_path(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No request waits for compilation: the first request of a bucket starts compiling it
+    on the engine's thread and is handed back untouched (the caller takes ``generate``);
+    once the bucket is built its requests run on the fast path, equal to the plain path."""
+    monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
+    model = load(gemma3_path)
+    prompt = prompts_of(9)
+    ps = [Prompt("", tuple(prompt[0]))]
+    sink = RecordingSink(ps, greedy(8))
+    assert not fast_path.generate(model, ps, greedy(8), sink, compile="eager")
+    assert sink.pushes == 0 and not sink.done  # nothing was served: the caller serves it
+    assert fast_path.settle(model, timeout=600)
+    info = fast_path.describe(model)
+    assert info["compiled_buckets"] == [[1, 256]]
+    assert "background, batch 1, 256 slots" in info["compile_seconds"]
+    assert fast_path.generate(model, ps, greedy(8), sink, compile="eager")
+    sink.close()
+    assert sink.tokens == plain(model, prompt, 8)
+    # another bucket (two rows) compiles in its turn; GEMMA_LOCAL_COMPILE_WAIT=1 waits for it
+    monkeypatch.setenv("GEMMA_LOCAL_COMPILE_WAIT", "1")
+    batch = prompts_of(5, 7, seed=4)
+    assert fast(model, batch, greedy(6), compile="eager").tokens == plain(model, batch, 6)
+    assert fast_path.describe(model)["compiled_buckets"] == [[1, 256]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compile + graphs")
+def test_the_first_request_on_the_gpu_does_not_wait_for_compilation(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the client: the first request is served by ``generate`` while the fast path's
+    code compiles on its thread; once it is built the same request runs on the fast path
+    (the continuous batch) and gives the same reply."""
+    from core import GemmaTransformersChatCompletion
+
+    monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
+    monkeypatch.delenv("GEMMA_LOCAL_FAST_PATH", raising=False)
+    client = GemmaTransformersChatCompletion(
+        str(gemma3_path), device_map="cuda", torch_dtype="float32"
+    )
+    try:
+        first = client.create(USER, temperature=0, max_tokens=8)
+        assert fast_path.describe(client.model)["compiled_buckets"] == []
+        assert fast_path.settle(client.model, timeout=900)
+        second = client.create(USER, temperature=0, max_tokens=8)
+        assert second["choices"] == first["choices"]
+        assert fast_path.settle(client.model, timeout=900)
+        info = fast_path.describe(client.model)
+        assert [1, 4096] in info["compiled_buckets"] and not info["fallbacks"], info
+    finally:
+        client.close()
+
+
+def test_release_stops_the_background_compile(gemma3_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
+    model = load(gemma3_path)
+    engine = fast_path._engine(model, compile="eager", cuda_graphs=False)
+    assert not engine.ready((1, 256), 16)
+    assert not engine.ready((2, 256), 16)
+    fast_path.release(model)
+    assert engine.background.settle(timeout=600)
+    assert (2, 256) not in engine.background.done  # dropped from the queue
+    assert fast_path.describe(model) == {"active": False}
+
+
 def test_compiled_prefill_is_one_graph_for_every_layer_and_length(
     gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,6 +318,7 @@ def test_compiled_prefill_is_one_graph_for_every_layer_and_length(
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("GEMMA_LOCAL_REGIONAL", "0")  # the decode step as one graph here
+    monkeypatch.setenv("GEMMA_LOCAL_COMPILE_WAIT", "1")  # compiled in the request: counted
     torch._dynamo.reset()
     counters.clear()
     model = load(gemma3_path)
@@ -269,6 +340,7 @@ def test_regional_decode_is_one_graph_per_piece(
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("GEMMA_LOCAL_REGIONAL", "1")
+    monkeypatch.setenv("GEMMA_LOCAL_COMPILE_WAIT", "1")  # compiled in the request: counted
     torch._dynamo.reset()
     counters.clear()
     model = load(gemma3_path)

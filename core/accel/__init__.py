@@ -89,8 +89,8 @@ def cuda_generate(
 
     if not fast_path.supported(model, params):
         return False
-    fast_path.generate(model, prompts, params, sink, pad_id=pad_id, grammar=grammar)
-    return True
+    # False where the request's shape is still compiling (in the background): plain path
+    return fast_path.generate(model, prompts, params, sink, pad_id=pad_id, grammar=grammar)
 
 
 def cuda_batch(model: Any, grammar_for: Any, *, rows: int, prefixes: Any = None) -> Any | None:

@@ -25,8 +25,13 @@ replaces that loop for Gemma 1/2/3 on CUDA and feeds the same
   takes 1-2 minutes) and each (batch, cache_len, sampler) bucket is captured
   as a CUDA graph the first time it is used; later requests of that bucket
   only replay. Batches are bucketed too (:func:`batch_bucket`: powers of
-  two, padding rows whose tokens are dropped), so 3 prompts reuse what 4 built. Compilation happens before the prompt is read, so the
-  first request of a new bucket pays it; the benchmark reports that cost.
+  two, padding rows whose tokens are dropped), so 3 prompts reuse what 4 built.
+* **No request waits for compilation.** A request whose bucket has no
+  compiled code yet queues it on the engine's compiling thread
+  (:class:`_Background`) and is handed back (:func:`generate` returns
+  ``False``): the backend serves it with ``model.generate`` meanwhile, and
+  the bucket's later requests take the fast path
+  (``GEMMA_LOCAL_COMPILE_WAIT=1``: compile in the request, as before).
 * **Same tokens.** The forward calls the model's own modules (norms, MLPs,
   rotary embedding, projections; bitsandbytes layers too) in the order the
   transformers implementation does; under greedy decoding the tokens equal
@@ -112,10 +117,12 @@ torch is imported lazily: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -238,8 +245,9 @@ def generate(
     compile: bool | str | None = None,
     cuda_graphs: bool | None = None,
     grammar: GrammarMatchers | None = None,
-) -> None:
-    """Generate for ``prompts`` (left-padded together) and push every step's tokens into ``sink``.
+) -> bool:
+    """Generate for ``prompts`` (left-padded together) and push every step's tokens into
+    ``sink``; ``False`` (nothing done) where the request's shape is still compiling.
 
     Runs on the thread that owns the model. ``sink.max_new_tokens`` bounds the
     steps; the loop ends early once ``sink.done`` (every row finished, or the
@@ -248,9 +256,20 @@ def generate(
     are fixed when a model is first seen (see :func:`release`). ``grammar``
     (one matcher per prompt) constrains every row's tokens; this loop feeds
     each sampled token to it.
+
+    **No request waits for compilation.** With ``compile`` on, the first
+    request of a bucket (batch, cache length) that has no compiled code yet
+    starts compiling it on a thread of the engine's and returns ``False``: the
+    caller serves it on the plain path (``model.generate``) meanwhile, and the
+    bucket's requests take the fast path once it is ready.
+    ``GEMMA_LOCAL_COMPILE_WAIT=1`` compiles in the request instead (its first
+    token waits, as benchmarks of the steady state want); :func:`settle` waits
+    for the compiling thread.
     """
     _import_torch()
     engine = _engine(model, compile=compile, cuda_graphs=cuda_graphs)
+    if not engine.ready_for(prompts, sink):
+        return False
     device = engine.layout.device
     with torch.inference_mode():
         if device.type == "cuda":  # streams, events and graphs of the model's GPU
@@ -258,12 +277,20 @@ def generate(
                 engine.run(prompts, params, sink, pad_id, grammar)
         else:
             engine.run(prompts, params, sink, pad_id, grammar)
+    return True
+
+
+def settle(model: Any, timeout: float | None = None) -> bool:
+    """Wait until no bucket of ``model`` is compiling in the background; whether none is."""
+    engine = getattr(model, _ENGINE_ATTR, None)
+    return True if engine is None else engine.background.settle(timeout)
 
 
 def release(model: Any) -> None:
     """Drop the compiled graphs and KV buffers kept on ``model``."""
     engine = getattr(model, _ENGINE_ATTR, None)
     if engine is not None:
+        engine.background.stop()
         engine.buckets.clear()
         delattr(model, _ENGINE_ATTR)
 
@@ -1064,6 +1091,8 @@ class _Engine:
         self.prefill_layer: Callable[..., Any] = _prefill_layer
         #: seconds spent compiling (first decode step, first prompt), for the benchmark
         self.compile_seconds: dict[str, float] = {}
+        #: compiles buckets on a thread of its own while their requests take the plain path
+        self.background = _Background(self)
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
             # e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: we capture ourselves.
@@ -1095,6 +1124,63 @@ class _Engine:
                 # length: regional compilation, seconds instead of a whole-model compile.
                 self.prefill_layer = compiled(_prefill_layer, dynamic=True)
 
+    def shape_of(
+        self, prompts: Sequence[Prompt], sink: TokenSink
+    ) -> tuple[int, bool, tuple[int, int]]:
+        """(prompt width, whether its prefill is graphed, its bucket's (batch, cache length))."""
+        width = max(len(p.ids) for p in prompts)
+        graphed = self.prefill_graphs and width <= PREFILL_GRAPH_MAX
+        if graphed:  # a few widths, so that a graph serves many prompt lengths
+            width = -(-width // PREFILL_STEP) * PREFILL_STEP
+        steps = max(sink.max_new_tokens - 1, 0)  # the first token comes from the prefill
+        return width, graphed, (batch_bucket(len(prompts)), cache_len(width + steps))
+
+    def ready_for(self, prompts: Sequence[Prompt], sink: TokenSink) -> bool:
+        """Whether the request's bucket has its compiled code (else it starts compiling in
+        the background, unless ``GEMMA_LOCAL_COMPILE_WAIT=1``)."""
+        width, _, key = self.shape_of(prompts, sink)
+        return self.ready(key, width)
+
+    def ready(self, key: tuple[int, int], width: int) -> bool:
+        """Whether a request of bucket ``key`` (prompt ``width``) may run now without waiting
+        for a compile; if not, the bucket is queued to compile in the background."""
+        if not self.compiles() or _flag("GEMMA_LOCAL_COMPILE_WAIT", False):
+            return True
+        return self.background.ready(key, width)
+
+    def compiles(self) -> bool:
+        """Whether some part of the step is compiled (so a new bucket has code to build)."""
+        return self.forward is not _decode_forward or self.prefill_layer is not _prefill_layer
+
+    def warm(self, key: tuple[int, int], width: int) -> None:
+        """Compile bucket ``key``'s code: run a prompt of ``width`` (padded and not) and two
+        decode steps on buffers of its own, on a stream of its own (the background thread)."""
+        batch, length = key
+        device = self.layout.device
+        cuda = device.type == "cuda"
+        started = time.perf_counter()
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if cuda:
+                stack.enter_context(torch.cuda.device(device))
+                stream = torch.cuda.Stream(device)
+                stack.enter_context(torch.cuda.stream(stream))
+            b = _Bucket(self.layout, batch, length)
+            ids = torch.zeros(batch, max(width, 2), dtype=torch.long, device=device)
+            for padded in (False, True):
+                mask = torch.ones_like(ids)
+                if padded:
+                    mask[:, 0] = 0
+                self._prefill(b, ids, mask, padded)
+            b.step.fill_(width)
+            for _ in range(2):
+                self._forward(b)
+                b.step.add_(1)
+            if cuda:
+                stream.synchronize()
+        seconds = round(time.perf_counter() - started, 1)
+        self.compile_seconds[f"background, batch {batch}, {length} slots"] = seconds
+        logger.info("fast path: batch %d, %d slots compiled in %.1f s", batch, length, seconds)
+
     def describe(self) -> dict[str, Any]:
         lay = self.layout
         return {
@@ -1113,6 +1199,7 @@ class _Engine:
             "prefill_graphs": sum(len(b.prefills) for b in self.buckets.values()),
             "compile_seconds": dict(self.compile_seconds),
             "buckets": [list(key) for key in self.buckets],
+            "compiled_buckets": sorted(list(key) for key in self.background.done),
             "fallbacks": list(self.fallbacks),
         }
 
@@ -1314,12 +1401,9 @@ class _Engine:
         lay = self.layout
         device = lay.device
         batch = len(prompts)
-        width = max(len(p.ids) for p in prompts)
-        graphed = self.prefill_graphs and width <= PREFILL_GRAPH_MAX
-        if graphed:  # a few widths, so that a graph serves many prompt lengths
-            width = -(-width // PREFILL_STEP) * PREFILL_STEP
+        width, graphed, key = self.shape_of(prompts, sink)
         steps = sink.max_new_tokens - 1  # the first token comes from the prefill
-        b = self.bucket(batch_bucket(batch), cache_len(width + max(steps, 0)))
+        b = self.bucket(*key)
         how = _Sampler.of(params, masked=grammar is not None)
         b.configure(params, how)
         # may compile and capture (first use of this bucket); one token needs no step
@@ -1429,6 +1513,74 @@ class _Engine:
             if current is None:
                 return
             pending = current
+
+
+class _Background:
+    """Compiles an engine's buckets on a thread of its own (see :func:`generate`).
+
+    :meth:`ready` answers at once: ``True`` for a bucket whose compiled code is
+    built, else ``False`` after queueing it. The thread warms one bucket at a
+    time (:meth:`_Engine.warm`: a prefill and two decode steps on buffers of its
+    own, on a CUDA stream of its own, which is when ``torch.compile`` compiles)
+    and ends when the queue is empty. It is not a daemon: a process that exits
+    mid-compile waits for the bucket being compiled (a compile cannot be
+    interrupted); :meth:`stop` (``release``, the client's ``close``) drops the rest.
+    """
+
+    def __init__(self, engine: _Engine) -> None:
+        self.engine = engine
+        #: buckets whose compiled code is built (or whose compile failed: the engine fell back)
+        self.done: set[tuple[int, int]] = set()
+        self.queue: list[tuple[tuple[int, int], int]] = []
+        self.current: tuple[int, int] | None = None
+        self.thread: threading.Thread | None = None
+        self.stopped = False
+        self.lock = threading.Condition()
+
+    def ready(self, key: tuple[int, int], width: int) -> bool:
+        with self.lock:
+            if key in self.done:
+                return True
+            if self.stopped:
+                return False
+            if key != self.current and all(k != key for k, _ in self.queue):
+                self.queue.append((key, width))
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._work, name="gemma-local-compile", daemon=False
+                )
+                self.thread.start()
+        return False
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if self.stopped or not self.queue:
+                    self.thread = None
+                    self.lock.notify_all()
+                    return
+                key, width = self.queue.pop(0)
+                self.current = key
+            try:
+                self.engine.warm(key, width)
+            except Exception as exc:  # the request path compiles it (or falls back) itself
+                self.engine._fall_back(
+                    f"compiling batch {key[0]}, {key[1]} slots in the background failed "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            with self.lock:
+                self.done.add(key)
+                self.current = None
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has nothing left to compile; whether it has not."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.thread is None, timeout)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.queue.clear()
 
 
 class _MaskLoader:

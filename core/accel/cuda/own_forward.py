@@ -286,6 +286,9 @@ class OwnForwardEngine(fast_path._Engine):
             "fallbacks": list(self.fallbacks),
         }
 
+    def compiles(self) -> bool:
+        return self.step_fn is not decode
+
     def _forward(self, b: Any) -> Any:
         args = (self.layout, b.keys, b.values, b.tok, b.step, b.pad)
         if self.step_fn is decode:

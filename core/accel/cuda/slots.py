@@ -44,6 +44,8 @@ from . import fast_path
 DEFAULT_SLOTS = 4096
 #: Cache indices the fast path's graph capture writes (its warm-up steps 0..2).
 _CAPTURE_SLOTS = 4
+#: The prompt width a background compile runs (the prefill compiles for every width).
+_WARM_WIDTH = 64
 
 
 def slot_count(model: Any) -> int:
@@ -109,6 +111,16 @@ class SlotBatch:
         self.pipeline = fast_path._flag("GEMMA_LOCAL_SLOT_PIPELINE", True)
         self._indexes: dict[tuple[int, ...], Any] = {}
         self._bits: Any = None  # fast_path._Bits of the vocabulary, made at the first grammar
+
+    def ready(self) -> bool:
+        """Whether the batch's one-row step has its compiled code; if not, it is queued to
+        compile in the background (:func:`core.accel.cuda.fast_path.generate`) and requests
+        run whole meanwhile (on the plain path while their own buckets compile). The
+        four-row step is queued after it; wider ones compile when first used."""
+        if not self._views and not self.engine.ready((1, self.slots), _WARM_WIDTH):
+            return False
+        self.engine.ready((min(4, self.rows), self.slots), _WARM_WIDTH)
+        return True
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a row of ``prompt_tokens`` and up to ``max_tokens`` fits the ring."""
