@@ -1233,7 +1233,7 @@ class GpuBench:
                 traceback.print_exc()
                 self.checks.append(f"float32 check failed: {type(exc).__name__}: {exc}")
         for shape in args.shapes:
-            self.shape(shape, nf4=args.nf4 and shape in ("12b", "tiny"))
+            self.shape(shape, nf4=args.nf4 and shape in ("12b", "tiny", "tiny4", "e4b", "31b", "26b-a4b"))
             self.write()
         if args.variants:
             self.variants()

@@ -211,8 +211,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         self.media_options = MediaOptions(image_soft_tokens, pan_and_scan)
         #: the scheduler's engine when it is the CUDA fast path's batch (set by _batch_engine)
         self._slot_batch: Any = None
-        #: the fast path serves a lone request where its shared batch does not (Gemma 4)
-        self._fast_alone = False
         self.family.processor_options(self.media_options)  # one this family has not: ValueError
         self._processor: Any = None  # the checkpoint's processor, loaded at the first media
         from .gguf import check_model_path
@@ -396,7 +394,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         )
         if self._slot_batch is not None:
             return self._slot_batch
-        self._fast_alone = accel.cuda_serves(self.model)
         if not torch_batch.supported(self.model):
             return None
         return torch_batch.TorchBatch(self.model, self._grammar_matchers, self.prompt_cache)
@@ -417,8 +414,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             return True
         slots = self._slot_batch
         if slots is None:
-            # Gemma 4 on the fast path: a request alone runs there, others share a batch
-            return alone and self._fast_alone
+            return False
         if not slots.ready():  # compiling in the background: the plain path meanwhile
             return True
         if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket

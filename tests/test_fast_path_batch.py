@@ -29,7 +29,12 @@ from core.accel.cuda import slots  # noqa: E402
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
 FORCED = {"type": "function", "function": {"name": "note"}}
-ENDLESS = {"temperature": 0, "max_tokens": 200, "logit_bias": {EOS: -100, END_OF_TURN: -100}}
+# (50: Gemma 4's <|tool_response>, an end id of its generation config)
+ENDLESS = {
+    "temperature": 0,
+    "max_tokens": 200,
+    "logit_bias": {EOS: -100, END_OF_TURN: -100, 50: -100},
+}
 SIXTEEN = [
     [{"role": "user", "content": " ".join(["tell me about the sea"] * (1 + i % 4)) + f" {i}"}]
     for i in range(16)
@@ -67,10 +72,14 @@ def _with_fast_path(fn: Any, **env: str) -> Any:
 
 def slot_client(path: Path, device: str, **env: str) -> Any:
     """A transformers client whose batch engine is the fast path's (made while it applies)."""
+    from core.accel.cuda import fast_path
+
     client = make_client("transformers", path, device_map=device)
     _with_fast_path(lambda: client.create(USER, temperature=0, max_tokens=2), **env)
     engine = client._worker.call(lambda: client._scheduler._engine)
     assert isinstance(engine, slots.SlotBatch)
+    # on CUDA the first request ran on the plain path while the batch's step compiled
+    assert fast_path.settle(client.model, timeout=900)
     return client
 
 
@@ -82,12 +91,19 @@ MODES = [
 ]
 
 
+@pytest.fixture(scope="module", params=["gemma3_path", "gemma4_vision_path"])
+def checkpoint(request: pytest.FixtureRequest) -> Path:
+    """Gemma 3 (the fast path's own forward) and Gemma 4 (the model's own text model,
+    core.accel.cuda.own_forward: per-layer embeddings, KV-shared layers)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module", params=MODES)
-def fast(request: pytest.FixtureRequest, gemma3_path: Path) -> Iterator[Any]:
+def fast(request: pytest.FixtureRequest, checkpoint: Path) -> Iterator[Any]:
     """The fast path's batch; ``pipelined``: when every row is greedy the next step is
     launched before the host reads a step's tokens (``stepwise``: one step at a time)."""
     device, mode = request.param
-    client = slot_client(gemma3_path, device)
+    client = slot_client(checkpoint, device)
     engine = client._worker.call(lambda: client._scheduler._engine)
     engine.pipeline = mode == "pipelined"
     yield client
@@ -95,10 +111,10 @@ def fast(request: pytest.FixtureRequest, gemma3_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def plain(gemma3_path: Path) -> Iterator[Any]:
+def plain(checkpoint: Path) -> Iterator[Any]:
     """The plain path: ``model.generate`` / the DynamicCache batch, the fast path off."""
     os.environ.pop("GEMMA_LOCAL_FAST_PATH", None)
-    client = make_client("transformers", gemma3_path)
+    client = make_client("transformers", checkpoint)
     yield client
     client.close()
 
@@ -200,8 +216,8 @@ def test_rows_are_reused_after_others_leave(fast: Any, plain: Any) -> None:
             assert same(reply) == same(expected[(i + offset) % 6])
 
 
-def test_a_request_too_long_for_the_slots_runs_whole(gemma3_path: Path, plain: Any) -> None:
-    client = slot_client(gemma3_path, "cpu", GEMMA_LOCAL_SLOT_TOKENS="64")
+def test_a_request_too_long_for_the_slots_runs_whole(checkpoint: Path, plain: Any) -> None:
+    client = slot_client(checkpoint, "cpu", GEMMA_LOCAL_SLOT_TOKENS="64")
     try:
         engine = client._worker.call(lambda: client._scheduler._engine)
         assert engine.slots == 64

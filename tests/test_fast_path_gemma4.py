@@ -95,14 +95,6 @@ def test_gemma3_models_keep_their_forward(gemma3_path: Path) -> None:
     model = load(gemma3_path)
     fast(model, prompts_of(4), greedy(3))
     assert fast_path.describe(model)["forward"] == "gemma"
-    assert fast_path.shares_slots(model)
-
-
-def test_gemma4_models_run_whole_requests_only(gemma4_path: Path) -> None:
-    """The continuous batch of core.accel.cuda.slots is Gemma 1-3's: Gemma 4 requests that
-    share a batch take the transformers batch (core.torch_batch)."""
-    model = load(gemma4_path)
-    assert not fast_path.shares_slots(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.compile + graphs")

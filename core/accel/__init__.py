@@ -59,7 +59,6 @@ __all__ = [
     "cuda_batch",
     "cuda_generate",
     "cuda_release",
-    "cuda_serves",
     "mlx_cpu_streams",
     "mlx_split_step",
     "usable_cores",
@@ -98,20 +97,13 @@ def cuda_batch(model: Any, grammar_for: Any, *, rows: int, prefixes: Any = None)
     :mod:`core.accel.cuda.slots`), or ``None`` where the fast path does not apply."""
     from .cuda import fast_path
 
-    if not fast_path.supported(model) or not fast_path.shares_slots(model):
+    if not fast_path.supported(model):
         return None
     from .cuda import slots
 
     return slots.SlotBatch(
         model, grammar_for, rows=rows, slots=slots.slot_count(model), prefixes=prefixes
     )
-
-
-def cuda_serves(model: Any) -> bool:
-    """Whether the fast decode path serves ``model``'s requests (one at a time at least)."""
-    from .cuda import fast_path
-
-    return fast_path.supported(model)
 
 
 def cuda_release(model: Any) -> None:

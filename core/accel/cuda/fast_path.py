@@ -211,12 +211,6 @@ def supported(model: Any, params: SamplingParams | None = None) -> bool:
     return _KNOWN[model]
 
 
-def shares_slots(model: Any) -> bool:
-    """Whether the continuous batch of :mod:`core.accel.cuda.slots` can run ``model`` (the
-    Gemma 1-3 forward of this module; Gemma 4's own-forward engine serves whole requests)."""
-    return _Layout.find(model) is not None
-
-
 def _own_forward() -> Any:
     """:mod:`core.accel.cuda.own_forward` (the decoders this module has no forward for)."""
     from . import own_forward
@@ -1070,10 +1064,15 @@ class _Caches:
     values: list[Any]
 
     @staticmethod
-    def of(lay: _Layout, rows: int, slots: int) -> _Caches:
-        shape = (rows, lay.kv_heads, slots, lay.head_dim)
-        keys = [torch.empty(shape, dtype=lay.dtype, device=lay.device) for _ in lay.layers]
-        return _Caches(keys, [torch.empty_like(k) for k in keys])
+    def of(lay: Any, rows: int, slots: int) -> _Caches:
+        """``slots`` slots for every layer that keeps a cache (None for the others)."""
+        keys = [
+            None
+            if shape is None
+            else torch.empty(rows, shape[0], slots, shape[1], dtype=lay.dtype, device=lay.device)
+            for shape in lay.cache_shapes()
+        ]
+        return _Caches(keys, [None if k is None else torch.empty_like(k) for k in keys])
 
 
 class _Engine:

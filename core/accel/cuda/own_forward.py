@@ -25,8 +25,11 @@ part of it transformers' code) with three things of ours passed in:
 Everything else is :class:`~core.accel.cuda.fast_path._Engine`'s, unchanged:
 buckets of (batch, cache length), sampling on the device, the grammar's mask
 applied on the device (tools, JSON), tokens read in bursts, captured prefill
-graphs, greedy tokens equal to ``model.generate``'s (float32, checked on the
-CPU and on the GPU by ``tests/test_fast_path_gemma4.py``).
+graphs, compiling in the background, and the continuous batch of
+:mod:`core.accel.cuda.slots` (rows of any age in one static cache; prompt-prefix
+reuse there stays Gemma 1-3's). Greedy tokens equal ``model.generate``'s
+(float32, checked on the CPU and on the GPU by ``tests/test_fast_path_gemma4.py``
+and ``tests/test_fast_path_batch.py``).
 
 The step runs the model's eager kernels: what the graph removes is the host
 (Python, launches, ``generate``'s bookkeeping), which is what keeps Gemma 4

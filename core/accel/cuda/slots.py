@@ -94,8 +94,9 @@ class SlotBatch:
         self.rows = fast_path.batch_bucket(rows)
         self.slots = slots
         self._grammar_for = grammar_for
-        #: earlier prompts' keys and values (sliding-window layers: their last window)
-        self.prefixes = prefixes
+        #: earlier prompts' keys and values (sliding-window layers: their last window); the
+        #: Gemma 1-3 forward's only (:meth:`_extend` runs its layers)
+        self.prefixes = prefixes if isinstance(self.layout, fast_path._Layout) else None
         self.bucket = fast_path._Bucket(self.layout, self.rows, slots)
         self.next_index = slots  # the cache index the next step writes (host copy)
         self.bucket.step.fill_(self.next_index)
@@ -170,6 +171,8 @@ class SlotBatch:
         end = self.next_index  # the prompt's last token goes to end - 1
         for mine, theirs in ((self.bucket.keys, own.keys), (self.bucket.values, own.values)):
             for buffer, written in zip(mine, theirs, strict=True):
+                if buffer is None:  # a KV-shared layer (Gemma 4) keeps no cache
+                    continue
                 ring, held = int(buffer.shape[2]), int(written.shape[2])
                 keep = min(held, ring)  # a sliding window's ring keeps its last slots' worth
                 where = torch.arange(end - keep, end, device=lay.device)
@@ -369,8 +372,8 @@ class SlotBatch:
             b.step.clone(),
             b.pad.clone(),
             b.tok.clone(),
-            [k[:, :, :n].clone() for k in b.keys],
-            [v[:, :, :n].clone() for v in b.values],
+            [k[:, :, :n].clone() for k in b.keys if k is not None],
+            [v[:, :, :n].clone() for v in b.values if v is not None],
         )
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
@@ -379,7 +382,8 @@ class SlotBatch:
         b.step.copy_(step)
         b.pad.copy_(pad)
         b.tok.copy_(tok)
-        for buffer, kept in zip(b.keys + b.values, keys + values, strict=True):
+        buffers = [k for k in b.keys + b.values if k is not None]
+        for buffer, kept in zip(buffers, keys + values, strict=True):
             buffer[:, :, :n].copy_(kept)
 
     def _device(self) -> Any:
