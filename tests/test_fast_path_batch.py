@@ -70,11 +70,15 @@ def _with_fast_path(fn: Any, **env: str) -> Any:
                 os.environ[k] = v
 
 
-def slot_client(path: Path, device: str, **env: str) -> Any:
-    """A transformers client whose batch engine is the fast path's (made while it applies)."""
+def slot_client(path: Path, device: str, compile: str | None = None, **env: str) -> Any:
+    """A transformers client whose batch engine is the fast path's (made while it applies);
+    ``compile`` (a ``torch.compile`` backend) compiles its engine on the CPU too."""
     from core.accel.cuda import fast_path
 
     client = make_client("transformers", path, device_map=device)
+    if compile:
+        client.load()
+        fast_path._engine(client.model, compile=compile, cuda_graphs=device == "cuda")
     _with_fast_path(lambda: client.create(USER, temperature=0, max_tokens=2), **env)
     engine = client._worker.call(lambda: client._scheduler._engine)
     assert isinstance(engine, slots.SlotBatch)

@@ -14,6 +14,8 @@ import pytest
 from conftest import make_client
 from test_fast_path_batch import slot_client
 
+from core.accel.cuda import fast_path
+
 pytest.importorskip("torch")
 
 SYSTEM = {"role": "system", "content": "You are a terse assistant. " * 12}
@@ -54,11 +56,16 @@ def mlx_no_reuse(gemma3_path: Path) -> Any:
     client.close()
 
 
-@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path", "mlx"])
+@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path", "fast-path-compiled", "mlx"])
 def pair(request: pytest.FixtureRequest, gemma3_path: Path) -> Any:
-    """(a client that reuses prompts, the same backend without reuse)."""
+    """(a client that reuses prompts, the same backend without reuse); ``fast-path-compiled``:
+    the new tokens run through the engine's compiled layer (dynamo, the eager backend)."""
     if request.param == "fast-path":
         client = slot_client(gemma3_path, "cpu")
+    elif request.param == "fast-path-compiled":
+        client = slot_client(gemma3_path, "cpu", compile="eager")
+        engine = fast_path._engine(client.model, compile=None, cuda_graphs=None)
+        assert engine.extend_layer is not fast_path._extend_layer
     else:
         client = make_client("mlx" if request.param == "mlx" else "transformers", gemma3_path)
     plain = request.getfixturevalue("mlx_no_reuse" if request.param == "mlx" else "no_reuse")
@@ -73,6 +80,8 @@ def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(pair: Any) -> 
     expected = turns(no_reuse, "Tell me about tides.")
     assert [outcome(r) for r in got] == [outcome(r) for r in expected]
     assert reuse.prompt_cache.hits - before >= 3  # turns 2, 3 and 4 started from turn 1..3
+    info = fast_path.describe(reuse.model)
+    assert not info.get("fallbacks"), info
     assert no_reuse.prompt_cache.hits == 0 and len(no_reuse.prompt_cache) == 0
 
 

@@ -755,6 +755,32 @@ def _prefill_layer(
     return _settle(_post_feedforward(lay, w.layer), x, h)
 
 
+def _extend_layer(
+    lay: _Layout,
+    w: _Weights,
+    x: Any,
+    past_k: Any,
+    past_v: Any,
+    cos: Any,
+    sin: Any,
+    allowed: Any,
+) -> tuple[Any, Any, Any]:
+    """One layer over a prompt's new tokens ``x`` after the stored keys and values of its
+    prefix (prompt-prefix reuse): the layer's output and the whole prompt's keys and values."""
+    batch, width = x.shape[:2]
+    h = w.layer.input_layernorm(x)
+    q, k, v = _project(lay, w, h)
+    q, k = _rope(q, k, cos, sin)
+    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    k, v = keys, values
+    if lay.rep > 1:
+        k = k.repeat_interleave(lay.rep, dim=1)
+        v = v.repeat_interleave(lay.rep, dim=1)
+    out = _attention(lay, w.scaling, q, k, v, allowed)
+    x, h = _layer_rest(lay, w, x, out.transpose(1, 2).reshape(batch, width, -1))
+    return _settle(_post_feedforward(lay, w.layer), x, h), keys, values
+
+
 def _post_feedforward(lay: _Layout, layer: Any) -> Any:
     return layer.post_feedforward_layernorm if lay.sandwich else None
 
@@ -1088,6 +1114,9 @@ class _Engine:
         self.prefill_graphs = cuda_graphs and _flag("GEMMA_LOCAL_PREFILL_GRAPHS", True)
         self.forward: Callable[..., Any] = _decode_forward
         self.prefill_layer: Callable[..., Any] = _prefill_layer
+        #: a prompt's new tokens over its stored prefix (:func:`_extend_layer`; compiled with
+        #: the prefill: eagerly, 48 layers of small kernels cost the 12b ~120 ms of host time)
+        self.extend_layer: Callable[..., Any] = _extend_layer
         #: seconds spent compiling (first decode step, first prompt), for the benchmark
         self.compile_seconds: dict[str, float] = {}
         #: compiles buckets on a thread of its own while their requests take the plain path
@@ -1122,6 +1151,7 @@ class _Engine:
                 # time. One compiled layer (dynamic shapes) serves every layer and prompt
                 # length: regional compilation, seconds instead of a whole-model compile.
                 self.prefill_layer = compiled(_prefill_layer, dynamic=True)
+                self.extend_layer = compiled(_extend_layer, dynamic=True)
 
     def shape_of(
         self, prompts: Sequence[Prompt], sink: TokenSink
@@ -1146,6 +1176,24 @@ class _Engine:
         if not self.compiles() or _flag("GEMMA_LOCAL_COMPILE_WAIT", False):
             return True
         return self.background.ready(key, width)
+
+    def _warm_extension(self, new: Any, past: int) -> None:
+        """Run tokens ``new`` over ``past`` stored positions through every layer (what the
+        continuous batch does with a prompt that extends a stored one): compiles it."""
+        lay = self.layout
+        x = lay.embed(new)
+        width = int(new.shape[1])
+        positions = torch.arange(past, past + width, device=new.device)[None]
+        rope = _position_embeddings(lay, x, positions)
+        stored = torch.zeros(
+            1, lay.kv_heads, past, lay.head_dim, dtype=lay.dtype, device=new.device
+        )
+        allowed = torch.ones(1, 1, width, past + width, dtype=torch.bool, device=new.device)
+        for i in range(len(lay.layers)):
+            cos, sin = rope[lay.types[i]]
+            x, _, _ = self.extend_layer(
+                lay, _Weights.of(lay, i), x, stored, stored, cos, sin, allowed
+            )
 
     def compiles(self) -> bool:
         """Whether some part of the step is compiled (so a new bucket has code to build)."""
@@ -1174,6 +1222,8 @@ class _Engine:
             for _ in range(2):
                 self._forward(b)
                 b.step.add_(1)
+            if self.extend_layer is not _extend_layer:  # prompt-prefix reuse (one row)
+                self._warm_extension(ids[:1, :2], width)
             if cuda:
                 stream.synchronize()
         seconds = round(time.perf_counter() - started, 1)

@@ -194,8 +194,9 @@ class SlotBatch:
         return fast_path._Caches(keys, values)
 
     def _extend(self, stored: Any, start: int, ids: Sequence[int]) -> tuple[Any, Any]:
-        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (eagerly:
-        a turn's new tokens are few); returns the last logits and the whole prompt's caches."""
+        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (one layer
+        function for every layer, compiled where the engine compiles); returns the last logits
+        and the whole prompt's caches."""
         torch, lay = self.torch, self.layout
         length = len(ids)
         prompt = torch.tensor([list(ids[start:])], device=lay.device)
@@ -205,7 +206,7 @@ class SlotBatch:
         )
         queries = torch.arange(start, length, device=lay.device)[:, None]
         keys, values, masks = [], [], {}
-        for i, layer in enumerate(lay.layers):
+        for i in range(len(lay.layers)):
             past_k, past_v = stored.keys[i], stored.values[i]
             window = lay.windows[i]
             held = int(past_k.shape[2]) + len(prompt[0])
@@ -215,22 +216,35 @@ class SlotBatch:
                 if window is not None:
                     allowed = allowed & (at > queries - window)
                 masks[(window, held)] = allowed[None, None]
-            w = fast_path._Weights.of(lay, i)
-            h = layer.input_layernorm(x)
-            q, k, v = fast_path._project(lay, w, h)
             cos, sin = rope[lay.types[i]]
-            q, k = fast_path._rope(q, k, cos, sin)
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            x, k, v = self._extend_layer(
+                lay,
+                fast_path._Weights.of(lay, i),
+                x,
+                past_k,
+                past_v,
+                cos,
+                sin,
+                masks[(window, held)],
+            )
             keys.append(k)
             values.append(v)
-            if lay.rep > 1:
-                k, v = k.repeat_interleave(lay.rep, dim=1), v.repeat_interleave(lay.rep, dim=1)
-            out = fast_path._attention(lay, w.scaling, q, k, v, masks[(window, held)])
-            x, h = fast_path._layer_rest(
-                lay, w, x, out.transpose(1, 2).reshape(1, len(prompt[0]), -1)
-            )
-            x = fast_path._settle(fast_path._post_feedforward(lay, layer), x, h)
         return fast_path._logits(lay, x), fast_path._Caches(keys, values)
+
+    def _extend_layer(self, *args: Any) -> Any:
+        """The engine's (compiled where it compiles) :func:`fast_path._extend_layer`."""
+        engine = self.engine
+        if engine.extend_layer is fast_path._extend_layer:
+            return fast_path._extend_layer(*args)
+        try:
+            with fast_path._RecompileRoom():
+                return engine.extend_layer(*args)
+        except Exception as exc:  # a model the compiler cannot take: run it eagerly
+            engine._fall_back(
+                f"compiling the prefix extension failed ({type(exc).__name__}: {exc})"
+            )
+            engine.extend_layer = fast_path._extend_layer
+            return fast_path._extend_layer(*args)
 
     def remove(self, rows: Sequence[Row]) -> None:
         for row in rows:
