@@ -68,6 +68,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The steady state: a request whose bucket is not compiled yet compiles it in the request
@@ -837,8 +838,32 @@ class GpuBench:
 
     # ------------------------------------------------------------ one shape
 
+    def prefix_row(self, section: str, client: Any) -> None:
+        """``--prefix-tokens``: turn 5 of a chat whose system prompt makes a shared prefix of
+        that many tokens, time to first token with the client's prompt cache against
+        without it (``benchmarks/bench_prefix.py``'s measurement, its median of --repeats)."""
+        from bench_prefix import measure
+
+        def run() -> Row:
+            got = measure(client, section, self.args.prefix_tokens, self.args.repeats)
+            row = Row(
+                section,
+                "",
+                1,
+                ttft_ms=got["TTFT with reuse (ms)"],
+                tokens=got["turn 5 prompt tokens"],
+                note=f"without reuse: {got['TTFT without (ms)']:.1f} ms",
+            )
+            row.ratios["x faster than without reuse"] = got["speed-up"]
+            return row
+
+        label = f"ours: turn 5, ~{self.args.prefix_tokens}-token shared prefix, prompt cache"
+        self.row(section, label, 1, run)
+
     def shape(self, shape: str, nf4: bool) -> None:
         torch, args = self.torch, self.args
+        if args.prefix_tokens:  # turn 5's prompt and its reply fit the batch's cache slots
+            os.environ.setdefault("GEMMA_LOCAL_SLOT_TOKENS", "8192")
         n, p = args.new_tokens, args.prompt_tokens
         log(f"=== {shape}: building random weights on the GPU")
         model = gpu_model(shape, torch.bfloat16, device=self.device)
@@ -860,6 +885,8 @@ class GpuBench:
             self.constrained_rows(section, client, convos, n)
         if args.concurrent:
             self.concurrent_rows(section, client, convos, n)
+        if args.prefix_tokens:
+            self.prefix_row(section, client)
         self.write()
         if nf4:
             client.close()
@@ -1877,6 +1904,12 @@ def main() -> None:
     parser.add_argument("--nf4-batches", default="1,16", help="NF4 batch sizes")
     parser.add_argument(
         "--concurrent", type=int, default=0, help="threads of the continuous-batching rows"
+    )
+    parser.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=0,
+        help="the multi-turn prefix-reuse row: turn 5 with a shared prefix of this many tokens",
     )
     parser.add_argument(
         "--constrained",
