@@ -448,6 +448,7 @@ def gpu_model(
         from transformers import Gemma4Config
 
         from core.tiny import special_token_ids
+        from core.tiny.configs import gemma4_media_token_fields
 
         ids = special_token_ids(arch, spec["vocab_size"])
         # Gemma4ForConditionalGeneration (what the real checkpoints load as) without
@@ -456,13 +457,7 @@ def gpu_model(
             text_config=gemma4_text_config(spec, layer_types),
             vision_config=None,
             audio_config=None,
-            boi_token_id=ids["<|image>"],
-            eoi_token_id=ids["<image|>"],
-            image_token_id=ids["<|image|>"],
-            video_token_id=ids["<|video|>"],
-            boa_token_id=ids["<|audio>"],
-            eoa_token_index=ids["<audio|>"],
-            audio_token_id=ids["<|audio|>"],
+            **gemma4_media_token_fields(ids),
             tie_word_embeddings=True,
         )
     else:

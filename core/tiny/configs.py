@@ -210,6 +210,19 @@ def _make_config(arch: str, vocab_size: int, **dims):
     )
 
 
+def gemma4_media_token_fields(ids: dict[str, int]) -> dict[str, int]:
+    """A Gemma 4 config's image / video / audio token ids, from ``special_token_ids``."""
+    return {
+        "boi_token_id": ids["<|image>"],
+        "eoi_token_id": ids["<image|>"],
+        "image_token_id": ids["<|image|>"],
+        "video_token_id": ids["<|video|>"],
+        "boa_token_id": ids["<|audio>"],
+        "eoa_token_index": ids["<audio|>"],
+        "audio_token_id": ids["<|audio|>"],
+    }
+
+
 def _gemma4_layer_types(arch: str, n: int) -> list[str]:
     # E-like: alternate (the KV-shared tail needs both kinds before it);
     # MoE and unified: full attention every 3rd layer.  The last layer is always full.
@@ -336,13 +349,7 @@ def _gemma4_unified_config(vocab_size: int, **dims):
         text_config=text,
         vision_config=vision,
         audio_config=audio,
-        boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"],
-        image_token_id=ids["<|image|>"],
-        video_token_id=ids["<|video|>"],
-        boa_token_id=ids["<|audio>"],
-        eoa_token_index=ids["<audio|>"],
-        audio_token_id=ids["<|audio|>"],
+        **gemma4_media_token_fields(ids),
         initializer_range=init,
         tie_word_embeddings=True,
     )
@@ -395,13 +402,7 @@ def _make_gemma4_config(arch: str, vocab_size: int, **dims):
         text_config=_gemma4_text_config(arch, vocab_size, **dims),
         vision_config=vision,
         audio_config=audio,
-        boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"],
-        image_token_id=ids["<|image|>"],
-        video_token_id=ids["<|video|>"],
-        boa_token_id=ids["<|audio>"],
-        eoa_token_index=ids["<audio|>"],
-        audio_token_id=ids["<|audio|>"],
+        **gemma4_media_token_fields(ids),
         initializer_range=dims["initializer_range"],
         tie_word_embeddings=True,
     )
