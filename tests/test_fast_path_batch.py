@@ -171,6 +171,10 @@ def test_rows_of_different_options_share_the_slots(fast: Any, plain: Any) -> Non
         (PROMPTS[1], {"temperature": 0, "max_tokens": 10, "n": 2}),
     ]
     expected = [plain.create(m, **o) for m, o in requests]
+    if fast.model.device.type == "cuda":
+        # a seed fixes the draws of one device's generator: the seeded row is the same
+        # client's reply to it alone (the plain client runs on the CPU)
+        expected[4] = fast.create(requests[4][0], **requests[4][1])
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: fast.create(r[0], **r[1]), requests))
     for a, b in zip(expected, together, strict=True):

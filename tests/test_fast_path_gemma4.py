@@ -42,10 +42,14 @@ def on(model: Any, device: str) -> Any:
 
 
 def check_engine(model: Any, device: str) -> None:
+    """The own-forward engine served the requests, captured on CUDA where it can be (a
+    float32 mixture-of-experts model cannot: transformers' grouped_mm fallback reads the
+    host), and nothing fell back."""
     info = fast_path.describe(model)
     assert info["active"] and info["forward"] == "own", info
     assert not info["fallbacks"], info["fallbacks"]
-    assert info["cuda_graphs"] == (device == "cuda"), info
+    capturable = own_forward.ModelLayout(model).capturable
+    assert info["cuda_graphs"] == (device == "cuda" and capturable), info
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,9 +101,33 @@ def test_gemma3_models_keep_their_forward(gemma3_path: Path) -> None:
     assert fast_path.describe(model)["forward"] == "gemma"
 
 
+def test_float32_experts_on_cuda_are_not_captured(gemma4_moe_path: Path) -> None:
+    """transformers runs grouped_mm experts in float32 through a fallback that reads the
+    offsets on the host: such a model's steps are never captured on CUDA (an H100 refused
+    it); in bfloat16 (and on the CPU) they are."""
+    model = load(gemma4_moe_path)
+    assert own_forward.ModelLayout(model).capturable  # the CPU: nothing is captured anyway
+    if not torch.cuda.is_available():
+        return
+    assert not own_forward.ModelLayout(model.cuda()).capturable
+    assert own_forward.ModelLayout(model.to(torch.bfloat16)).capturable
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_bf16_experts_captured_equal_uncaptured(gemma4_moe_path: Path) -> None:
+    """A bf16 mixture-of-experts model's decode step is one CUDA graph, and its replays give
+    the uncaptured loop's tokens (the same kernels)."""
+    captured = load(gemma4_moe_path).to("cuda", torch.bfloat16)
+    uncaptured = load(gemma4_moe_path).to("cuda", torch.bfloat16)
+    batch = prompts_of(9, 5, seed=6)
+    got = fast(captured, batch, greedy(20)).tokens
+    assert got == fast(uncaptured, batch, greedy(20), cuda_graphs=False).tokens
+    check_engine(captured, "cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.compile + graphs")
-def test_compiled_step_equals_plain_path(gemma4_moe_path: Path) -> None:
-    model = load(gemma4_moe_path).cuda()
+def test_compiled_step_equals_plain_path(gemma4_path: Path) -> None:
+    model = load(gemma4_path).cuda()
     single = prompts_of(9)
     assert fast(model, single, greedy(16), compile=True).tokens == plain(model, single, 16)
     info = fast_path.describe(model)

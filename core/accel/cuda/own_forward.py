@@ -35,9 +35,10 @@ The step runs the model's eager kernels: what the graph removes is the host
 (Python, launches, ``generate``'s bookkeeping), which is what keeps Gemma 4
 at ~10 tok/s under ``generate``. Mixture-of-experts blocks must run an
 experts implementation that never reads a value back to the host
-(transformers' ``grouped_mm``, its default where torch has it); with
-``experts_implementation="eager"`` (one host sync per layer) the steps run
-uncaptured. ``GEMMA_LOCAL_OWN_COMPILE=1`` compiles the whole decode step
+(transformers' ``grouped_mm``, its default where torch has it, in bfloat16:
+in another dtype transformers falls back to a loop that reads the offsets);
+otherwise (``experts_implementation="eager"``, a float32 MoE model) the steps
+run uncaptured, with a warning. ``GEMMA_LOCAL_OWN_COMPILE=1`` compiles the whole decode step
 (``torch.compile``, static shapes) before it is captured.
 """
 
@@ -132,14 +133,17 @@ class ModelLayout:
         #: the forward's name for the cache (``cache`` from 5.2x; ``past_key_values`` before)
         names = inspect.signature(self.text_model.forward).parameters
         self.cache_kw = "cache" if "cache" in names else "past_key_values"
-        experts = getattr(text, "_experts_implementation", None)
-        #: steps can be captured: no host read in the forward (eager experts read one a layer)
-        self.capturable = not (
-            getattr(text, "enable_moe_block", False) and experts in (None, "eager")
-        )
         embed = self.text_model.embed_tokens.weight
         self.vocab = int(self.lm_head.weight.shape[0])
         self.dtype, self.device = embed.dtype, embed.device
+        experts = getattr(text, "_experts_implementation", None)
+        #: steps can be captured: no host read in the forward. Mixture-of-experts layers read
+        #: one a layer with eager experts, and with ``grouped_mm`` experts in any dtype but
+        #: bf16 on CUDA (transformers then takes its fallback, which reads the offsets; an H100
+        #: with transformers 5.17 refused to capture a float32 one)
+        self.capturable = not getattr(text, "enable_moe_block", False) or (
+            experts == "grouped_mm" and (self.device.type != "cuda" or self.dtype == torch.bfloat16)
+        )
         #: the multimodal model reads its image/video/audio placeholder ids as padding when no
         #: media fills them (``Gemma4Model.forward``): a lookup of those ids, or None
         self.placeholder: Any = None
@@ -321,10 +325,11 @@ def engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None) 
         cuda_graphs = cuda
     if cuda_graphs and not layout.capturable:
         logger.warning(
-            "fast path: %s runs its experts with a host read per layer "
-            '(experts_implementation="eager"): decode steps run uncaptured; load it with '
+            "fast path: %s runs its experts with a host read per layer (eager experts, or "
+            "grouped_mm in %s): decode steps run uncaptured; load it in bfloat16 with "
             'experts_implementation="grouped_mm" for CUDA graphs',
             type(model).__name__,
+            layout.dtype,
         )
         cuda_graphs = False
     if compile is None:
