@@ -95,6 +95,22 @@ def test_eager_experts_run_uncaptured(gemma4_moe_path: Path) -> None:
     assert fast(model, single, greedy(12)).tokens == plain(model, single, 12)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_traces_in_one_graph(arch: str, request: Any) -> None:
+    """What GEMMA_LOCAL_OWN_COMPILE compiles: the model's own decode step (our cache, masks
+    and positions around it) traces with no graph break (dynamo only here)."""
+    model = load(request.getfixturevalue(arch))
+    layout = own_forward.ModelLayout(model)
+    bucket = fast_path._Bucket(layout, 2, 256)
+    bucket.step.fill_(5)
+    args = (layout, bucket.keys, bucket.values, bucket.tok, bucket.step, bucket.pad)
+    compiled = torch.compile(own_forward.decode, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        expected = own_forward.decode(*args)[0]
+        got = compiled(*args)[0]
+    assert torch.equal(expected, got)
+
+
 def test_gemma3_models_keep_their_forward(gemma3_path: Path) -> None:
     model = load(gemma3_path)
     fast(model, prompts_of(4), greedy(3))
