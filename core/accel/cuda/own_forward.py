@@ -272,12 +272,15 @@ def prefill(
 class OwnForwardEngine(fast_path._Engine):
     """:class:`~core.accel.cuda.fast_path._Engine` with the model's own forward."""
 
-    def __init__(self, model: Any, layout: ModelLayout, compile: bool, cuda_graphs: bool) -> None:
+    def __init__(
+        self, model: Any, layout: ModelLayout, compile: bool | str, cuda_graphs: bool
+    ) -> None:
         super().__init__(model, layout, False, cuda_graphs)  # type: ignore[arg-type]
         self.compile = compile
         self.step_fn: Callable[..., Any] = decode
-        if compile:
-            self.step_fn = torch.compile(decode, dynamic=False)
+        if compile:  # the whole step, one graph (no break: tests/test_fast_path_gemma4.py)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.step_fn = torch.compile(decode, backend=backend, dynamic=False)
 
     def describe(self) -> dict[str, Any]:
         lay = self.layout
@@ -334,7 +337,7 @@ def engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None) 
         cuda_graphs = False
     if compile is None:
         compile = cuda and os.environ.get("GEMMA_LOCAL_OWN_COMPILE", "0").strip() in ("1", "on")
-    return OwnForwardEngine(model, layout, bool(compile), bool(cuda_graphs))
+    return OwnForwardEngine(model, layout, compile or False, bool(cuda_graphs))
 
 
 def _import_torch() -> Any:
