@@ -135,6 +135,24 @@ def test_a_compiled_own_step_compiles_in_the_background(
     assert "background, batch 1, 256 slots" in info["compile_seconds"], info
 
 
+@pytest.mark.parametrize("arch", ["gemma4_path", "gemma4_moe_path"])
+def test_bitsandbytes_nf4_equals_plain_path(arch: str, request: Any) -> None:
+    """The model's own modules include bitsandbytes' 4-bit layers: an NF4 Gemma 4 (bf16
+    compute) gives generate's greedy tokens on the fast path too."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(request.getfixturevalue(arch)), quantization_config=config, device_map="cpu"
+    ).eval()
+    batch = prompts_of(7, 3, seed=8)
+    assert fast(model, batch, greedy(10)).tokens == plain(model, batch, 10)
+    check_engine(model, "cpu")
+
+
 def test_gemma3_models_keep_their_forward(gemma3_path: Path) -> None:
     model = load(gemma3_path)
     fast(model, prompts_of(4), greedy(3))
