@@ -199,6 +199,8 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         self.max_kv_size = max_kv_size
         self.prefill_step_size = prefill_step_size
         self.cpu_streams = cpu_streams
+        #: the products run on numpy's BLAS (core.accel.mlx_blas), set when the model loads
+        self._blas = False
         self._wrapper: Any = None
         self._config: dict[str, Any] | None = None
         #: The batch step for each set of CPU streams (see :meth:`_split_decoder`),
@@ -232,6 +234,9 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             return_config=True,
             trust_remote_code=self.trust_remote_code,
         )
+        # a CPU device's float32 products through numpy's BLAS (not with cpu_streams: MLX's own
+        # kernels split over those streams)
+        self._blas = self.cpu_streams is None and accel.mlx_cpu_blas(model)
         self.model = model
         self._wrapper = wrapper
         self.tokenizer = wrapper._tokenizer
@@ -388,7 +393,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         import mlx.core as mx
 
         rows = list(range(len(prompts)))
-        wanted = self.cpu_streams if self.cpu_streams is not None else accel.usable_cores()
+        wanted = self._streams_wanted()
         count = min(wanted, len(rows))
         if (
             count < 2
@@ -481,6 +486,13 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         finally:
             for generator, _ in generators:
                 generator.close()
+
+    def _streams_wanted(self) -> int:
+        """The CPU streams a batch spreads over: ``cpu_streams``, else one where numpy's BLAS
+        computes the products (it uses every core itself), else one per usable core."""
+        if self.cpu_streams is not None:
+            return self.cpu_streams
+        return 1 if self._blas else accel.usable_cores()
 
     def _split_decoder(self, streams: Sequence[Any]) -> Any:
         """On a CPU device, the split step over ``streams`` (made once); else ``None``.

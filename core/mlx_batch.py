@@ -60,7 +60,7 @@ class MLXBatch:
         self._streams: list[Any] = [None]
         decoder = None
         if mx.default_device().type == mx.DeviceType.cpu:
-            wanted = client.cpu_streams if client.cpu_streams is not None else accel.usable_cores()
+            wanted = client._streams_wanted()
             if wanted > 1:
                 self._streams = accel.mlx_cpu_streams(wanted)
                 decoder = client._split_decoder(self._streams)

@@ -68,7 +68,9 @@ class _Options:
     def __init__(self, request: Request, device: Any) -> None:
         import torch
 
-        params = request.params
+        # a temperature / repetition penalty below MIN_DIVISOR overflows float32 (what
+        # generate() and MLX are given too)
+        params = request.params.in_float32()
         self.params = params
         self.bias: tuple[Any, Any] | None = None
         if params.logit_bias:
