@@ -91,6 +91,25 @@ def test_a_replaced_weight_is_read_at_the_next_call() -> None:
         assert mx.array_equal(layer(x), mx.broadcast_to(layer.bias, (2, 4))).item()
 
 
+def test_a_prompts_output_products_stay_lazy() -> None:
+    """The output layer over more than OUTPUT_ROWS positions (a prompt, whose logits mlx-lm
+    discards but the last) is MLX's lazy product: nothing is computed until it is used."""
+    import mlx.core as mx
+
+    with mx.stream(mx.new_stream(mx.cpu)):
+        holder = nn.Sequential(nn.Embedding(32, 8))
+        mx.eval(holder.parameters())
+        assert mlx_blas._patch(holder) == 1
+        embedding = holder.layers[0]
+        few = mx.ones((1, mlx_blas.OUTPUT_ROWS, 8))
+        many = mx.ones((1, mlx_blas.OUTPUT_ROWS + 1, 8))
+        expected = many @ embedding.weight.T
+        out = embedding.as_linear(many)
+        assert mx.allclose(out, expected, atol=1e-5).item()
+        assert mx.allclose(embedding.as_linear(few), expected[:, 1:], atol=1e-5).item()
+        assert mx.array_equal(embedding(mx.array([3])), embedding.weight[3:4]).item()
+
+
 def test_off_where_it_does_not_apply(gemma3_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     streams = make_client("mlx", gemma3_path, cpu_streams=2)  # MLX's own kernels, split
     try:

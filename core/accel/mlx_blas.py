@@ -28,6 +28,10 @@ import os
 from typing import Any
 
 _MARK = "_gemma_local_blas"
+#: Rows up to which the output layer's product is numpy's (decode steps of a batch); more
+#: rows are a prompt's positions, whose logits mlx-lm mostly discards: MLX's lazy product
+#: skips them where numpy would compute every one (2,048 x 262,144 for a long prompt).
+OUTPUT_ROWS = 64
 
 
 def enabled() -> bool:
@@ -132,6 +136,11 @@ def _make_classes() -> tuple[type, type]:
             return self.weight[x]
 
         def as_linear(self, x: Any) -> Any:
+            rows = x.size // x.shape[-1]
+            if rows > OUTPUT_ROWS:
+                # a prompt's positions (mlx-lm discards their logits but the last): MLX's
+                # lazy product, never computed when unused; numpy would compute them all
+                return x @ self.weight.T
             return _product(x, self.weight)
 
     return BlasLinear, BlasEmbedding
