@@ -85,28 +85,34 @@ def test_a_replaced_weight_is_read_at_the_next_call() -> None:
         mx.eval(holder.parameters())
         assert mlx_blas._patch(holder) == 1
         layer = holder.layers[0]
+        assert type(layer).__name__ == "BlasLinear"
         x = mx.ones((2, 8))
         assert mx.allclose(layer(x), x @ layer.weight.T + layer.bias, atol=1e-5).item()
         layer.weight = mx.zeros((4, 8))
         assert mx.array_equal(layer(x), mx.broadcast_to(layer.bias, (2, 4))).item()
 
 
-def test_a_prompts_output_products_stay_lazy() -> None:
-    """The output layer over more than OUTPUT_ROWS positions (a prompt, whose logits mlx-lm
-    discards but the last) is MLX's lazy product: nothing is computed until it is used."""
+def test_a_prompts_output_products_stay_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output layer over a prompt's positions (whose logits mlx-lm discards but the
+    last) is MLX's lazy product, computed only if used; one position a row (decode steps,
+    a batch's rows) is numpy's."""
     import mlx.core as mx
 
+    calls: list[object] = []
+    product = mlx_blas._product
+    monkeypatch.setattr(mlx_blas, "_product", lambda x, w: calls.append(x) or product(x, w))
     with mx.stream(mx.new_stream(mx.cpu)):
         holder = nn.Sequential(nn.Embedding(32, 8))
         mx.eval(holder.parameters())
         assert mlx_blas._patch(holder) == 1
         embedding = holder.layers[0]
-        few = mx.ones((1, mlx_blas.OUTPUT_ROWS, 8))
-        many = mx.ones((1, mlx_blas.OUTPUT_ROWS + 1, 8))
-        expected = many @ embedding.weight.T
-        out = embedding.as_linear(many)
-        assert mx.allclose(out, expected, atol=1e-5).item()
-        assert mx.allclose(embedding.as_linear(few), expected[:, 1:], atol=1e-5).item()
+        x = mx.random.normal((3, 5, 8))
+        expected = x @ embedding.weight.T
+        assert mx.allclose(embedding.as_linear(x), expected, atol=1e-5).item()
+        assert not calls  # the prompt's positions: MLX's lazy product
+        step = embedding.as_linear(x[:, -1:])  # one position a row: numpy's
+        assert len(calls) == 1
+        assert mx.allclose(step, expected[:, -1:], atol=1e-5).item()
         assert mx.array_equal(embedding(mx.array([3])), embedding.weight[3:4]).item()
 
 

@@ -17,7 +17,9 @@ Gemma 3 270M, greedy, 32 tokens: 4.1 -> 18.0 tok/s, time to first token 3.4 ->
 0.47 s, the same tokens.
 
 It applies on a CPU device only (on Apple Silicon MLX runs on the GPU), to
-float32 weights (numpy has no bfloat16) that are not quantized, and not where
+float32 weights (numpy has no bfloat16) that are not quantized (the output layer
+over a prompt's positions, whose logits mlx-lm discards but the last, stays MLX's
+lazy product: never computed when unused), and not where
 the client was given ``cpu_streams`` (MLX's own kernels split over CPU streams,
 :mod:`core.accel.mlx_split`); ``GEMMA_LOCAL_MLX_BLAS=0`` turns it off.
 """
@@ -28,10 +30,6 @@ import os
 from typing import Any
 
 _MARK = "_gemma_local_blas"
-#: Rows up to which the output layer's product is numpy's (decode steps of a batch); more
-#: rows are a prompt's positions, whose logits mlx-lm mostly discards: MLX's lazy product
-#: skips them where numpy would compute every one (2,048 x 262,144 for a long prompt).
-OUTPUT_ROWS = 64
 
 
 def enabled() -> bool:
@@ -83,8 +81,8 @@ def _patch(module: Any) -> int:
                 continue
             if index is None:
                 setattr(module, name, new)
-            else:
-                child[index] = new
+            else:  # children() gives copies of the lists: change the module's own
+                module[name][index] = new
             count += 1
     return count
 
@@ -136,8 +134,7 @@ def _make_classes() -> tuple[type, type]:
             return self.weight[x]
 
         def as_linear(self, x: Any) -> Any:
-            rows = x.size // x.shape[-1]
-            if rows > OUTPUT_ROWS:
+            if x.ndim > 2 and x.shape[-2] > 1:
                 # a prompt's positions (mlx-lm discards their logits but the last): MLX's
                 # lazy product, never computed when unused; numpy would compute them all
                 return x @ self.weight.T
