@@ -26,6 +26,7 @@ the client was given ``cpu_streams`` (MLX's own kernels split over CPU streams,
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -151,11 +152,7 @@ def _blas_embedding(embedding: Any) -> Any:
     return _classes()[1](embedding)
 
 
-_CLASSES: tuple[type, type] | None = None
-
-
+@functools.cache
 def _classes() -> tuple[type, type]:
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _make_classes()
-    return _CLASSES
+    """The two module classes, made on first use (mlx is imported lazily)."""
+    return _make_classes()

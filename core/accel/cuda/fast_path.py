@@ -699,29 +699,53 @@ def _prefill_forward(
     """
     if layer_fn is None:
         layer_fn = _prefill_layer
-    width = ids.shape[1]
-    device = ids.device
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     x = lay.embed(ids)
-    rope = _position_embeddings(lay, x, positions)
-    q_idx = torch.arange(width, device=device)[:, None]
-    k_idx = torch.arange(width, device=device)[None, :]
-    real = mask.bool()[:, None, None, :]  # [B, 1, 1, W]: keys that are not padding
-    causal = (k_idx <= q_idx) & real
-    diagonal = k_idx == q_idx  # padded queries attend to themselves: no NaN rows
-    masks: dict[Any, Any] = {}
-    for window in dict.fromkeys(lay.windows):
-        if not padded and lay.use_sdpa and (window is None or width <= window):
-            masks[window] = None
-            continue
-        allowed = causal if window is None else causal & (k_idx > q_idx - window)
-        masks[window] = allowed | diagonal
+    rope = _position_embeddings(lay, x, prompt_positions(mask))
+    masks = prompt_masks(mask, lay.windows, padded, lay.use_sdpa)
     for i in range(len(lay.layers)):
         cos, sin = rope[lay.types[i]]
         x = layer_fn(
             lay, _Weights.of(lay, i), x, keys[i], values[i], cos, sin, masks[lay.windows[i]]
         )
     return _logits(lay, x)
+
+
+def prompt_positions(mask: Any) -> Any:
+    """Each position's index among its row's tokens (padding: 1) for left-padded prompts."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def prompt_masks(
+    mask: Any, windows: Sequence[int | None], padded: bool, sdpa: bool
+) -> dict[int | None, Any]:
+    """Boolean attention masks ``[B, 1, W, W]`` (True: attend) of left-padded prompts
+    (``mask`` ``[B, W]``, 1 = token), one per sliding window (``None``: full attention).
+
+    Without padding, a window that does not bind gets ``None`` under SDPA: its own causal
+    attention (flash kernels), as transformers runs it.
+    """
+    width = mask.shape[1]
+    q_idx = torch.arange(width, device=mask.device)[:, None]
+    k_idx = torch.arange(width, device=mask.device)[None, :]
+    real = mask.bool()[:, None, None, :]  # [B, 1, 1, W]: keys that are not padding
+    causal = (k_idx <= q_idx) & real
+    diagonal = k_idx == q_idx  # padded queries attend to themselves: no NaN rows
+    masks: dict[int | None, Any] = {}
+    for window in dict.fromkeys(windows):
+        if not padded and sdpa and (window is None or width <= window):
+            masks[window] = None
+            continue
+        allowed = causal if window is None else causal & (k_idx > q_idx - window)
+        masks[window] = allowed | diagonal
+    return masks
+
+
+def slot_mask(step: Any, pad: Any, slots: int) -> Any:
+    """Which of a ring's ``slots`` each row attends at cache index ``step`` ``[1]``:
+    ``[B, 1, 1, slots]``, a slot's position being neither left padding (``pad`` ``[B]``)
+    nor in the future (a ring shorter than ``step`` holds its last ``slots`` positions)."""
+    held = step - torch.remainder(step - torch.arange(slots, device=step.device), slots)
+    return (held[None, :] >= pad[:, None])[:, None, None, :]
 
 
 def _prefill_layer(
@@ -843,8 +867,7 @@ def _decode_inputs(
     rope = _position_embeddings(lay, x, positions)
     allowed, limits, slot_of = {}, {}, {}
     for slots in slot_counts:
-        held = step - torch.remainder(step - torch.arange(slots, device=tok.device), slots)
-        allowed[slots] = (held[None, :] >= pad[:, None])[:, None, None, :]
+        allowed[slots] = slot_mask(step, pad, slots)
         limits[slots] = torch.clamp(step + 1, max=slots)  # slots written so far
         slot_of[slots] = torch.remainder(step, slots)
     return x, torch.zeros_like(x), rope, allowed, limits, slot_of
@@ -1112,6 +1135,8 @@ class _Engine:
         self.fallbacks: list[str] = []
         #: prompts padded to PREFILL_STEP widths and run as CUDA graphs (with graphs on)
         self.prefill_graphs = cuda_graphs and _flag("GEMMA_LOCAL_PREFILL_GRAPHS", True)
+        #: the decode step's forward uncompiled, and as it runs (compiled where it compiles)
+        self.eager_forward: Callable[..., Any] = _decode_forward
         self.forward: Callable[..., Any] = _decode_forward
         self.prefill_layer: Callable[..., Any] = _prefill_layer
         #: a prompt's new tokens over its stored prefix (:func:`_extend_layer`; compiled with
@@ -1177,27 +1202,48 @@ class _Engine:
             return True
         return self.background.ready(key, width)
 
-    def _warm_extension(self, new: Any, past: int) -> None:
-        """Run tokens ``new`` over ``past`` stored positions through every layer (what the
-        continuous batch does with a prompt that extends a stored one): compiles it."""
+    def extend(self, stored: _Caches, start: int, ids: Sequence[int]) -> tuple[Any, _Caches]:
+        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (prompt-prefix
+        reuse; one row): the last logits and the whole prompt's caches."""
         lay = self.layout
-        x = lay.embed(new)
-        width = int(new.shape[1])
-        positions = torch.arange(past, past + width, device=new.device)[None]
-        rope = _position_embeddings(lay, x, positions)
-        stored = torch.zeros(
-            1, lay.kv_heads, past, lay.head_dim, dtype=lay.dtype, device=new.device
-        )
-        allowed = torch.ones(1, 1, width, past + width, dtype=torch.bool, device=new.device)
+        length = len(ids)
+        prompt = torch.tensor([list(ids[start:])], device=lay.device)
+        x = lay.embed(prompt)
+        rope = _position_embeddings(lay, x, torch.arange(start, length, device=lay.device)[None])
+        queries = torch.arange(start, length, device=lay.device)[:, None]
+        keys, values, masks = [], [], {}
         for i in range(len(lay.layers)):
+            past_k, past_v = stored.keys[i], stored.values[i]
+            window = lay.windows[i]
+            held = int(past_k.shape[2]) + len(prompt[0])
+            if (window, held) not in masks:  # the keys' positions: the last ``held`` of the prompt
+                at = torch.arange(length - held, length, device=lay.device)[None, :]
+                allowed = at <= queries
+                if window is not None:
+                    allowed = allowed & (at > queries - window)
+                masks[(window, held)] = allowed[None, None]
             cos, sin = rope[lay.types[i]]
-            x, _, _ = self.extend_layer(
-                lay, _Weights.of(lay, i), x, stored, stored, cos, sin, allowed
-            )
+            args = (lay, _Weights.of(lay, i), x, past_k, past_v, cos, sin, masks[(window, held)])
+            x, k, v = self._extend_layer(*args)
+            keys.append(k)
+            values.append(v)
+        return _logits(lay, x), _Caches(keys, values)
+
+    def _extend_layer(self, *args: Any) -> Any:
+        """:attr:`extend_layer` (compiled where the engine compiles; eager if that fails)."""
+        if self.extend_layer is _extend_layer:
+            return _extend_layer(*args)
+        try:
+            with _RecompileRoom():
+                return self.extend_layer(*args)
+        except Exception as exc:  # a model the compiler cannot take: run it eagerly
+            self._fall_back(f"compiling the prefix extension failed ({type(exc).__name__}: {exc})")
+            self.extend_layer = _extend_layer
+            return _extend_layer(*args)
 
     def compiles(self) -> bool:
         """Whether some part of the step is compiled (so a new bucket has code to build)."""
-        return self.forward is not _decode_forward or self.prefill_layer is not _prefill_layer
+        return self.forward is not self.eager_forward or self.prefill_layer is not _prefill_layer
 
     def warm(self, key: tuple[int, int], width: int) -> None:
         """Compile bucket ``key``'s code: run a prompt of ``width`` (padded and not) and two
@@ -1223,7 +1269,10 @@ class _Engine:
                 self._forward(b)
                 b.step.add_(1)
             if self.extend_layer is not _extend_layer:  # prompt-prefix reuse (one row)
-                self._warm_extension(ids[:1, :2], width)
+                stored = _Caches.of(self.layout, 1, width)
+                for k in stored.keys + stored.values:
+                    k.zero_()
+                self.extend(stored, width, [0] * (width + 2))
             if cuda:
                 stream.synchronize()
         seconds = round(time.perf_counter() - started, 1)
@@ -1278,15 +1327,15 @@ class _Engine:
 
     def _forward(self, b: _Bucket) -> Any:
         args = (self.layout, b.keys, b.values, b.tok, b.step, b.pad)
-        if self.forward is _decode_forward:
-            return _decode_forward(*args)
+        if self.forward is self.eager_forward:
+            return self.eager_forward(*args)
         try:
             with _RecompileRoom():
                 return self.forward(*args)
         except Exception as exc:  # a model the compiler cannot take: run it eagerly
             self._fall_back(f"torch.compile failed ({type(exc).__name__}: {exc}); running eagerly")
-            self.forward = _decode_forward
-            return _decode_forward(*args)
+            self.forward = self.eager_forward
+            return self.eager_forward(*args)
 
     def _prefill(self, b: _Bucket | _Caches, ids: Any, mask: Any, padded: bool) -> Any:
         args = (self.layout, b.keys, b.values, ids, mask, padded)
@@ -1769,13 +1818,14 @@ def _engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None)
     if engine is not None:
         return engine
     _import_torch()
-    if _Layout.find(model) is None:  # Gemma 4: the model's own modules (own_forward)
+    found = _Layout.find(model)
+    if found is None:  # Gemma 4: the model's own modules (own_forward)
         from . import own_forward
 
         engine = own_forward.engine(model, compile=compile, cuda_graphs=cuda_graphs)
         setattr(model, _ENGINE_ATTR, engine)
         return engine
-    layout = _Layout(model)
+    layout = found
     cuda = layout.device.type == "cuda"
     if compile is None:
         compile = cuda and _flag("GEMMA_LOCAL_COMPILE", True)

@@ -46,9 +46,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import time
-from collections.abc import Callable
 from typing import Any
 
 from . import fast_path
@@ -162,8 +159,7 @@ class ModelLayout:
             raise TypeError("model spread over several devices")
         if model.training:
             raise TypeError("model in training mode")
-        # read by fast_path.describe() and the benchmark
-        self.fused = False
+        #: the kinds of layer it has, for describe()
         self.layer_kinds = sorted(
             {
                 ("shared " if s is None else "") + t
@@ -235,8 +231,7 @@ def decode(
     masks: dict[str, Any] = {}
     slot_of: dict[int, Any] = {}
     for t, n in lay.type_slots(keys).items():
-        held = step - torch.remainder(step - torch.arange(n, device=tok.device), n)
-        masks[t] = lay.mask((held[None, :] >= pad[:, None])[:, None, None, :])
+        masks[t] = lay.mask(fast_path.slot_mask(step, pad, n))
         slot_of[n] = torch.remainder(step, n)
     hidden = lay.hidden(tok, positions, masks, StaticKV(keys, values, slot_of))
     return lay.logits(hidden), []
@@ -250,21 +245,12 @@ def prefill(
     Without padding, a layer type whose window does not bind gets no mask
     (SDPA's own causal attention, as ``generate`` runs it).
     """
-    width = ids.shape[1]
-    device = ids.device
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    q_idx = torch.arange(width, device=device)[:, None]
-    k_idx = torch.arange(width, device=device)[None, :]
-    real = mask.bool()[:, None, None, :]
-    causal = (k_idx <= q_idx) & real
-    diagonal = k_idx == q_idx  # padded queries attend to themselves: no NaN rows
-    masks: dict[str, Any] = {}
-    for t, window in dict(zip(lay.types, lay.windows, strict=True)).items():
-        if not padded and lay.use_sdpa and (window is None or width <= window):
-            masks[t] = None
-            continue
-        allowed = causal if window is None else causal & (k_idx > q_idx - window)
-        masks[t] = lay.mask(allowed | diagonal)
+    windows = dict(zip(lay.types, lay.windows, strict=True))  # layer type -> its window
+    by_window = fast_path.prompt_masks(mask, list(windows.values()), padded, lay.use_sdpa)
+    masks = {
+        t: None if by_window[w] is None else lay.mask(by_window[w]) for t, w in windows.items()
+    }
+    positions = fast_path.prompt_positions(mask)
     hidden = lay.hidden(ids, positions, masks, StaticKV(keys, values, None))
     return lay.logits(hidden)
 
@@ -277,17 +263,17 @@ class OwnForwardEngine(fast_path._Engine):
     ) -> None:
         super().__init__(model, layout, False, cuda_graphs)  # type: ignore[arg-type]
         self.compile = compile
-        self.step_fn: Callable[..., Any] = decode
+        self.eager_forward = self.forward = decode
         if compile:  # the whole step, one graph (no break: tests/test_fast_path_gemma4.py)
             backend = compile if isinstance(compile, str) else "inductor"
-            self.step_fn = torch.compile(decode, backend=backend, dynamic=False)
+            self.forward = torch.compile(decode, backend=backend, dynamic=False)
 
     def describe(self) -> dict[str, Any]:
-        lay = self.layout
+        lay: ModelLayout = self.layout  # type: ignore[assignment]
         return {
             "active": True,
             "forward": "own",
-            "layers": getattr(lay, "layer_kinds", []),
+            "layers": lay.layer_kinds,
             "compile": self.compile,
             "cuda_graphs": self.use_graphs,
             "prefill_graphs": sum(len(b.prefills) for b in self.buckets.values()),
@@ -295,25 +281,6 @@ class OwnForwardEngine(fast_path._Engine):
             "buckets": [list(key) for key in self.buckets],
             "fallbacks": list(self.fallbacks),
         }
-
-    def compiles(self) -> bool:
-        return self.step_fn is not decode
-
-    def _forward(self, b: Any) -> Any:
-        args = (self.layout, b.keys, b.values, b.tok, b.step, b.pad)
-        if self.step_fn is decode:
-            return decode(*args)  # type: ignore[arg-type]
-        started = time.perf_counter()
-        try:
-            with fast_path._RecompileRoom():
-                out = self.step_fn(*args)
-        except Exception as exc:  # a model the compiler cannot take: run it eagerly
-            self._fall_back(f"torch.compile failed ({type(exc).__name__}: {exc}); running eagerly")
-            self.step_fn = decode
-            return decode(*args)  # type: ignore[arg-type]
-        key = f"decode step, batch {b.batch}, {b.length} slots"
-        self.compile_seconds.setdefault(key, round(time.perf_counter() - started, 1))
-        return out
 
     def _prefill(self, b: Any, ids: Any, mask: Any, padded: bool) -> Any:
         return prefill(self.layout, b.keys, b.values, ids, mask, padded)  # type: ignore[arg-type]
@@ -336,8 +303,8 @@ def engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None) 
         )
         cuda_graphs = False
     if compile is None:
-        compile = cuda and os.environ.get("GEMMA_LOCAL_OWN_COMPILE", "0").strip() in ("1", "on")
-    return OwnForwardEngine(model, layout, compile or False, bool(cuda_graphs))
+        compile = cuda and fast_path._flag("GEMMA_LOCAL_OWN_COMPILE", False)
+    return OwnForwardEngine(model, layout, compile, bool(cuda_graphs))
 
 
 def _import_torch() -> Any:

@@ -95,7 +95,7 @@ class SlotBatch:
         self.slots = slots
         self._grammar_for = grammar_for
         #: earlier prompts' keys and values (sliding-window layers: their last window); the
-        #: Gemma 1-3 forward's only (:meth:`_extend` runs its layers)
+        #: Gemma 1-3 forward's only (``_Engine.extend`` runs its layers)
         self.prefixes = prefixes if isinstance(self.layout, fast_path._Layout) else None
         self.bucket = fast_path._Bucket(self.layout, self.rows, slots)
         self.next_index = slots  # the cache index the next step writes (host copy)
@@ -163,7 +163,7 @@ class SlotBatch:
         width = len(ids)
         hit = self.prefixes.lookup(ids) if self.prefixes is not None else None
         if hit is not None:
-            logits, own = self._extend(hit[1], hit[0], ids)
+            logits, own = self.engine.extend(hit[1], hit[0], ids)
         else:
             prompt = torch.tensor([list(ids)], device=lay.device)
             own = fast_path._Caches.of(lay, 1, width)
@@ -192,59 +192,6 @@ class SlotBatch:
             keys.append(k)
             values.append(v)
         return fast_path._Caches(keys, values)
-
-    def _extend(self, stored: Any, start: int, ids: Sequence[int]) -> tuple[Any, Any]:
-        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (one layer
-        function for every layer, compiled where the engine compiles); returns the last logits
-        and the whole prompt's caches."""
-        torch, lay = self.torch, self.layout
-        length = len(ids)
-        prompt = torch.tensor([list(ids[start:])], device=lay.device)
-        x = lay.embed(prompt)
-        rope = fast_path._position_embeddings(
-            lay, x, torch.arange(start, length, device=lay.device)[None]
-        )
-        queries = torch.arange(start, length, device=lay.device)[:, None]
-        keys, values, masks = [], [], {}
-        for i in range(len(lay.layers)):
-            past_k, past_v = stored.keys[i], stored.values[i]
-            window = lay.windows[i]
-            held = int(past_k.shape[2]) + len(prompt[0])
-            if (window, held) not in masks:  # the keys' positions: the last ``held`` of the prompt
-                at = torch.arange(length - held, length, device=lay.device)[None, :]
-                allowed = at <= queries
-                if window is not None:
-                    allowed = allowed & (at > queries - window)
-                masks[(window, held)] = allowed[None, None]
-            cos, sin = rope[lay.types[i]]
-            x, k, v = self._extend_layer(
-                lay,
-                fast_path._Weights.of(lay, i),
-                x,
-                past_k,
-                past_v,
-                cos,
-                sin,
-                masks[(window, held)],
-            )
-            keys.append(k)
-            values.append(v)
-        return fast_path._logits(lay, x), fast_path._Caches(keys, values)
-
-    def _extend_layer(self, *args: Any) -> Any:
-        """The engine's (compiled where it compiles) :func:`fast_path._extend_layer`."""
-        engine = self.engine
-        if engine.extend_layer is fast_path._extend_layer:
-            return fast_path._extend_layer(*args)
-        try:
-            with fast_path._RecompileRoom():
-                return engine.extend_layer(*args)
-        except Exception as exc:  # a model the compiler cannot take: run it eagerly
-            engine._fall_back(
-                f"compiling the prefix extension failed ({type(exc).__name__}: {exc})"
-            )
-            engine.extend_layer = fast_path._extend_layer
-            return fast_path._extend_layer(*args)
 
     def remove(self, rows: Sequence[Row]) -> None:
         for row in rows:
