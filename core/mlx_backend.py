@@ -420,8 +420,10 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         in turn so that each stream computes its next step while the tokens of
         the others are read. Elsewhere one generator on one stream.
         """
+        import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
+        cpu = mx.default_device().type == mx.DeviceType.cpu
         groups = self._stream_groups(prompts)
         streams = accel.mlx_cpu_streams(len(groups)) if len(groups) > 1 else [None]
         caches = self._prefill_rows(prompts, groups, streams, sink) if len(groups) > 1 else None
@@ -449,6 +451,8 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                     stream=stream,
                 )
                 generators.append((generator, {}))
+                if cpu:  # all-greedy steps without MLX's scalar logsumexp over the vocabulary
+                    accel.mlx_greedy_steps(generator)
                 if caches is None:
                     uids = generator.insert(
                         [list(prompts[i].ids) for i in group],

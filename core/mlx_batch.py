@@ -38,6 +38,18 @@ def _default() -> Any:
     return contextlib.nullcontext()
 
 
+def _mergeable(caches: Sequence[Any]) -> bool:
+    """Whether mlx-lm can merge these per-row caches into one batch cache and back: every
+    layer's caches of one class with ``merge`` (plain and rotating KV caches)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    return all(
+        type(layer[0]) in (KVCache, RotatingKVCache)
+        and all(type(c) is type(layer[0]) for c in layer)
+        for layer in zip(*caches, strict=True)
+    )
+
+
 class _Sink:
     """What :meth:`_prefill_rows` checks between waves: nobody cancels a prefill here."""
 
@@ -59,7 +71,8 @@ class MLXBatch:
         self._client = client
         self._streams: list[Any] = [None]
         decoder = None
-        if mx.default_device().type == mx.DeviceType.cpu:
+        cpu = mx.default_device().type == mx.DeviceType.cpu
+        if cpu:
             wanted = client._streams_wanted()
             if wanted > 1:
                 self._streams = accel.mlx_cpu_streams(wanted)
@@ -83,6 +96,10 @@ class MLXBatch:
             )
             for model, stream in plan
         ]
+        self._cpu = cpu
+        if cpu:  # all-greedy steps without MLX's scalar logsumexp over the vocabulary
+            for generator in self.generators:
+                accel.mlx_greedy_steps(generator)
         #: uid -> row, per generator
         self._rows: list[dict[int, Row]] = [{} for _ in self.generators]
 
@@ -136,7 +153,7 @@ class MLXBatch:
             grammar = row.request.grammar
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
-        firsts = self._first_tokens(rows, caches, processors, stream_of)
+        firsts = self._first_tokens(rows, caches, processors, stream_of)  # caches: and its KV
         for prompt, cache in zip(prompts, caches, strict=True):  # before the generator has them
             if client.prompt_cache.wants(prompt.ids):
                 client.prompt_cache.store(prompt.ids, copy.deepcopy(cache))
@@ -162,14 +179,30 @@ class MLXBatch:
         streams: Sequence[Any],
     ) -> list[int]:
         """Each row's last prompt token through the model in its own cache, and its first
-        token sampled as ``generate_step`` samples it (processors over the whole prompt)."""
+        token sampled as ``generate_step`` samples it (processors over the whole prompt).
+
+        Rows on one stream whose caches mlx-lm can batch run their last tokens as one
+        batch (their caches merged, left-padded as ``BatchGenerator`` pads them, and
+        each row's cache taken back out): one pass of the model for all of them instead
+        of one each, which on a CPU device is mostly the output layer's product over
+        the vocabulary. ``caches`` is updated in place.
+        """
         import mlx.core as mx
 
         model = self._client.model
         logits = []
-        for row, cache, stream in zip(rows, caches, streams, strict=True):
-            with mx.stream(stream) if stream is not None else _default():
-                logits.append(model(mx.array([row.prompt.ids[-1:]]), cache=cache)[:, -1, :])
+        if len(rows) > 1 and all(s is None for s in streams) and _mergeable(caches):
+            merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches, strict=True)]
+            last = mx.array([row.prompt.ids[-1:] for row in rows])
+            batch = model(last, cache=merged)[:, -1, :]
+            mx.eval(batch, [c.state for c in merged])
+            logits = [batch[i : i + 1] for i in range(len(rows))]
+            for i in range(len(rows)):
+                caches[i][:] = [c.extract(i) for c in merged]
+        else:
+            for row, cache, stream in zip(rows, caches, streams, strict=True):
+                with mx.stream(stream) if stream is not None else _default():
+                    logits.append(model(mx.array([row.prompt.ids[-1:]]), cache=cache)[:, -1, :])
         mx.eval(logits, [c.state for cache in caches for c in cache])
         tokens = []
         for row, scores, own in zip(rows, logits, processors, strict=True):
@@ -177,8 +210,12 @@ class MLXBatch:
                 context = mx.array(row.prompt.ids)
                 for processor in own:
                     scores = processor(context, scores)
+            sampler = row.request.state[0]
+            if self._cpu and sampler is self._greedy:  # no normalising (core.accel.mlx_greedy)
+                tokens.append(int(mx.argmax(scores, axis=-1).item()))
+                continue
             logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
-            tokens.append(int(row.request.state[0](logprobs).item()))
+            tokens.append(int(sampler(logprobs).item()))
         return tokens
 
     def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any], start: int = 0) -> None:

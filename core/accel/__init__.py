@@ -48,7 +48,9 @@ or the backend never asks.
 Unless the client was given ``cpu_streams``, a CPU device's float32 model has its
 ``nn.Linear`` products (and its tied output layer) computed by numpy's BLAS, which
 ``mlx[cpu]``'s own kernels trail by 5x at one row and 20x at 16
-(:func:`mlx_cpu_blas`); the batch then runs on one stream.
+(:func:`mlx_cpu_blas`); the batch then runs on one stream. Its all-greedy batch steps
+leave out mlx-lm's ``logsumexp`` over the vocabulary, whose exponentials are MLX's
+scalar kernel there (:func:`mlx_greedy_steps`, :mod:`core.accel.mlx_greedy`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,14 @@ def mlx_cpu_blas(model: Any) -> bool:
     from . import mlx_blas
 
     return mlx_blas.use_blas(model)
+
+
+def mlx_greedy_steps(generator: Any) -> bool:
+    """An mlx-lm ``BatchGenerator`` whose all-greedy steps take the argmax of the logits
+    without normalising them first (see :mod:`core.accel.mlx_greedy`); whether it applied."""
+    from . import mlx_greedy
+
+    return mlx_greedy.skip_normalising(generator)
 
 
 def usable_cores() -> int:
