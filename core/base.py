@@ -233,6 +233,7 @@ class BaseGemmaChatCompletion:
             self._translate_error,
             max_batch_size=batch_size,
             max_queue=queue_size,
+            on_idle=self._idle,
         )
         _LIVE_CLIENTS.add(self)
 
@@ -241,6 +242,9 @@ class BaseGemmaChatCompletion:
     def _new_worker(self) -> ModelWorker:
         """The thread this client's model lives on: its own, by default."""
         return ModelWorker(f"gemma-local:{type(self).__name__}")
+
+    def _idle(self) -> None:
+        """Work for moments when no request runs (model thread): nothing, by default."""
 
     def _load_model_and_tokenizer(self) -> None:
         """Load ``self.model`` and ``self.tokenizer`` (runs on the model thread, under :data:`LOAD_LOCK`)."""

@@ -156,6 +156,9 @@ class Scheduler:
     whether a request should rather run whole (``alone``: it would decode
     alone; the CUDA fast path).
     ``on_error(exc)`` turns a backend error into the one its readers get.
+    ``on_idle()`` runs on the model thread when a tick leaves nothing running or
+    waiting (the CUDA fast path captures the graphs its requests ran without
+    there); a request that arrives meanwhile is taken at the next tick.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class Scheduler:
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -176,6 +180,7 @@ class Scheduler:
         self._run_whole = run_whole
         self._wants_whole = wants_whole
         self._on_error = on_error
+        self._on_idle = on_idle
         self._lock = threading.Lock()
         self._joined = 0  # requests in the batch and its rows, as of the last tick
         self._batch_rows = 0
@@ -240,6 +245,11 @@ class Scheduler:
         self._count_rows()
         if self._active or self._waiting:
             self._post()
+        elif self._on_idle is not None:
+            try:
+                self._on_idle()
+            except Exception:  # an optimisation of later requests: never this one's failure
+                logger.exception("the model thread's idle work failed")
 
     def _engine_now(self) -> Engine | None:
         if not self._engine_made:

@@ -540,6 +540,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
 
     # ----------------------------------------------------------------- extras
 
+    def _idle(self) -> None:
+        if self.model is not None:
+            accel.cuda_idle(self.model)  # the graphs a first request of a shape ran without
+
     def _release(self) -> None:
         if self.model is not None:
             accel.cuda_release(self.model)  # compiled graphs and KV buffers

@@ -99,6 +99,7 @@ def fast(model: Any, prompts: list[list[int]], params: SamplingParams, **kw: Any
         assert fast_path.settle(model, timeout=900)
         assert fast_path.generate(model, ps, params, sink, compile=compile, **kw)
     sink.close()
+    fast_path.idle(model)  # the client's scheduler does this once no request runs
     return sink
 
 
@@ -269,6 +270,82 @@ def test_a_bucket_compiling_in_the_background_leaves_its_request_to_the_plain_pa
     batch = prompts_of(5, 7, seed=4)
     assert fast(model, batch, greedy(6), compile="eager").tokens == plain(model, batch, 6)
     assert fast_path.describe(model)["compiled_buckets"] == [[1, 256]]
+
+
+def test_a_request_that_finds_no_graph_runs_uncaptured_and_the_graph_is_captured_when_idle(
+    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket's decode step is captured before a prompt is read, so the first request of
+    a bucket does not wait for it: it runs its steps uncaptured and leaves the capture to
+    the model thread's next idle moment (:func:`fast_path.idle`); later requests replay
+    it. ``GEMMA_LOCAL_COMPILE_WAIT=1`` captures in the request, before its prompt. (The
+    CPU cannot capture: a stand-in graph that runs the step and counts its replays.)"""
+    monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
+    model = load(gemma3_path)
+    engine = fast_path._engine(model, compile=False, cuda_graphs=False)
+    engine.use_graphs, engine.prefill_graphs = True, False
+    captured: list[tuple[Any, ...]] = []
+    replays = [0]
+
+    class Graph:
+        def __init__(self, b: Any, how: Any) -> None:
+            self.b, self.how = b, how
+
+        def replay(self) -> None:
+            replays[0] += 1
+            engine._step(self.b, self.how)
+
+    def capture(b: Any, how: Any, split: bool = False) -> Any:
+        captured.append(((b.batch, b.length), how.greedy, split))
+        b.graphs[how] = Graph(b, how)
+        return b.graphs[how]
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    batch = prompts_of(9, seed=2)
+    want = plain(model, batch, 10)
+
+    def request() -> list[list[int]]:
+        ps = [Prompt("", tuple(p)) for p in batch]
+        sink = RecordingSink(ps, greedy(10))
+        with torch.inference_mode():
+            assert fast_path.generate(model, ps, greedy(10), sink)
+        sink.close()
+        return sink.tokens
+
+    assert request() == want
+    assert not captured and replays[0] == 0  # nothing captured in the request
+    assert engine.pending_steps
+    with torch.inference_mode():
+        assert engine.idle() == 1
+    assert captured == [((1, 256), True, False)] and not engine.pending_steps
+    assert request() == want
+    assert replays[0] == 9  # the second request replayed the graph, every step
+    with torch.inference_mode():
+        assert engine.idle() == 0  # nothing left to capture
+    monkeypatch.setenv("GEMMA_LOCAL_COMPILE_WAIT", "1")  # another bucket: in the request
+    batch = prompts_of(9, 4, seed=2)
+    want = plain(model, batch, 10)
+    assert request() == want
+    assert captured[-1] == ((2, 256), True, False) and not engine.pending_steps
+    fast_path.release(model)
+
+
+def test_the_client_gives_its_idle_moments_to_the_backend(gemma3_path: Path) -> None:
+    """The scheduler calls the backend's idle work once a request leaves nothing running
+    (where the CUDA fast path captures its graphs); a failure there fails no request."""
+    from core import GemmaTransformersChatCompletion
+
+    calls = []
+    client = GemmaTransformersChatCompletion(
+        str(gemma3_path), device_map="cpu", torch_dtype="float32"
+    )
+    try:
+        client._scheduler._on_idle = lambda: calls.append(1) or 1 / 0
+        first = client.create(USER, temperature=0, max_tokens=4)
+        assert calls
+        assert client.create(USER, temperature=0, max_tokens=4)["choices"] == first["choices"]
+    finally:
+        client.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compile + graphs")

@@ -115,6 +115,14 @@ def cuda_batch(model: Any, grammar_for: Any, *, rows: int, prefixes: Any = None)
     )
 
 
+def cuda_idle(model: Any) -> int:
+    """Capture the CUDA graphs ``model``'s fast-path requests ran without (its thread, while
+    no request runs: a first request of a shape waits for no capture); how many."""
+    from .cuda import fast_path
+
+    return fast_path.idle(model)
+
+
 def cuda_release(model: Any) -> None:
     """Drop the compiled graphs and KV buffers the fast path keeps on ``model`` (if any)."""
     from .cuda import fast_path

@@ -255,10 +255,14 @@ def generate(
     request of a bucket (batch, cache length) that has no compiled code yet
     starts compiling it on a thread of the engine's and returns ``False``: the
     caller serves it on the plain path (``model.generate``) meanwhile, and the
-    bucket's requests take the fast path once it is ready.
-    ``GEMMA_LOCAL_COMPILE_WAIT=1`` compiles in the request instead (its first
-    token waits, as benchmarks of the steady state want); :func:`settle` waits
-    for the compiling thread.
+    bucket's requests take the fast path once it is ready. Nor for a CUDA graph
+    capture: a request whose bucket has no graph of its decode step (or of its
+    prompt width) yet runs those steps uncaptured, and the graphs are captured
+    when the model thread is next idle (:func:`idle`, which the client's
+    scheduler calls once no request runs).
+    ``GEMMA_LOCAL_COMPILE_WAIT=1`` compiles and captures in the request instead
+    (its first token waits, as benchmarks of the steady state want);
+    :func:`settle` waits for the compiling thread.
     """
     _import_torch()
     engine = _engine(model, compile=compile, cuda_graphs=cuda_graphs)
@@ -278,6 +282,19 @@ def settle(model: Any, timeout: float | None = None) -> bool:
     """Wait until no bucket of ``model`` is compiling in the background; whether none is."""
     engine = getattr(model, _ENGINE_ATTR, None)
     return True if engine is None else engine.background.settle(timeout)
+
+
+def idle(model: Any) -> int:
+    """Capture the CUDA graphs ``model``'s requests ran without, on the thread that owns it
+    while no request runs (see :meth:`_Engine.idle`); how many it captured."""
+    engine = getattr(model, _ENGINE_ATTR, None)
+    if engine is None or not (engine.pending_steps or engine.pending_prefills):
+        return 0
+    device = engine.layout.device
+    if device.type != "cuda":
+        return 0
+    with torch.inference_mode(), torch.cuda.device(device):
+        return int(engine.idle())
 
 
 def release(model: Any) -> None:
@@ -1146,6 +1163,10 @@ class _Engine:
         self.compile_seconds: dict[str, float] = {}
         #: compiles buckets on a thread of its own while their requests take the plain path
         self.background = _Background(self)
+        #: graphs a request ran without, captured when the model thread is idle (:meth:`idle`):
+        #: (bucket key, sampler, split) decode steps and (bucket key, width, padded) prefills
+        self.pending_steps: set[tuple[tuple[int, int], _Sampler, bool]] = set()
+        self.pending_prefills: set[tuple[tuple[int, int], int, bool]] = set()
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
             # e.g. "max-autotune-no-cudagraphs"; never a cudagraph mode: we capture ourselves.
@@ -1365,6 +1386,9 @@ class _Engine:
         if entry is None:
             if not self.use_graphs:
                 return self._prefill(b, ids, mask, padded)
+            if not self.capture_now():
+                self.pending_prefills.add(((b.batch, b.length), key[0], padded))
+                return self._prefill(b, ids, mask, padded)
             return self._capture_prefill(b, ids, mask, padded)
         b.prefills.move_to_end(key)
         graph, static_ids, static_mask, logits = entry
@@ -1405,21 +1429,38 @@ class _Engine:
         logger.warning("fast path: %s", message)
         self.fallbacks.append(message)
 
+    def capture_now(self) -> bool:
+        """Whether a graph a request lacks is captured in the request (before its prompt is
+        read: ``GEMMA_LOCAL_COMPILE_WAIT=1``, for benchmarks of the steady state) rather
+        than when the model thread is next idle (:meth:`idle`; the request runs its steps
+        uncaptured meanwhile, so its first token waits for no capture)."""
+        return _flag("GEMMA_LOCAL_COMPILE_WAIT", False)
+
     def stepper(self, b: _Bucket, how: _Sampler) -> Callable[[], None]:
-        """A callable that runs one decode step (a graph replay where possible)."""
+        """A callable that runs one decode step (a graph replay where possible; a missing
+        graph is captured now or when the model thread is idle: :meth:`capture_now`)."""
         if self.use_graphs:
-            graph = b.graphs.get(how) or self._capture(b, how)
+            graph = b.graphs.get(how)
+            if graph is None and self.capture_now():
+                graph = self._capture(b, how)
+            elif graph is None:
+                self.pending_steps.add(((b.batch, b.length), how, False))
             if graph is not None:
                 return graph.replay
         return lambda: self._step(b, how)
 
     def split_stepper(
-        self, b: _Bucket, how: _Sampler
+        self, b: _Bucket, how: _Sampler, capture: bool | None = None
     ) -> tuple[Callable[[], None], Callable[[], None]]:
         """A decode step as two callables, the forward and the sampling (graph replays where
-        possible), for a masked sampler: the grammar's mask is loaded between them."""
+        possible), for a masked sampler: the grammar's mask is loaded between them.
+        ``capture``: capture a missing graph now (default :meth:`capture_now`)."""
         if self.use_graphs:
-            graphs = b.split_graphs.get(how) or self._capture(b, how, split=True)
+            graphs = b.split_graphs.get(how)
+            if graphs is None and (self.capture_now() if capture is None else capture):
+                graphs = self._capture(b, how, split=True)
+            elif graphs is None:
+                self.pending_steps.add(((b.batch, b.length), how, True))
             if graphs is not None:
                 forward_graph, sample_graph, logits = graphs
 
@@ -1485,6 +1526,34 @@ class _Engine:
         self.compile_seconds[f"decode step, batch {b.batch}, {b.length} slots"] = seconds
         logger.info("fast path: decode step ready in %.1f s", seconds)
         return graph
+
+    def idle(self) -> int:
+        """Capture the graphs requests ran without (the model thread is idle); how many.
+
+        A bucket's decode step is captured before a prompt is read (its warm-up and
+        capture write cache slots 0-3), so a request that finds none runs its steps
+        uncaptured and the capture waits for a moment when no request is running.
+        """
+        done = 0
+        steps, self.pending_steps = self.pending_steps, set()
+        prefills, self.pending_prefills = self.pending_prefills, set()
+        for key, how, split in sorted(steps, key=lambda p: (p[0], p[2])):
+            b = self.buckets.get(key)
+            if b is None or not self.use_graphs:
+                continue
+            if how not in (b.split_graphs if split else b.graphs):
+                done += self._capture(b, how, split) is not None
+        for key, width, padded in sorted(prefills):
+            b = self.buckets.get(key)
+            if b is None or not self.use_graphs or (width, padded) in b.prefills:
+                continue
+            ids = torch.zeros(b.batch, width, dtype=torch.long, device=self.layout.device)
+            mask = torch.ones_like(ids)
+            if padded:
+                mask[:, 0] = 0
+            self._capture_prefill(b, ids, mask, padded)
+            done += (width, padded) in b.prefills
+        return done
 
     # -------------------------------------------------------------- request
 

@@ -321,7 +321,7 @@ class SlotBatch:
             view = b if rows == b.batch else fast_path._Bucket(self.layout, rows, b.length, b)
             with self.torch.inference_mode(), self._device():
                 saved = self._save()
-                forward, _ = self.engine.split_stepper(view, self._how)
+                forward, _ = self.engine.split_stepper(view, self._how, capture=True)
                 self._restore(saved)
             entry = self._views[rows] = (view, forward)
         return entry
