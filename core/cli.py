@@ -461,7 +461,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "GEMMA_LOCAL_API_KEY)",
                     file=sys.stderr,
                 )
-            serve(
+            stopped = serve(
                 client,
                 sock=sock,
                 log_level=args.log_level,
@@ -472,7 +472,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
     finally:
         sock.close()
-    return 0
+    return 128 + stopped[0] if stopped else 0  # Ctrl-C: 130, as the shell reports it
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,11 +129,12 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     calls: list[dict[str, Any]] = []
 
-    def record(client: Any, **options: Any) -> None:
+    def record(client: Any, **options: Any) -> list[int]:
         loaded = client.is_loaded  # loaded before serving; closed after
         calls.append(
             {"client": client, "loaded": loaded, "dtype": str(client.model.dtype), **options}
         )
+        return []  # no signal stopped it
 
     monkeypatch.setattr(core.server, "serve", record)
     return calls
@@ -163,6 +164,18 @@ def test_options_reach_the_server(gemma3_path, capsys, monkeypatch, recorded) ->
     assert code == 0 and recorded[-1]["media_sources"] == Sources(local_files=False, urls=True)
     code, out, _ = run([*argv, "--allow-local-media"], capsys)
     assert code == 0 and recorded[-1]["media_sources"] == Sources(local_files=True, urls=False)
+
+
+def test_a_server_stopped_by_ctrl_c_exits_130(gemma3_path, capsys, monkeypatch) -> None:
+    """uvicorn re-raises the signal after its graceful shutdown, but asyncio may take it as a
+    cancel of a task that has already ended: the command reads the signals the server
+    returns instead (Ctrl-C: 130, as a shell reports it; SIGTERM: 143)."""
+    import core.server
+
+    for stopped, code in (([], 0), ([signal.SIGINT], 130), ([signal.SIGTERM], 143)):
+        monkeypatch.setattr(core.server, "serve", lambda client, _s=stopped, **_: list(_s))
+        argv = ["serve", "--model", str(gemma3_path), *TF, "--port", "0"]
+        assert run(argv, capsys)[0] == code
 
 
 def test_an_open_host_without_a_key_is_warned_about(gemma3_path, capsys, recorded) -> None:

@@ -57,6 +57,12 @@ class _Server(uvicorn.Server):
     def __init__(self, app: Any, *, log_level: str, quiet: bool) -> None:
         super().__init__(_config(app, log_level=log_level, quiet=quiet))
         self._app = app
+        #: the signals that stopped it (Ctrl-C: SIGINT), in arrival order
+        self.signals: list[int] = []
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.signals.append(sig)
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._app.state.stopping = True
@@ -84,19 +90,26 @@ def serve(
     sock: socket.socket | None = None,
     log_level: str = "info",
     **app_options: Any,
-) -> None:
-    """Serve ``client`` until interrupted (``app_options``: see :func:`~core.server.create_app`).
+) -> list[int]:
+    """Serve ``client`` until interrupted (``app_options``: see :func:`~core.server.create_app`);
+    the signals that stopped it.
 
     ``sock``: an already listening socket (see :func:`listen`) instead of ``host:port``.
+    uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again;
+    whether that reaches the caller as ``KeyboardInterrupt`` depends on when asyncio's
+    own SIGINT handler sees it (before or after the server's task has ended), so the
+    signals are returned too: ``gemma-local serve`` exits 130 after Ctrl-C either way.
     """
     app = create_app(client, **app_options)
     own = sock is None
     listening = listen(host, port) if sock is None else sock
+    server = _Server(app, log_level=log_level, quiet=False)
     try:
-        _Server(app, log_level=log_level, quiet=False).run(sockets=[listening])
+        server.run(sockets=[listening])
     finally:
         if own:
             listening.close()
+    return list(server.signals)
 
 
 class BackgroundServer:
