@@ -154,9 +154,10 @@ class MLXBatch:
             own = [] if grammar is None else [mlx_grammar_processor(grammar, row.index)]
             processors.append([*shared, *own])
         firsts = self._first_tokens(rows, caches, processors, stream_of)  # caches: and its KV
+        kept = client.prompt_cache
         for prompt, cache in zip(prompts, caches, strict=True):  # before the generator has them
-            if client.prompt_cache.wants(prompt.ids):
-                client.prompt_cache.store(prompt.ids, copy.deepcopy(cache))
+            if kept.cut(prompt.ids) == len(prompt.ids) and kept.wants(prompt.ids):
+                kept.store(prompt.ids, copy.deepcopy(cache))  # (a shorter cut: _prefill's)
         for i, row in enumerate(rows):
             g = min(range(len(self.generators)), key=lambda k: len(self._rows[k]))
             [uid] = self.generators[g].insert(
@@ -220,15 +221,25 @@ class MLXBatch:
 
     def _prefill(self, prompts: Sequence[Any], caches: Sequence[Any], start: int = 0) -> None:
         """Each prompt but its last token into its cache (which holds its first ``start``
-        tokens already), on the default stream."""
+        tokens already), on the default stream. A prompt that ends with a tail later turns
+        do not repeat (``prompt_cache.cut``) stops before it once, and a copy of its cache
+        there is kept for prefix reuse."""
         import mlx.core as mx
 
         model, step = self._client.model, self._client.prefill_step_size
+        kept = self._client.prompt_cache
         for prompt, cache in zip(prompts, caches, strict=True):
-            ids = prompt.ids[start:-1]
-            for start in range(0, len(ids), step):
-                model(mx.array(ids[start : start + step])[None], cache=cache)
-                mx.eval([c.state for c in cache])
+            ids = prompt.ids
+            cut = kept.cut(ids)
+            store = start < cut < len(ids) and kept.wants(ids[:cut])
+            bounds = sorted({*range(start, len(ids) - 1, step), *([cut] if store else [])})
+            for begin, end in zip(bounds, [*bounds[1:], len(ids) - 1], strict=True):
+                if begin < end:
+                    model(mx.array(ids[begin:end])[None], cache=cache)
+                    mx.eval([c.state for c in cache])
+                if store and end == cut:
+                    kept.store(ids[:cut], copy.deepcopy(cache))
+                    store = False
 
     def step(self) -> list[tuple[Row, int]]:
         out = []

@@ -12,6 +12,13 @@ and by total tokens (``max_tokens``), and all of them on ``clear()`` (the
 client's ``close()``). A stored value is never handed out to be mutated: the
 engine copies it.
 
+A chat template may end the generation prompt with tokens that the next turn
+does not render again (Gemma 4 with thinking off opens an empty thought channel
+there; the history shows the reply without it): such a prompt is never a prefix
+of the next one. :meth:`PrefixCache.cut` says how much of a prompt later turns
+repeat (the prompt without such a tail, :attr:`PrefixCache.tails`, set by the
+client from its model family), and the engines store the cache of that much.
+
 The engines store what they need (a transformers ``DynamicCache``, the fast
 path's per-layer tensors, mlx-lm's prompt cache); this module only keeps them.
 """
@@ -50,6 +57,8 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        #: token ids a prompt may end with that later turns do not repeat (see :meth:`cut`)
+        self.tails: tuple[tuple[int, ...], ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -82,6 +91,14 @@ class PrefixCache:
             self._entries.move_to_end(best)
             self.hits += 1
             return len(best), self._entries[best]
+
+    def cut(self, ids: Sequence[int]) -> int:
+        """How many of ``ids`` later turns repeat: all of them, or all but a tail of
+        :attr:`tails` the prompt ends with. Engines store the cache of ``ids[:cut]``."""
+        for tail in self.tails:
+            if tail and len(ids) > len(tail) and tuple(ids[-len(tail) :]) == tail:
+                return len(ids) - len(tail)
+        return len(ids)
 
     def wants(self, ids: Sequence[int]) -> bool:
         """Whether :meth:`store` would keep a prompt of ``ids`` (ask before copying a cache)."""

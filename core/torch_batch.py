@@ -177,17 +177,24 @@ class TorchBatch:
         start, cache = (
             (hit[0], copy.deepcopy(hit[1])) if hit else (0, DynamicCache(config=self.model.config))
         )
-        ids = torch.tensor([prompt[start:]], device=device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
-            position_ids=torch.arange(start, len(prompt), device=device)[None],
-            **{self._cache_keyword: cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        if self.prefixes is not None and self.prefixes.wants(prompt):
-            self.prefixes.store(prompt, copy.deepcopy(cache))
+        # the part later turns repeat is stored (a tail they do not, e.g. Gemma 4's empty
+        # thought channel, runs after the copy is taken)
+        cut = self.prefixes.cut(prompt) if self.prefixes is not None else len(prompt)
+        keep = self.prefixes is not None and start < cut and self.prefixes.wants(prompt[:cut])
+        out: Any = None
+        for begin, end in ((start, cut), (cut, len(prompt))) if keep else ((start, len(prompt)),):
+            if begin == end:
+                continue
+            out = self.model(
+                input_ids=torch.tensor([prompt[begin:end]], device=device),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                position_ids=torch.arange(begin, end, device=device)[None],
+                **{self._cache_keyword: cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            if keep and end == cut:
+                self.prefixes.store(prompt[:cut], copy.deepcopy(cache))  # type: ignore[union-attr]
         return cache, out.logits[:, -1, :].to(dtype=torch.float32)
 
     def _merge(self, row: Row, cache: Any, token: int) -> None:

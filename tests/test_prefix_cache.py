@@ -93,3 +93,39 @@ def test_wants_says_what_store_keeps() -> None:
     assert cache.wants(ids(MIN_PREFIX)) and cache.wants(ids(100))
     assert not cache.wants(ids(MIN_PREFIX - 1)) and not cache.wants(ids(101))
     assert not PrefixCache(max_tokens=0).wants(ids(50))
+
+
+def test_a_tail_the_next_turn_does_not_repeat_is_cut() -> None:
+    """Gemma 4's generation prompt (thinking off) ends with an empty thought channel that the
+    next turn's rendering of the reply leaves out: the prompt is kept without it, so that the
+    next turn's prompt extends it."""
+    cache = PrefixCache()
+    ids = list(range(100, 100 + MIN_PREFIX + 4))
+    assert cache.cut(ids) == len(ids)  # no tails: all of it
+    cache.tails = ((7, 8, 9),)
+    assert cache.cut([*ids, 7, 8, 9]) == len(ids)
+    assert cache.cut([*ids, 7, 8]) == len(ids) + 2  # not the whole tail: kept as is
+    assert cache.cut([7, 8, 9]) == 3  # nothing before it: nothing to cut to
+    cache.store(ids, "prefix")
+    following = [*ids, 50, 51, 7, 8, 9]  # the next turn: the reply, then the tail again
+    assert cache.lookup(following) == (len(ids), "prefix")
+
+
+def test_gemma4_prompts_are_kept_without_their_empty_thought_channel(gemma4_path) -> None:
+    from conftest import make_client
+
+    client = make_client("transformers", gemma4_path)
+    try:
+        messages = [{"role": "user", "content": "Tell me about tides, " * 4}]
+        prompt = client.format_prompt(messages)
+        tail = client.tokenizer.encode("<|channel>thought\n<channel|>", add_special_tokens=False)
+        assert client.prompt_cache.tails == (tuple(tail),)
+        assert list(prompt.ids[-len(tail) :]) == tail  # thinking off: the empty channel
+        assert client.prompt_cache.cut(prompt.ids) == len(prompt.ids) - len(tail)
+        client.create(messages, temperature=0, max_tokens=4)
+        [kept] = list(client.prompt_cache._entries)
+        assert list(kept) == list(prompt.ids[: -len(tail)])
+        thinking = client.format_prompt(messages, thinking=True)  # ends at the model's turn
+        assert client.prompt_cache.cut(thinking.ids) == len(thinking.ids)
+    finally:
+        client.close()

@@ -56,20 +56,44 @@ def mlx_no_reuse(gemma3_path: Path) -> Any:
     client.close()
 
 
-@pytest.fixture(scope="module", params=["dynamic-cache", "fast-path", "fast-path-compiled", "mlx"])
-def pair(request: pytest.FixtureRequest, gemma3_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def no_reuse_gemma4(gemma4_path: Path) -> Any:
+    client = make_client("transformers", gemma4_path, prompt_cache_tokens=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def mlx_no_reuse_gemma4(gemma4_path: Path) -> Any:
+    client = make_client("mlx", gemma4_path, prompt_cache_tokens=0)
+    yield client
+    client.close()
+
+
+ENGINES = ["dynamic-cache", "fast-path", "fast-path-compiled", "mlx"]
+GEMMA4 = ["dynamic-cache", "fast-path", "mlx"]
+
+
+@pytest.fixture(scope="module", params=[*ENGINES, *(f"{engine}-gemma4" for engine in GEMMA4)])
+def pair(request: pytest.FixtureRequest) -> Any:
     """(a client that reuses prompts, the same backend without reuse); ``fast-path-compiled``:
-    the new tokens run through the engine's compiled layer (dynamo, the eager backend)."""
-    if request.param == "fast-path":
-        client = slot_client(gemma3_path, "cpu")
-    elif request.param == "fast-path-compiled":
-        client = slot_client(gemma3_path, "cpu", compile="eager")
-        engine = fast_path._engine(client.model, compile=None, cuda_graphs=None)
-        assert engine.extend_layer is not fast_path._extend_layer
+    the new tokens run through the engine's compiled layer (dynamo, the eager backend);
+    ``-gemma4``: Gemma 4 (per-layer embeddings, KV-shared layers, a sliding window; the fast
+    path runs the model's own text model), whose generation prompt ends with an empty
+    thought channel that the next turn does not repeat: the prompt is kept without it."""
+    gemma4 = request.param.endswith("-gemma4")
+    engine = request.param.removesuffix("-gemma4")
+    path = request.getfixturevalue("gemma4_path" if gemma4 else "gemma3_path")
+    if engine == "fast-path":
+        client = slot_client(path, "cpu")
+    elif engine == "fast-path-compiled":
+        client = slot_client(path, "cpu", compile="eager")
+        built = fast_path._engine(client.model, compile=None, cuda_graphs=None)
+        assert built.extend_layer is not fast_path._extend_layer
     else:
-        client = make_client("mlx" if request.param == "mlx" else "transformers", gemma3_path)
-    plain = request.getfixturevalue("mlx_no_reuse" if request.param == "mlx" else "no_reuse")
-    yield client, plain
+        client = make_client("mlx" if engine == "mlx" else "transformers", path)
+    plain = ("mlx_no_reuse" if engine == "mlx" else "no_reuse") + ("_gemma4" if gemma4 else "")
+    yield client, request.getfixturevalue(plain)
     client.close()
 
 

@@ -88,6 +88,7 @@ class Gemma3Family:
     keep_special_tokens: bool = False
     control_tokens: tuple[tuple[str, str], ...] = ()  # decoded with skip_special_tokens=True
     can_think: bool = False
+    generation_tails: tuple[str, ...] = ()  # a turn renders in the history as it was prompted
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:
         check_thinking(thinking, self.name, self.can_think)

@@ -221,6 +221,9 @@ class Gemma4Family:
     keep_special_tokens: bool = True
     control_tokens: tuple[tuple[str, str], ...] = CONTROL_TEXT
     can_think: bool = True
+    #: with thinking off the generation prompt opens and closes an empty thought channel,
+    #: which the next turn's rendering of the reply leaves out
+    generation_tails: tuple[str, ...] = ("<|channel>thought\n<channel|>",)
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:
         check_thinking(thinking, self.name, self.can_think)

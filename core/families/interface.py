@@ -171,6 +171,11 @@ class Family(Protocol):
             text never holds, or as ``""`` (dropped); the parser matches
             sentinels, never spelled text (:func:`core.stream.sentinel_decoder`).
         can_think: whether ``thinking=True`` is allowed.
+        generation_tails: texts the generation prompt may end with that the next turn's
+            rendering of this turn does not repeat (Gemma 4 opens an empty thought channel
+            when thinking is off; the history renders the reply without it). A prompt
+            that ends with one is kept for prefix reuse without it (see
+            :class:`core.prefix_cache.PrefixCache`).
     """
 
     @property
@@ -190,6 +195,9 @@ class Family(Protocol):
 
     @property
     def can_think(self) -> bool: ...
+
+    @property
+    def generation_tails(self) -> tuple[str, ...]: ...
 
     def check(self, params: SamplingParams, thinking: bool | None) -> None:
         """Raise ``ValueError`` for what this family cannot serve (no model needed)."""

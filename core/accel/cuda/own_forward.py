@@ -26,8 +26,9 @@ Everything else is :class:`~core.accel.cuda.fast_path._Engine`'s, unchanged:
 buckets of (batch, cache length), sampling on the device, the grammar's mask
 applied on the device (tools, JSON), tokens read in bursts, captured prefill
 graphs, compiling in the background, and the continuous batch of
-:mod:`core.accel.cuda.slots` (rows of any age in one static cache; prompt-prefix
-reuse there stays Gemma 1-3's). Greedy tokens equal ``model.generate``'s
+:mod:`core.accel.cuda.slots` (rows of any age in one static cache; a prompt that
+extends a kept one runs its new tokens through the model's own text model over the kept
+keys and values, :class:`ExtendKV`, eagerly). Greedy tokens equal ``model.generate``'s
 (float32, checked on the CPU and on the GPU by ``tests/test_fast_path_gemma4.py``
 and ``tests/test_fast_path_batch.py``).
 
@@ -91,6 +92,30 @@ class StaticKV:
             keys.index_copy_(2, index, key_states[:, :, width - slots :])
             values.index_copy_(2, index, value_states[:, :, width - slots :])
         return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # the model asks without positions only
+        raise NotImplementedError("the fast path always passes position_ids")
+
+
+class ExtendKV:
+    """transformers' ``Cache`` interface over a stored prompt's keys and values (prompt-prefix
+    reuse): each layer's new keys and values go after its stored ones, and attention reads
+    them all; :attr:`keys` / :attr:`values` then hold the whole prompt's (``None`` for the
+    KV-shared layers, which read the storing layer's through the model's ``shared_kv_states``).
+    """
+
+    is_compileable = False
+
+    def __init__(self, keys: list[Any], values: list[Any]) -> None:
+        self.keys, self.values = list(keys), list(values)
+
+    def update(
+        self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any]:
+        keys = torch.cat([self.keys[layer_idx], key_states], dim=2)
+        values = torch.cat([self.values[layer_idx], value_states], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # the model asks without positions only
         raise NotImplementedError("the fast path always passes position_ids")
@@ -255,6 +280,30 @@ def prefill(
     return lay.logits(hidden)
 
 
+def extend(lay: ModelLayout, stored: Any, start: int, ids: Any) -> tuple[Any, Any]:
+    """``ids[start:]`` after ``stored`` (``fast_path._Caches`` of ``ids[:start]``; a sliding
+    layer's may hold only the prefix's last window): the last float32 logits and the whole
+    prompt's caches. Each layer type's keys are the last ``held`` positions of the prompt;
+    a query attends to those not after it and, on a sliding layer, within its window."""
+    length = len(ids)
+    new = torch.tensor([list(ids[start:])], device=lay.device)
+    positions = torch.arange(start, length, device=lay.device)[None]
+    queries = positions[0][:, None]
+    masks: dict[str, Any] = {}
+    for kind, window, kept in zip(lay.types, lay.windows, stored.keys, strict=True):
+        if kept is None or kind in masks:
+            continue
+        held = int(kept.shape[2]) + length - start
+        at = torch.arange(length - held, length, device=lay.device)[None, :]
+        allowed = at <= queries
+        if window is not None:
+            allowed = allowed & (at > queries - window)
+        masks[kind] = lay.mask(allowed[None, None])
+    cache = ExtendKV(stored.keys, stored.values)
+    hidden = lay.hidden(new, positions, masks, cache)  # type: ignore[arg-type]
+    return lay.logits(hidden), fast_path._Caches(cache.keys, cache.values)
+
+
 class OwnForwardEngine(fast_path._Engine):
     """:class:`~core.accel.cuda.fast_path._Engine` with the model's own forward."""
 
@@ -284,6 +333,13 @@ class OwnForwardEngine(fast_path._Engine):
 
     def _prefill(self, b: Any, ids: Any, mask: Any, padded: bool) -> Any:
         return prefill(self.layout, b.keys, b.values, ids, mask, padded)  # type: ignore[arg-type]
+
+    def extend(self, stored: Any, start: int, ids: Any) -> tuple[Any, Any]:
+        """Run ``ids[start:]`` over the stored keys and values of ``ids[:start]`` (prompt-prefix
+        reuse, one row; see :meth:`fast_path._Engine.extend`), through the model's own text
+        model: the last logits and the whole prompt's caches."""
+        lay: ModelLayout = self.layout  # type: ignore[assignment]
+        return extend(lay, stored, start, ids)
 
 
 def engine(model: Any, *, compile: bool | str | None, cuda_graphs: bool | None) -> OwnForwardEngine:

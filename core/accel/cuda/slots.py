@@ -94,9 +94,10 @@ class SlotBatch:
         self.rows = fast_path.batch_bucket(rows)
         self.slots = slots
         self._grammar_for = grammar_for
-        #: earlier prompts' keys and values (sliding-window layers: their last window); the
-        #: Gemma 1-3 forward's only (``_Engine.extend`` runs its layers)
-        self.prefixes = prefixes if isinstance(self.layout, fast_path._Layout) else None
+        #: earlier prompts' keys and values (sliding-window layers: their last window; none
+        #: for Gemma 4's KV-shared layers), extended by the engine (``_Engine.extend``: the
+        #: Gemma 1-3 forward's layers; Gemma 4: the model's own text model, ``own_forward``)
+        self.prefixes = prefixes
         self.bucket = fast_path._Bucket(self.layout, self.rows, slots)
         self.next_index = slots  # the cache index the next step writes (host copy)
         self.bucket.step.fill_(self.next_index)
@@ -178,17 +179,29 @@ class SlotBatch:
                 where = torch.arange(end - keep, end, device=lay.device)
                 buffer[index : index + 1].index_copy_(2, where % ring, written[:, :, held - keep :])
         self.bucket.pad[index] = end - width
-        if self.prefixes is not None and self.prefixes.wants(ids):
-            self.prefixes.store(ids, self._trimmed(own))
+        if self.prefixes is not None:
+            cut = self.prefixes.cut(ids)  # without a tail the next turn does not repeat
+            kept = self._kept(own, width, cut) if self.prefixes.wants(ids[:cut]) else None
+            if kept is not None:
+                self.prefixes.store(ids[:cut], kept)
         return logits
 
-    def _trimmed(self, caches: Any) -> Any:
-        """``caches`` with each sliding-window layer cut to its last window (all a later
-        prompt's queries can see of it); copies, so the full buffers can be freed."""
+    def _kept(self, caches: Any, width: int, cut: int) -> Any:
+        """What to store of ``caches`` (a ``width``-token prompt's; each layer holds its
+        last positions) for the prompt's first ``cut`` tokens: a full layer's positions up
+        to ``cut``, a sliding-window layer's last window of them (all a later prompt's
+        queries can see); copies, so the full buffers can be freed. ``None`` where a layer
+        no longer holds them."""
         keys, values = [], []
         for window, k, v in zip(self.layout.windows, caches.keys, caches.values, strict=True):
-            if window is not None and k.shape[2] > window:
-                k, v = k[:, :, -window:].clone(), v[:, :, -window:].clone()
+            if k is not None:
+                first = width - int(k.shape[2])  # the position of the layer's first slot
+                start = 0 if window is None else max(0, cut - window)
+                if start < first:
+                    return None
+                if (start, cut) != (first, width):
+                    k = k[:, :, start - first : cut - first].clone()
+                    v = v[:, :, start - first : cut - first].clone()
             keys.append(k)
             values.append(v)
         return fast_path._Caches(keys, values)
