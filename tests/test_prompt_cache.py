@@ -43,31 +43,20 @@ def outcome(reply: dict) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def no_reuse(gemma3_path: Path) -> Any:
-    client = make_client("transformers", gemma3_path, prompt_cache_tokens=0)
-    yield client
-    client.close()
+def no_reuse(request: pytest.FixtureRequest) -> Any:
+    """``get(backend, path_fixture)``: a client of that backend and checkpoint that keeps no
+    prompts (made once per module, closed at its end)."""
+    made: dict[tuple[str, str], Any] = {}
 
+    def get(backend: str, path: str) -> Any:
+        if (backend, path) not in made:
+            checkpoint = request.getfixturevalue(path)
+            made[backend, path] = make_client(backend, checkpoint, prompt_cache_tokens=0)
+        return made[backend, path]
 
-@pytest.fixture(scope="module")
-def mlx_no_reuse(gemma3_path: Path) -> Any:
-    client = make_client("mlx", gemma3_path, prompt_cache_tokens=0)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def no_reuse_gemma4(gemma4_path: Path) -> Any:
-    client = make_client("transformers", gemma4_path, prompt_cache_tokens=0)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def mlx_no_reuse_gemma4(gemma4_path: Path) -> Any:
-    client = make_client("mlx", gemma4_path, prompt_cache_tokens=0)
-    yield client
-    client.close()
+    yield get
+    for client in made.values():
+        client.close()
 
 
 ENGINES = ["dynamic-cache", "fast-path", "fast-path-compiled", "mlx"]
@@ -83,7 +72,8 @@ def pair(request: pytest.FixtureRequest) -> Any:
     thought channel that the next turn does not repeat: the prompt is kept without it."""
     gemma4 = request.param.endswith("-gemma4")
     engine = request.param.removesuffix("-gemma4")
-    path = request.getfixturevalue("gemma4_path" if gemma4 else "gemma3_path")
+    path_name = "gemma4_path" if gemma4 else "gemma3_path"
+    path = request.getfixturevalue(path_name)
     if engine == "fast-path":
         client = slot_client(path, "cpu")
     elif engine == "fast-path-compiled":
@@ -92,8 +82,8 @@ def pair(request: pytest.FixtureRequest) -> Any:
         assert built.extend_layer is not fast_path._extend_layer
     else:
         client = make_client("mlx" if engine == "mlx" else "transformers", path)
-    plain = ("mlx_no_reuse" if engine == "mlx" else "no_reuse") + ("_gemma4" if gemma4 else "")
-    yield client, request.getfixturevalue(plain)
+    plain = request.getfixturevalue("no_reuse")
+    yield client, plain("mlx" if engine == "mlx" else "transformers", path_name)
     client.close()
 
 
