@@ -196,7 +196,6 @@ class MLXBatch:
             merged = [type(layer[0]).merge(list(layer)) for layer in zip(*caches, strict=True)]
             last = mx.array([row.prompt.ids[-1:] for row in rows])
             batch = model(last, cache=merged)[:, -1, :]
-            mx.eval(batch, [c.state for c in merged])
             logits = [batch[i : i + 1] for i in range(len(rows))]
             for i in range(len(rows)):
                 caches[i][:] = [c.extract(i) for c in merged]

@@ -179,8 +179,9 @@ class TorchBatch:
         )
         # the part later turns repeat is stored (a tail they do not, e.g. Gemma 4's empty
         # thought channel, runs after the copy is taken)
-        cut = self.prefixes.cut(prompt) if self.prefixes is not None else len(prompt)
-        keep = self.prefixes is not None and start < cut and self.prefixes.wants(prompt[:cut])
+        prefixes = self.prefixes
+        cut = len(prompt) if prefixes is None else prefixes.cut(prompt)
+        keep = prefixes is not None and start < cut and prefixes.wants(prompt[:cut])
         out: Any = None
         for begin, end in ((start, cut), (cut, len(prompt))) if keep else ((start, len(prompt)),):
             if begin == end:
@@ -193,8 +194,8 @@ class TorchBatch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            if keep and end == cut:
-                self.prefixes.store(prompt[:cut], copy.deepcopy(cache))  # type: ignore[union-attr]
+            if keep and end == cut and prefixes is not None:
+                prefixes.store(prompt[:cut], copy.deepcopy(cache))
         return cache, out.logits[:, -1, :].to(dtype=torch.float32)
 
     def _merge(self, row: Row, cache: Any, token: int) -> None:

@@ -149,8 +149,9 @@ def test_even_cuts_are_whole_gemm_blocks() -> None:
     assert mlx_split._even_cuts(64, 1) == [0, 64]
 
 
-def small_gemma3(heads: int, kv_heads: int, *, tie: bool = True, **args):
-    """A random bfloat16 Gemma 3 (mlx-lm's own), with a short sliding window."""
+def small_gemma3(heads: int, kv_heads: int, *, tie: bool = True, dtype=None, **args):
+    """A random Gemma 3 (mlx-lm's own; bfloat16 unless ``dtype``), with a short sliding
+    window."""
     from mlx_lm.models import gemma3_text
 
     options = {
@@ -169,7 +170,7 @@ def small_gemma3(heads: int, kv_heads: int, *, tie: bool = True, **args):
     }
     mx.random.seed(heads * 10 + kv_heads)
     model = gemma3_text.Model(gemma3_text.ModelArgs(**options))
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(dtype or mx.bfloat16)
     model.tie_word_embeddings = tie
     mx.eval(model.parameters())
     return model

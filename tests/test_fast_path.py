@@ -245,14 +245,16 @@ def test_compiled_engine_equals_plain_path(gemma3_path: Path) -> None:
     assert fast_path.describe(model)["compile"] == "eager"
 
 
+@pytest.mark.parametrize("arch", ["gemma3_path", "gemma4_moe_path"])
 def test_a_bucket_compiling_in_the_background_leaves_its_request_to_the_plain_path(
-    gemma3_path: Path, monkeypatch: pytest.MonkeyPatch
+    arch: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No request waits for compilation: the first request of a bucket starts compiling it
     on the engine's thread and is handed back untouched (the caller takes ``generate``);
-    once the bucket is built its requests run on the fast path, equal to the plain path."""
+    once the bucket is built its requests run on the fast path, equal to the plain path.
+    Gemma 4 (MoE): its own whole step compiled (``GEMMA_LOCAL_OWN_COMPILE``)."""
     monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
-    model = load(gemma3_path)
+    model = load(request.getfixturevalue(arch))
     prompt = prompts_of(9)
     ps = [Prompt("", tuple(prompt[0]))]
     sink = RecordingSink(ps, greedy(8))
@@ -265,6 +267,8 @@ def test_a_bucket_compiling_in_the_background_leaves_its_request_to_the_plain_pa
     assert fast_path.generate(model, ps, greedy(8), sink, compile="eager")
     sink.close()
     assert sink.tokens == plain(model, prompt, 8)
+    info = fast_path.describe(model)
+    assert info["compile"] == "eager" and not info["fallbacks"], info
     # another bucket (two rows) compiles in its turn; GEMMA_LOCAL_COMPILE_WAIT=1 waits for it
     monkeypatch.setenv("GEMMA_LOCAL_COMPILE_WAIT", "1")
     batch = prompts_of(5, 7, seed=4)

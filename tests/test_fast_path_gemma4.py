@@ -111,30 +111,6 @@ def test_decode_step_traces_in_one_graph(arch: str, request: Any) -> None:
     assert torch.equal(expected, got)
 
 
-def test_a_compiled_own_step_compiles_in_the_background(
-    gemma4_moe_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """GEMMA_LOCAL_OWN_COMPILE: the first request of a bucket is handed back while its step
-    compiles on the engine's thread; then the compiled step serves, equal to generate."""
-    from test_fast_path import RecordingSink
-
-    from core.stream import Prompt
-
-    monkeypatch.delenv("GEMMA_LOCAL_COMPILE_WAIT", raising=False)
-    model = load(gemma4_moe_path)
-    prompt = prompts_of(8)
-    ps = [Prompt("", tuple(prompt[0]))]
-    sink = RecordingSink(ps, greedy(10))
-    assert not fast_path.generate(model, ps, greedy(10), sink, compile="eager")
-    assert fast_path.settle(model, timeout=600)
-    assert fast_path.generate(model, ps, greedy(10), sink, compile="eager")
-    sink.close()
-    assert sink.tokens == plain(model, prompt, 10)
-    info = fast_path.describe(model)
-    assert info["compile"] == "eager" and not info["fallbacks"], info
-    assert "background, batch 1, 256 slots" in info["compile_seconds"], info
-
-
 @pytest.mark.parametrize("arch", ["gemma4_path", "gemma4_moe_path"])
 def test_bitsandbytes_nf4_equals_plain_path(arch: str, request: Any) -> None:
     """The model's own modules include bitsandbytes' 4-bit layers: an NF4 Gemma 4 (bf16

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_client
+from test_core_mlx_batch import small_gemma3
 from test_core_support import PROMPTS
 
 mx = pytest.importorskip("mlx.core")
@@ -36,25 +37,7 @@ PROMPT_IDS = [[2, 5, 9, 14, 3], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], [2, 40, 41]]
 
 def tiny_model():
     """A random float32 Gemma 3 (mlx-lm's own) with a short sliding window."""
-    from mlx_lm.models import gemma3_text
-
-    args = gemma3_text.ModelArgs(
-        model_type="gemma3_text",
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=97,
-        query_pre_attn_scalar=16,
-        sliding_window=8,
-        sliding_window_pattern=2,
-    )
-    mx.random.seed(3)
-    model = gemma3_text.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return small_gemma3(4, 2, dtype=mx.float32)
 
 
 def run(model, greedy_steps: bool, samplers=None, seed: int = 0) -> tuple[list, list]:

@@ -757,6 +757,18 @@ def prompt_masks(
     return masks
 
 
+def extension_mask(start: int, length: int, held: int, window: int | None, device: Any) -> Any:
+    """Which keys the new tokens ``start..length`` of a prompt attend (prompt-prefix reuse):
+    ``[1, 1, length - start, held]``, the keys being the prompt's last ``held`` positions; a
+    key not after its query and, with a sliding ``window``, within it."""
+    queries = torch.arange(start, length, device=device)[:, None]
+    at = torch.arange(length - held, length, device=device)[None, :]
+    allowed = at <= queries
+    if window is not None:
+        allowed = allowed & (at > queries - window)
+    return allowed[None, None]
+
+
 def slot_mask(step: Any, pad: Any, slots: int) -> Any:
     """Which of a ring's ``slots`` each row attends at cache index ``step`` ``[1]``:
     ``[B, 1, 1, slots]``, a slot's position being neither left padding (``pad`` ``[B]``)
@@ -1231,18 +1243,13 @@ class _Engine:
         prompt = torch.tensor([list(ids[start:])], device=lay.device)
         x = lay.embed(prompt)
         rope = _position_embeddings(lay, x, torch.arange(start, length, device=lay.device)[None])
-        queries = torch.arange(start, length, device=lay.device)[:, None]
         keys, values, masks = [], [], {}
         for i in range(len(lay.layers)):
             past_k, past_v = stored.keys[i], stored.values[i]
             window = lay.windows[i]
             held = int(past_k.shape[2]) + len(prompt[0])
-            if (window, held) not in masks:  # the keys' positions: the last ``held`` of the prompt
-                at = torch.arange(length - held, length, device=lay.device)[None, :]
-                allowed = at <= queries
-                if window is not None:
-                    allowed = allowed & (at > queries - window)
-                masks[(window, held)] = allowed[None, None]
+            if (window, held) not in masks:
+                masks[(window, held)] = extension_mask(start, length, held, window, lay.device)
             cos, sin = rope[lay.types[i]]
             args = (lay, _Weights.of(lay, i), x, past_k, past_v, cos, sin, masks[(window, held)])
             x, k, v = self._extend_layer(*args)

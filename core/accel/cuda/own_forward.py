@@ -283,22 +283,16 @@ def prefill(
 def extend(lay: ModelLayout, stored: Any, start: int, ids: Any) -> tuple[Any, Any]:
     """``ids[start:]`` after ``stored`` (``fast_path._Caches`` of ``ids[:start]``; a sliding
     layer's may hold only the prefix's last window): the last float32 logits and the whole
-    prompt's caches. Each layer type's keys are the last ``held`` positions of the prompt;
-    a query attends to those not after it and, on a sliding layer, within its window."""
+    prompt's caches (each layer type's masks: :func:`fast_path.extension_mask`)."""
     length = len(ids)
     new = torch.tensor([list(ids[start:])], device=lay.device)
     positions = torch.arange(start, length, device=lay.device)[None]
-    queries = positions[0][:, None]
     masks: dict[str, Any] = {}
     for kind, window, kept in zip(lay.types, lay.windows, stored.keys, strict=True):
         if kept is None or kind in masks:
             continue
         held = int(kept.shape[2]) + length - start
-        at = torch.arange(length - held, length, device=lay.device)[None, :]
-        allowed = at <= queries
-        if window is not None:
-            allowed = allowed & (at > queries - window)
-        masks[kind] = lay.mask(allowed[None, None])
+        masks[kind] = lay.mask(fast_path.extension_mask(start, length, held, window, lay.device))
     cache = ExtendKV(stored.keys, stored.values)
     hidden = lay.hidden(new, positions, masks, cache)  # type: ignore[arg-type]
     return lay.logits(hidden), fast_path._Caches(cache.keys, cache.values)
@@ -328,6 +322,7 @@ class OwnForwardEngine(fast_path._Engine):
             "prefill_graphs": sum(len(b.prefills) for b in self.buckets.values()),
             "compile_seconds": dict(self.compile_seconds),
             "buckets": [list(key) for key in self.buckets],
+            "compiled_buckets": sorted(list(key) for key in self.background.done),
             "fallbacks": list(self.fallbacks),
         }
 
