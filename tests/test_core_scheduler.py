@@ -172,10 +172,25 @@ async def test_cancelling_an_asyncio_task_removes_its_row(client) -> None:
             assert time.monotonic() < deadline, f"the batch never held {count} rows"
             await asyncio.sleep(0.01)
 
+    # Whether both rows shared a step is seen from inside the step, not by polling: the
+    # other request (a prefix-cache hit) can join, decode and finish between two polls.
+    shared = threading.Event()
+    scheduler = client._scheduler
+    step = scheduler._step
+
+    def watched() -> None:
+        if sum(len(r.rows) for r in scheduler._active) >= 2:
+            shared.set()
+        step()
+
     endless = asyncio.create_task(client.acreate(USER, **ENDLESS))
     await until_rows(1)
-    other = asyncio.create_task(client.acreate(PROMPTS[0], **GREEDY))
-    await until_rows(2)
+    scheduler._step = watched
+    try:
+        other = asyncio.create_task(client.acreate(PROMPTS[0], **GREEDY))
+        assert await asyncio.to_thread(shared.wait, 30), "the batch never held 2 rows"
+    finally:
+        del scheduler._step
     endless.cancel()
     with pytest.raises(asyncio.CancelledError):
         await endless
