@@ -41,6 +41,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--4bit", dest="four_bit", action="store_true", help="bitsandbytes NF4")
     parser.add_argument("--device-map", default=None, help="transformers device_map")
     parser.add_argument("--dtype", default=None, help="transformers torch_dtype")
+    parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a smaller model with the same tokenizer, or a Gemma 4 "
+        "assistant (transformers and MLX)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens", type=int, default=None, help="tokens drafted per pass"
+    )
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +70,15 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
         options["device_map"] = args.device_map
     if args.dtype is not None:
         options["torch_dtype"] = args.dtype
+    if args.draft_model is not None:
+        options["draft_model"] = args.draft_model
+    if args.num_draft_tokens is not None:
+        options["num_draft_tokens"] = args.num_draft_tokens
     return options
+
+
+#: Command-line options of the transformers and MLX backends only.
+DRAFT_OPTIONS = {"draft_model": "--draft-model", "num_draft_tokens": "--num-draft-tokens"}
 
 
 #: Command-line options that only the transformers backend has.
@@ -72,6 +89,19 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse transformers-only options on the other backends, naming them (before any load)."""
     if backend not in ("mlx", "vllm", "llamacpp"):
         return
+    drafting = [flag for dest, flag in DRAFT_OPTIONS.items() if getattr(args, dest) is not None]
+    if drafting and backend in ("vllm", "llamacpp"):
+        engine = (
+            "vLLM takes a draft in GemmaVLLMChatCompletion(engine_args={'speculative_config': "
+            "...}) in Python"
+            if backend == "vllm"
+            else "the llama.cpp backend decodes without a draft"
+        )
+        raise ValueError(
+            f"{', '.join(drafting)}: speculative decoding runs on the transformers and MLX "
+            f"backends; {engine}: drop {'it' if len(drafting) == 1 else 'them'} or pass "
+            "--backend transformers or --backend mlx"
+        )
     given = [
         flag for dest, flag in TRANSFORMERS_ONLY.items() if getattr(args, dest) not in (None, False)
     ]
@@ -277,7 +307,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = SamplingParams.build(temperature=0.0, max_tokens=args.max_tokens)
     results: dict[str, list[str]] = {}
     for backend in backends:
-        options = _client_options(args) if backend == "transformers" else {}
+        options = _client_options(args)
+        if backend != "transformers":  # MLX takes the draft options only
+            options = {k: v for k, v in options.items() if k in DRAFT_OPTIONS}
         if backend == "transformers" and args.model is None:
             options.setdefault("torch_dtype", "float32")  # as MLX: identical greedy tokens
         with create_gemma_client(backend, model, **options) as client:

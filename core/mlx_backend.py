@@ -36,7 +36,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from . import accel
+from . import accel, speculative
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import MissingDependencyError, UnsupportedPlatformError, require
 from .media import Media, MediaOptions
@@ -63,6 +63,41 @@ def _import_mlx() -> Any:
 
 #: Model types whose mlx-lm implementation cannot run a padded batch (see ``_batchable``).
 UNBATCHABLE_MODEL_TYPES = frozenset({"gemma2"})
+#: Model types that decode speculatively on MLX: their mlx-lm models keep the sliding window
+#: in the attention mask over a full ``KVCache``, which can be trimmed after a rejected draft
+#: (a ``RotatingKVCache`` cannot once it has wrapped: mlx-lm would go on from the wrong keys).
+#: Gemma 4's mlx-lm model needs its rotating caches for its masks.
+DRAFTING_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n"})
+
+
+class PaddedDraft:
+    """A draft with fewer vocabulary rows than the model (Gemma 3 270M / 1B for 4B-27B, whose
+    262,144 tokens are padded to 262,208 rows), as mlx-lm's speculative step calls it: ids
+    past its rows (padding the model emitted) are read as its last row, and its logits are
+    padded to the model's width with ``-inf`` (never drafted; the request's logits
+    processors, which index by the model's ids, run on them unchanged)."""
+
+    def __init__(self, model: Any, rows: int, width: int) -> None:
+        self.model, self.rows, self.width = model, rows, width
+        self.layers = model.layers
+
+    def __call__(self, inputs: Any, cache: Any = None) -> Any:
+        import mlx.core as mx
+
+        logits = self.model(mx.minimum(inputs, self.rows - 1), cache=cache)
+        pad = mx.full((*logits.shape[:-1], self.width - self.rows), -mx.inf, dtype=logits.dtype)
+        return mx.concatenate([logits, pad], axis=-1)
+
+
+def _check_drafting_model_type(name: str, model_type: str | None) -> None:
+    if model_type is None or model_type in DRAFTING_MODEL_TYPES:
+        return
+    raise ValueError(
+        f"{name!r} is a {model_type} model: speculative decoding (draft_model) on MLX runs "
+        f"{', '.join(sorted(DRAFTING_MODEL_TYPES))} models (mlx-lm's Gemma 4 keeps rotating KV "
+        "caches that cannot be rewound after a rejected draft). For Gemma 4 use "
+        "backend='transformers' with the model's Gemma 4 assistant as draft_model"
+    )
 
 
 def quantization_from_config(config: dict[str, Any] | None) -> str | None:
@@ -144,6 +179,14 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             (70, 140, 280, 560 or 1120); ``None``: the checkpoint's default.
         pan_and_scan: Gemma 3: also read crops of large or elongated images;
             ``None``: the checkpoint's default (off).
+        draft_model: speculative decoding (:mod:`core.speculative`): a smaller
+            model with this model's tokenizer (hub id or folder; Gemma 1, 2, 3
+            and 3n). A request decoding alone (one row, no media, no tools /
+            JSON grammar, no seed) runs mlx-lm's ``speculative_generate_step``
+            over full (trimmable) KV caches: the same greedy tokens, fewer
+            passes of the model when it agrees with the draft.
+        num_draft_tokens: tokens the draft proposes per pass (default 3, as
+            ``mlx_lm.generate --draft-model``).
 
     Messages may hold images and audio for checkpoints that read them: those
     requests go through mlx-vlm's model of the checkpoint, which shares
@@ -168,7 +211,18 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         max_batch_size: int | None = None,
         max_queue: int | None = None,
         prompt_cache_tokens: int | None = None,
+        draft_model: str | None = None,
+        num_draft_tokens: int | None = None,
     ) -> None:
+        speculative.check_options(draft_model, num_draft_tokens, backend="MLX")
+        if draft_model is not None and max_kv_size is not None:
+            raise ValueError(
+                "draft_model cannot be combined with max_kv_size: max_kv_size keeps a rotating "
+                "KV cache, which speculative decoding cannot rewind after a rejected draft"
+            )
+        if draft_model is not None:
+            for name in (model_name, draft_model):
+                _check_drafting_model_type(name, (read_model_config(name) or {}).get("model_type"))
         super().__init__(
             model_name,
             max_batch_size=max_batch_size,
@@ -199,6 +253,10 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         self.max_kv_size = max_kv_size
         self.prefill_step_size = prefill_step_size
         self.cpu_streams = cpu_streams
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
+        self._draft: Any = None  # the loaded draft (model thread)
+        self._draft_stats = speculative.DraftStats()
         #: the products run on numpy's BLAS (core.accel.mlx_blas), set when the model loads
         self._blas = False
         self._wrapper: Any = None
@@ -245,6 +303,36 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         self._context_window = text.get("max_position_embeddings") or config.get(
             "max_position_embeddings"
         )
+        self._draft = None if self.draft_model is None else self._load_draft(config)
+
+    def _load_draft(self, config: dict[str, Any]) -> Any:
+        """The draft model of speculative decoding, checked against the model."""
+        from mlx_lm import load
+
+        assert self.draft_model is not None
+        draft, wrapper, draft_config = load(
+            self.draft_model,
+            tokenizer_config={"trust_remote_code": self.trust_remote_code},
+            return_config=True,
+            trust_remote_code=self.trust_remote_code,
+        )
+        for name, loaded in ((self.model_name, config), (self.draft_model, draft_config)):
+            _check_drafting_model_type(name, loaded.get("model_type"))
+
+        def vocab(loaded: dict[str, Any]) -> int:
+            return int((loaded.get("text_config") or {}).get("vocab_size") or loaded["vocab_size"])
+
+        if self._blas:  # the model's products are numpy's: the draft's too
+            accel.mlx_cpu_blas(draft)
+        rows, draft_rows = vocab(config), vocab(draft_config)
+        speculative.check_vocabularies(self.model_name, rows, self.draft_model, draft_rows)
+        speculative.check_tokenizers(
+            self.model_name,
+            self.tokenizer.get_vocab(),
+            self.draft_model,
+            wrapper._tokenizer.get_vocab(),
+        )
+        return draft if draft_rows == rows else PaddedDraft(draft, draft_rows, rows)
 
     def _eos_token_ids(self) -> set[int]:
         return {int(t) for t in getattr(self._wrapper, "eos_token_ids", ()) or ()}
@@ -273,6 +361,9 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         if len(prompts) > 1 and self._batchable() and not media:
             self._generate_batch(prompts, sampler, processors, sink)
             return
+        if not media and self._drafts(params, len(prompts), grammar is not None):
+            self._generate_drafted(prompts[0], sampler, shared, sink)
+            return
         with wired_limit(self.model):
             for index, prompt in enumerate(prompts):  # one prompt, or a model that cannot batch
                 if sink.done:
@@ -297,6 +388,49 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                 finally:
                     steps.close()
 
+    def _drafts(self, params: SamplingParams, rows: int, constrained: bool) -> bool:
+        """Whether a text request runs speculative decoding (:func:`core.speculative.drafts`)."""
+        return self._draft is not None and speculative.drafts(
+            params, rows=rows, constrained=constrained, media=False
+        )
+
+    def _generate_drafted(
+        self, prompt: Prompt, sampler: Any, processors: list[Any], sink: TokenSink
+    ) -> None:
+        """One prompt through mlx-lm's speculative decoding, over full KV caches (trimmable
+        after a rejected draft; the models keep their sliding windows in the mask)."""
+        import mlx.core as mx
+        from mlx_lm.generate import speculative_generate_step, wired_limit
+        from mlx_lm.models.cache import KVCache
+
+        caches = [KVCache() for _ in self.model.layers] + [KVCache() for _ in self._draft.layers]
+        tokens = passes = 0
+        open_pass = False  # the last token came from a draft: its pass ended unread
+        drafted = self.num_draft_tokens or 3
+        with wired_limit(self.model), accel.mlx_logit_rows(drafted + 1):
+            steps = speculative_generate_step(
+                mx.array(prompt.ids),
+                self.model,
+                self._draft,
+                num_draft_tokens=drafted,
+                max_tokens=sink.rows[0].max_tokens,
+                sampler=sampler,
+                logits_processors=processors,
+                prompt_cache=caches,
+                prefill_step_size=self.prefill_step_size,
+            )
+            try:
+                for token, _, from_draft in steps:
+                    tokens += 1
+                    passes += not from_draft  # each pass ends with a token of the model's own
+                    open_pass = bool(from_draft)
+                    sink.push_row(0, token)
+                    if sink.finished()[0]:
+                        break
+            finally:
+                steps.close()
+        self._draft_stats.add(tokens, passes + open_pass)
+
     def _batch_engine(self) -> Any:
         """One mlx-lm ``BatchGenerator`` that requests join and leave (:mod:`core.mlx_batch`),
         for a model mlx-lm can batch (not Gemma 2)."""
@@ -308,10 +442,16 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
 
     def _runs_whole(self, request: Any, alone: bool) -> bool:
         """A replaced ``_generate`` serves every request whole, and so does a request with
-        images or audio (mlx-vlm's model prefills it: :meth:`_generate_media_row`)."""
+        images or audio (mlx-vlm's model prefills it: :meth:`_generate_media_row`) and, with
+        a draft model, one that would decode alone (speculative decoding)."""
         if not self._own_generate(GemmaMLXChatCompletion):
             return True
-        return any(p.media is not None for p in request.prompts)
+        if any(p.media is not None for p in request.prompts):
+            return True
+        # speculative decoding: a request alone runs mlx-lm's speculative steps
+        return alone and self._drafts(
+            request.params, len(request.rows), request.grammar is not None
+        )
 
     # ------------------------------------------------------------------ media
 
@@ -545,6 +685,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         return caches
 
     def _release(self) -> None:
+        self._draft = None
         self._decoders.clear()
         self._vision = None
         self._wrapper = None
@@ -563,6 +704,10 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
             "quantization": quantization_from_config(config),
             "model_type": config.get("model_type"),
         }
+        if self.draft_model is not None:
+            info["speculative"] = self._draft_stats.describe(
+                self.draft_model, self.num_draft_tokens or 3
+            )
         if self.model is None:
             return info
         import mlx.core as mx

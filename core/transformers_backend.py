@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import accel
+from . import accel, speculative
 from .base import BaseGemmaChatCompletion, read_model_config
 from .errors import TiedWeightsError, UnsupportedPlatformError, require
 from .media import Media, MediaOptions
@@ -174,6 +174,17 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             (default 65536, least recently used first out; 0: off). A prompt that
             extends a kept one (the next turn of a chat or an agent loop: same
             system prompt, tools and history) is prefilled from where it ends.
+        draft_model: speculative decoding (:mod:`core.speculative`): a hub id or
+            folder of a smaller model with this model's tokenizer (Gemma 3 270M
+            for a Gemma 3 model) or of a Gemma 4 assistant
+            (``gemma4_assistant``) for a Gemma 4 model. A request decoding alone
+            (one row, no media, no tools / JSON grammar, no seed) runs
+            ``generate(assistant_model=...)``: the same greedy tokens, fewer
+            passes of the model when it agrees with the draft.
+        num_draft_tokens: tokens the draft proposes per pass, always that many
+            (default: the draft's ``generation_config``, else transformers' own:
+            up to 20, fewer where the draft is unsure; 4 for a Gemma 4 assistant
+            whose config names none).
     """
 
     implementation = "transformers"
@@ -200,7 +211,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         max_batch_size: int | None = None,
         max_queue: int | None = None,
         prompt_cache_tokens: int | None = None,
+        draft_model: str | None = None,
+        num_draft_tokens: int | None = None,
     ) -> None:
+        speculative.check_options(draft_model, num_draft_tokens, backend="transformers")
         super().__init__(
             model_name,
             max_batch_size=max_batch_size,
@@ -252,6 +266,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             )
         self.use_4bit_quantization = use_4bit_quantization
         self.use_8bit_quantization = use_8bit_quantization
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
+        self._draft: Any = None  # the loaded draft (model thread)
+        self._draft_stats = speculative.DraftStats()
         self.device_map = device_map
         self.trust_remote_code = trust_remote_code
         self.torch_dtype = torch_dtype
@@ -336,6 +354,77 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._context_window = getattr(text_config, "max_position_embeddings", None)
+        self._draft = None if self.draft_model is None else self._load_draft(dtype)
+
+    def _load_draft(self, dtype: Any) -> Any:
+        """The draft model of speculative decoding, on the model's device, checked against it."""
+        from transformers import AutoModelForCausalLM
+
+        assert self.draft_model is not None
+        hub = {k: v for k, v in self.hub_kwargs.items() if k != "revision"}  # the model's
+        draft = AutoModelForCausalLM.from_pretrained(
+            self.draft_model, dtype=dtype, trust_remote_code=self.trust_remote_code, **hub
+        )
+        draft.to(self.model.device).eval()
+        text = self.model.config.get_text_config()
+        vocab, draft_vocab = int(text.vocab_size), int(draft.config.get_text_config().vocab_size)
+        speculative.check_vocabularies(self.model_name, vocab, self.draft_model, draft_vocab)
+        config = draft.generation_config
+        if type(draft).__name__.startswith(("Gemma4Assistant", "Gemma4UnifiedAssistant")):
+            self._check_assistant(draft, int(text.hidden_size), vocab)
+            if self.num_draft_tokens is None and config.num_assistant_tokens is None:
+                config.num_assistant_tokens = 4
+        else:
+            self._check_draft_tokenizer(hub)
+            if draft_vocab < vocab:
+                # The model's extra rows are padding (Gemma 3 4B-27B: 262,208 rows for 262,144
+                # tokens), but generate() wants one vocabulary size: the draft gets zero rows
+                # there (a padding id the model emits becomes an input it can embed).
+                draft.resize_token_embeddings(vocab, mean_resizing=False)
+                import torch
+
+                with torch.no_grad():
+                    draft.get_input_embeddings().weight[draft_vocab:] = 0
+                    head = draft.get_output_embeddings()
+                    if head is not None:
+                        head.weight[draft_vocab:] = 0
+        if self.num_draft_tokens is not None:  # that many each pass: no schedule, no early stop
+            config.num_assistant_tokens = self.num_draft_tokens
+            config.num_assistant_tokens_schedule = "constant"
+            config.assistant_confidence_threshold = 0.0
+        return draft
+
+    def _check_assistant(self, draft: Any, hidden: int, vocab: int) -> None:
+        """A Gemma 4 assistant drafts from the model's last hidden state and keys and values."""
+        if not type(self.model).__name__.startswith("Gemma4"):
+            raise ValueError(
+                f"draft_model {self.draft_model!r} is a Gemma 4 assistant: it drafts from a "
+                f"Gemma 4 model's hidden states, and {self.model_name!r} is "
+                f"{type(self.model).__name__}; use a small model with its tokenizer instead"
+            )
+        backbone = int(draft.config.backbone_hidden_size)
+        assistant_vocab = int(draft.config.get_text_config().vocab_size)
+        if backbone != hidden or assistant_vocab != vocab:
+            raise ValueError(
+                f"draft_model {self.draft_model!r} is the assistant of a Gemma 4 model of "
+                f"hidden size {backbone} and {assistant_vocab} tokens; {self.model_name!r} has "
+                f"{hidden} and {vocab}: use the assistant released with this model"
+            )
+
+    def _check_draft_tokenizer(self, hub: dict[str, Any]) -> None:
+        """The draft's tokenizer, where it has one, must be the model's."""
+        from transformers import AutoTokenizer
+
+        assert self.draft_model is not None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.draft_model, trust_remote_code=self.trust_remote_code, **hub
+            )
+        except (OSError, ValueError):  # weights only: what it proposes is checked anyway
+            return
+        speculative.check_tokenizers(
+            self.model_name, self.tokenizer.get_vocab(), self.draft_model, tokenizer.get_vocab()
+        )
 
     def _text_model_class(self) -> Any:
         """The class to load the text model with: the one :mod:`core.families` names for the
@@ -412,6 +501,8 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             p.media is not None for p in request.prompts
         ):  # images / audio: generate() reads them
             return True
+        if alone and self._drafts(request.params, len(request.rows), request.grammar is not None):
+            return True  # speculative decoding: generate() with the draft
         slots = self._slot_batch
         if slots is None:
             return False
@@ -420,6 +511,12 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket
             return True
         return not all(slots.fits(len(row.prompt.ids), row.max_tokens) for row in request.rows)
+
+    def _drafts(self, params: SamplingParams, rows: int, constrained: bool) -> bool:
+        """Whether a text request runs speculative decoding (:func:`core.speculative.drafts`)."""
+        return self._draft is not None and speculative.drafts(
+            params, rows=rows, constrained=constrained, media=False
+        )
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch
@@ -433,19 +530,35 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         seed = None if params.greedy else params.seed
         media = any(p.media is not None for p in prompts)  # images / audio: generate() reads them
         grammar = self._grammar_matchers(params, len(prompts))
+        draft = not media and self._drafts(params, len(prompts), grammar is not None)
         # CUDA: static cache + CUDA graphs (grammars too); its sampling draws from torch's
         # default generator, so seeded sampling takes generate() with its own generator.
         if (
             seed is None
             and not media
+            and not draft
             and accel.cuda_generate(self.model, prompts, params, sink, pad_id=pad, grammar=grammar)
         ):
             return
+        width = max(len(p.ids) for p in prompts)
+        passes = [0]
 
         class FeedSink(StoppingCriteria):
-            """Hands each step's tokens to the sink (and the grammar); reports finished rows."""
+            """Hands each step's tokens to the sink (and the grammar); reports finished rows.
+
+            A step of speculative decoding appends every draft token the model kept and
+            one of its own: all of them go to the sink, in order."""
+
+            seen = width
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                passes[0] += 1
+                if input_ids.shape[1] - self.seen > 1:
+                    for column in input_ids[:, self.seen :].T.tolist():
+                        sink.push(column)
+                    self.seen = input_ids.shape[1]
+                    return torch.tensor(sink.finished(), dtype=torch.bool, device=input_ids.device)
+                self.seen = input_ids.shape[1]
                 tokens = input_ids[:, -1].tolist()
                 if grammar is None:
                     sink.push(tokens)
@@ -459,7 +572,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
                             grammar.retire(row)
                 return torch.tensor(sink.finished(), dtype=torch.bool, device=input_ids.device)
 
-        width = max(len(p.ids) for p in prompts)
         device = self.model.device
         input_ids = torch.tensor(
             [[pad] * (width - len(p.ids)) + list(p.ids) for p in prompts], device=device
@@ -494,8 +606,12 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             from .transformers_media import merge
 
             options.update(merge(prompts, width, device, self.model.dtype))
+        if draft:
+            options["assistant_model"] = self._draft
         with torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        if draft:
+            self._draft_stats.add(sink.rows[0].completion_tokens, passes[0])
 
     # ------------------------------------------------------------------ media
 
@@ -547,6 +663,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
     def _release(self) -> None:
         if self.model is not None:
             accel.cuda_release(self.model)  # compiled graphs and KV buffers
+        self._draft = None
         self._context_window = None
         self._processor = None
 
@@ -574,6 +691,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             "trust_remote_code": self.trust_remote_code,
             "device_map": self.device_map,
         }
+        if self.draft_model is not None:
+            info["speculative"] = self._draft_stats.describe(
+                self.draft_model, self.num_draft_tokens
+            )
         model = self.model
         if model is None:
             config = read_model_config(self.model_name) or {}

@@ -114,6 +114,13 @@ def test_a_prompts_output_products_stay_lazy(monkeypatch: pytest.MonkeyPatch) ->
         assert len(calls) == 1
         assert mx.allclose(step, expected[:, -1:], atol=1e-5).item()
         assert mx.array_equal(embedding(mx.array([3])), embedding.weight[3:4]).item()
+        with mlx_blas.logit_rows(5):  # a checked draft's positions: numpy's too
+            assert mx.allclose(embedding.as_linear(x), expected, atol=1e-5).item()
+            assert len(calls) == 2
+            embedding.as_linear(mx.random.normal((1, 6, 8)))  # longer: MLX's lazy product
+            assert len(calls) == 2
+        embedding.as_linear(x)
+        assert len(calls) == 2  # the context ended
 
 
 def test_off_where_it_does_not_apply(gemma3_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,6 +141,14 @@ def mlx_cpu_blas(model: Any) -> bool:
     return mlx_blas.use_blas(model)
 
 
+def mlx_logit_rows(count: int) -> Any:
+    """A context in which output layers on numpy's BLAS also give calls of up to ``count``
+    positions their logits (speculative decoding; see :func:`core.accel.mlx_blas.logit_rows`)."""
+    from . import mlx_blas
+
+    return mlx_blas.logit_rows(count)
+
+
 def mlx_greedy_steps(generator: Any) -> bool:
     """An mlx-lm ``BatchGenerator`` whose all-greedy steps take the argmax of the logits
     without normalising them first (see :mod:`core.accel.mlx_greedy`); whether it applied."""

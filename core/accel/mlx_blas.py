@@ -21,16 +21,37 @@ float32 weights (numpy has no bfloat16) that are not quantized (the output layer
 over a prompt's positions, whose logits mlx-lm discards but the last, stays MLX's
 lazy product: never computed when unused), and not where
 the client was given ``cpu_streams`` (MLX's own kernels split over CPU streams,
-:mod:`core.accel.mlx_split`); ``GEMMA_LOCAL_MLX_BLAS=0`` turns it off.
+:mod:`core.accel.mlx_split`); ``GEMMA_LOCAL_MLX_BLAS=0`` turns it off. Speculative
+decoding reads the logits of a few positions at once: :func:`logit_rows` gives those
+to numpy too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 _MARK = "_gemma_local_blas"
+#: Per thread: the most positions whose logits a call wants (see :func:`logit_rows`).
+_ROWS = threading.local()
+
+
+@contextlib.contextmanager
+def logit_rows(count: int) -> Iterator[None]:
+    """Within it (this thread), output layers give calls of up to ``count`` positions their
+    logits by numpy too: speculative decoding reads every position of a checked draft, which
+    MLX's product would compute at a cost that grows with the rows. Longer calls (a prompt,
+    whose logits mlx-lm discards but the last) keep MLX's lazy product."""
+    before = getattr(_ROWS, "count", 1)
+    _ROWS.count = count
+    try:
+        yield
+    finally:
+        _ROWS.count = before
 
 
 def enabled() -> bool:
@@ -135,7 +156,7 @@ def _make_classes() -> tuple[type, type]:
             return self.weight[x]
 
         def as_linear(self, x: Any) -> Any:
-            if x.ndim > 2 and x.shape[-2] > 1:
+            if x.ndim > 2 and x.shape[-2] > getattr(_ROWS, "count", 1):
                 # a prompt's positions (mlx-lm discards their logits but the last): MLX's
                 # lazy product, never computed when unused; numpy would compute them all
                 return x @ self.weight.T

@@ -62,7 +62,7 @@ Heavy libraries (torch, transformers, tokenizers) are imported lazily, inside
 the functions, so importing this package is cheap.
 """
 
-from .checkpoint import build_tiny_checkpoint
+from .checkpoint import build_tiny_checkpoint, build_tiny_gemma4_assistant
 from .configs import (
     GEMMA4_IMAGE_SOFT_TOKENS,
     GEMMA4_PATCH_SIZE,
@@ -107,6 +107,7 @@ __all__ = [
     "PATCH_SIZE",
     "SPECIAL_TOKENS",
     "build_tiny_checkpoint",
+    "build_tiny_gemma4_assistant",
     "build_tokenizer",
     "chat_template",
     "eos_token_ids",

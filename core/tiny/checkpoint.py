@@ -338,3 +338,63 @@ def build_tiny_checkpoint(
     if arch == "gemma4":
         _save_gemma4_processor(path)
     return path
+
+
+def build_tiny_gemma4_assistant(path, target, *, seed: int = 0, num_hidden_layers: int = 2) -> Path:
+    """Build a random-weight Gemma 4 assistant (``gemma4_assistant``, the drafter Google
+    releases beside each Gemma 4 model) for the tiny Gemma 4 checkpoint ``target``; return
+    ``path``.
+
+    Its layers are a sliding and a full-attention one (then alternating), each with the
+    target's head dims and every layer KV-shared, as the assistant reads the target's own
+    keys and values; ``backbone_hidden_size`` is the target's hidden size. Weights only:
+    the assistant uses the target's tokenizer. ``generation_config.json`` names no
+    ``num_assistant_tokens`` (what a client does then is its choice).
+    """
+    import torch
+    from transformers import AutoConfig, Gemma4TextConfig
+    from transformers.models.gemma4_assistant import (
+        Gemma4AssistantConfig,
+        Gemma4AssistantForCausalLM,
+    )
+    from transformers.utils import logging as hf_logging
+
+    text = AutoConfig.from_pretrained(str(target)).get_text_config().to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    sliding = text["layer_types"].index("sliding_attention")
+    full = text["layer_types"].index("full_attention")
+    per_layer = text.get("per_layer_config") or {}
+    types, overrides = [], {}
+    for i in range(num_hidden_layers):
+        source = sliding if i % 2 == 0 else full
+        types.append(text["layer_types"][source])
+        if str(source) in per_layer:
+            overrides[str(i)] = per_layer[str(source)]
+    text.update(
+        num_hidden_layers=num_hidden_layers,
+        layer_types=types,
+        per_layer_config=overrides or None,
+        intermediate_size=text["hidden_size"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        num_kv_shared_layers=num_hidden_layers,
+        use_double_wide_mlp=False,
+        enable_moe_block=False,
+    )
+    config = Gemma4AssistantConfig(
+        text_config=Gemma4TextConfig(**text), backbone_hidden_size=text["hidden_size"]
+    )
+    torch.manual_seed(seed)
+    model = Gemma4AssistantForCausalLM(config).eval()
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        if progress_bar:
+            hf_logging.enable_progress_bar()
+    return path
