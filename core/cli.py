@@ -89,7 +89,9 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse transformers-only options on the other backends, naming them (before any load)."""
     if backend not in ("mlx", "vllm", "llamacpp"):
         return
-    drafting = [flag for dest, flag in DRAFT_OPTIONS.items() if getattr(args, dest) is not None]
+    drafting = [
+        flag for dest, flag in DRAFT_OPTIONS.items() if getattr(args, dest, None) is not None
+    ]
     if drafting and backend in ("vllm", "llamacpp"):
         engine = (
             "vLLM takes a draft in GemmaVLLMChatCompletion(engine_args={'speculative_config': "
