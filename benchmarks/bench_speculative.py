@@ -73,25 +73,78 @@ def timed(fn: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def compare(
+    backend: str,
+    client_for: Any,
+    raw_call: Any,
+    load_draft: Any,
+    drafts: dict[str, Path],
+    args: Any,
+) -> list[dict]:
+    """The rows of one backend: ``client_for(draft_path | None)`` makes our client,
+    ``raw_call(draft | None)`` runs the library's own, ``load_draft(path)`` loads its draft."""
+    plain = client_for(None)
+    plain.load()
+    opts = options(plain, args)
+    plain.create(MESSAGES, **{**opts, "max_tokens": 4})  # warm-up
+    ours_s, ours = timed(lambda: plain.create(MESSAGES, **opts), args.repeats)
+    raw_s, raw_ids = timed(raw_call, args.repeats)
+    reference = ours["choices"][0]["message"]["content"]
+    rows = [row(backend, "plain", ours_s, raw_s, args.tokens, None, True, True)]
+    plain.close()
+    for name, path in drafts.items():
+        client = client_for(path)
+        client.load()
+        client.create(MESSAGES, **{**opts, "max_tokens": 4})
+        before = client.get_model_info()["speculative"]
+        ours_s, result = timed(lambda c=client: c.create(MESSAGES, **opts), args.repeats)
+        after = client.get_model_info()["speculative"]
+        passes = after["model_passes"] - before["model_passes"]
+        per_pass = (after["tokens"] - before["tokens"]) / passes
+        client.close()
+        draft = load_draft(path)
+        raw_s, drafted_ids = timed(lambda d=draft: raw_call(d), args.repeats)
+        same = result["choices"][0]["message"]["content"] == reference
+        rows.append(
+            row(backend, name, ours_s, raw_s, args.tokens, per_pass, same, drafted_ids == raw_ids)
+        )
+    return rows
+
+
+def prompt_and_ends(client: Any) -> tuple[list[int], list[int]]:
+    """The prompt's ids and the end ids ours biases off, for the library's own calls."""
+    with client:
+        client.load()
+        return list(client.format_prompt(MESSAGES).ids), sorted(client._eos_ids)
+
+
+def options(client: Any, args: Any) -> dict[str, Any]:
+    """Greedy, ``--tokens`` tokens exactly (end tokens biased off)."""
+    bias = {t: -100.0 for t in client._eos_ids}
+    return {"temperature": 0, "max_tokens": args.tokens, "logit_bias": bias}
+
+
 def transformers_rows(model: Path, drafts: dict[str, Path], args: Any) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from core import GemmaTransformersChatCompletion
 
-    rows = []
-    plain = GemmaTransformersChatCompletion(str(model), device_map="cpu", torch_dtype="float32")
-    plain.load()
-    bias = {t: -100.0 for t in plain._eos_ids}
-    opts = {"temperature": 0, "max_tokens": args.tokens, "logit_bias": bias}
-    ids = torch.tensor([plain.format_prompt(MESSAGES).ids])
-    raw = plain.model
-    suppress = sorted(plain._eos_ids)
+    def client_for(draft: Path | None) -> Any:
+        extra = {} if draft is None else {"draft_model": str(draft)}
+        n = {} if draft is None else {"num_draft_tokens": args.draft_tokens}
+        return GemmaTransformersChatCompletion(
+            str(model), device_map="cpu", torch_dtype="float32", **extra, **n
+        )
 
-    def raw_call(assistant: Any = None, n: int | None = None) -> list[int]:
+    raw = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    ids_list, suppress = prompt_and_ends(client_for(None))  # what ours biases off
+    ids = torch.tensor([ids_list])
+
+    def raw_call(assistant: Any = None) -> list[int]:
         extra: dict[str, Any] = {}
         if assistant is not None:
-            assistant.generation_config.num_assistant_tokens = n
+            assistant.generation_config.num_assistant_tokens = args.draft_tokens
             assistant.generation_config.num_assistant_tokens_schedule = "constant"
             assistant.generation_config.assistant_confidence_threshold = 0.0
             extra["assistant_model"] = assistant
@@ -110,45 +163,10 @@ def transformers_rows(model: Path, drafts: dict[str, Path], args: Any) -> list[d
             )
         return out[0, ids.shape[1] :].tolist()
 
-    plain.create(MESSAGES, **{**opts, "max_tokens": 4})  # warm-up
-    ours_s, ours = timed(lambda: plain.create(MESSAGES, **opts), args.repeats)
-    raw_s, raw_ids = timed(raw_call, args.repeats)
-    reference = ours["choices"][0]["message"]["content"]
-    rows.append(row("transformers", "plain", ours_s, raw_s, args.tokens, None, True, True))
-    for name, path in drafts.items():
-        client = GemmaTransformersChatCompletion(
-            str(model),
-            device_map="cpu",
-            torch_dtype="float32",
-            draft_model=str(path),
-            num_draft_tokens=args.draft_tokens,
-        )
-        client.load()
-        client.create(MESSAGES, **{**opts, "max_tokens": 4})
-        before = client.get_model_info()["speculative"]
-        ours_s, result = timed(lambda c=client: c.create(MESSAGES, **opts), args.repeats)
-        after = client.get_model_info()["speculative"]
-        per_pass = (after["tokens"] - before["tokens"]) / (
-            after["model_passes"] - before["model_passes"]
-        )
-        assistant = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        raw_s, drafted_ids = timed(lambda a=assistant: raw_call(a, args.draft_tokens), args.repeats)
-        same = result["choices"][0]["message"]["content"] == reference
-        rows.append(
-            row(
-                "transformers",
-                name,
-                ours_s,
-                raw_s,
-                args.tokens,
-                per_pass,
-                same,
-                drafted_ids == raw_ids,
-            )
-        )
-        client.close()
-    plain.close()
-    return rows
+    def load_draft(path: Path) -> Any:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    return compare("transformers", client_for, raw_call, load_draft, drafts, args)
 
 
 def mlx_rows(model: Path, drafts: dict[str, Path], args: Any) -> list[dict]:
@@ -159,20 +177,23 @@ def mlx_rows(model: Path, drafts: dict[str, Path], args: Any) -> list[dict]:
 
     from core import GemmaMLXChatCompletion
 
-    rows = []
-    plain = GemmaMLXChatCompletion(str(model))
-    plain.load()
-    bias = {t: -100.0 for t in plain._eos_ids}
-    opts = {"temperature": 0, "max_tokens": args.tokens, "logit_bias": bias}
-    prompt = mx.array(plain.format_prompt(MESSAGES).ids)
-    processors = make_logits_processors(logit_bias=bias)
+    def client_for(draft: Path | None) -> Any:
+        if draft is None:
+            return GemmaMLXChatCompletion(str(model))
+        return GemmaMLXChatCompletion(
+            str(model), draft_model=str(draft), num_draft_tokens=args.draft_tokens
+        )
+
     raw, _ = load(str(model))  # mlx-lm's own model (ours puts CPU products on numpy's BLAS)
+    ids, ends = prompt_and_ends(client_for(None))
+    prompt = mx.array(ids)
+    processors = make_logits_processors(logit_bias={t: -100.0 for t in ends})
 
     def raw_call(draft: Any = None) -> list[int]:
         if draft is None:
             steps = generate_step(prompt, raw, max_tokens=args.tokens, logits_processors=processors)
             return [int(t) for t, _ in steps]
-        steps = speculative_generate_step(
+        drafted = speculative_generate_step(
             prompt,
             raw,
             draft,
@@ -180,34 +201,12 @@ def mlx_rows(model: Path, drafts: dict[str, Path], args: Any) -> list[dict]:
             max_tokens=args.tokens,
             logits_processors=processors,
         )
-        return [int(t) for t, _, _ in steps]
+        return [int(t) for t, _, _ in drafted]
 
-    plain.create(MESSAGES, **{**opts, "max_tokens": 4})
-    ours_s, ours = timed(lambda: plain.create(MESSAGES, **opts), args.repeats)
-    raw_s, raw_ids = timed(raw_call, args.repeats)
-    reference = ours["choices"][0]["message"]["content"]
-    rows.append(row("mlx", "plain", ours_s, raw_s, args.tokens, None, True, True))
-    for name, path in drafts.items():
-        client = GemmaMLXChatCompletion(
-            str(model), draft_model=str(path), num_draft_tokens=args.draft_tokens
-        )
-        client.load()
-        client.create(MESSAGES, **{**opts, "max_tokens": 4})
-        before = client.get_model_info()["speculative"]
-        ours_s, result = timed(lambda c=client: c.create(MESSAGES, **opts), args.repeats)
-        after = client.get_model_info()["speculative"]
-        per_pass = (after["tokens"] - before["tokens"]) / (
-            after["model_passes"] - before["model_passes"]
-        )
-        draft, _ = load(str(path))
-        raw_s, drafted_ids = timed(lambda d=draft: raw_call(d), args.repeats)
-        same = result["choices"][0]["message"]["content"] == reference
-        rows.append(
-            row("mlx", name, ours_s, raw_s, args.tokens, per_pass, same, drafted_ids == raw_ids)
-        )
-        client.close()
-    plain.close()
-    return rows
+    def load_draft(path: Path) -> Any:
+        return load(str(path))[0]
+
+    return compare("mlx", client_for, raw_call, load_draft, drafts, args)
 
 
 def row(backend, name, ours_s, raw_s, tokens, per_pass, same, raw_same) -> dict:

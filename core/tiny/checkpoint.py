@@ -228,7 +228,6 @@ def build_tiny_checkpoint(
         raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.utils import logging as hf_logging
 
     given = dict(
         hidden_size=hidden_size,
@@ -307,13 +306,7 @@ def build_tiny_checkpoint(
     if arch == "gemma3n":
         _save_gemma3n(path, model, dtype)
     else:
-        progress_bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model.save_pretrained(str(path))
-        finally:
-            if progress_bar:
-                hf_logging.enable_progress_bar()
+        _save_quietly(model, path)
         if arch == "gemma3":
             _hub_siglip_layout(path)
     _patch_config_json(path, arch, dtype, vocab_size)
@@ -357,7 +350,6 @@ def build_tiny_gemma4_assistant(path, target, *, seed: int = 0, num_hidden_layer
         Gemma4AssistantConfig,
         Gemma4AssistantForCausalLM,
     )
-    from transformers.utils import logging as hf_logging
 
     text = AutoConfig.from_pretrained(str(target)).get_text_config().to_dict()
     for key in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype"):
@@ -390,6 +382,14 @@ def build_tiny_gemma4_assistant(path, target, *, seed: int = 0, num_hidden_layer
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
+    _save_quietly(model, path)
+    return path
+
+
+def _save_quietly(model, path: Path) -> None:
+    """``model.save_pretrained(path)`` without transformers' progress bar."""
+    from transformers.utils import logging as hf_logging
+
     progress_bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -397,4 +397,3 @@ def build_tiny_gemma4_assistant(path, target, *, seed: int = 0, num_hidden_layer
     finally:
         if progress_bar:
             hf_logging.enable_progress_bar()
-    return path
