@@ -110,6 +110,23 @@ def test_greedy_replies_equal_the_replies_without_a_draft(
         assert per_pass >= 1
 
 
+@pytest.mark.parametrize(
+    ("backend", "model", "draft"),
+    [("transformers", "gemma3", "random"), ("transformers", "gemma4", "assistant"), CASES[3]],
+)
+def test_a_drafted_chat_answers_each_turn_as_without_a_draft(
+    clients, backend, model, draft
+) -> None:
+    """Turn after turn (the client without a draft reuses its prompt cache; a drafted request
+    prefills its whole prompt: transformers' assisted generation handed a filled cache
+    continues it with other tokens)."""
+    from test_prompt_cache import outcome, turns
+
+    plain, drafted = clients(backend, model), clients(backend, model, draft)
+    together = turns(drafted, f"speak of {draft}")
+    assert [outcome(r) for r in together] == [outcome(r) for r in turns(plain, f"speak of {draft}")]
+
+
 @pytest.mark.parametrize("backend", ["transformers", "mlx"])
 def test_stop_strings_and_max_tokens_inside_a_kept_draft(clients, backend) -> None:
     plain = clients(backend, "gemma3")
