@@ -127,6 +127,25 @@ def test_a_drafted_chat_answers_each_turn_as_without_a_draft(
     assert [outcome(r) for r in together] == [outcome(r) for r in turns(plain, f"speak of {draft}")]
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3n"])
+def test_mlx_drafts_gemma_1_2_and_3n_as_without_a_draft(tmp_path, arch) -> None:
+    """The other model types MLX drafts for (full KV caches; Gemma 2 and 3n slide a window
+    too), with a draft of other random weights: every rejection is rewound."""
+    model = small_window(build_tiny_checkpoint(tmp_path / "model", arch))
+    draft = small_window(build_tiny_checkpoint(tmp_path / "draft", arch, seed=5))
+    plain = make_client("mlx", model)
+    drafted = make_client("mlx", model, draft_model=str(draft), num_draft_tokens=3)
+    try:
+        for messages in PROMPTS[:2]:
+            assert reply(drafted.create(messages, **GREEDY)) == reply(
+                plain.create(messages, **GREEDY)
+            )
+        assert drafted.get_model_info()["speculative"]["requests"] == 2
+    finally:
+        plain.close()
+        drafted.close()
+
+
 @pytest.mark.parametrize("backend", ["transformers", "mlx"])
 def test_stop_strings_and_max_tokens_inside_a_kept_draft(clients, backend) -> None:
     plain = clients(backend, "gemma3")
