@@ -421,13 +421,6 @@ class BaseGemmaChatCompletion:
         if missing:
             raise TypeError(f"{cls.__name__} must implement {' and '.join(missing)}")
 
-    def _token_ids_of(self, text: str) -> list[int]:
-        """``text``'s ids, no special tokens added (a tokenizer without that option: as is)."""
-        try:
-            return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
-        except TypeError:
-            return [int(t) for t in self.tokenizer.encode(text)]
-
     def _after_load(self) -> None:
         tok = self.tokenizer
         if tok is None or not callable(getattr(tok, "encode", None)):
@@ -456,7 +449,8 @@ class BaseGemmaChatCompletion:
         self._end_ids = self._token_ids(family.end_tokens)
         eos.update(self._end_ids)
         self.prompt_cache.tails = tuple(
-            tuple(self._token_ids_of(tail)) for tail in getattr(family, "generation_tails", ())
+            tuple(self._encode(tail, special=False))
+            for tail in getattr(family, "generation_tails", ())
         )
         self._eos_ids = frozenset(eos)
         self._byte_ids, self._skipped_ids = byte_and_special_ids(tok)

@@ -254,7 +254,12 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         self.prefill_step_size = prefill_step_size
         self.cpu_streams = cpu_streams
         self.draft_model = draft_model
-        self.num_draft_tokens = num_draft_tokens
+        #: tokens drafted per pass (mlx-lm's default where a draft was given without a count)
+        self.num_draft_tokens = (
+            speculative.MLX_DRAFT_TOKENS
+            if draft_model is not None and num_draft_tokens is None
+            else num_draft_tokens
+        )
         self._draft: Any = None  # the loaded draft (model thread)
         self._draft_stats = speculative.DraftStats()
         #: the products run on numpy's BLAS (core.accel.mlx_blas), set when the model loads
@@ -361,7 +366,9 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         if len(prompts) > 1 and self._batchable() and not media:
             self._generate_batch(prompts, sampler, processors, sink)
             return
-        if not media and self._drafts(params, len(prompts), grammar is not None):
+        if not media and speculative.drafts(
+            self._draft, params, rows=len(prompts), constrained=grammar is not None
+        ):
             self._generate_drafted(prompts[0], sampler, shared, sink)
             return
         with wired_limit(self.model):
@@ -388,12 +395,6 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
                 finally:
                     steps.close()
 
-    def _drafts(self, params: SamplingParams, rows: int, constrained: bool) -> bool:
-        """Whether a text request runs speculative decoding (:func:`core.speculative.drafts`)."""
-        return self._draft is not None and speculative.drafts(
-            params, rows=rows, constrained=constrained, media=False
-        )
-
     def _generate_drafted(
         self, prompt: Prompt, sampler: Any, processors: list[Any], sink: TokenSink
     ) -> None:
@@ -406,7 +407,8 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         caches = [KVCache() for _ in self.model.layers] + [KVCache() for _ in self._draft.layers]
         tokens = passes = 0
         open_pass = False  # the last token came from a draft: its pass ended unread
-        drafted = self.num_draft_tokens or 3
+        drafted = self.num_draft_tokens
+        assert drafted is not None  # set with the draft
         with wired_limit(self.model), accel.mlx_logit_rows(drafted + 1):
             steps = speculative_generate_step(
                 mx.array(prompt.ids),
@@ -449,8 +451,11 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         if any(p.media is not None for p in request.prompts):
             return True
         # speculative decoding: a request alone runs mlx-lm's speculative steps
-        return alone and self._drafts(
-            request.params, len(request.rows), request.grammar is not None
+        return alone and speculative.drafts(
+            self._draft,
+            request.params,
+            rows=len(request.rows),
+            constrained=request.grammar is not None,
         )
 
     # ------------------------------------------------------------------ media
@@ -706,7 +711,7 @@ class GemmaMLXChatCompletion(BaseGemmaChatCompletion):
         }
         if self.draft_model is not None:
             info["speculative"] = self._draft_stats.describe(
-                self.draft_model, self.num_draft_tokens or 3
+                self.draft_model, self.num_draft_tokens
             )
         if self.model is None:
             return info

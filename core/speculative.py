@@ -37,6 +37,8 @@ from .params import SamplingParams
 
 #: The most tokens drafted per step (transformers and mlx-lm take any; more is never faster).
 MAX_DRAFT_TOKENS = 64
+#: mlx-lm's own default (``mlx_lm.generate --num-draft-tokens``).
+MLX_DRAFT_TOKENS = 3
 
 
 def check_options(draft_model: Any, num_draft_tokens: Any, *, backend: str) -> None:
@@ -98,9 +100,15 @@ def check_tokenizers(
     )
 
 
-def drafts(params: SamplingParams, *, rows: int, constrained: bool, media: bool) -> bool:
-    """Whether a request with these options may be served by speculative decoding."""
-    return rows == 1 and not constrained and not media and (params.greedy or params.seed is None)
+def drafts(draft: Any, params: SamplingParams, *, rows: int, constrained: bool) -> bool:
+    """Whether a text request (the caller has left out images and audio) with these options
+    is served by speculative decoding with ``draft`` (``None``: the client has none)."""
+    return (
+        draft is not None
+        and rows == 1
+        and not constrained
+        and (params.greedy or params.seed is None)
+    )
 
 
 @dataclass

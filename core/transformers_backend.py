@@ -501,7 +501,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             p.media is not None for p in request.prompts
         ):  # images / audio: generate() reads them
             return True
-        if alone and self._drafts(request.params, len(request.rows), request.grammar is not None):
+        constrained = request.grammar is not None
+        if alone and speculative.drafts(
+            self._draft, request.params, rows=len(request.rows), constrained=constrained
+        ):
             return True  # speculative decoding: generate() with the draft
         slots = self._slot_batch
         if slots is None:
@@ -511,12 +514,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         if alone and len(request.rows) > 1:  # a batch on its own: the fast path's own bucket
             return True
         return not all(slots.fits(len(row.prompt.ids), row.max_tokens) for row in request.rows)
-
-    def _drafts(self, params: SamplingParams, rows: int, constrained: bool) -> bool:
-        """Whether a text request runs speculative decoding (:func:`core.speculative.drafts`)."""
-        return self._draft is not None and speculative.drafts(
-            params, rows=rows, constrained=constrained, media=False
-        )
 
     def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, sink: TokenSink) -> None:
         import torch
@@ -530,7 +527,9 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         seed = None if params.greedy else params.seed
         media = any(p.media is not None for p in prompts)  # images / audio: generate() reads them
         grammar = self._grammar_matchers(params, len(prompts))
-        draft = not media and self._drafts(params, len(prompts), grammar is not None)
+        draft = not media and speculative.drafts(
+            self._draft, params, rows=len(prompts), constrained=grammar is not None
+        )
         # CUDA: static cache + CUDA graphs (grammars too); its sampling draws from torch's
         # default generator, so seeded sampling takes generate() with its own generator.
         if (
@@ -541,7 +540,6 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         ):
             return
         width = max(len(p.ids) for p in prompts)
-        passes = [0]
 
         class FeedSink(StoppingCriteria):
             """Hands each step's tokens to the sink (and the grammar); reports finished rows.
@@ -550,9 +548,10 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             one of its own: all of them go to the sink, in order."""
 
             seen = width
+            passes = 0  # calls: passes of the model
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                passes[0] += 1
+                self.passes += 1
                 if input_ids.shape[1] - self.seen > 1:
                     for column in input_ids[:, self.seen :].T.tolist():
                         sink.push(column)
@@ -584,7 +583,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
             "eos_token_id": sorted(self._eos_ids),
             "pad_token_id": pad,
             "repetition_penalty": params.repetition_penalty or 1.0,
-            "stopping_criteria": StoppingCriteriaList([FeedSink()]),
+            "stopping_criteria": StoppingCriteriaList([feed := FeedSink()]),
         }
         processors: list[Any] = [] if grammar is None else [TorchGrammarMask(grammar)]
         if params.greedy or seed is not None:
@@ -611,7 +610,7 @@ class GemmaTransformersChatCompletion(BaseGemmaChatCompletion):
         with torch.inference_mode():
             self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
         if draft:
-            self._draft_stats.add(sink.rows[0].completion_tokens, passes[0])
+            self._draft_stats.add(sink.rows[0].completion_tokens, feed.passes)
 
     # ------------------------------------------------------------------ media
 
